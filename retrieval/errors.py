@@ -1,0 +1,9 @@
+"""The one exception type users see: a message that says what failed and what to do."""
+
+
+class RetrievalError(Exception):
+    """Bad input or a bad file on disk. The CLI prints its message as one line and exits 1."""
+
+
+class ImageError(RetrievalError):
+    """An image that cannot be read: missing, corrupt, truncated, not an image, or too large."""
