@@ -1,0 +1,137 @@
+"""The `retrieval` command: parse options, call the API, format the answer. The only module that prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import PRESETS
+from .errors import RetrievalError
+from .loss import LOSSES
+
+
+class Group(click.Group):
+    """Turns our own errors into a one-line `Error: ...` and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RetrievalError as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(cls=Group)
+def main() -> None:
+    """Cross-modal retrieval: train a text-image dual encoder, evaluate it, search with it.
+
+    Start with `retrieval demo`, which makes sample data, trains a model and queries it.
+    """
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write images/, pairs.jsonl, split.json.")
+@click.option("--n", default=1000, show_default=True, type=click.IntRange(min=1), help="Number of scenes.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same collection.")
+@click.option("--size", default=96, show_default=True, type=click.IntRange(min=16), help="Image side in pixels.")
+def synth(out: str, n: int, seed: int, size: int) -> None:
+    """Generate a synthetic collection: coloured shapes with compositional captions."""
+    from .synth import generate
+
+    manifest = generate(out, n, seed=seed, size=size)
+    click.echo(f"wrote {n} scenes: {manifest}")
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(exists=True), help="Pair manifest (.jsonl, .csv) or image folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@click.option("--preset", "preset_name", default="default", show_default=True, type=click.Choice(list(PRESETS)), help="Model size and training defaults.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs (default: the preset's).")
+@click.option("--batch-size", type=click.IntRange(min=2), help="Pairs per step (default: the preset's).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate (default: the preset's).")
+@click.option("--loss", type=click.Choice(LOSSES), help="clip: symmetric InfoNCE; siglip: sigmoid loss, better at small batches.")
+@click.option("--seed", type=int, help="Random seed (default 0).")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False), help="JSON of {split: [ids]} (default: split.json beside the data, if any).")
+@click.option("--train-split", default="train", show_default=True, help="Split to train on.")
+@click.option("--val-split", default="test", show_default=True, help="Held-out split that picks the best epoch.")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), help="Time budget: the schedule ends in it.")
+@click.option("--workers", type=click.IntRange(min=0), help="Data-loading processes (default: the preset's).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch.")
+def train(data: str, out: str, preset_name: str, split_file: str | None, train_split: str, val_split: str,
+          max_minutes: float | None, resume: bool, **overrides: Any) -> None:
+    """Train a dual encoder on image-caption pairs; the best epoch by held-out recall is kept."""
+    from .api import train_model
+
+    def report(entry: dict[str, Any]) -> None:
+        val = entry["val"]
+        recall = f"  val t2i R@1/5/10 {_recalls(val['text_to_image'])}" if val else ""
+        click.echo(f"epoch {entry['epoch']}: loss {entry['loss']:.3f}  {entry['pairs_per_s']:.0f} pairs/s{recall}"
+                   + ("  *best" if entry["best"] else ""), err=True)
+
+    summary = train_model(data, out, preset_name, split_file, train_split, val_split, max_minutes, resume,
+                          on_epoch=report, **overrides)
+    last = summary["log"][-1] if summary["log"] else {}
+    click.echo(f"model: {out}  ({summary['minutes']:.1f} min, peak memory {last.get('peak_rss_mb', 0):.0f} MB)")
+    if last.get("skipped_images"):
+        click.echo(f"skipped {last['skipped_images']} unreadable image(s): see {Path(out) / 'skipped_images.txt'}")
+
+
+@main.command("eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Model directory.")
+@click.option("--data", required=True, type=click.Path(exists=True), help="Pair manifest (.jsonl, .csv) or image folder.")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False), help="JSON of {split: [ids]} (default: split.json beside the data, if any).")
+@click.option("--split", help="Evaluate only this split (e.g. test); default: every pair.")
+@click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma-separated k for recall@k.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def eval_(model_dir: str, data: str, split_file: str | None, split: str | None, ks: str, as_json: bool) -> None:
+    """Recall@k and ranks, text->image and image->text, several captions per image allowed."""
+    from .api import evaluate_model, load_split_pairs
+
+    report = evaluate_model(model_dir, load_split_pairs(data, split_file, split), _parse_ks(ks))
+    click.echo(json.dumps(report) if as_json else _format_report(report))
+
+
+@main.command()
+@click.option("--root", default="index_data/demo", show_default=True, type=click.Path(file_okay=False), help="Where the demo keeps its data and model.")
+@click.option("--minutes", default=2.5, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Training budget.")
+def demo(root: str, minutes: float) -> None:
+    """The main job on the embedded default: sample data, train (or reuse) a model, evaluate, query."""
+    from .api import run_demo
+
+    result = run_demo(root, minutes=minutes)
+    how = f"trained in {result.train_minutes:.1f} min" if result.trained else "reused; delete it to retrain"
+    click.echo(f"data:  {result.data}\nmodel: {result.model} ({how})\n")
+    click.echo("held-out recall:\n" + _format_report(result.report) + "\n")
+    click.echo("example text->image queries on held-out images (* = the caption's own image):")
+    for query, hits in result.examples:
+        click.echo(f'  "{query}"')
+        for image_id, score, own in hits:
+            click.echo(f"    {'*' if own else ' '} {score:.3f}  {image_id}")
+
+
+def _parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        raise RetrievalError(f"--k must be comma-separated positive integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise RetrievalError(f"--k must be comma-separated positive integers, got {text!r}")
+    return ks
+
+
+def _recalls(d: dict[str, float]) -> str:
+    return "/".join(f"{100 * v:.1f}" for k, v in d.items() if k.startswith("R@"))
+
+
+def _format_report(report: dict[str, Any]) -> str:
+    t2i, i2t = report["text_to_image"], report["image_to_text"]
+    keys = [k for k in t2i if k.startswith("R@")] + ["median_rank", "mean_rank"]
+    cell = lambda d, k: f"{100 * d[k]:.1f}%" if k.startswith("R@") else f"{d[k]:.1f}"  # noqa: E731
+    lines = [f"  {'':<14}" + "".join(f"{k:>12}" for k in keys),
+             f"  {'text->image':<14}" + "".join(f"{cell(t2i, k):>12}" for k in keys),
+             f"  {'image->text':<14}" + "".join(f"{cell(i2t, k):>12}" for k in keys),
+             f"  ({report['n_images']} images, {report['n_texts']} captions"
+             + (f", {report['skipped_images']} unreadable images skipped)" if report.get("skipped_images") else ")")]
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""Image loading and transforms: file -> RGB PIL image -> normalised float32 (3, H, W).
+
+Numpy and Pillow only, so indexing and serving never pay for a torch import here.
+Every unreadable file becomes one `ImageError` that names it and says what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
+
+from retrieval.errors import ImageError
+
+ImageArray = npt.NDArray[np.float32]  # (3, H, W), normalised with MEAN/STD
+
+# CLIP's statistics, so pretrained towers see the inputs they were trained on.
+MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+# Same as Pillow's default bomb limit, but checked by us so callers can raise it per call.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def load_image(
+    path: str | Path, size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Open and fully decode an image as RGB with EXIF orientation applied.
+
+    Decoding everything here means a corrupt or truncated file fails now, with its
+    name, rather than as a bare PIL error deep inside a training or indexing batch.
+    `size_hint` lets JPEG decode at a reduced scale that stays >= size_hint per side.
+    """
+    try:
+        with open(path, "rb") as f:
+            with warnings.catch_warnings():
+                # Our own max_pixels check below replaces Pillow's global warning.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(f)
+            _check_pixels(path, img.size, max_pixels)  # header only: nothing decoded yet
+            if size_hint is not None and img.format == "JPEG":
+                img.draft("RGB", (size_hint, size_hint))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
+        raise ImageError(f"cannot read image {path}: {_describe(e)}") from e
+
+
+def _check_pixels(path: str | Path, size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse huge images before decoding, since decoding one can exhaust memory."""
+    w, h = size
+    if w * h > max_pixels:
+        raise ImageError(
+            f"cannot read image {path}: it is {w} x {h} = {w * h / 1e6:.3g} megapixels, "
+            f"over the limit of {max_pixels / 1e6:.3g} megapixels "
+            "(raise --max-image-megapixels or downscale it)"
+        )
+
+
+def _describe(e: Exception) -> str:
+    """One line saying what is wrong with the file and what to do about it."""
+    if isinstance(e, FileNotFoundError):
+        return "no such file (check the path)"
+    if isinstance(e, IsADirectoryError):
+        return "it is a directory, not a file (check the path)"
+    if isinstance(e, PermissionError):
+        return "permission denied (check the file's permissions)"
+    if isinstance(e, UnidentifiedImageError):
+        return "not a recognised image format (remove it or convert it to JPEG/PNG)"
+    if isinstance(e, Image.DecompressionBombError):
+        return f"{_one_line(e)} (downscale it)"
+    if "truncated" in str(e):
+        return "file is truncated (re-copy or remove it)"
+    return f"file is corrupt: {_one_line(e)} (re-copy or remove it)"
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any mode to 8-bit RGB.
+
+    Transparency is composited on white, because transparent areas show as white in
+    viewers (black would invent dark regions). High-bit-depth and float images are
+    rescaled, since Pillow's own convert clips them to garbage.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in _UINT16_MODES:
+        return _gray_to_rgb(np.asarray(img).astype(np.float64) * (255 / 65535))
+    if img.mode in ("I", "F"):
+        return _gray_to_rgb(_rescale_to_255(np.asarray(img, dtype=np.float64), img.mode == "F"))
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # P, CMYK, 1, L, YCbCr, LAB, HSV
+
+
+def _rescale_to_255(a: npt.NDArray[np.float64], is_float: bool) -> npt.NDArray[np.float64]:
+    """Map the data onto 0-255 by the smallest usual range that holds it.
+
+    Floats in 0-1 and integers in 0-255 or 0-65535 keep their absolute brightness;
+    anything else (negatives, HDR, 32-bit counts) is stretched from its min to its max.
+    """
+    a = np.nan_to_num(a)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo >= 0:
+        ranges = ((1.0,) if is_float else ()) + (255.0, 65535.0)
+        for top in ranges:
+            if hi <= top:
+                return a * (255 / top)
+    return (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
+
+
+def _gray_to_rgb(a: npt.NDArray[np.float64]) -> Image.Image:
+    """Round a 0-255 grey array to uint8 and repeat it into three channels."""
+    gray = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2)))
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Scale the shorter side to `size` (bicubic) and keep the centred square.
+
+    Cropping the square in source coordinates and resizing once is the same result,
+    but never builds the huge intermediate a 10000x10 strip would otherwise need.
+    """
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    return img.resize(
+        (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
+    )
+
+
+def random_resized_crop(
+    img: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.6, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
+    """Crop a random area fraction and aspect ratio, resized to size x size.
+
+    Follows torchvision's RandomResizedCrop: up to 10 tries to fit a crop inside the
+    image, then the centre crop. The default scale keeps >= 60% of the area so the
+    objects a caption names are rarely cut out.
+    """
+    w, h = img.size
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = w * h * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = round(math.sqrt(area * aspect))
+        ch = round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            left = int(rng.integers(0, w - cw, endpoint=True))
+            top = int(rng.integers(0, h - ch, endpoint=True))
+            return img.resize(
+                (size, size), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch)
+            )
+    return resize_center_crop(img, size)
+
+
+def color_jitter(
+    img: Image.Image,
+    rng: np.random.Generator,
+    brightness: float = 0.3,
+    contrast: float = 0.3,
+    saturation: float = 0.3,
+) -> Image.Image:
+    """Scale brightness, contrast and saturation by random factors in [1-x, 1+x], in random order.
+
+    There is no hue jitter on purpose: captions name colours, and a red car turned
+    blue would teach the model the wrong word.
+    """
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    factors = [rng.uniform(max(0.0, 1 - x), 1 + x) for x in (brightness, contrast, saturation)]
+    for i in rng.permutation(3):
+        img = enhancers[i](img).enhance(float(factors[i]))
+    return img
+
+
+def to_array(img: Image.Image) -> ImageArray:
+    """RGB image -> float32 (3, H, W), scaled to [0, 1] then normalised with MEAN/STD."""
+    a = np.asarray(to_rgb(img), dtype=np.float32) / 255  # (H, W, 3)
+    a = (a - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))  # (3, H, W)
+
+
+def preprocess(img: Image.Image, size: int) -> ImageArray:
+    """Eval path: centre crop, so the same image always gives the same embedding."""
+    return to_array(resize_center_crop(img, size))
+
+
+def augment(img: Image.Image, size: int, rng: np.random.Generator) -> ImageArray:
+    """Train path: random resized crop and colour jitter; deterministic for a given rng state."""
+    # No horizontal flip: captions say "left of" / "right of", and a mirrored image
+    # would make those captions wrong.
+    return to_array(color_jitter(random_resized_crop(img, size, rng), rng))

@@ -1,0 +1,219 @@
+"""The dual encoder: a ResNet-style image tower and a Transformer text tower projected into one space.
+
+`encode_image` / `encode_text` are the model's whole public face: float32, L2-normalised (n, d) numpy
+arrays, computed in eval mode without gradients. The model knows nothing of indexes or the CLI.
+A model directory holds config.json, model.safetensors and tokenizer.json; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ImageTowerConfig, ModelConfig, TextTowerConfig, model_config_from_dict, model_config_to_dict
+from .errors import RetrievalError
+from .images import load_image, preprocess
+from .tokenizer import PAD, Tokenizer
+
+FORMAT_VERSION = 1
+ARCHITECTURE = "retrieval-dual-encoder"
+Embeddings = npt.NDArray[np.float32]
+ImageLike = Image.Image | str | Path
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a skip connection (He et al. 2016), downsampling by `stride`."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.skip = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.skip = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.skip(x))
+
+
+class ImageTower(nn.Module):
+    def __init__(self, cfg: ImageTowerConfig):
+        super().__init__()
+        w0 = cfg.widths[0]
+        self.stem = nn.Sequential(nn.Conv2d(3, w0, 3, 2, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU())
+        blocks, c_in = [], w0
+        for stage, width in enumerate(cfg.widths):
+            for b in range(cfg.blocks_per_stage):
+                blocks.append(BasicBlock(c_in, width, 2 if stage > 0 and b == 0 else 1))
+                c_in = width
+        self.blocks = nn.Sequential(*blocks)
+        self.out_dim = c_in
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(pixels))  # (B, C, H', W')
+        return h.mean(dim=(2, 3))  # (B, C)
+
+
+class TextTower(nn.Module):
+    """Token + learned position embeddings, a pre-norm Transformer encoder, mean over real tokens."""
+
+    def __init__(self, cfg: TextTowerConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=PAD)
+        self.position_embedding = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
+        layer = nn.TransformerEncoderLayer(
+            cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        self.out_dim = cfg.width
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = tokens == PAD  # (B, L)
+        h = self.token_embedding(tokens) + self.position_embedding[: tokens.shape[1]]  # (B, L, W)
+        h = self.ln_final(self.encoder(h, src_key_padding_mask=pad))  # (B, L, W)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)  # (B, L, 1)
+        return (h * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, W)
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer):
+        super().__init__()
+        if config.text.vocab_size != len(tokenizer):
+            raise RetrievalError(f"config vocab_size {config.text.vocab_size} != tokenizer size {len(tokenizer)}")
+        self.config, self.tokenizer = config, tokenizer
+        self.image_tower = ImageTower(config.image)
+        self.text_tower = TextTower(config.text)
+        self.image_proj = nn.Linear(self.image_tower.out_dim, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text_tower.out_dim, config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
+        self.logit_bias = nn.Parameter(torch.tensor(config.logit_bias_init))
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.image_tower(pixels)).float(), dim=-1)  # (B, D)
+
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_tower(tokens)).float(), dim=-1)  # (B, D)
+
+    def temperature(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at 100 as in CLIP so training cannot make the softmax one-hot."""
+        return self.logit_scale.exp().clamp(max=100.0)
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.image_features(pixels), self.text_features(tokens), self.temperature()
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        return self.tokenizer.encode(texts, self.config.text.context_length)
+
+    @torch.no_grad()
+    def encode_image(self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 128) -> Embeddings:
+        """Images (PIL, paths, or an already preprocessed (n, 3, S, S) array) -> (n, D) float32, unit norm."""
+        size = self.config.image.image_size
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            if not isinstance(chunk, np.ndarray):
+                chunk = np.stack([preprocess(_as_image(x, size), size) for x in chunk])
+            out.append(self._run(self.image_features, torch.from_numpy(chunk)))
+        return _concat(out, self.config.embed_dim)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 512) -> Embeddings:
+        """Texts -> (n, D) float32, unit norm. An empty text embeds as [BOS][EOS]; callers reject it earlier."""
+        out = [
+            self._run(self.text_features, torch.from_numpy(self.tokenize(texts[s : s + batch_size])))
+            for s in range(0, len(texts), batch_size)
+        ]
+        return _concat(out, self.config.embed_dim)
+
+    def _run(self, features, batch: torch.Tensor) -> np.ndarray:
+        was_training = self.training
+        self.eval()
+        try:
+            return features(batch).numpy().astype(np.float32)
+        finally:
+            self.train(was_training)
+
+    def fingerprint(self) -> str:
+        """sha256 of config and weights: an index built with one model refuses queries from another."""
+        h = hashlib.sha256(json.dumps(model_config_to_dict(self.config), sort_keys=True).encode())
+        h.update("\n".join(self.tokenizer.vocab).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def _as_image(x: ImageLike, size: int) -> Image.Image:
+    return x if isinstance(x, Image.Image) else load_image(x, size_hint=size)
+
+
+def _concat(parts: list[np.ndarray], dim: int) -> Embeddings:
+    return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
+
+
+def save_model(model: DualEncoder, path: str | Path) -> Path:
+    """Write the model directory; each file goes to a temporary name first, then is renamed into place."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "architecture": ARCHITECTURE,
+        "model": model_config_to_dict(model.config),
+        "tokenizer": "tokenizer.json",
+    }
+    model.tokenizer.save(path / "tokenizer.json")
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, path / "model.safetensors.tmp")
+    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+    (path / "config.json.tmp").write_text(json.dumps(config, indent=2))
+    os.replace(path / "config.json.tmp", path / "config.json")
+    return path
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """Validate config.json of a model directory, with a message that says what to do when it is off."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise RetrievalError(f"{path} is not a model directory (no config.json); train one with `retrieval train`")
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise RetrievalError(f"{path}/config.json is not valid JSON ({e}); retrain the model") from e
+    if d.get("architecture") != ARCHITECTURE:
+        raise RetrievalError(f"{path} holds a {d.get('architecture')!r} model, not {ARCHITECTURE!r}")
+    if not isinstance(d.get("format_version"), int) or d["format_version"] > FORMAT_VERSION:
+        raise RetrievalError(
+            f"{path} is model format {d.get('format_version')}, newer than this retrieval reads ({FORMAT_VERSION}): "
+            "upgrade retrieval"
+        )
+    return model_config_from_dict(d["model"])
+
+
+def load_model(path: str | Path) -> DualEncoder:
+    """Load a model directory written by save_model, in eval mode."""
+    path = Path(path)
+    config = read_model_config(path)
+    model = DualEncoder(config, Tokenizer.load(path / "tokenizer.json"))
+    try:
+        state = load_file(path / "model.safetensors")
+        model.load_state_dict(state)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise RetrievalError(f"cannot load weights from {path}/model.safetensors ({str(e).splitlines()[0]}); retrain") from e
+    return model.eval()

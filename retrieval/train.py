@@ -1,0 +1,282 @@
+"""The training loop: contrastive training of the dual encoder on image-caption pairs.
+
+Images are decoded once, up front, into a small in-memory bank (a bad image is reported and skipped
+there, so no epoch can crash on one). Each step samples one caption per image. The learning rate warms
+up linearly, then follows a cosine to zero over the run, where the run ends at the last epoch or at the
+time budget, whichever comes first. After every epoch the held-out recall is measured, the best model
+is kept in the output directory, and the full training state is saved so `--resume` loses at most one
+epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .config import ModelConfig, TrainConfig, loss_init, model_config_to_dict
+from .data import Pair, image_caption_pairs
+from .errors import ImageError, RetrievalError
+from .evaluate import retrieval_report
+from .images import augment, load_image, preprocess, resize_center_crop
+from .loss import clip_loss, siglip_loss
+from .model import DualEncoder, save_model
+from .tokenizer import Tokenizer
+
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+MAX_EVAL_IMAGES = 1000  # held-out recall after each epoch on at most this many images, to keep epochs cheap
+LOAD_MARGIN = 8 / 7  # images are banked a little larger than the model input, room for random crops
+
+
+@dataclass
+class ImageBank:
+    """Decoded training images as small RGB arrays, and the pairs whose images could not be read."""
+
+    pairs: list[Pair]
+    images: list[np.ndarray]  # (S', S', 3) uint8 each
+    skipped: list[tuple[Pair, str]]
+
+
+def bank_images(pairs: Sequence[Pair], image_size: int, progress: bool = True) -> ImageBank:
+    """Decode every image once (two threads: Pillow releases the GIL); unreadable ones are skipped."""
+    side = round(image_size * LOAD_MARGIN)
+
+    def load(pair: Pair) -> np.ndarray | str:
+        try:
+            return np.asarray(resize_center_crop(load_image(pair.image, size_hint=side), side))
+        except ImageError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(tqdm(pool.map(load, pairs), total=len(pairs), desc="decode images", disable=not progress))
+    bank = ImageBank([], [], [])
+    for pair, result in zip(pairs, results):
+        if isinstance(result, str):
+            bank.skipped.append((pair, result))
+        else:
+            bank.pairs.append(pair)
+            bank.images.append(result)
+    return bank
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(pixels, tokens) for image i and one of its captions, drawn from a generator seeded by (seed, epoch, i)."""
+
+    def __init__(self, bank: ImageBank, tokenizer: Tokenizer, model_cfg: ModelConfig, train_cfg: TrainConfig):
+        self.bank, self.tokenizer, self.model_cfg, self.train_cfg = bank, tokenizer, model_cfg, train_cfg
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.bank.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.train_cfg.seed, self.epoch, i))
+        img, size = Image.fromarray(self.bank.images[i]), self.model_cfg.image.image_size
+        pixels = augment(img, size, rng) if self.train_cfg.augment else preprocess(img, size)
+        captions = self.bank.pairs[i].captions
+        tokens = self.tokenizer.encode([captions[rng.integers(len(captions))]], self.model_cfg.text.context_length)
+        return torch.from_numpy(pixels), torch.from_numpy(tokens[0])
+
+
+def lr_factor(progress: float, warmup_fraction: float) -> float:
+    """Linear warm-up over the first warmup_fraction of the run, then cosine decay to zero at progress 1."""
+    if progress < warmup_fraction:
+        return progress / warmup_fraction
+    t = (progress - warmup_fraction) / max(1e-9, 1 - warmup_fraction)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay weight matrices and conv kernels only; norms, biases, embeddings' scales and the temperature not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "position_embedding" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def evaluate_bank(model: DualEncoder, bank: ImageBank, batch_size: int) -> dict[str, Any]:
+    """Held-out recall on banked images (centre crop) and all their captions."""
+    size = model.config.image.image_size
+    pixels = np.stack([preprocess(Image.fromarray(a), size) for a in bank.images])
+    texts = [c for p in bank.pairs for c in p.captions]
+    text_image = np.array([i for i, p in enumerate(bank.pairs) for _ in p.captions])
+    return retrieval_report(
+        model.encode_image(pixels, batch_size), model.encode_text(texts, batch_size), text_image
+    )
+
+
+def selection_score(report: dict[str, Any]) -> float:
+    """The sum of R@1/5/10 in both directions ('rsum'), the usual model-selection figure."""
+    return sum(v for d in ("text_to_image", "image_to_text") for k, v in report[d].items() if k.startswith("R@"))
+
+
+def train(
+    train_pairs: Sequence[Pair],
+    val_pairs: Sequence[Pair],
+    out: str | Path,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    max_minutes: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Train, keep the best model by held-out rsum in `out`, and return `out`."""
+    out = Path(out)
+    train_pairs, val_pairs = image_caption_pairs(train_pairs), image_caption_pairs(val_pairs)[:MAX_EVAL_IMAGES]
+    if not train_pairs:
+        raise RetrievalError("no training pairs with both an image and a caption; check the manifest and split")
+    torch.manual_seed(train_cfg.seed)
+    state = _load_state(out) if resume else None
+    if state is not None:
+        tokenizer, model_cfg = Tokenizer(state["vocab"]), _saved_model_config(out, state)
+    else:
+        tokenizer = Tokenizer.train(c for p in train_pairs for c in p.captions)
+        model_cfg = dataclasses.replace(
+            loss_init(model_cfg, train_cfg.loss), text=dataclasses.replace(model_cfg.text, vocab_size=len(tokenizer))
+        )
+    size = model_cfg.image.image_size
+    train_bank, val_bank = bank_images(train_pairs, size, progress), bank_images(val_pairs, size, progress)
+    if len(train_bank.images) < 2:
+        raise RetrievalError(f"only {len(train_bank.images)} readable training image(s); need at least 2")
+
+    model = DualEncoder(model_cfg, tokenizer).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    start_epoch, best, elapsed_before = 0, -1.0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, best, elapsed_before = state["epoch"] + 1, state["best"], state["elapsed"]
+    out.mkdir(parents=True, exist_ok=True)
+
+    dataset = PairDataset(train_bank, tokenizer, model_cfg, train_cfg)
+    steps_per_epoch = len(dataset) // min(train_cfg.batch_size, len(dataset))
+    total_steps = steps_per_epoch * train_cfg.epochs
+    budget = max_minutes * 60 if max_minutes else math.inf
+    t0 = time.monotonic() - elapsed_before
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, train_cfg.epochs):
+        dataset.epoch = epoch
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=min(train_cfg.batch_size, len(dataset)),
+            shuffle=True,
+            drop_last=True,
+            num_workers=train_cfg.workers,
+            generator=torch.Generator().manual_seed(train_cfg.seed * 1000 + epoch),
+        )
+        model.train()
+        losses, n_pairs, t_epoch = [], 0, time.monotonic()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{train_cfg.epochs}", disable=not progress, leave=False)
+        for pixels, tokens in bar:
+            progress_frac = max(step / total_steps, (time.monotonic() - t0) / budget)
+            if progress_frac >= 1:
+                break
+            for g in opt.param_groups:
+                g["lr"] = train_cfg.lr * lr_factor(progress_frac, train_cfg.warmup_fraction)
+            loss = _step(model, opt, pixels, tokens, train_cfg)
+            losses.append(loss)
+            n_pairs += len(pixels)
+            step += 1
+            bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{n_pairs / (time.monotonic() - t_epoch):.0f}")
+        bar.close()
+        report = evaluate_bank(model, val_bank, train_cfg.eval_batch_size) if val_bank.images else None
+        score = selection_score(report) if report else float(epoch)
+        if score > best:
+            best = score
+            save_model(model, out)
+        entry = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": float(np.mean(losses)) if losses else None,
+            "lr": opt.param_groups[0]["lr"],
+            "temperature": float(model.temperature()),
+            "pairs_per_s": n_pairs / max(1e-9, time.monotonic() - t_epoch),
+            "elapsed_s": time.monotonic() - t0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "val": report,
+            "best": score >= best,
+            "skipped_images": len(train_bank.skipped) + len(val_bank.skipped),
+        }
+        _append_log(out, entry)
+        _save_state(out, model, opt, tokenizer, epoch, best, time.monotonic() - t0, model_cfg, train_cfg)
+        if on_epoch:
+            on_epoch(entry)
+        if step >= total_steps or time.monotonic() - t0 >= budget:
+            break
+    _write_skipped(out, train_bank.skipped + val_bank.skipped)
+    return out
+
+
+def _step(model: DualEncoder, opt: torch.optim.Optimizer, pixels, tokens, cfg: TrainConfig) -> float:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        image_emb, text_emb, scale = model(pixels.contiguous(memory_format=torch.channels_last), tokens)
+    if cfg.loss == "siglip":
+        loss = siglip_loss(image_emb, text_emb, scale, model.logit_bias)
+    else:
+        loss = clip_loss(image_emb, text_emb, scale)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def _save_state(out: Path, model, opt, tokenizer, epoch, best, elapsed, model_cfg, train_cfg) -> None:
+    """Everything --resume needs, loadable with torch.load(weights_only=True): tensors and plain values only."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "vocab": tokenizer.vocab,
+        "epoch": epoch,
+        "best": best,
+        "elapsed": elapsed,
+        "model_config": json.dumps(model_config_to_dict(model_cfg)),
+        "train_config": json.dumps(dataclasses.asdict(train_cfg)),
+    }
+    torch.save(state, out / (STATE_FILE + ".tmp"))
+    os.replace(out / (STATE_FILE + ".tmp"), out / STATE_FILE)
+
+
+def _load_state(out: Path) -> dict[str, Any]:
+    path = out / STATE_FILE
+    if not path.is_file():
+        raise RetrievalError(f"nothing to resume: {path} does not exist; start without --resume")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: torch raises several types
+        raise RetrievalError(f"cannot resume from {path} ({str(e).splitlines()[0]}); start without --resume") from e
+
+
+def _saved_model_config(out: Path, state: dict[str, Any]) -> ModelConfig:
+    from .config import model_config_from_dict
+
+    return model_config_from_dict(json.loads(state["model_config"]))
+
+
+def _append_log(out: Path, entry: dict[str, Any]) -> None:
+    with (out / LOG_FILE).open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _write_skipped(out: Path, skipped: list[tuple[Pair, str]]) -> None:
+    """List the unreadable images beside the model so a user can fix or remove them."""
+    path = out / "skipped_images.txt"
+    if skipped:
+        path.write_text("".join(f"{reason}\n" for _, reason in skipped))
+    elif path.exists():
+        path.unlink()
