@@ -27,6 +27,7 @@ class TextTowerConfig:
     width: int = 128  # transformer model dimension
     layers: int = 2  # transformer encoder layers
     heads: int = 4  # attention heads; width must divide by it
+    dropout: float = 0.0  # in attention and MLP; regularises the text tower on small caption sets
     vocab_size: int = 0  # set from the tokenizer trained on the captions, never by hand
 
 
@@ -74,10 +75,10 @@ PRESETS: dict[str, Preset] = {
     "large": Preset(
         ModelConfig(
             image=ImageTowerConfig(image_size=96, widths=(64, 128, 256, 512)),
-            text=TextTowerConfig(context_length=40, width=256, layers=4, heads=4),
+            text=TextTowerConfig(context_length=32, width=256, layers=4, heads=4, dropout=0.1),
             embed_dim=256,
         ),
-        TrainConfig(epochs=20, batch_size=128, lr=1e-3, weight_decay=0.2),
+        TrainConfig(epochs=100, batch_size=128, lr=1e-3, weight_decay=0.2),
     ),
 }
 

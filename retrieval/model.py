@@ -56,7 +56,9 @@ class ImageTower(nn.Module):
     def __init__(self, cfg: ImageTowerConfig):
         super().__init__()
         w0 = cfg.widths[0]
-        self.stem = nn.Sequential(nn.Conv2d(3, w0, 3, 2, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU())
+        self.stem = nn.Sequential(  # /4 as in ResNet: the first stage runs at 1/16 of the input pixels
+            nn.Conv2d(3, w0, 3, 2, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
         blocks, c_in = [], w0
         for stage, width in enumerate(cfg.widths):
             for b in range(cfg.blocks_per_stage):
@@ -78,7 +80,7 @@ class TextTower(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=PAD)
         self.position_embedding = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
         layer = nn.TransformerEncoderLayer(
-            cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            cfg.width, cfg.heads, 4 * cfg.width, dropout=cfg.dropout, activation="gelu", batch_first=True, norm_first=True
         )
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.ln_final = nn.LayerNorm(cfg.width)

@@ -204,7 +204,7 @@ def train(
             "step": step,
             "loss": float(np.mean(losses)) if losses else None,
             "lr": opt.param_groups[0]["lr"],
-            "temperature": float(model.temperature()),
+            "temperature": model.temperature().item(),
             "pairs_per_s": n_pairs / max(1e-9, time.monotonic() - t_epoch),
             "elapsed_s": time.monotonic() - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -1,0 +1,31 @@
+"""Shared fixtures: one small synthetic collection and one tiny model trained on it, made once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from retrieval.cli import main
+from retrieval.synth import generate
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 synthetic scenes (240 train / 60 test): pairs.jsonl path."""
+    return generate(tmp_path_factory.mktemp("synth"), 300, seed=1, size=48)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset trained through the CLI, as a user would."""
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    result = CliRunner().invoke(main, ["train", "--data", str(synth_data), "--out", str(out), "--preset", "tiny"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def read_log(model_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
