@@ -74,7 +74,8 @@ def _read_csv(path: Path) -> list[Pair]:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"image", "caption"} & set(reader.fieldnames):
             raise RetrievalError(f"{path}:1: the header needs an 'image' and/or a 'caption' column")
-        return [_pair(row, path.parent, f"{path}:{n}", default_id=str(n)) for n, row in enumerate(reader, 2)]
+        # reader.line_num is the physical line the row ended on: right after blank lines and multi-line quotes
+        return [_pair(row, path.parent, f"{path}:{reader.line_num}", str(reader.line_num)) for row in reader]
 
 
 def _pair(row: dict[str, Any], root: Path, where: str, default_id: str) -> Pair:
@@ -85,7 +86,8 @@ def _pair(row: dict[str, Any], root: Path, where: str, default_id: str) -> Pair:
     if image is None and not captions:
         raise RetrievalError(f"{where}: a row needs an 'image', a caption, or both")
     extra = {k: v for k, v in row.items() if k not in ("id", "image", "captions", "caption")}
-    return Pair(str(row.get("id") or default_id), root / image if image else None, captions, extra)
+    row_id = row.get("id")
+    return Pair(default_id if row_id in (None, "") else str(row_id), root / image if image else None, captions, extra)
 
 
 def _read_folder(folder: Path) -> list[Pair]:
@@ -93,7 +95,7 @@ def _read_folder(folder: Path) -> list[Pair]:
     pairs = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if path.suffix.lower() not in IMAGE_SUFFIXES or any(p.startswith(".") for p in rel.parts):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or any(p.startswith(".") for p in rel.parts) or not path.is_file():
             continue
         sidecar = path.with_suffix(".txt")
         lines = sidecar.read_text(encoding="utf-8").splitlines() if sidecar.is_file() else []
@@ -117,6 +119,8 @@ def read_split(path: str | Path, split: str) -> set[str]:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise RetrievalError(f"cannot read split file {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise RetrievalError(f"{path} must hold a JSON object of {{split: [ids]}}")
     if not isinstance(d.get(split), list):
         names = [k for k, v in d.items() if isinstance(v, list)]
         raise RetrievalError(f"{path} has no split {split!r}; it has {', '.join(names) or 'none'}")

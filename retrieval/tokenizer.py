@@ -70,6 +70,8 @@ class Tokenizer:
             d = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise RetrievalError(f"cannot read tokenizer {path}: {e}") from e
+        if not isinstance(d, dict) or not isinstance(d.get("vocab"), list):
+            raise RetrievalError(f"{path} is not a tokenizer file (no vocab list); retrain the model")
         if d.get("format_version", 0) > FORMAT_VERSION:
             raise RetrievalError(f"tokenizer {path} is format {d['format_version']}, newer than {FORMAT_VERSION}: upgrade retrieval")
         if d.get("type") != "word":

@@ -123,12 +123,6 @@ def test_numeric_ids_become_strings(tmp_path: Path) -> None:
     assert [p.id for p in read_pairs(path)] == ["17", "5"]
 
 
-@pytest.mark.xfail(
-    reason="data._pair uses `row.get('id') or default_id`, so a falsy id such as 0 is silently replaced by the line "
-    "number (here '1'), which then collides with the real id 1 on line 2",
-    raises=RetrievalError,
-    strict=True,
-)
 def test_an_id_of_zero_is_kept(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "pairs.jsonl", [json.dumps({"id": 0, "caption": "x"}), json.dumps({"id": 1, "caption": "y"})])
     assert [p.id for p in read_pairs(path)] == ["0", "1"]
@@ -174,11 +168,6 @@ def test_a_csv_row_with_neither_names_its_line(tmp_path: Path) -> None:
         read_pairs(path)
 
 
-@pytest.mark.xfail(
-    reason="data._read_csv numbers rows with enumerate(reader, 2), but csv.DictReader skips blank lines, so an error "
-    "after a blank line names the wrong line (should use reader.line_num)",
-    strict=True,
-)
 def test_a_csv_error_after_a_blank_line_names_the_physical_line(tmp_path: Path) -> None:
     path = tmp_path / "pairs.csv"
     path.write_text("image,caption\na.png,one\n\n,\n")
@@ -284,12 +273,6 @@ def test_an_unreadable_split_file_is_named(tmp_path: Path) -> None:
         read_split(bad, "train")
 
 
-@pytest.mark.xfail(
-    reason="data.read_split calls d.get(...) on whatever JSON it parsed: a split file holding a list raises "
-    "AttributeError, not RetrievalError",
-    raises=AttributeError,
-    strict=True,
-)
 def test_a_split_file_that_is_not_an_object_is_a_retrieval_error(tmp_path: Path) -> None:
     path = tmp_path / "split.json"
     path.write_text(json.dumps(["a", "b"]))

@@ -1,0 +1,193 @@
+"""Retrieval metrics: hand-worked cases with exact numbers, the tie rule, chunking, and CLIP_benchmark's definition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.evaluate import best_positive_ranks, positive_ranks, retrieval_report, summarise
+
+# --- a hand-worked case ------------------------------------------------------------------------------------
+# Images are the first three basis vectors of R^4, so caption t's similarity to image j is simply SIMS[t, j];
+# the fourth coordinate only makes each caption unit length. Captions 2t and 2t+1 belong to image t.
+SIMS = np.array(
+    [
+        [0.5, 0.1, 0.2],  # t0 -> image 0: 0.5 is the best            rank 1
+        [0.3, 0.4, 0.1],  # t1 -> image 0: 0.4 above                  rank 2
+        [0.6, 0.2, 0.5],  # t2 -> image 1: 0.6 and 0.5 above          rank 3
+        [0.1, 0.7, 0.0],  # t3 -> image 1: best                       rank 1
+        [0.2, 0.3, 0.4],  # t4 -> image 2: best                       rank 1
+        [0.3, 0.1, 0.2],  # t5 -> image 2: 0.3 above                  rank 2
+    ],
+    dtype=np.float32,
+)
+# image -> text, reading down the columns:
+#   image 0: t2 .6, t0 .5, ...            its best caption t0 is at rank 2
+#   image 1: t3 .7, ...                   its best caption t3 is at rank 1
+#   image 2: t2 .5, t4 .4, ...            its best caption t4 is at rank 2
+TEXT_IMAGE = np.array([0, 0, 1, 1, 2, 2])
+
+
+def _hand_case() -> tuple[np.ndarray, np.ndarray]:
+    image_emb = np.eye(3, 4, dtype=np.float32)  # (3, 4)
+    rest = np.sqrt(1 - (SIMS.astype(np.float64) ** 2).sum(1, keepdims=True))
+    text_emb = np.hstack([SIMS, rest.astype(np.float32)])  # (6, 4)
+    return image_emb, text_emb
+
+
+def test_hand_worked_ranks_in_both_directions() -> None:
+    image_emb, text_emb = _hand_case()
+    np.testing.assert_allclose(np.linalg.norm(text_emb, axis=1), 1, atol=1e-6)
+    assert positive_ranks(text_emb, image_emb, TEXT_IMAGE).tolist() == [1, 2, 3, 1, 1, 2]
+    assert best_positive_ranks(image_emb, text_emb, TEXT_IMAGE).tolist() == [2, 1, 2]
+
+
+def test_hand_worked_report() -> None:
+    image_emb, text_emb = _hand_case()
+    report = retrieval_report(image_emb, text_emb, TEXT_IMAGE, ks=(1, 2, 5))
+    assert report["n_images"] == 3 and report["n_texts"] == 6
+    assert report["text_to_image"] == pytest.approx(
+        {"R@1": 3 / 6, "R@2": 5 / 6, "R@5": 1.0, "median_rank": 1.5, "mean_rank": 10 / 6}, abs=1e-12
+    )
+    assert report["image_to_text"] == pytest.approx(
+        {"R@1": 1 / 3, "R@2": 1.0, "R@5": 1.0, "median_rank": 2.0, "mean_rank": 5 / 3}, abs=1e-12
+    )
+
+
+def test_report_default_ks() -> None:
+    image_emb, text_emb = _hand_case()
+    report = retrieval_report(image_emb, text_emb, TEXT_IMAGE.tolist())  # a plain list is accepted
+    assert set(report["text_to_image"]) == {"R@1", "R@5", "R@10", "median_rank", "mean_rank"}
+    assert report["text_to_image"]["R@1"] == pytest.approx(0.5)
+
+
+def test_summarise_exact_numbers() -> None:
+    out = summarise(np.array([1, 3, 4, 12]), ks=(1, 3, 10))
+    assert out == {"R@1": 0.25, "R@3": 0.5, "R@10": 0.75, "median_rank": 3.5, "mean_rank": 5.0}
+
+
+# --- ties ----------------------------------------------------------------------------------------------------
+
+
+def test_a_tied_candidate_is_above_the_positive_only_if_its_index_is_lower() -> None:
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    cands = np.array([[0.5, 0.1], [0.9, 0.0], [0.5, 0.2], [0.5, 0.3], [0.1, 0.0]], dtype=np.float32)  # q-scores .5 .9 .5 .5 .1
+    # positive 2: above it are 1 (higher) and 0 (tied, lower index); 3 is tied but later.
+    assert positive_ranks(q, cands, np.array([2])).tolist() == [3]
+    assert positive_ranks(q, cands, np.array([0])).tolist() == [2]
+    assert positive_ranks(q, cands, np.array([3])).tolist() == [4]
+    # All candidates identical: the rank is the position.
+    same = np.ones((4, 2), dtype=np.float32)
+    qs = np.ones((4, 2), dtype=np.float32)
+    assert positive_ranks(qs, same, np.array([0, 1, 2, 3])).tolist() == [1, 2, 3, 4]
+
+
+def test_image_to_text_ties_follow_the_same_rule() -> None:
+    image_emb = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    # Captions 0..3 all score 0.5 with image 0; owners: 1, 0, 1, 0.
+    text_emb = np.array([[0.5, 0.1], [0.5, 0.0], [0.5, 0.2], [0.5, 0.9]], dtype=np.float32)
+    owner = np.array([1, 0, 1, 0])
+    # Image 0: caption 0 (another image's) ties and comes first, so caption 1 is at rank 2.
+    # Image 1: scores .1 .0 .2 .9 -> caption 3 (image 0's) first, then caption 2 (its own) at rank 2.
+    assert best_positive_ranks(image_emb, text_emb, owner).tolist() == [2, 2]
+    # Swap the owners: now image 0's caption comes first among the tied ones.
+    assert best_positive_ranks(image_emb, text_emb, 1 - owner).tolist() == [1, 1]
+
+
+def test_ties_at_the_k_boundary_count_by_index() -> None:
+    # Query scores: .5 .5 .5; the positive is the third, so it is rank 3, not in R@1 or R@2.
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    cands = np.array([[0.5, 0.0], [0.5, 0.1], [0.5, 0.2]], dtype=np.float32)
+    ranks = positive_ranks(q, cands, np.array([2]))
+    assert summarise(ranks, ks=(1, 2, 3))["R@2"] == 0.0 and summarise(ranks, ks=(3,))["R@3"] == 1.0
+
+
+# --- images without captions -------------------------------------------------------------------------------
+
+
+def test_an_image_without_captions_is_never_retrieved() -> None:
+    image_emb = np.eye(3, dtype=np.float32)
+    text_emb = np.eye(3, dtype=np.float32)[[0, 0, 2, 2]]  # (4, 3); image 1 has no caption
+    owner = np.array([0, 0, 2, 2])
+    assert best_positive_ranks(image_emb, text_emb, owner).tolist() == [1, 5, 1]
+    report = retrieval_report(image_emb, text_emb, owner, ks=(1, 4))
+    assert report["image_to_text"] == pytest.approx(
+        {"R@1": 2 / 3, "R@4": 2 / 3, "median_rank": 1.0, "mean_rank": 7 / 3}, abs=1e-12
+    )
+    assert report["text_to_image"]["R@1"] == 1.0
+
+
+# --- chunking against the whole matrix ---------------------------------------------------------------------
+
+
+def _random_set(seed: int, n_images: int = 23, d: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random unit embeddings; image i has 0..4 captions (some none), each caption near its image."""
+    rng = np.random.default_rng(seed)
+    image_emb = rng.standard_normal((n_images, d))
+    per_image = rng.integers(0, 5, n_images)
+    text_image = np.repeat(np.arange(n_images), per_image)
+    text_emb = image_emb[text_image] + 1.2 * rng.standard_normal((len(text_image), d))
+    image_emb /= np.linalg.norm(image_emb, axis=1, keepdims=True)
+    text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
+    return image_emb.astype(np.float32), text_emb.astype(np.float32), text_image
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("chunk", [1, 2, 7])
+def test_chunked_ranks_equal_unchunked(seed: int, chunk: int) -> None:
+    image_emb, text_emb, text_image = _random_set(seed)
+    np.testing.assert_array_equal(
+        positive_ranks(text_emb, image_emb, text_image, chunk=chunk), positive_ranks(text_emb, image_emb, text_image)
+    )
+    np.testing.assert_array_equal(
+        best_positive_ranks(image_emb, text_emb, text_image, chunk=chunk),
+        best_positive_ranks(image_emb, text_emb, text_image),
+    )
+
+
+def test_ranks_equal_a_full_argsort() -> None:
+    image_emb, text_emb, text_image = _random_set(4)
+    scores = text_emb.astype(np.float64) @ image_emb.T.astype(np.float64)  # (Nt, Ni)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    t2i = [int(np.where(order[t] == text_image[t])[0][0]) + 1 for t in range(len(text_emb))]
+    i2t = []
+    for i in range(len(image_emb)):
+        pos = [r + 1 for r, t in enumerate(np.argsort(-scores[:, i], kind="stable")) if text_image[t] == i]
+        i2t.append(min(pos, default=len(text_emb) + 1))
+    assert positive_ranks(text_emb, image_emb, text_image, chunk=5).tolist() == t2i
+    assert best_positive_ranks(image_emb, text_emb, text_image, chunk=5).tolist() == i2t
+    assert len(text_emb) + 1 in i2t  # the set-up really has an image without captions
+    assert 1 < max(t2i)  # and the ranks are not all trivially 1
+
+
+# --- CLIP_benchmark's definition ---------------------------------------------------------------------------
+
+
+def _clip_benchmark_recall(scores: np.ndarray, positive_pairs: np.ndarray, k: int) -> float:
+    """CLIP_benchmark zeroshot_retrieval.recall_at_k, then (> 0).mean(): a query is a hit if any positive is in its top k."""
+    topk = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Nq, k)
+    hits = np.take_along_axis(positive_pairs, topk, axis=1).any(axis=1)  # (Nq,)
+    return float(hits.mean())
+
+
+@pytest.mark.parametrize("seed", [10, 11])
+def test_report_matches_clip_benchmark_recall(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_images, d = 40, 16
+    image_emb = rng.standard_normal((n_images, d))
+    text_image = np.repeat(np.arange(n_images), rng.integers(1, 6, n_images))  # 1..5 captions each
+    text_emb = image_emb[text_image] + 1.5 * rng.standard_normal((len(text_image), d))
+    image_emb = (image_emb / np.linalg.norm(image_emb, axis=1, keepdims=True)).astype(np.float32)
+    text_emb = (text_emb / np.linalg.norm(text_emb, axis=1, keepdims=True)).astype(np.float32)
+
+    ks = (1, 5, 10)
+    report = retrieval_report(image_emb, text_emb, text_image, ks=ks)
+    scores = text_emb.astype(np.float64) @ image_emb.T.astype(np.float64)  # (Nt, Ni)
+    positive_pairs = np.zeros_like(scores, dtype=bool)
+    positive_pairs[np.arange(len(text_image)), text_image] = True
+    for k in ks:
+        assert report["text_to_image"][f"R@{k}"] == pytest.approx(_clip_benchmark_recall(scores, positive_pairs, k), abs=1e-12)
+        assert report["image_to_text"][f"R@{k}"] == pytest.approx(_clip_benchmark_recall(scores.T, positive_pairs.T, k), abs=1e-12)
+    # Neither trivial nor perfect, so the comparison means something.
+    assert 0 < report["text_to_image"]["R@1"] < 1 and 0 < report["image_to_text"]["R@1"] < 1
+    assert report["text_to_image"]["R@1"] < report["text_to_image"]["R@10"]
