@@ -8,9 +8,10 @@ from typing import Any
 
 import click
 
-from .config import PRESETS
+from .config import LOSSES, PRESETS
+from .index import INDEX_TYPES
 from .errors import RetrievalError
-from .loss import LOSSES
+from .query import TARGETS
 
 
 class Group(click.Group):
@@ -135,3 +136,79 @@ def _format_report(report: dict[str, Any]) -> str:
              f"  ({report['n_images']} images, {report['n_texts']} captions"
              + (f", {report['skipped_images']} unreadable images skipped)" if report.get("skipped_images") else ")")]
     return "\n".join(lines)
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Model directory to encode with.")
+@click.option("--index", "index_path", required=True, type=click.Path(file_okay=False), help="Index folder (created if missing), e.g. index_data/photos.")
+@click.option("--index-type", type=click.Choice(INDEX_TYPES), help="flat: exact; hnsw, ivf, ivfpq: approximate; auto: by size and memory (default for a new index).")
+@click.option("--exclude", multiple=True, help="Glob over item ids (relative paths) to leave out; repeatable.")
+@click.option("--ef-search", type=click.IntRange(min=1), help="HNSW: candidates per query (recall vs speed).")
+@click.option("--nprobe", type=click.IntRange(min=1), help="IVF: inverted lists scanned per query (recall vs speed).")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Items encoded and committed together.")
+def index(source: str, model_dir: str, index_path: str, index_type: str | None, exclude: tuple[str, ...],
+          ef_search: int | None, nprobe: int | None, batch_size: int) -> None:
+    """Index a folder of images (with optional NAME.txt captions) or a pair manifest.
+
+    Re-running updates the index: only new or changed items are encoded, deleted ones are removed, and an
+    interrupted run resumes where it stopped.
+    """
+    from .indexing import build_index
+
+    params = {k: v for k, v in (("ef_search", ef_search), ("nprobe", nprobe)) if v is not None}
+    r = build_index(source, model_dir, index_path, index_type, exclude, batch_size, params)
+    click.echo(f"{index_path}: {r.added} added, {r.updated} updated, {r.removed} removed, {r.unchanged} unchanged "
+               f"({r.index_type}, {r.seconds:.1f} s)")
+    if r.skipped:
+        click.echo(f"skipped {len(r.skipped)} unreadable file(s):")
+        for message in r.skipped:
+            click.echo(f"  {message}")
+
+
+@main.command()
+@click.option("--index", "index_path", required=True, type=click.Path(exists=True, file_okay=False), help="Index folder.")
+@click.option("--text", help="Search with a text.")
+@click.option("--image", type=click.Path(), help="Search with an image file.")
+@click.option("--like", help="Search with an indexed item's id ('more like this').")
+@click.option("--k", type=int, default=10, show_default=True, help="At most this many results (0: no limit, with --theta).")
+@click.option("--theta", type=float, help="Only results with similarity above this (in [-1, 1]).")
+@click.option("--weight", type=float, default=0.5, show_default=True, help="w in sim = w cos(q, image) + (1-w) cos(q, caption).")
+@click.option("--target", type=click.Choice(TARGETS), default="item", show_default=True, help="What to match: whole items (fused), images only, or captions only.")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Model directory, if it moved since indexing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: id, path, caption, score.")
+def search(index_path: str, text: str | None, image: str | None, like: str | None, k: int, theta: float | None,
+           weight: float, target: str, model_dir: str | None, as_json: bool) -> None:
+    """Search an index: R(q, D) = {items with sim(q, x1, x2) > theta}, best first, at most k."""
+    from .query import Index
+
+    hits = Index.open(index_path, model_dir).search(text, image, like, k or None, theta, weight, target)
+    if as_json:
+        for hit in hits:
+            click.echo(json.dumps(hit.to_json()))
+        return
+    if not hits:
+        click.echo("no results" + (f" above theta {theta}" if theta is not None else ""))
+    for rank, hit in enumerate(hits, 1):
+        caption = hit.captions[0] if hit.captions else ""
+        click.echo(f"{rank:>3}  {hit.score:6.3f}  {hit.id}  {caption[:60]}")
+
+
+@main.command()
+@click.option("--index", "index_path", required=True, type=click.Path(exists=True, file_okay=False), help="Index folder.")
+def info(index_path: str) -> None:
+    """What an index holds: model, type, counts, build time and size."""
+    from .index import IndexStore
+
+    click.echo(json.dumps(IndexStore.open(index_path).info(), indent=2))
+
+
+@main.command()
+@click.option("--index", "index_path", required=True, type=click.Path(exists=True, file_okay=False), help="Index folder.")
+@click.argument("ids", nargs=-1, required=True)
+def remove(index_path: str, ids: tuple[str, ...]) -> None:
+    """Remove items from an index by id."""
+    from .indexing import remove_items
+
+    missing = remove_items(index_path, list(ids))
+    click.echo(f"removed {len(ids) - len(missing)} item(s)" + (f"; not found: {', '.join(missing)}" if missing else ""))

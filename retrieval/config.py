@@ -13,6 +13,8 @@ from typing import Any
 
 from .errors import RetrievalError
 
+LOSSES = ("clip", "siglip")  # loss.py holds the functions; named here so the CLI need not import torch
+
 
 @dataclass(frozen=True)
 class ImageTowerConfig:

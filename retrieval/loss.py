@@ -29,5 +29,3 @@ def siglip_loss(
     signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1  # +1 diagonal, -1 elsewhere
     return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
 
-
-LOSSES = ("clip", "siglip")

@@ -7,7 +7,6 @@ A model directory holds config.json, model.safetensors and tokenizer.json; nothi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,13 +22,12 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ImageTowerConfig, ModelConfig, TextTowerConfig, model_config_from_dict, model_config_to_dict
+from .config import ImageTowerConfig, ModelConfig, TextTowerConfig, model_config_to_dict
 from .errors import RetrievalError
 from .images import load_image, preprocess
+from .modeldir import ARCHITECTURE, FORMAT_VERSION, read_model_config
 from .tokenizer import PAD, Tokenizer
 
-FORMAT_VERSION = 1
-ARCHITECTURE = "retrieval-dual-encoder"
 Embeddings = npt.NDArray[np.float32]
 ImageLike = Image.Image | str | Path
 
@@ -152,15 +150,6 @@ class DualEncoder(nn.Module):
         finally:
             self.train(was_training)
 
-    def fingerprint(self) -> str:
-        """sha256 of config and weights: an index built with one model refuses queries from another."""
-        h = hashlib.sha256(json.dumps(model_config_to_dict(self.config), sort_keys=True).encode())
-        h.update("\n".join(self.tokenizer.vocab).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().float().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
-
 
 def _as_image(x: ImageLike, size: int) -> Image.Image:
     return x if isinstance(x, Image.Image) else load_image(x, size_hint=size)
@@ -187,25 +176,6 @@ def save_model(model: DualEncoder, path: str | Path) -> Path:
     (path / "config.json.tmp").write_text(json.dumps(config, indent=2))
     os.replace(path / "config.json.tmp", path / "config.json")
     return path
-
-
-def read_model_config(path: str | Path) -> ModelConfig:
-    """Validate config.json of a model directory, with a message that says what to do when it is off."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise RetrievalError(f"{path} is not a model directory (no config.json); train one with `retrieval train`")
-    try:
-        d = json.loads((path / "config.json").read_text())
-    except ValueError as e:
-        raise RetrievalError(f"{path}/config.json is not valid JSON ({e}); retrain the model") from e
-    if d.get("architecture") != ARCHITECTURE:
-        raise RetrievalError(f"{path} holds a {d.get('architecture')!r} model, not {ARCHITECTURE!r}")
-    if not isinstance(d.get("format_version"), int) or d["format_version"] > FORMAT_VERSION:
-        raise RetrievalError(
-            f"{path} is model format {d.get('format_version')}, newer than this retrieval reads ({FORMAT_VERSION}): "
-            "upgrade retrieval"
-        )
-    return model_config_from_dict(d["model"])
 
 
 def load_model(path: str | Path) -> DualEncoder:

@@ -1,0 +1,334 @@
+"""The index on disk: items and their vectors in SQLite, a FAISS index derived from them, manifest.json.
+
+SQLite is the source of truth. Every batch of items is committed in one transaction, so a run killed at
+any point leaves the index readable as of its last commit, and a re-run carries on from there. Vectors
+are content-addressed (keyed by the sha256 of the image bytes or of the caption text), so identical
+content is encoded and stored once. The FAISS index is a cache of the vectors: it is rebuilt and
+written atomically after a change, and manifest.json names the database generation it reflects, so a
+stale or missing FAISS file is rebuilt rather than trusted.
+
+Each item has one fused 2d-dimensional vector [e(x1), e(x2)] (an item missing a part repeats the part it
+has), so the query [w q, (1-w) q] scores w cos(q, x1) + (1-w) cos(q, x2) for any w with one index.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from .errors import RetrievalError
+
+FORMAT_VERSION = 1
+DB_FILE, FAISS_FILE, MANIFEST_FILE, LOCK_FILE = "items.sqlite", "vectors.faiss", "manifest.json", ".lock"
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+FLAT_MAX_ITEMS = 200_000  # auto: exact search stays fast (< ~15 ms at d = 2 x 128) up to about here
+Vectors = npt.NDArray[np.float32]
+
+# faiss's default (128000) sends small query batches through a path about 8x slower; measured here
+faiss.cvar.distance_compute_blas_threshold = 16
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, vec BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    fid INTEGER PRIMARY KEY AUTOINCREMENT,  -- the FAISS id; never reused
+    id TEXT UNIQUE NOT NULL,                -- the user's id: a relative path or the manifest's id
+    path TEXT,                              -- absolute image path, NULL for a text-only item
+    captions TEXT NOT NULL,                 -- JSON list
+    image_key TEXT REFERENCES vectors(key), -- sha256 of the image bytes
+    text_key TEXT REFERENCES vectors(key),  -- sha256 of the captions
+    mtime REAL, size INTEGER,               -- of the image file, to skip unchanged files on a re-run
+    extra TEXT NOT NULL DEFAULT '{}'        -- JSON object
+);
+"""
+
+
+@dataclass
+class Item:
+    fid: int
+    id: str
+    path: str | None
+    captions: list[str]
+    image_key: str | None
+    text_key: str | None
+    mtime: float | None = None
+    size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """manifest.json: what a reader needs to know before touching the vectors."""
+
+    model: str  # the model directory the index was built with
+    fingerprint: str  # modeldir.fingerprint of that model
+    dim: int  # embedding dimension d; FAISS vectors are 2d
+    index_type: str = "flat"  # chosen type (never "auto")
+    params: dict[str, Any] = field(default_factory=dict)  # efSearch, nprobe, ...
+    metric: str = "inner_product"
+    format_version: int = FORMAT_VERSION
+    generation: int = 0  # the database generation the FAISS file reflects
+    counts: dict[str, int] = field(default_factory=dict)
+    build_seconds: float = 0.0
+    faiss_bytes: int = 0
+
+
+def choose_index_type(n: int, dim: int, memory_budget: int) -> str:
+    """autofaiss-style rule: exact while small, HNSW while its graph fits the budget, else compressed IVF-PQ."""
+    if n <= FLAT_MAX_ITEMS:
+        return "flat"
+    if n * (2 * dim * 4 + 32 * 2 * 8) <= memory_budget:
+        return "hnsw"
+    return "ivfpq"
+
+
+def factory_string(index_type: str, n: int, dim2: int) -> str:
+    if index_type == "flat":
+        return "IDMap2,Flat"
+    if index_type == "hnsw":
+        return "IDMap2,HNSW32"
+    nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+    if index_type == "ivf":
+        return f"IDMap2,IVF{nlist},Flat"
+    if index_type == "ivfpq":
+        return f"IDMap2,IVF{nlist},PQ{max(1, dim2 // 8)}"
+    raise RetrievalError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+
+
+def build_faiss(vectors: Vectors, fids: npt.NDArray[np.int64], index_type: str, params: dict[str, Any]) -> faiss.Index:
+    index = faiss.index_factory(vectors.shape[1], factory_string(index_type, len(vectors), vectors.shape[1]),
+                                faiss.METRIC_INNER_PRODUCT)
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efConstruction = params.get("ef_construction", 80)
+    if not index.is_trained:
+        sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: 256 * 1024]]
+        index.train(sample)
+    if len(vectors):
+        index.add_with_ids(vectors, fids)
+    set_search_params(index, params)
+    return index
+
+
+def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = int(params.get("ef_search", 128))
+    if isinstance(inner, faiss.IndexIVF):
+        inner.nprobe = int(params.get("nprobe", 16))
+
+
+def fused(image_vec: np.ndarray | None, text_vec: np.ndarray | None) -> np.ndarray:
+    """[e(x1), e(x2)]; a missing part repeats the part the item has, so every w scores it on what it has."""
+    image_vec = text_vec if image_vec is None else image_vec
+    text_vec = image_vec if text_vec is None else text_vec
+    return np.concatenate([image_vec, text_vec]).astype(np.float32)
+
+
+class IndexStore:
+    """One index folder. Open it read-only to search; `writer()` locks it for adding and removing."""
+
+    def __init__(self, path: Path, manifest: Manifest, db: sqlite3.Connection):
+        self.path, self.manifest, self.db = path, manifest, db
+        self._faiss: faiss.Index | None = None
+        self._selectors: dict[str, Any] = {}
+
+    # --- opening -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, manifest: Manifest) -> IndexStore:
+        path = Path(path)
+        if (path / MANIFEST_FILE).exists():
+            raise RetrievalError(f"{path} already holds an index")
+        path.mkdir(parents=True, exist_ok=True)
+        store = cls(path, manifest, _connect(path / DB_FILE))
+        store._write_manifest()
+        return store
+
+    @classmethod
+    def open(cls, path: str | Path) -> IndexStore:
+        path = Path(path)
+        if not (path / MANIFEST_FILE).is_file():
+            raise RetrievalError(f"{path} is not an index (no {MANIFEST_FILE}); build one with `retrieval index`")
+        manifest = read_manifest(path)
+        if not (path / DB_FILE).is_file():
+            raise RetrievalError(f"{path}/{DB_FILE} is missing; rebuild the index with `retrieval index`")
+        return cls(path, manifest, _connect(path / DB_FILE))
+
+    @contextmanager
+    def writer(self) -> Iterator[IndexStore]:
+        """Hold the folder's lock while writing; a second writer is refused, not queued."""
+        with open(self.path / LOCK_FILE, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RetrievalError(
+                    f"another process is writing {self.path}; wait for it to finish (or end it) and retry"
+                ) from None
+            yield self
+
+    # --- writing -------------------------------------------------------------------------------
+    def known_vectors(self, keys: Sequence[str]) -> set[str]:
+        rows = self.db.execute("SELECT key FROM vectors WHERE key IN (SELECT value FROM json_each(?))", (json.dumps(list(keys)),))
+        return {r[0] for r in rows}
+
+    def commit(self, items: Sequence[Item], new_vectors: dict[str, np.ndarray], removed_ids: Sequence[str] = ()) -> None:
+        """Insert or replace items (and their new vectors), remove ids: all or nothing, one generation."""
+        with self.db:
+            self.db.executemany(
+                "INSERT OR IGNORE INTO vectors (key, vec) VALUES (?, ?)",
+                [(k, np.asarray(v, np.float32).tobytes()) for k, v in new_vectors.items()],
+            )
+            gone = self.db.executemany(
+                "DELETE FROM items WHERE id = ?", [(i,) for i in [*removed_ids, *(it.id for it in items)]]
+            ).rowcount
+            self.db.executemany(
+                "INSERT INTO items (id, path, captions, image_key, text_key, mtime, size, extra) VALUES (?,?,?,?,?,?,?,?)",
+                [(it.id, it.path, json.dumps(it.captions), it.image_key, it.text_key, it.mtime, it.size,
+                  json.dumps(it.extra)) for it in items],
+            )
+            if gone:  # vectors no item points to any more
+                self.db.execute(
+                    "DELETE FROM vectors WHERE key NOT IN (SELECT image_key FROM items WHERE image_key IS NOT NULL"
+                    " UNION SELECT text_key FROM items WHERE text_key IS NOT NULL)"
+                )
+            self.db.execute(
+                "INSERT INTO meta (key, value) VALUES ('generation', '1') "
+                "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+            )
+        self._faiss, self._selectors = None, {}
+
+    def rebuild(self) -> None:
+        """Rebuild the FAISS index from the database and write it and the manifest atomically."""
+        t0 = time.perf_counter()
+        fids, vectors = self.all_vectors()
+        index = build_faiss(vectors, fids, self.manifest.index_type, self.manifest.params)
+        tmp = self.path / (FAISS_FILE + ".tmp")
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, self.path / FAISS_FILE)
+        self.manifest.generation = self.generation()
+        self.manifest.counts = self.counts()
+        self.manifest.build_seconds = time.perf_counter() - t0
+        self.manifest.faiss_bytes = (self.path / FAISS_FILE).stat().st_size
+        self._write_manifest()
+        self._faiss = index
+
+    def _write_manifest(self) -> None:
+        tmp = self.path / (MANIFEST_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self.manifest), indent=2))
+        os.replace(tmp, self.path / MANIFEST_FILE)
+
+    # --- reading -------------------------------------------------------------------------------
+    def generation(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def counts(self) -> dict[str, int]:
+        n, n_image, n_text = self.db.execute(
+            "SELECT COUNT(*), COUNT(image_key), COUNT(text_key) FROM items"
+        ).fetchone()
+        n_vectors = self.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+        return {"items": n, "with_image": n_image, "with_text": n_text, "stored_vectors": n_vectors}
+
+    def all_vectors(self) -> tuple[npt.NDArray[np.int64], Vectors]:
+        rows = self.db.execute(
+            "SELECT i.fid, vi.vec, vt.vec FROM items i LEFT JOIN vectors vi ON vi.key = i.image_key "
+            "LEFT JOIN vectors vt ON vt.key = i.text_key ORDER BY i.fid"
+        ).fetchall()
+        fids = np.array([r[0] for r in rows], dtype=np.int64)
+        vectors = np.empty((len(rows), 2 * self.manifest.dim), dtype=np.float32)
+        for row, (_, vi, vt) in enumerate(rows):
+            vectors[row] = fused(_vec(vi), _vec(vt))
+        return fids, vectors
+
+    @property
+    def faiss(self) -> faiss.Index:
+        """The FAISS index, from its file when that reflects the database, else rebuilt in memory."""
+        if self._faiss is None:
+            file = self.path / FAISS_FILE
+            if file.is_file() and self.manifest.generation == self.generation():
+                try:
+                    self._faiss = faiss.read_index(str(file))
+                except RuntimeError:
+                    self._faiss = None  # truncated or foreign: the database still holds every vector
+            if self._faiss is None:
+                fids, vectors = self.all_vectors()
+                self._faiss = build_faiss(vectors, fids, self.manifest.index_type, self.manifest.params)
+            set_search_params(self._faiss, self.manifest.params)
+        return self._faiss
+
+    def selector(self, column: str) -> Any:
+        """An IDSelector for the items that have `column` (image_key or text_key); None when all do."""
+        if column not in self._selectors:
+            fids = np.array([r[0] for r in self.db.execute(f"SELECT fid FROM items WHERE {column} IS NOT NULL")], dtype=np.int64)
+            total = self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            self._selectors[column] = (fids, None if len(fids) == total else faiss.IDSelectorBatch(fids))
+        return self._selectors[column][1]
+
+    def items(self, fids: Sequence[int]) -> dict[int, Item]:
+        """Metadata for many FAISS ids in one query (json_each keeps it to a single bound parameter)."""
+        rows = self.db.execute(
+            "SELECT fid, id, path, captions, image_key, text_key, mtime, size, extra FROM items "
+            "WHERE fid IN (SELECT value FROM json_each(?))", (json.dumps([int(f) for f in fids]),)
+        )
+        return {r[0]: Item(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], r[7], json.loads(r[8])) for r in rows}
+
+    def items_by_id(self, ids: Sequence[str]) -> dict[str, Item]:
+        rows = self.db.execute("SELECT fid FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),))
+        return {it.id: it for it in self.items([r[0] for r in rows]).values()}
+
+    def all_items(self) -> dict[str, Item]:
+        return {it.id: it for it in self.items([r[0] for r in self.db.execute("SELECT fid FROM items")]).values()}
+
+    def info(self) -> dict[str, Any]:
+        return {"path": str(self.path), **asdict(self.manifest), "counts": self.counts()}
+
+    def part_vectors(self, fids: Sequence[int]) -> dict[int, tuple[np.ndarray | None, np.ndarray | None]]:
+        """(image vector, text vector) per item, None for a missing part: per-modality scores of results."""
+        rows = self.db.execute(
+            "SELECT i.fid, vi.vec, vt.vec FROM items i LEFT JOIN vectors vi ON vi.key = i.image_key "
+            "LEFT JOIN vectors vt ON vt.key = i.text_key WHERE i.fid IN (SELECT value FROM json_each(?))",
+            (json.dumps([int(f) for f in fids]),),
+        )
+        return {r[0]: (_vec(r[1]), _vec(r[2])) for r in rows}
+
+
+def _vec(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(blob, dtype=np.float32)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        db = sqlite3.connect(path, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")  # readers keep reading while a writer commits
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+    except sqlite3.DatabaseError as e:
+        raise RetrievalError(f"{path} is not a readable index database ({e}); rebuild the index") from e
+    return db
+
+
+def read_manifest(path: Path) -> Manifest:
+    try:
+        d = json.loads((path / MANIFEST_FILE).read_text())
+    except ValueError as e:
+        raise RetrievalError(f"{path}/{MANIFEST_FILE} is damaged ({e}); rebuild the index with `retrieval index`") from e
+    version = d.get("format_version") if isinstance(d, dict) else None
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise RetrievalError(f"{path} is index format {version}, newer than this retrieval reads ({FORMAT_VERSION}): upgrade retrieval")
+    try:
+        return Manifest(**d)
+    except TypeError as e:
+        raise RetrievalError(f"{path}/{MANIFEST_FILE} does not match format {FORMAT_VERSION} ({e}); rebuild the index") from e

@@ -1,0 +1,198 @@
+"""Build or update an index from a source folder or manifest: diff, encode what is new, commit in batches.
+
+A re-run encodes only new or changed items (a file is unchanged when its path, mtime, size and captions
+are), reuses the stored vector of any content seen before (by sha256), and removes items that left the
+source. Each batch is committed on its own, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .data import Pair, read_pairs
+from .errors import ImageError, RetrievalError
+from .images import load_image, preprocess
+from .index import INDEX_TYPES, MANIFEST_FILE, IndexStore, Item, Manifest, choose_index_type
+from .modeldir import fingerprint, read_model_config
+
+DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes the FAISS index may take when --index-type auto chooses
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    skipped: list[str] = field(default_factory=list)  # one message per unreadable file
+    seconds: float = 0.0
+    index_type: str = ""
+
+
+def list_source(source: str | Path, exclude: Sequence[str] = ()) -> list[Pair]:
+    """The items of a folder (recursive, hidden skipped) or manifest, minus ids matching an --exclude glob."""
+    pairs = read_pairs(source)
+    return [p for p in pairs if not any(fnmatch.fnmatch(p.id, g) for g in exclude)]
+
+
+def file_state(path: Path | None) -> tuple[float | None, int | None]:
+    if path is None:
+        return None, None
+    try:
+        st = path.stat()
+    except OSError:
+        return None, None
+    return st.st_mtime, st.st_size
+
+
+def is_unchanged(item: Item, pair: Pair) -> bool:
+    mtime, size = file_state(pair.image)
+    return (item.path == (str(pair.image) if pair.image else None) and item.mtime == mtime and item.size == size
+            and item.captions == list(pair.captions) and item.extra == pair.extra)
+
+
+def text_key(captions: Sequence[str]) -> str:
+    return "txt:" + hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest()
+
+
+def image_key(path: Path) -> str:
+    """Content address of an image file; raises ImageError when the file cannot be read at all."""
+    try:
+        return "img:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise ImageError(f"cannot read image {path}: {e.strerror or e} (check the path)") from e
+
+
+def build_index(
+    source: str | Path,
+    model_dir: str | Path,
+    index_path: str | Path,
+    index_type: str | None = None,
+    exclude: Sequence[str] = (),
+    batch_size: int = 256,
+    params: dict | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = True,
+) -> IndexReport:
+    """Create the index at index_path, or bring it up to date with the source."""
+    from .model import load_model  # torch: only the commands that encode pay for it
+
+    t0 = time.perf_counter()
+    index_path, model_dir = Path(index_path), Path(model_dir)
+    pairs = list_source(source, exclude)
+    model_fp = fingerprint(model_dir)
+    if (index_path / MANIFEST_FILE).exists():
+        store = IndexStore.open(index_path)
+        check_model(store.manifest, model_fp, model_dir)
+    else:
+        dim = read_model_config(model_dir).embed_dim
+        chosen = index_type if index_type not in (None, "auto") else choose_index_type(len(pairs), dim, memory_budget)
+        store = IndexStore.create(index_path, Manifest(str(model_dir.resolve()), model_fp, dim, chosen))
+    if index_type not in (None, "auto") and index_type != store.manifest.index_type:
+        if index_type not in INDEX_TYPES:
+            raise RetrievalError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+        store.manifest.index_type = index_type
+    store.manifest.params.update(params or {})
+
+    report = IndexReport(index_type=store.manifest.index_type)
+    with store.writer():
+        existing = store.all_items()
+        todo = []
+        for pair in pairs:
+            item = existing.get(pair.id)
+            if item is not None and is_unchanged(item, pair):
+                report.unchanged += 1
+            else:
+                todo.append(pair)
+        source_ids = {p.id for p in pairs}
+        removed = [i for i in existing if i not in source_ids]
+        model = load_model(model_dir) if todo else None
+        bar = tqdm(total=len(todo), desc="indexing", unit="item", disable=not progress)
+        with ThreadPoolExecutor(2) as pool:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                items, vectors, skipped = encode_batch(model, store, batch, pool)
+                store.commit(items, vectors)
+                report.skipped += skipped
+                report.added += sum(1 for it in items if it.id not in existing)
+                report.updated += sum(1 for it in items if it.id in existing)
+                bar.update(len(batch))
+        bar.close()
+        if removed:
+            store.commit([], {}, removed)
+        report.removed = len(removed)
+        if todo or removed or store.manifest.generation != store.generation() or not (index_path / "vectors.faiss").exists():
+            store.rebuild()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def check_model(manifest: Manifest, model_fp: str, model_dir: Path) -> None:
+    if manifest.fingerprint != model_fp:
+        raise RetrievalError(
+            f"model mismatch: the index was built with model {manifest.fingerprint} ({manifest.model}), "
+            f"but {model_dir} is {model_fp}; use that model, or build a new index for this one"
+        )
+
+
+def encode_batch(model, store: IndexStore, batch: Sequence[Pair], pool: ThreadPoolExecutor) -> tuple[list[Item], dict[str, np.ndarray], list[str]]:
+    """Items for one batch with the vectors not stored yet; unreadable images are skipped with a message."""
+    size = model.config.image.image_size
+
+    def prepare(pair: Pair) -> tuple[str | None, np.ndarray | None, str | None]:
+        if pair.image is None:
+            return None, None, None
+        try:
+            key = image_key(pair.image)
+            return key, preprocess(load_image(pair.image, size_hint=size), size), None
+        except ImageError as e:
+            return None, None, str(e)
+
+    prepared = list(pool.map(prepare, batch))
+    keys = [k for k, _, _ in prepared if k] + [text_key(p.captions) for p in batch if p.captions]
+    known = store.known_vectors(keys)
+    vectors: dict[str, np.ndarray] = {}
+    new_images = {k: px for k, px, _ in prepared if k and k not in known}
+    if new_images:
+        for k, v in zip(new_images, model.encode_image(np.stack(list(new_images.values())))):
+            vectors[k] = v
+    new_texts = {text_key(p.captions): p.captions for p in batch if p.captions and text_key(p.captions) not in known}
+    for k, captions in new_texts.items():
+        vectors[k] = caption_vector(model.encode_text(list(captions)))
+    items, skipped = [], []
+    for pair, (key, _, error) in zip(batch, prepared):
+        if error:
+            skipped.append(error)
+            continue
+        mtime, size_bytes = file_state(pair.image)
+        items.append(Item(0, pair.id, str(pair.image) if pair.image else None, list(pair.captions), key,
+                          text_key(pair.captions) if pair.captions else None, mtime, size_bytes, pair.extra))
+    return items, vectors, skipped
+
+
+def caption_vector(caption_emb: np.ndarray) -> np.ndarray:
+    """One text vector for an item with several captions: their normalised mean."""
+    mean = caption_emb.mean(0)  # (D,)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+
+def remove_items(index_path: str | Path, ids: Sequence[str]) -> list[str]:
+    """Remove items by id; returns the ids that were not in the index."""
+    store = IndexStore.open(index_path)
+    with store.writer():
+        present = store.items_by_id(ids)
+        missing = [i for i in ids if i not in present]
+        if present:
+            store.commit([], {}, list(present))
+            store.rebuild()
+    return missing

@@ -1,0 +1,175 @@
+"""R(q, D) = {(x1, x2) in D | sim(q, x1, x2) > θ}, with top-k, over an index on disk.
+
+sim(q, x1, x2) = w cos(q, x1) + (1 - w) cos(q, x2), where x1 is an item's image and x2 its caption(s).
+Every item is stored as the fused vector [e(x1), e(x2)], so the query [w q, (1 - w) q] scores sim with
+one inner product: `target` picks w = 1 (images), w = 0 (captions) or the given w (whole items).
+θ runs through FAISS range_search, which is strict (>) as the formula is; top-k through search; with
+both, the result is the top k of those above θ. Range results stay as FAISS's (lims, D, I) until they
+become `Hit` records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from PIL import Image
+
+from .errors import RetrievalError
+from .index import IndexStore, Item
+from .modeldir import fingerprint
+
+TARGETS = ("item", "image", "text")
+MAX_QUERY_CHARS = 10_000  # beyond this a "query" is a document; the tokenizer would cut it anyway
+
+
+@dataclass
+class Hit:
+    id: str
+    path: str | None
+    captions: list[str]
+    score: float  # the fused sim(q, x1, x2)
+    image_score: float | None  # cos(q, x1); None when the item has no image
+    text_score: float | None  # cos(q, x2); None when the item has no caption
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "caption": self.captions[0] if self.captions else None,
+                "score": self.score, "image_score": self.image_score, "text_score": self.text_score}
+
+
+def check_search_args(k: int | None, theta: float | None, weight: float, target: str) -> None:
+    if k is None and theta is None:
+        raise RetrievalError("give k (top-k), theta (threshold), or both")
+    if k is not None and k < 1:
+        raise RetrievalError(f"k must be at least 1, got {k}")
+    if theta is not None and not -1.0 <= theta <= 1.0:
+        raise RetrievalError(f"theta must be in [-1, 1] (a cosine similarity), got {theta}")
+    if not 0.0 <= weight <= 1.0:
+        raise RetrievalError(f"weight must be in [0, 1], got {weight}")
+    if target not in TARGETS:
+        raise RetrievalError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+
+
+def query_vector(q: np.ndarray, target: str, weight: float) -> np.ndarray:
+    """[w q, (1 - w) q]: its inner product with [e(x1), e(x2)] is w cos(q, x1) + (1 - w) cos(q, x2)."""
+    w = {"image": 1.0, "text": 0.0}.get(target, weight)
+    return np.concatenate([w * q, (1.0 - w) * q]).astype(np.float32)[None]  # (1, 2D)
+
+
+def search_params(index: faiss.Index, params: dict[str, Any], selector: Any) -> faiss.SearchParameters | None:
+    """Per-call parameters: the item filter and the ANN knobs of the index type."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(params.get("ef_search", 128)))
+    if isinstance(inner, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(params.get("nprobe", 16)))
+    return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+
+def ranked(index: faiss.Index, qv: np.ndarray, k: int | None, theta: float | None, params: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), best first: top-k, everything above θ, or the top k of those above θ."""
+    if theta is None or k is not None:
+        D, I = index.search(qv, min(k, max(index.ntotal, 1)), params=params)  # (1, k)
+        keep = I[0] >= 0
+        scores, ids = D[0][keep], I[0][keep]
+        if theta is not None:
+            scores, ids = scores[scores > theta], ids[scores > theta]
+        return scores, ids
+    lims, D, I = index.range_search(qv, theta, params=params)
+    order = np.argsort(-D[lims[0] : lims[1]], kind="stable")
+    return D[order], I[order]
+
+
+class Index:
+    """An index opened for search: `Index.open(path).search(text="a dog on a beach", k=10)`."""
+
+    def __init__(self, store: IndexStore, model_dir: Path):
+        self.store, self.model_dir = store, model_dir
+        self._text_encoder = None
+        self._model = None
+
+    @classmethod
+    def open(cls, path: str | Path, model: str | Path | None = None) -> Index:
+        """Open for search; `model` overrides the model directory named in the manifest (same weights only)."""
+        store = IndexStore.open(path)
+        model_dir = Path(model) if model else Path(store.manifest.model)
+        got = fingerprint(model_dir)
+        if got != store.manifest.fingerprint:
+            raise RetrievalError(
+                f"model mismatch: {path} was built with model {store.manifest.fingerprint}, but {model_dir} is {got}; "
+                "query with the model that built it, or rebuild the index"
+            )
+        return cls(store, model_dir)
+
+    # --- embedding the query ---------------------------------------------------------------------
+    def embed_text(self, text: str) -> np.ndarray:
+        if not text.strip():
+            raise RetrievalError("the text query is empty; type some words")
+        if len(text) > MAX_QUERY_CHARS:
+            raise RetrievalError(f"the text query is {len(text)} characters; keep it under {MAX_QUERY_CHARS}")
+        if self._text_encoder is None:
+            from .text_numpy import NumpyTextEncoder
+
+            self._text_encoder = NumpyTextEncoder.load(self.model_dir)
+        return self._text_encoder.encode_text([text])[0]
+
+    def embed_image(self, image: str | Path | Image.Image) -> np.ndarray:
+        if self._model is None:
+            from .model import load_model  # torch: paid only by image queries
+
+            self._model = load_model(self.model_dir)
+        return self._model.encode_image([image])[0]
+
+    def embed_item(self, item_id: str) -> np.ndarray:
+        """'More like this': the stored vector of an indexed item, its image if it has one."""
+        item = self.store.items_by_id([item_id]).get(item_id)
+        if item is None:
+            raise RetrievalError(f"no item with id {item_id!r} in {self.store.path}")
+        image_vec, text_vec = self.store.part_vectors([item.fid])[item.fid]
+        return image_vec if image_vec is not None else text_vec
+
+    # --- R(q, D) ----------------------------------------------------------------------------------
+    def search(
+        self,
+        text: str | None = None,
+        image: str | Path | Image.Image | None = None,
+        like: str | None = None,
+        k: int | None = 10,
+        theta: float | None = None,
+        weight: float = 0.5,
+        target: str = "item",
+    ) -> list[Hit]:
+        """Exactly one of text, image, like; see the module docstring for k, theta, weight and target."""
+        if sum(x is not None for x in (text, image, like)) != 1:
+            raise RetrievalError("give exactly one query: text, image or like (an item id)")
+        check_search_args(k, theta, weight, target)
+        q = self.embed_text(text) if text is not None else self.embed_image(image) if image is not None else self.embed_item(like)
+        return self.search_vector(q, k, theta, weight, target)
+
+    def search_vector(self, q: np.ndarray, k: int | None = 10, theta: float | None = None, weight: float = 0.5,
+                      target: str = "item") -> list[Hit]:
+        check_search_args(k, theta, weight, target)
+        if q.shape != (self.store.manifest.dim,):
+            raise RetrievalError(f"query vector has shape {q.shape}, the index holds {self.store.manifest.dim}-d vectors")
+        index = self.store.faiss
+        selector = {"image": self.store.selector("image_key"), "text": self.store.selector("text_key")}.get(target)
+        params = search_params(index, self.store.manifest.params, selector)
+        scores, ids = ranked(index, query_vector(q, target, weight), k, theta, params)
+        return self.hits(q, scores, ids)
+
+    def hits(self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+        items: dict[int, Item] = self.store.items(ids.tolist())
+        parts = self.store.part_vectors(ids.tolist())
+        out = []
+        for score, fid in zip(scores.tolist(), ids.tolist()):
+            item, (vi, vt) = items[fid], parts[fid]
+            out.append(Hit(item.id, item.path, item.captions, score,
+                           None if vi is None else float(vi @ q), None if vt is None else float(vt @ q), item.extra))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return self.store.info()
