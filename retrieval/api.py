@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .errors import ImageError, RetrievalError
 from .evaluate import DEFAULT_KS, Embeddings, retrieval_report
 from .images import load_image, preprocess
 from .model import DualEncoder, load_model
+from .query import Hit
 
 DEMO_ROOT = Path("index_data/demo")
 DEMO_IMAGES = 2500  # the synthetic collection the demo trains and evaluates on (20% held out)
@@ -133,10 +135,11 @@ def evaluate_model(
 class DemoResult:
     data: Path
     model: Path
+    index: Path
     trained: bool  # False when an earlier run's model was reused
     train_minutes: float | None
     report: dict[str, Any]
-    examples: list[tuple[str, list[tuple[str, float, bool]]]]  # query -> [(image id, score, is its own image)]
+    examples: list[tuple[str, str, list[Hit]]]  # (query, the id of the image it was written for, hits)
 
 
 def run_demo(
@@ -147,7 +150,9 @@ def run_demo(
     progress: bool = True,
     n_examples: int = 3,
 ) -> DemoResult:
-    """Synthesise the sample collection, train (or reuse) the default model, evaluate it, and query it."""
+    """Synthesise the sample collection, train (or reuse) the default model, evaluate it, index and query it."""
+    from .indexing import build_index
+    from .query import Index
     from .synth import generate
 
     root = Path(root)
@@ -162,21 +167,12 @@ def run_demo(
         train_minutes = train_model(
             manifest, model_dir, preset_name, max_minutes=minutes, resume=resume, progress=progress
         )["minutes"]
+        shutil.rmtree(root / "index", ignore_errors=True)  # built with the previous model
     model = load_model(model_dir)
     test = image_caption_pairs(load_split_pairs(manifest, None, "test"))
     report = evaluate_model(model, test)
-    return DemoResult(manifest.parent, model_dir, trained, train_minutes, report, demo_examples(model, test, n_examples))
-
-
-def demo_examples(model: DualEncoder, pairs: Sequence[Pair], n: int, k: int = 3) -> list[tuple[str, list[tuple[str, float, bool]]]]:
-    """Text->image top-k over the held-out images, for the first caption of n evenly spread pairs."""
-    enc = encode_pairs(model, pairs)
-    picks = [enc.pairs[i] for i in np.linspace(0, len(enc.pairs) - 1, n).astype(int)]
-    queries = [p.captions[0] for p in picks]
-    sims = model.encode_text(queries) @ enc.image_emb.T  # (n, N)
-    examples = []
-    for query, pair, row in zip(queries, picks, sims):
-        top = np.argsort(-row, kind="stable")[:k]
-        examples.append((query, [(enc.pairs[j].id, float(row[j]), enc.pairs[j].id == pair.id) for j in top]))
-    return examples
-
+    build_index(manifest, model_dir, root / "index", progress=progress)
+    index = Index.open(root / "index")
+    picks = [test[i] for i in np.linspace(0, len(test) - 1, n_examples).astype(int)]
+    examples = [(p.captions[0], p.id, index.search(text=p.captions[0], k=3, target="image")) for p in picks]
+    return DemoResult(manifest.parent, model_dir, root / "index", trained, train_minutes, report, examples)

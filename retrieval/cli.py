@@ -103,13 +103,14 @@ def demo(root: str, minutes: float) -> None:
 
     result = run_demo(root, minutes=minutes)
     how = f"trained in {result.train_minutes:.1f} min" if result.trained else "reused; delete it to retrain"
-    click.echo(f"data:  {result.data}\nmodel: {result.model} ({how})\n")
+    click.echo(f"data:  {result.data}\nmodel: {result.model} ({how})\nindex: {result.index}\n")
     click.echo("held-out recall:\n" + _format_report(result.report) + "\n")
-    click.echo("example text->image queries on held-out images (* = the caption's own image):")
-    for query, hits in result.examples:
+    click.echo("example text->image searches through the index (* = the image the caption was written for):")
+    for query, own_id, hits in result.examples:
         click.echo(f'  "{query}"')
-        for image_id, score, own in hits:
-            click.echo(f"    {'*' if own else ' '} {score:.3f}  {image_id}")
+        for hit in hits:
+            click.echo(f"    {'*' if hit.id == own_id else ' '} {hit.score:.3f}  {hit.id}")
+    click.echo(f"\nsearch it yourself: retrieval search --index {result.index} --text \"a small red circle\"")
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from .errors import RetrievalError
 
 FORMAT_VERSION = 1
 DB_FILE, FAISS_FILE, MANIFEST_FILE, LOCK_FILE = "items.sqlite", "vectors.faiss", "manifest.json", ".lock"
+FIDS_FILE, VECTORS_FILE = "fids.npy", "vectors.npy"  # fused vectors in fid order, memory-mapped for result scores
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 FLAT_MAX_ITEMS = 200_000  # auto: exact search stays fast (< ~15 ms at d = 2 x 128) up to about here
 Vectors = npt.NDArray[np.float32]
@@ -50,7 +51,7 @@ CREATE TABLE IF NOT EXISTS items (
     captions TEXT NOT NULL,                 -- JSON list
     image_key TEXT REFERENCES vectors(key), -- sha256 of the image bytes
     text_key TEXT REFERENCES vectors(key),  -- sha256 of the captions
-    mtime REAL, size INTEGER,               -- of the image file, to skip unchanged files on a re-run
+    mtime_ns INTEGER, size INTEGER,         -- of the image file, to skip unchanged files on a re-run
     extra TEXT NOT NULL DEFAULT '{}'        -- JSON object
 );
 """
@@ -64,7 +65,7 @@ class Item:
     captions: list[str]
     image_key: str | None
     text_key: str | None
-    mtime: float | None = None
+    mtime_ns: int | None = None  # integer nanoseconds: a float would lose digits on the way through JSON
     size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -108,7 +109,14 @@ def factory_string(index_type: str, n: int, dim2: int) -> str:
     raise RetrievalError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
 
 
+def min_items(index_type: str) -> int:
+    """IVF trains k-means (>= 39 points per list) and PQ trains 256 centroids per sub-quantiser."""
+    return {"ivf": 39, "ivfpq": 256}.get(index_type, 0)
+
+
 def build_faiss(vectors: Vectors, fids: npt.NDArray[np.int64], index_type: str, params: dict[str, Any]) -> faiss.Index:
+    if len(vectors) < min_items(index_type):
+        index_type = "flat"  # too few vectors to train on (an index emptied by removals): exact is never worse
     index = faiss.index_factory(vectors.shape[1], factory_string(index_type, len(vectors), vectors.shape[1]),
                                 faiss.METRIC_INNER_PRODUCT)
     inner = faiss.downcast_index(index.index)
@@ -144,6 +152,7 @@ class IndexStore:
     def __init__(self, path: Path, manifest: Manifest, db: sqlite3.Connection):
         self.path, self.manifest, self.db = path, manifest, db
         self._faiss: faiss.Index | None = None
+        self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
         self._selectors: dict[str, Any] = {}
 
     # --- opening -------------------------------------------------------------------------------
@@ -195,8 +204,8 @@ class IndexStore:
                 "DELETE FROM items WHERE id = ?", [(i,) for i in [*removed_ids, *(it.id for it in items)]]
             ).rowcount
             self.db.executemany(
-                "INSERT INTO items (id, path, captions, image_key, text_key, mtime, size, extra) VALUES (?,?,?,?,?,?,?,?)",
-                [(it.id, it.path, json.dumps(it.captions), it.image_key, it.text_key, it.mtime, it.size,
+                "INSERT INTO items (id, path, captions, image_key, text_key, mtime_ns, size, extra) VALUES (?,?,?,?,?,?,?,?)",
+                [(it.id, it.path, json.dumps(it.captions), it.image_key, it.text_key, it.mtime_ns, it.size,
                   json.dumps(it.extra)) for it in items],
             )
             if gone:  # vectors no item points to any more
@@ -208,27 +217,25 @@ class IndexStore:
                 "INSERT INTO meta (key, value) VALUES ('generation', '1') "
                 "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
             )
-        self._faiss, self._selectors = None, {}
+        self._faiss, self._vectors, self._selectors = None, None, {}
 
     def rebuild(self) -> None:
         """Rebuild the FAISS index from the database and write it and the manifest atomically."""
         t0 = time.perf_counter()
         fids, vectors = self.all_vectors()
         index = build_faiss(vectors, fids, self.manifest.index_type, self.manifest.params)
-        tmp = self.path / (FAISS_FILE + ".tmp")
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, self.path / FAISS_FILE)
+        _atomic_write(self.path / FAISS_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
+        _atomic_write(self.path / FIDS_FILE, lambda tmp: _save_npy(tmp, fids))
+        _atomic_write(self.path / VECTORS_FILE, lambda tmp: _save_npy(tmp, vectors))
         self.manifest.generation = self.generation()
         self.manifest.counts = self.counts()
         self.manifest.build_seconds = time.perf_counter() - t0
         self.manifest.faiss_bytes = (self.path / FAISS_FILE).stat().st_size
-        self._write_manifest()
-        self._faiss = index
+        self._write_manifest()  # last: until it names the new generation, readers rebuild from the database
+        self._faiss, self._vectors = index, (fids, vectors)
 
     def _write_manifest(self) -> None:
-        tmp = self.path / (MANIFEST_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self.manifest), indent=2))
-        os.replace(tmp, self.path / MANIFEST_FILE)
+        _atomic_write(self.path / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self.manifest), indent=2)))
 
     # --- reading -------------------------------------------------------------------------------
     def generation(self) -> int:
@@ -253,21 +260,44 @@ class IndexStore:
             vectors[row] = fused(_vec(vi), _vec(vt))
         return fids, vectors
 
+    def _files_current(self) -> bool:
+        """Do the derived files (FAISS, fids, vectors) reflect the database as it is now?"""
+        return self.manifest.generation == self.generation()
+
+    @property
+    def vectors(self) -> tuple[npt.NDArray[np.int64], Vectors]:
+        """(fids ascending, fused vectors (n, 2d)): memory-mapped from disk when current, else from the database."""
+        if self._vectors is None:
+            if self._files_current():
+                try:
+                    self._vectors = (np.load(self.path / FIDS_FILE), np.load(self.path / VECTORS_FILE, mmap_mode="r"))
+                except (OSError, ValueError, EOFError):
+                    self._vectors = None  # missing, empty or truncated: the database still holds every vector
+            if self._vectors is None or len(self._vectors[0]) != len(self._vectors[1]):
+                self._vectors = self.all_vectors()
+        return self._vectors
+
     @property
     def faiss(self) -> faiss.Index:
         """The FAISS index, from its file when that reflects the database, else rebuilt in memory."""
         if self._faiss is None:
             file = self.path / FAISS_FILE
-            if file.is_file() and self.manifest.generation == self.generation():
+            if file.is_file() and self._files_current():
                 try:
                     self._faiss = faiss.read_index(str(file))
                 except RuntimeError:
                     self._faiss = None  # truncated or foreign: the database still holds every vector
             if self._faiss is None:
-                fids, vectors = self.all_vectors()
-                self._faiss = build_faiss(vectors, fids, self.manifest.index_type, self.manifest.params)
+                fids, vectors = self.vectors
+                self._faiss = build_faiss(np.ascontiguousarray(vectors), fids, self.manifest.index_type, self.manifest.params)
             set_search_params(self._faiss, self.manifest.params)
         return self._faiss
+
+    def fused_vectors(self, fids: Sequence[int]) -> Vectors:
+        """(n, 2d) fused vectors of the given items, from the memory-mapped matrix."""
+        all_fids, vectors = self.vectors
+        rows = np.searchsorted(all_fids, np.asarray(fids, dtype=np.int64))
+        return np.asarray(vectors[rows])
 
     def selector(self, column: str) -> Any:
         """An IDSelector for the items that have `column` (image_key or text_key); None when all do."""
@@ -278,12 +308,16 @@ class IndexStore:
         return self._selectors[column][1]
 
     def items(self, fids: Sequence[int]) -> dict[int, Item]:
-        """Metadata for many FAISS ids in one query (json_each keeps it to a single bound parameter)."""
-        rows = self.db.execute(
-            "SELECT fid, id, path, captions, image_key, text_key, mtime, size, extra FROM items "
-            "WHERE fid IN (SELECT value FROM json_each(?))", (json.dumps([int(f) for f in fids]),)
-        )
-        return {r[0]: Item(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], r[7], json.loads(r[8])) for r in rows}
+        """Metadata for many FAISS ids in one query, returned by SQLite as one JSON document.
+
+        One json.loads of the whole answer is about 3x faster than decoding each row's JSON columns.
+        """
+        row = self.db.execute(
+            "SELECT json_group_array(json_array(i.fid, i.id, i.path, json(i.captions), i.image_key, i.text_key,"
+            " i.mtime_ns, i.size, json(i.extra))) FROM json_each(?) j JOIN items i ON i.fid = j.value",
+            (json.dumps([int(f) for f in fids]),),
+        ).fetchone()
+        return {r[0]: Item(*r) for r in json.loads(row[0])}
 
     def items_by_id(self, ids: Sequence[str]) -> dict[str, Item]:
         rows = self.db.execute("SELECT fid FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),))
@@ -296,13 +330,22 @@ class IndexStore:
         return {"path": str(self.path), **asdict(self.manifest), "counts": self.counts()}
 
     def part_vectors(self, fids: Sequence[int]) -> dict[int, tuple[np.ndarray | None, np.ndarray | None]]:
-        """(image vector, text vector) per item, None for a missing part: per-modality scores of results."""
-        rows = self.db.execute(
-            "SELECT i.fid, vi.vec, vt.vec FROM items i LEFT JOIN vectors vi ON vi.key = i.image_key "
-            "LEFT JOIN vectors vt ON vt.key = i.text_key WHERE i.fid IN (SELECT value FROM json_each(?))",
-            (json.dumps([int(f) for f in fids]),),
-        )
-        return {r[0]: (_vec(r[1]), _vec(r[2])) for r in rows}
+        """(image vector, text vector) per item, None for a missing part."""
+        d, items = self.manifest.dim, self.items(fids)
+        return {f: (v[:d] if items[f].image_key else None, v[d:] if items[f].text_key else None)
+                for f, v in zip(fids, self.fused_vectors(fids)) if f in items}
+
+
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write to a temporary name beside `path`, then rename over it: readers see the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object, so numpy does not append .npy to the temporary name
+        np.save(f, array)
 
 
 def _vec(blob: bytes | None) -> np.ndarray | None:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .data import Pair, read_pairs
 from .errors import ImageError, RetrievalError
 from .images import load_image, preprocess
-from .index import INDEX_TYPES, MANIFEST_FILE, IndexStore, Item, Manifest, choose_index_type
+from .index import FAISS_FILE, INDEX_TYPES, MANIFEST_FILE, IndexStore, Item, Manifest, choose_index_type, min_items
 from .modeldir import fingerprint, read_model_config
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes the FAISS index may take when --index-type auto chooses
@@ -45,19 +45,20 @@ def list_source(source: str | Path, exclude: Sequence[str] = ()) -> list[Pair]:
     return [p for p in pairs if not any(fnmatch.fnmatch(p.id, g) for g in exclude)]
 
 
-def file_state(path: Path | None) -> tuple[float | None, int | None]:
+def file_state(path: Path | None) -> tuple[int | None, int | None]:
+    """(mtime in ns, size) of an image file; (None, None) for a text-only item or a vanished file."""
     if path is None:
         return None, None
     try:
         st = path.stat()
     except OSError:
         return None, None
-    return st.st_mtime, st.st_size
+    return st.st_mtime_ns, st.st_size
 
 
 def is_unchanged(item: Item, pair: Pair) -> bool:
-    mtime, size = file_state(pair.image)
-    return (item.path == (str(pair.image) if pair.image else None) and item.mtime == mtime and item.size == size
+    mtime_ns, size = file_state(pair.image)
+    return (item.path == (str(pair.image) if pair.image else None) and item.mtime_ns == mtime_ns and item.size == size
             and item.captions == list(pair.captions) and item.extra == pair.extra)
 
 
@@ -89,7 +90,13 @@ def build_index(
 
     t0 = time.perf_counter()
     index_path, model_dir = Path(index_path), Path(model_dir)
+    if index_type is not None and index_type not in INDEX_TYPES:
+        raise RetrievalError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     pairs = list_source(source, exclude)
+    if index_type is not None and len(pairs) < min_items(index_type):
+        raise RetrievalError(
+            f"{index_type} needs at least {min_items(index_type)} items to train on, the source has {len(pairs)}; use flat"
+        )
     model_fp = fingerprint(model_dir)
     if (index_path / MANIFEST_FILE).exists():
         store = IndexStore.open(index_path)
@@ -98,11 +105,11 @@ def build_index(
         dim = read_model_config(model_dir).embed_dim
         chosen = index_type if index_type not in (None, "auto") else choose_index_type(len(pairs), dim, memory_budget)
         store = IndexStore.create(index_path, Manifest(str(model_dir.resolve()), model_fp, dim, chosen))
-    if index_type not in (None, "auto") and index_type != store.manifest.index_type:
-        if index_type not in INDEX_TYPES:
-            raise RetrievalError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    settings = (store.manifest.index_type, dict(store.manifest.params))
+    if index_type not in (None, "auto"):
         store.manifest.index_type = index_type
     store.manifest.params.update(params or {})
+    settings_changed = settings != (store.manifest.index_type, store.manifest.params)
 
     report = IndexReport(index_type=store.manifest.index_type)
     with store.writer():
@@ -131,7 +138,7 @@ def build_index(
         if removed:
             store.commit([], {}, removed)
         report.removed = len(removed)
-        if todo or removed or store.manifest.generation != store.generation() or not (index_path / "vectors.faiss").exists():
+        if todo or removed or settings_changed or store.manifest.generation != store.generation() or not (index_path / FAISS_FILE).exists():
             store.rebuild()
     report.seconds = time.perf_counter() - t0
     return report
@@ -167,16 +174,20 @@ def encode_batch(model, store: IndexStore, batch: Sequence[Pair], pool: ThreadPo
         for k, v in zip(new_images, model.encode_image(np.stack(list(new_images.values())))):
             vectors[k] = v
     new_texts = {text_key(p.captions): p.captions for p in batch if p.captions and text_key(p.captions) not in known}
-    for k, captions in new_texts.items():
-        vectors[k] = caption_vector(model.encode_text(list(captions)))
+    if new_texts:  # every caption of the batch in one encoder call, then one mean vector per item
+        flat = [c for captions in new_texts.values() for c in captions]
+        emb, start = model.encode_text(flat), 0
+        for k, captions in new_texts.items():
+            vectors[k] = caption_vector(emb[start : start + len(captions)])
+            start += len(captions)
     items, skipped = [], []
     for pair, (key, _, error) in zip(batch, prepared):
         if error:
             skipped.append(error)
             continue
-        mtime, size_bytes = file_state(pair.image)
+        mtime_ns, size_bytes = file_state(pair.image)
         items.append(Item(0, pair.id, str(pair.image) if pair.image else None, list(pair.captions), key,
-                          text_key(pair.captions) if pair.captions else None, mtime, size_bytes, pair.extra))
+                          text_key(pair.captions) if pair.captions else None, mtime_ns, size_bytes, pair.extra))
     return items, vectors, skipped
 
 

@@ -162,13 +162,16 @@ class Index:
         return self.hits(q, scores, ids)
 
     def hits(self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+        """Result records: metadata in one SQLite query, per-modality scores from the memory-mapped vectors."""
         items: dict[int, Item] = self.store.items(ids.tolist())
-        parts = self.store.part_vectors(ids.tolist())
+        d = self.store.manifest.dim
+        vectors = self.store.fused_vectors(ids)  # (n, 2d)
+        image_scores, text_scores = (vectors[:, :d] @ q).tolist(), (vectors[:, d:] @ q).tolist()
         out = []
-        for score, fid in zip(scores.tolist(), ids.tolist()):
-            item, (vi, vt) = items[fid], parts[fid]
-            out.append(Hit(item.id, item.path, item.captions, score,
-                           None if vi is None else float(vi @ q), None if vt is None else float(vt @ q), item.extra))
+        for score, fid, si, st in zip(scores.tolist(), ids.tolist(), image_scores, text_scores):
+            item = items[fid]
+            out.append(Hit(item.id, item.path, item.captions, score, si if item.image_key else None,
+                           st if item.text_key else None, item.extra))
         return out
 
     def info(self) -> dict[str, Any]:

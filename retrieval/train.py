@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .config import ModelConfig, TrainConfig, loss_init, model_config_to_dict
+from .config import ModelConfig, TrainConfig, loss_init, model_config_from_dict, model_config_to_dict
 from .data import Pair, image_caption_pairs
 from .errors import ImageError, RetrievalError
 from .evaluate import retrieval_report
@@ -143,7 +143,7 @@ def train(
     torch.manual_seed(train_cfg.seed)
     state = _load_state(out) if resume else None
     if state is not None:
-        tokenizer, model_cfg = Tokenizer(state["vocab"]), _saved_model_config(out, state)
+        tokenizer, model_cfg = Tokenizer(state["vocab"]), model_config_from_dict(json.loads(state["model_config"]))
     else:
         tokenizer = Tokenizer.train(c for p in train_pairs for c in p.captions)
         model_cfg = dataclasses.replace(
@@ -260,12 +260,6 @@ def _load_state(out: Path) -> dict[str, Any]:
         return torch.load(path, weights_only=True)
     except Exception as e:  # a truncated or foreign file: torch raises several types
         raise RetrievalError(f"cannot resume from {path} ({str(e).splitlines()[0]}); start without --resume") from e
-
-
-def _saved_model_config(out: Path, state: dict[str, Any]) -> ModelConfig:
-    from .config import model_config_from_dict
-
-    return model_config_from_dict(json.loads(state["model_config"]))
 
 
 def _append_log(out: Path, entry: dict[str, Any]) -> None:

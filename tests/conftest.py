@@ -29,3 +29,15 @@ def tiny_model(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def read_log(model_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """One torch thread while a module encodes: on a 2-core machine shared with a training job, two
+    OpenMP threads make each small encode about 100x slower (0.1 s per caption instead of 1 ms)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
