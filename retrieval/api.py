@@ -21,7 +21,7 @@ from .config import preset
 from .data import Pair, image_caption_pairs, read_pairs, read_split, select
 from .errors import ImageError, RetrievalError
 from .evaluate import DEFAULT_KS, Embeddings, retrieval_report
-from .images import load_image, preprocess
+from .images import load_pixels
 from .model import DualEncoder, load_model
 from .query import Hit
 
@@ -103,7 +103,7 @@ def encode_pairs(model: DualEncoder, pairs: Sequence[Pair], batch_size: int = 12
         arrays = []
         for pair in pairs[start : start + batch_size]:
             try:
-                arrays.append(preprocess(load_image(pair.image, size_hint=size), size))
+                arrays.append(load_pixels(pair.image, size))
                 kept.append(pair)
             except ImageError as e:
                 skipped.append(str(e))

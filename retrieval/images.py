@@ -208,3 +208,8 @@ def augment(img: Image.Image, size: int, rng: np.random.Generator) -> ImageArray
     # No horizontal flip: captions say "left of" / "right of", and a mirrored image
     # would make those captions wrong.
     return to_array(color_jitter(random_resized_crop(img, size, rng), rng))
+
+
+def load_pixels(path: str | Path, size: int) -> ImageArray:
+    """File -> model input in one call: decode (JPEG drafted to `size`) and preprocess. Raises ImageError."""
+    return preprocess(load_image(path, size_hint=size), size)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .data import Pair, read_pairs
 from .errors import ImageError, RetrievalError
-from .images import load_image, preprocess
+from .images import load_pixels
 from .index import FAISS_FILE, INDEX_TYPES, MANIFEST_FILE, IndexStore, Item, Manifest, choose_index_type, min_items
 from .modeldir import fingerprint, read_model_config
 
@@ -161,7 +161,7 @@ def encode_batch(model, store: IndexStore, batch: Sequence[Pair], pool: ThreadPo
             return None, None, None
         try:
             key = image_key(pair.image)
-            return key, preprocess(load_image(pair.image, size_hint=size), size), None
+            return key, load_pixels(pair.image, size), None
         except ImageError as e:
             return None, None, str(e)
 

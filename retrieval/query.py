@@ -156,7 +156,8 @@ class Index:
         if q.shape != (self.store.manifest.dim,):
             raise RetrievalError(f"query vector has shape {q.shape}, the index holds {self.store.manifest.dim}-d vectors")
         index = self.store.faiss
-        selector = {"image": self.store.selector("image_key"), "text": self.store.selector("text_key")}.get(target)
+        column = {"image": "image_key", "text": "text_key"}.get(target)
+        selector = self.store.selector(column) if column else None  # only image/text targets filter items
         params = search_params(index, self.store.manifest.params, selector)
         scores, ids = ranked(index, query_vector(q, target, weight), k, theta, params)
         return self.hits(q, scores, ids)
