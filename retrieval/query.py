@@ -19,14 +19,14 @@ import numpy as np
 from PIL import Image
 
 from .errors import RetrievalError
-from .index import IndexStore, Item
+from .index import IndexStore
 from .modeldir import fingerprint
 
 TARGETS = ("item", "image", "text")
 MAX_QUERY_CHARS = 10_000  # beyond this a "query" is a document; the tokenizer would cut it anyway
 
 
-@dataclass
+@dataclass(slots=True)
 class Hit:
     id: str
     path: str | None
@@ -54,34 +54,33 @@ def check_search_args(k: int | None, theta: float | None, weight: float, target:
         raise RetrievalError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
 
 
-def query_vector(q: np.ndarray, target: str, weight: float) -> np.ndarray:
-    """[w q, (1 - w) q]: its inner product with [e(x1), e(x2)] is w cos(q, x1) + (1 - w) cos(q, x2)."""
+def query_vectors(queries: np.ndarray, target: str, weight: float) -> np.ndarray:
+    """[w q, (1 - w) q] per row: its inner product with [e(x1), e(x2)] is w cos(q, x1) + (1 - w) cos(q, x2)."""
     w = {"image": 1.0, "text": 0.0}.get(target, weight)
-    return np.concatenate([w * q, (1.0 - w) * q]).astype(np.float32)[None]  # (1, 2D)
+    return np.ascontiguousarray(np.concatenate([w * queries, (1.0 - w) * queries], axis=1), dtype=np.float32)  # (nq, 2d)
 
 
-def search_params(index: faiss.Index, params: dict[str, Any], selector: Any) -> faiss.SearchParameters | None:
-    """Per-call parameters: the item filter and the ANN knobs of the index type."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(params.get("ef_search", 128)))
-    if isinstance(inner, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(sel=selector, nprobe=int(params.get("nprobe", 16)))
-    return faiss.SearchParameters(sel=selector) if selector is not None else None
+def part_scores(vectors: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """(n, 2) cosines of q with each fused vector's halves, as one matrix product with [[q, 0], [0, q]]."""
+    d = len(q)
+    block = np.zeros((2 * d, 2), dtype=np.float32)
+    block[:d, 0], block[d:, 1] = q, q
+    return vectors @ block
 
 
-def ranked(index: faiss.Index, qv: np.ndarray, k: int | None, theta: float | None, params: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids), best first: top-k, everything above θ, or the top k of those above θ."""
+def ranked(index: faiss.Index, qv: np.ndarray, k: int | None, theta: float | None,
+           params: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query of qv (nq, 2d): (scores, ids), best first; top-k, everything above θ, or the top k of those."""
     if theta is None or k is not None:
-        D, I = index.search(qv, min(k, max(index.ntotal, 1)), params=params)  # (1, k)
-        keep = I[0] >= 0
-        scores, ids = D[0][keep], I[0][keep]
-        if theta is not None:
-            scores, ids = scores[scores > theta], ids[scores > theta]
-        return scores, ids
+        D, I = index.search(qv, min(k, max(index.ntotal, 1)), params=params)  # (nq, k)
+        keep = (I >= 0) if theta is None else (I >= 0) & (D > theta)
+        return [(d[m], i[m]) for d, i, m in zip(D, I, keep)]
     lims, D, I = index.range_search(qv, theta, params=params)
-    order = np.argsort(-D[lims[0] : lims[1]], kind="stable")
-    return D[order], I[order]
+    out = []
+    for a, b in zip(lims[:-1].tolist(), lims[1:].tolist()):
+        order = np.argsort(-D[a:b], kind="stable")
+        out.append((D[a:b][order], I[a:b][order]))
+    return out
 
 
 class Index:
@@ -152,28 +151,37 @@ class Index:
 
     def search_vector(self, q: np.ndarray, k: int | None = 10, theta: float | None = None, weight: float = 0.5,
                       target: str = "item") -> list[Hit]:
-        check_search_args(k, theta, weight, target)
-        if q.shape != (self.store.manifest.dim,):
-            raise RetrievalError(f"query vector has shape {q.shape}, the index holds {self.store.manifest.dim}-d vectors")
-        index = self.store.faiss
-        column = {"image": "image_key", "text": "text_key"}.get(target)
-        selector = self.store.selector(column) if column else None  # only image/text targets filter items
-        params = search_params(index, self.store.manifest.params, selector)
-        scores, ids = ranked(index, query_vector(q, target, weight), k, theta, params)
-        return self.hits(q, scores, ids)
+        """R(q, D) for an embedded query q of shape (d,)."""
+        return self.search_vectors(np.asarray(q)[None], k, theta, weight, target)[0]
 
-    def hits(self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
-        """Result records: metadata in one SQLite query, per-modality scores from the memory-mapped vectors."""
-        items: dict[int, Item] = self.store.items(ids.tolist())
+    def search_vectors(self, queries: np.ndarray, k: int | None = 10, theta: float | None = None,
+                       weight: float = 0.5, target: str = "item") -> list[list[Hit]]:
+        """R(q, D) for a batch of embedded queries (nq, d): one FAISS call and one metadata fetch for all."""
+        check_search_args(k, theta, weight, target)
         d = self.store.manifest.dim
-        vectors = self.store.fused_vectors(ids)  # (n, 2d)
-        image_scores, text_scores = (vectors[:, :d] @ q).tolist(), (vectors[:, d:] @ q).tolist()
+        if queries.ndim != 2 or queries.shape[1] != d:
+            raise RetrievalError(f"query vectors have shape {queries.shape[1:]}, the index holds {d}-d vectors")
+        column = {"image": "image_key", "text": "text_key"}.get(target)  # only image/text targets filter items
+        results = ranked(self.store.faiss, query_vectors(queries, target, weight), k, theta, self.store.search_params(column))
+        rows = self.store.result_rows(np.unique(np.concatenate([ids for _, ids in results])).tolist())
+        return [self.hits(q, scores, ids, rows) for q, (scores, ids) in zip(queries, results)]
+
+    def hits(self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray, rows: dict[int, list[Any]] | None = None) -> list[Hit]:
+        """Result records: metadata from the store (or `rows` already fetched), per-modality scores from the vectors."""
+        rows = self.store.result_rows(ids.tolist()) if rows is None else rows
+        parts = part_scores(self.store.fused_vectors(ids), q).tolist()  # (n, 2): cos(q, x1), cos(q, x2)
         out = []
-        for score, fid, si, st in zip(scores.tolist(), ids.tolist(), image_scores, text_scores):
-            item = items[fid]
-            out.append(Hit(item.id, item.path, item.captions, score, si if item.image_key else None,
-                           st if item.text_key else None, item.extra))
+        for score, fid, (si, st) in zip(scores.tolist(), ids.tolist(), parts):
+            item_id, path, captions, has_image, has_text, extra = rows[fid]
+            out.append(Hit(item_id, path, captions, score, si if has_image else None, st if has_text else None, extra))
         return out
+
+    def tune(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Trade speed for recall on ANN indexes: HNSW's efSearch, IVF's nprobe (no effect on flat)."""
+        for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
+            if value is not None and value < 1:
+                raise RetrievalError(f"{name} must be at least 1, got {value}")
+        self.store.tune({k: v for k, v in (("ef_search", ef_search), ("nprobe", nprobe)) if v is not None})
 
     def info(self) -> dict[str, Any]:
         return self.store.info()

@@ -313,10 +313,8 @@ def test_killed_build_leaves_a_readable_index_and_resumes(tiny_model, tmp_path) 
 
 
 @pytest.mark.parametrize("file, damage", [
-    *[(f, d) for f in ("vectors.faiss", "fids.npy", "vectors.npy") for d in ("truncated", "garbage")],
-    ("vectors.faiss", "empty"),
-    ("fids.npy", "empty"),
-    ("vectors.npy", "empty"),
+    *[(f, d) for f in ("vectors.faiss", "fids.npy", "vectors.npy", "records.npy", "records.jsonl")
+      for d in ("truncated", "garbage", "empty")],
 ])
 def test_damaged_derived_file_is_rebuilt_from_sqlite(folder, tiny_model, tmp_path, file: str, damage: str) -> None:
     idx = tmp_path / "idx"
@@ -325,8 +323,8 @@ def test_damaged_derived_file_is_rebuilt_from_sqlite(folder, tiny_model, tmp_pat
     qs = [v for fid in (1, 2, 3) for v in store.part_vectors([fid])[fid] if v is not None]
 
     def results(index: Index) -> list:
-        return [[(h.id, h.score, h.image_score, h.text_score) for h in index.search_vector(q, k=10, target=t)]
-                for q in qs for t in ("item", "text")]
+        return [[(h.id, h.path, h.captions, h.extra, h.score, h.image_score, h.text_score)
+                 for h in index.search_vector(q, k=10, target=t)] for q in qs for t in ("item", "text")]
 
     before = results(Index.open(idx))
     if file != "vectors.faiss":
@@ -334,6 +332,27 @@ def test_damaged_derived_file_is_rebuilt_from_sqlite(folder, tiny_model, tmp_pat
     data = (idx / file).read_bytes()
     (idx / file).write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
     assert results(Index.open(idx)) == before
+
+
+def test_result_records_file_equals_the_database(tmp_path) -> None:
+    """The memory-mapped records and SQLite give the same rows: images, text-only items, extra fields, unicode."""
+    store = IndexStore.create(tmp_path / "idx", Manifest("no-model", "0" * 16, 4, "flat"))
+    v = np.eye(4, dtype=np.float32)
+    store.commit([Item(0, "a", "/x/a.png", ["un chat \u00e9", "line\nbreak"], "i0", "t0", extra={"n": 1, "tags": ["x"]}),
+                  Item(0, "b", None, ["text only"], None, "t1"),
+                  Item(0, "c", "/x/c.png", [], "i2", None)], {"i0": v[0], "t0": v[1], "t1": v[2], "i2": v[3]})
+    store.rebuild()
+    store = IndexStore.open(tmp_path / "idx")
+    fids = [3, 1, 2]
+    assert store.records is not None
+    from_file = store.result_rows(fids)
+    store._records = None
+    store._files_current = lambda: False  # as when the files lag the database: SQLite answers
+    assert store.records is None
+    assert from_file == store.result_rows(fids)
+    assert from_file[1] == ["a", "/x/a.png", ["un chat \u00e9", "line\nbreak"], True, True, {"n": 1, "tags": ["x"]}]
+    assert from_file[2][1:5] == [None, ["text only"], False, True]
+    assert from_file[3][3:5] == [True, False]
 
 
 def test_newer_format_asks_to_upgrade(folder, tiny_model, tmp_path) -> None:
@@ -420,6 +439,26 @@ def test_approximate_index_recall_against_flat(tmp_path, index_type: str, inner:
         assert len(got) == 10
         recalls.append(len(want & set(got)) / 10)
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
+
+
+@pytest.mark.parametrize("index_type, knob, low, high", [("hnsw", "ef_search", 1, 512), ("ivf", "nprobe", 1, 10_000)])
+def test_tuning_the_search_knob_trades_recall(tmp_path, index_type: str, knob: str, low: int, high: int) -> None:
+    """At the lowest setting an ANN index misses neighbours; at the highest it finds what flat finds."""
+    flat = Index(clustered_store(tmp_path / "flat", "flat"), tmp_path)
+    ann = Index(clustered_store(tmp_path / index_type, index_type), tmp_path)
+    qs = np.random.default_rng(1).standard_normal((40, 32)).astype(np.float32)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    want = [{h.id for h in hits} for hits in flat.search_vectors(qs, k=10)]
+
+    def recall() -> float:
+        return float(np.mean([len(w & {h.id for h in hits}) / 10 for w, hits in zip(want, ann.search_vectors(qs, k=10))]))
+
+    ann.tune(**{knob: low})
+    low_recall = recall()
+    ann.tune(**{knob: high})
+    assert recall() == 1.0 and low_recall < 0.9, low_recall
+    with pytest.raises(RetrievalError, match=f"{knob} must be at least 1"):
+        ann.tune(**{knob: 0})
 
 
 # --- CLI ----------------------------------------------------------------------------------------------

@@ -132,6 +132,17 @@ def test_flat_search_equals_brute_force(index: Index, parts: Parts, target: str,
         assert len(index.search_vector(q, k=1000, weight=weight, target=target)) == len(scores)
 
 
+@pytest.mark.parametrize("k, theta_rank", [(10, None), (None, 30), (5, 30), (10, 0)])
+def test_batch_search_equals_one_query_at_a_time(index: Index, parts: Parts, k: int | None, theta_rank: int | None) -> None:
+    qs = np.stack(queries(parts, index.store.manifest.dim))
+    scores = brute_force(parts, qs[0], "item", 0.5)
+    # theta_rank 0: above the best score, so the first query has no results while the others may
+    theta = None if theta_rank is None else (max(scores.values()) + 1e-6 if theta_rank == 0 else theta_at(scores, theta_rank))
+    batch = index.search_vectors(qs, k=k, theta=theta)
+    assert batch == [index.search_vector(q, k=k, theta=theta) for q in qs]
+    assert len(batch) == len(qs) and (theta_rank != 0 or batch[0] == [])
+
+
 def test_per_modality_scores_are_the_part_cosines(index: Index, parts: Parts) -> None:
     q = queries(parts, index.store.manifest.dim)[0]
     hits = index.search_vector(q, k=300, weight=0.3)
@@ -322,6 +333,11 @@ def test_cli_more_like_this_returns_the_item_first(mixed_index: Path, parts: Par
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert rows[0]["id"] == item_id and rows[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert rows[1]["score"] < rows[0]["score"]
+
+
+def test_cli_search_knobs_are_refused_below_one(mixed_index: Path) -> None:
+    result = run_cli("search", "--index", mixed_index, "--text", "a red circle", "--nprobe", "0")
+    assert result.exit_code == 1 and "nprobe must be at least 1" in result.output
 
 
 def test_cli_theta_with_no_results_says_so(mixed_index: Path) -> None:
