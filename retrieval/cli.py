@@ -179,16 +179,17 @@ def index(source: str, model_dir: str, index_path: str, index_type: str | None, 
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Model directory, if it moved since indexing.")
 @click.option("--ef-search", type=int, help="HNSW only: candidates explored per query (more: better recall, slower).")
 @click.option("--nprobe", type=int, help="IVF only: clusters scanned per query (more: better recall, slower).")
+@click.option("--exact", is_flag=True, help="HNSW/IVF: answer from an exact scan (every item above --theta, true top k).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: id, path, caption, score.")
 def search(index_path: str, text: str | None, image: str | None, like: str | None, k: int, theta: float | None,
            weight: float, target: str, model_dir: str | None, ef_search: int | None, nprobe: int | None,
-           as_json: bool) -> None:
+           exact: bool, as_json: bool) -> None:
     """Search an index: R(q, D) = {items with sim(q, x1, x2) > theta}, best first, at most k."""
     from .query import Index
 
     index = Index.open(index_path, model_dir)
     index.tune(ef_search, nprobe)
-    hits = index.search(text, image, like, k or None, theta, weight, target)
+    hits = index.search(text, image, like, k or None, theta, weight, target, exact)
     if as_json:
         for hit in hits:
             click.echo(json.dumps(hit.to_json()))

@@ -173,7 +173,8 @@ class IndexStore:
         self._faiss: faiss.Index | None = None
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
         self._records: tuple[npt.NDArray[np.int64], bytes | mmap.mmap] | None | bool = None  # False: damaged
-        self._search_params: dict[str | None, tuple[Any, Any]] = {}
+        self._exact: faiss.Index | None = None  # a flat copy for exact answers on an ANN index
+        self._searchers: dict[tuple[str | None, bool], tuple[faiss.Index, Any, Any]] = {}
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
@@ -237,7 +238,7 @@ class IndexStore:
                 "INSERT INTO meta (key, value) VALUES ('generation', '1') "
                 "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
             )
-        self._faiss, self._vectors, self._records, self._search_params = None, None, None, {}
+        self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
 
     def rebuild(self) -> None:
         """Rebuild the FAISS index from the database and write it and the manifest atomically."""
@@ -255,7 +256,7 @@ class IndexStore:
         self.manifest.build_seconds = time.perf_counter() - t0
         self.manifest.faiss_bytes = (self.path / FAISS_FILE).stat().st_size
         self._write_manifest()  # last: until it names the new generation, readers rebuild from the database
-        self._faiss, self._vectors, self._records, self._search_params = index, (fids, vectors), None, {}
+        self._faiss, self._vectors, self._records, self._exact, self._searchers = index, (fids, vectors), None, None, {}
 
     def _write_manifest(self) -> None:
         _atomic_write(self.path / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self.manifest), indent=2)))
@@ -341,20 +342,35 @@ class IndexStore:
         self.manifest.params = {**self.manifest.params, **params}
         if self._faiss is not None:
             set_search_params(self._faiss, self.manifest.params)
-        self._search_params = {}
+        self._searchers = {}
 
-    def search_params(self, column: str | None) -> faiss.SearchParameters | None:
-        """Search parameters restricted to the items that have `column` (image_key or text_key), or to all
-        items for None; built once per index generation, since selectors over many ids are slow to make."""
-        if column not in self._search_params:
-            selector = None
-            if column is not None:
-                fids = np.array([r[0] for r in self.db.execute(f"SELECT fid FROM items WHERE {column} IS NOT NULL")], dtype=np.int64)
-                total = self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-                selector = None if len(fids) == total else faiss.IDSelectorBatch(fids)
+    def searcher(self, column: str | None, exact: bool = False) -> tuple[faiss.Index, faiss.SearchParameters | None]:
+        """The FAISS index to ask and its per-call parameters, restricted to the items that have `column`
+        (image_key or text_key), or to all items for None.
+
+        exact=True asks a flat copy of the vectors, built in memory on first use: HNSW and IVF answer top-k and
+        θ approximately (HNSW's range search sees only its efSearch candidates). Built once per generation,
+        since selectors over many ids are slow to make.
+        """
+        if (column, exact) not in self._searchers:
+            index = self.faiss
+            if exact and not isinstance(_inner(index), faiss.IndexFlat):
+                if self._exact is None:
+                    fids, vectors = self.vectors
+                    self._exact = build_faiss(np.ascontiguousarray(vectors), fids, "flat", {})
+                index = self._exact
+            selector = self._selector(column)
             # the selector is kept beside the parameters: they point to it without owning it
-            self._search_params[column] = (selector, search_parameters(self.faiss, self.manifest.params, selector))
-        return self._search_params[column][1]
+            self._searchers[column, exact] = (index, selector, search_parameters(index, self.manifest.params, selector))
+        index, _, params = self._searchers[column, exact]
+        return index, params
+
+    def _selector(self, column: str | None) -> Any:
+        if column is None:
+            return None
+        fids = np.array([r[0] for r in self.db.execute(f"SELECT fid FROM items WHERE {column} IS NOT NULL")], dtype=np.int64)
+        total = self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        return None if len(fids) == total else faiss.IDSelectorBatch(fids)
 
     def items(self, fids: Sequence[int]) -> dict[int, Item]:
         """Metadata for many FAISS ids in one query, returned by SQLite as one JSON document.

@@ -5,7 +5,8 @@ Every item is stored as the fused vector [e(x1), e(x2)], so the query [w q, (1 -
 one inner product: `target` picks w = 1 (images), w = 0 (captions) or the given w (whole items).
 θ runs through FAISS range_search, which is strict (>) as the formula is; top-k through search; with
 both, the result is the top k of those above θ. Range results stay as FAISS's (lims, D, I) until they
-become `Hit` records.
+become `Hit` records. On flat indexes the answer is exact; on HNSW and IVF it is approximate (HNSW's range
+search sees only its efSearch candidates), and `exact=True` answers from a flat scan of the same vectors.
 """
 
 from __future__ import annotations
@@ -141,28 +142,33 @@ class Index:
         theta: float | None = None,
         weight: float = 0.5,
         target: str = "item",
+        exact: bool = False,
     ) -> list[Hit]:
-        """Exactly one of text, image, like; see the module docstring for k, theta, weight and target."""
+        """Exactly one of text, image, like; see the module docstring for k, theta, weight, target and exact."""
         if sum(x is not None for x in (text, image, like)) != 1:
             raise RetrievalError("give exactly one query: text, image or like (an item id)")
         check_search_args(k, theta, weight, target)
         q = self.embed_text(text) if text is not None else self.embed_image(image) if image is not None else self.embed_item(like)
-        return self.search_vector(q, k, theta, weight, target)
+        return self.search_vector(q, k, theta, weight, target, exact)
 
     def search_vector(self, q: np.ndarray, k: int | None = 10, theta: float | None = None, weight: float = 0.5,
-                      target: str = "item") -> list[Hit]:
+                      target: str = "item", exact: bool = False) -> list[Hit]:
         """R(q, D) for an embedded query q of shape (d,)."""
-        return self.search_vectors(np.asarray(q)[None], k, theta, weight, target)[0]
+        return self.search_vectors(np.asarray(q)[None], k, theta, weight, target, exact)[0]
 
     def search_vectors(self, queries: np.ndarray, k: int | None = 10, theta: float | None = None,
-                       weight: float = 0.5, target: str = "item") -> list[list[Hit]]:
-        """R(q, D) for a batch of embedded queries (nq, d): one FAISS call and one metadata fetch for all."""
+                       weight: float = 0.5, target: str = "item", exact: bool = False) -> list[list[Hit]]:
+        """R(q, D) for a batch of embedded queries (nq, d): one FAISS call and one metadata fetch for all.
+
+        On an HNSW or IVF index, top-k and θ are approximate; exact=True answers from a flat scan instead.
+        """
         check_search_args(k, theta, weight, target)
         d = self.store.manifest.dim
         if queries.ndim != 2 or queries.shape[1] != d:
             raise RetrievalError(f"query vectors have shape {queries.shape[1:]}, the index holds {d}-d vectors")
         column = {"image": "image_key", "text": "text_key"}.get(target)  # only image/text targets filter items
-        results = ranked(self.store.faiss, query_vectors(queries, target, weight), k, theta, self.store.search_params(column))
+        index, params = self.store.searcher(column, exact)
+        results = ranked(index, query_vectors(queries, target, weight), k, theta, params)
         rows = self.store.result_rows(np.unique(np.concatenate([ids for _, ids in results])).tolist())
         return [self.hits(q, scores, ids, rows) for q, (scores, ids) in zip(queries, results)]
 

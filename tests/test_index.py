@@ -461,6 +461,24 @@ def test_tuning_the_search_knob_trades_recall(tmp_path, index_type: str, knob: s
         ann.tune(**{knob: 0})
 
 
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+@pytest.mark.parametrize("target", ["item", "text"])
+def test_exact_on_an_ann_index_equals_flat(tmp_path, index_type: str, target: str) -> None:
+    """With the knob at its worst, θ and top-k miss items; exact=True finds exactly what flat finds."""
+    flat = Index(clustered_store(tmp_path / "flat", "flat"), tmp_path)
+    ann = Index(clustered_store(tmp_path / index_type, index_type), tmp_path)
+    ann.tune(ef_search=1, nprobe=1)
+    q = np.random.default_rng(2).standard_normal(32).astype(np.float32)
+    q /= np.linalg.norm(q)
+    theta = flat.search_vector(q, k=200, target=target)[-1].score
+    for k, th in [(None, theta), (50, theta), (100, None)]:
+        want = [(h.id, round(h.score, 5)) for h in flat.search_vector(q, k=k, theta=th, target=target)]
+        assert [(h.id, round(h.score, 5)) for h in ann.search_vector(q, k=k, theta=th, target=target, exact=True)] == want
+        assert len(ann.search_vector(q, k=k, theta=th, target=target)) <= len(want)
+    above = len(flat.search_vector(q, k=None, theta=theta, target=target))
+    assert len(ann.search_vector(q, k=None, theta=theta, target=target)) < above  # approximate: some are missed
+
+
 # --- CLI ----------------------------------------------------------------------------------------------
 def test_cli_index_info_remove(folder, tiny_model, tmp_path) -> None:
     idx = tmp_path / "idx"
