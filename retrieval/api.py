@@ -17,13 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from .classify import DEFAULT_TEMPLATE, classification_report, probabilities, prompts
 from .config import preset
 from .data import Pair, image_caption_pairs, read_pairs, read_split, select
 from .errors import ImageError, RetrievalError
-from .evaluate import DEFAULT_KS, Embeddings, retrieval_report
+from .evaluate import DEFAULT_KS, Embeddings, fusion_sweep, recall_curve, relevant_ranks, retrieval_report, summarise
 from .images import load_pixels
+from .indexing import caption_vector
 from .model import DualEncoder, load_model
 from .query import Hit
+from .thresholds import threshold_report
 
 DEMO_ROOT = Path("index_data/demo")
 DEMO_IMAGES = 2500  # the synthetic collection the demo trains and evaluates on (20% held out)
@@ -114,9 +117,15 @@ def encode_pairs(model: DualEncoder, pairs: Sequence[Pair], batch_size: int = 12
 
 
 def evaluate_model(
-    model: DualEncoder | str | Path, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS
+    model: DualEncoder | str | Path, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS, thresholds: bool = False,
+    target_precision: float | None = None, fusion: bool = False, curves: bool = False,
 ) -> dict[str, Any]:
-    """Recall@k and ranks in both directions over `pairs` (each image against every caption)."""
+    """Recall@k, ranks and mAP in both directions over `pairs` (each image against every caption).
+
+    thresholds: precision/recall/F1 of text->image R(q, D) as θ varies, the F1-best θ and the query-adaptive
+    rules (thresholds.py). fusion: index each image with its first caption, query with the others, sweep the
+    fusion weight w. curves: R@k for k = 1..100, for plots.
+    """
     model = load_model(model) if not isinstance(model, DualEncoder) else model
     pairs = image_caption_pairs(pairs)
     if not pairs:
@@ -126,9 +135,152 @@ def evaluate_model(
         raise RetrievalError(f"none of the {len(pairs)} images could be read; first error: {enc.skipped[0]}")
     texts = [c for p in enc.pairs for c in p.captions]
     text_image = np.array([i for i, p in enumerate(enc.pairs) for _ in p.captions])
-    report = retrieval_report(enc.image_emb, model.encode_text(texts), text_image, ks)
+    text_emb = model.encode_text(texts)
+    report = retrieval_report(enc.image_emb, text_emb, text_image, ks, curves=curves)
     report["skipped_images"] = len(enc.skipped)
+    if thresholds:
+        relevance = (np.arange(len(texts) + 1), text_image)  # caption t's one relevant item: its image
+        report["threshold"] = threshold_report(text_emb, enc.image_emb, relevance, target_precision)
+    if fusion:
+        report["fusion"] = fusion_report(enc.image_emb, text_emb, text_image, ks)
     return report
+
+
+def fusion_report(image_emb: Embeddings, text_emb: Embeddings, text_image: np.ndarray, ks: Sequence[int]) -> dict[str, Any]:
+    """Each image indexed with its first caption; its other captions are the queries (images need 2+ captions)."""
+    first = np.searchsorted(text_image, np.arange(len(image_emb)))  # captions are grouped by image, in order
+    is_first = np.zeros(len(text_image), dtype=bool)
+    is_first[first[first < len(text_image)]] = True
+    queries = ~is_first
+    if not queries.any():
+        raise RetrievalError("the fusion sweep needs images with at least two captions (one indexed, others as queries)")
+    sweep = fusion_sweep(image_emb, text_emb[np.minimum(first, len(text_emb) - 1)], text_emb[queries],
+                         text_image[queries], np.round(np.linspace(0, 1, 11), 2).tolist(), ks)
+    return {"n_items": int(len(image_emb)), "n_queries": int(queries.sum()), **sweep}
+
+
+def evaluate_index(
+    index_path: str | Path, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS, target: str = "image",
+    weight: float = 0.5, thresholds: bool = False, target_precision: float | None = None, curves: bool = False,
+) -> dict[str, Any]:
+    """Text queries against an existing index: each pair's captions are queries, and its relevant items are
+    the indexed items with the pair's id (or the ids listed in its `relevant` field).
+
+    Scores are exact (the stored vectors, not the ANN index), so the figures describe the model and fusion.
+    """
+    from .query import Index
+
+    index = Index.open(index_path)
+    fids, ids, has_image, has_text = index.store.id_table()
+    d = index.store.manifest.dim
+    w = {"image": 1.0, "text": 0.0}.get(target, weight)
+    keep = {"image": has_image, "text": has_text}.get(target, np.ones(len(fids), dtype=bool))
+    vector_fids, vectors = index.store.vectors
+    if not np.array_equal(vector_fids, fids):
+        raise RetrievalError(f"{index_path} changed while it was being read; run the evaluation again")
+    candidates = np.asarray(w * vectors[:, :d] + (1 - w) * vectors[:, d:])[keep]  # (N, d): the fused item vectors
+    position = {item_id: j for j, item_id in enumerate(np.asarray(ids, dtype=object)[keep])}
+    texts, relevant, unmatched = [], [], 0
+    for pair in pairs:
+        wanted = [position[r] for r in pair.extra.get("relevant", [pair.id]) if r in position]
+        if not wanted:
+            unmatched += len(pair.captions)
+            continue
+        for caption in pair.captions:
+            texts.append(caption)
+            relevant.append(wanted)
+    if not texts:
+        raise RetrievalError(f"none of the queries' relevant ids is in {index_path} (for target {target}); "
+                             "check that the manifest's ids are the index's item ids")
+    indptr = np.cumsum([0] + [len(r) for r in relevant])
+    relevance = (indptr, np.concatenate(relevant).astype(np.int64))
+    query_emb = index.embed_texts(texts)
+    ranks, ap = relevant_ranks(query_emb, candidates, relevance)
+    report: dict[str, Any] = {"n_items": int(len(candidates)), "n_texts": len(texts), "target": target, "weight": w,
+                              "unmatched_queries": unmatched, f"text_to_{target}": summarise(ranks, ks, ap)}
+    if curves:
+        report["curves"] = {f"text_to_{target}": recall_curve(ranks)}
+    if thresholds:
+        report["threshold"] = threshold_report(query_emb, candidates, relevance, target_precision)
+    return report
+
+
+def calibrate_index(index_path: str | Path, pairs: Sequence[Pair], target: str = "image", weight: float = 0.5,
+                    target_precision: float | None = None, rule: str = "flat") -> dict[str, Any]:
+    """Choose a cutoff for R(q, D) on labelled queries and store it in the index's manifest, so that
+    `search` applies it when no θ is given. rule `flat` stores a θ (F1-best, or the lowest reaching
+    target_precision); `top_relative` stores a margin below each query's top score (F1-best)."""
+    from .index import IndexStore
+
+    report = evaluate_index(index_path, pairs, (1,), target, weight, thresholds=True, target_precision=target_precision)
+    t = report["threshold"]
+    if rule == "flat":
+        theta = t["best_f1_theta"] if target_precision is None else t.get("target_precision_theta")
+        if theta is None:
+            raise RetrievalError(f"no θ reaches precision {target_precision} on these queries; ask for less")
+        chosen: dict[str, Any] = {"theta": theta}
+    elif rule == "top_relative":
+        chosen = {"margin": -t["rules"]["top_relative"]["theta"]}
+    else:
+        raise RetrievalError(f"rule must be flat or top_relative, got {rule!r}")
+    entry = {"rule": rule, **chosen, "weight": report["weight"], "n_queries": report["n_texts"],
+             "best_f1": t["best_f1"], "heldout_f1": t["rules"][rule]["heldout_f1"], "target_precision": target_precision}
+    store = IndexStore.open(index_path)
+    with store.writer():
+        store.set_calibration(target, entry)
+    return entry
+
+
+def classify_pairs(
+    model: DualEncoder | str | Path, pairs: Sequence[Pair], labels: Sequence[str] | None = None,
+    label_field: str | None = None, template: str = DEFAULT_TEMPLATE, weight: float = 1.0,
+) -> dict[str, Any]:
+    """Zero-shot P(y | x1, x2) for each item (see classify.py); with label_field, also accuracy against the truth.
+
+    weight 1 classifies by the image alone, 0 by the caption alone. Labels default to the distinct values
+    of label_field. Items whose parts are unusable (an unreadable image at weight 1) are skipped and counted.
+    """
+    model = load_model(model) if not isinstance(model, DualEncoder) else model
+    if labels is None:
+        if label_field is None:
+            raise RetrievalError("give the labels (--labels a,b,c) or a field of the manifest that holds them")
+        labels = sorted({str(p.extra[label_field]) for p in pairs if label_field in p.extra})
+    if len(labels) < 2:
+        raise RetrievalError(f"classification needs at least two labels, got {list(labels)}")
+    try:
+        label_emb = model.encode_text(prompts(labels, template))
+    except ValueError as e:
+        raise RetrievalError(str(e)) from e
+    image_of = {}
+    if weight > 0:
+        enc = encode_pairs(model, [p for p in pairs if p.image is not None])
+        image_of = {p.id: v for p, v in zip(enc.pairs, enc.image_emb)}
+    caption_of = {}
+    if weight < 1:
+        with_captions = [p for p in pairs if p.captions]
+        emb = model.encode_text([c for p in with_captions for c in p.captions])
+        starts = np.cumsum([0] + [len(p.captions) for p in with_captions])
+        caption_of = {p.id: caption_vector(emb[a:b]) for p, a, b in zip(with_captions, starts[:-1], starts[1:])}
+    kept, vectors = [], []
+    for p in pairs:
+        x1, x2 = image_of.get(p.id), caption_of.get(p.id)
+        if x1 is None and x2 is None:
+            continue
+        vectors.append(weight * (x1 if x1 is not None else x2) + (1 - weight) * (x2 if x2 is not None else x1))
+        kept.append(p)
+    if not kept:
+        raise RetrievalError("none of the items could be classified (no readable image or caption)")
+    probs = probabilities(label_emb, np.stack(vectors), float(model.temperature().detach()))
+    result: dict[str, Any] = {"labels": list(labels), "template": template, "weight": weight,
+                              "skipped": len(pairs) - len(kept), "ids": [p.id for p in kept], "probabilities": probs}
+    if label_field is not None:
+        index = {label: i for i, label in enumerate(labels)}
+        has = np.array([str(p.extra.get(label_field)) in index for p in kept])
+        truth = np.array([index[str(p.extra[label_field])] for p, h in zip(kept, has) if h], dtype=np.int64)
+        if not len(truth):
+            raise RetrievalError(f"no item has a {label_field!r} value among the labels {list(labels)}")
+        result["report"] = {**classification_report(probs[has], truth, labels), "unlabelled": int((~has).sum())}
+    return result
 
 
 @dataclass

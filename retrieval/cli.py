@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from .classify import DEFAULT_TEMPLATE
 from .config import LOSSES, PRESETS
 from .index import INDEX_TYPES
 from .errors import RetrievalError
@@ -80,18 +81,133 @@ def train(data: str, out: str, preset_name: str, split_file: str | None, train_s
 
 
 @main.command("eval")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Model directory.")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Model directory: encode the pairs and evaluate it.")
+@click.option("--index", "index_path", type=click.Path(exists=True, file_okay=False), help="Or an index: --data's captions are the queries, its ids the relevant items.")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Pair manifest (.jsonl, .csv) or image folder.")
 @click.option("--split-file", type=click.Path(exists=True, dir_okay=False), help="JSON of {split: [ids]} (default: split.json beside the data, if any).")
 @click.option("--split", help="Evaluate only this split (e.g. test); default: every pair.")
 @click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma-separated k for recall@k.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def eval_(model_dir: str, data: str, split_file: str | None, split: str | None, ks: str, as_json: bool) -> None:
-    """Recall@k and ranks, text->image and image->text, several captions per image allowed."""
-    from .api import evaluate_model, load_split_pairs
+@click.option("--target", type=click.Choice(TARGETS), default="image", show_default=True, help="With --index: what the queries match.")
+@click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="With --index and --target item: the fusion weight w.")
+@click.option("--thresholds/--no-thresholds", default=True, show_default=True, help="Precision/recall/F1 of R(q, D) as θ varies; the best θ; query-adaptive rules.")
+@click.option("--target-precision", type=click.FloatRange(0, 1, min_open=True), help="Also report the lowest θ whose precision reaches this.")
+@click.option("--fusion", is_flag=True, help="With --model: index each image with its first caption, query with the rest, sweep the fusion weight w.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG plots into this folder.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the whole report as JSON to this file.")
+@click.option("--markdown", is_flag=True, help="Print tables ready for a README.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def eval_(model_dir: str | None, index_path: str | None, data: str, split_file: str | None, split: str | None, ks: str,
+          target: str, weight: float, thresholds: bool, target_precision: float | None, fusion: bool,
+          plot_dir: str | None, out: str | None, markdown: bool, as_json: bool) -> None:
+    """Recall@k, ranks and mAP (both directions, several captions per image), and how R(q, D) behaves as θ varies.
 
-    report = evaluate_model(model_dir, load_split_pairs(data, split_file, split), _parse_ks(ks))
-    click.echo(json.dumps(report) if as_json else _format_report(report))
+    Evaluate a model on a manifest (--model), or an existing index with a manifest of queries (--index).
+    """
+    from .api import evaluate_index, evaluate_model, load_split_pairs
+
+    if (model_dir is None) == (index_path is None):
+        raise RetrievalError("give --model (evaluate a model on the pairs) or --index (evaluate an index), not both")
+    pairs = load_split_pairs(data, split_file, split)
+    curves = plot_dir is not None or out is not None
+    if model_dir:
+        report = evaluate_model(model_dir, pairs, _parse_ks(ks), thresholds, target_precision, fusion, curves)
+    else:
+        if fusion:
+            raise RetrievalError("--fusion needs --model: it re-indexes the images with one caption each")
+        report = evaluate_index(index_path, pairs, _parse_ks(ks), target, weight, thresholds, target_precision, curves)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1))
+    if plot_dir:
+        from .plots import report_plots
+
+        files = report_plots(report, Path(plot_dir), Path(data).parent.name or Path(data).name)
+        click.echo(f"plots: {', '.join(str(f) for f in files)}", err=True)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(_markdown_report(report) if markdown else _format_report(report))
+
+
+@main.command()
+@click.option("--index", "index_path", required=True, type=click.Path(exists=True, file_okay=False), help="Index folder.")
+@click.option("--data", required=True, type=click.Path(exists=True), help="Labelled queries: a pair manifest whose ids are the index's item ids.")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False), help="JSON of {split: [ids]}.")
+@click.option("--split", help="Use only this split's pairs (e.g. dev): calibrate on data you don't report on.")
+@click.option("--target", type=click.Choice(TARGETS), default="image", show_default=True, help="The search mode the cutoff is for.")
+@click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="With --target item: the fusion weight w.")
+@click.option("--target-precision", type=click.FloatRange(0, 1, min_open=True), help="Flat rule: the lowest θ reaching this precision, instead of the F1-best θ.")
+@click.option("--rule", type=click.Choice(["flat", "top_relative"]), default="flat", show_default=True, help="flat: one θ for all queries; top_relative: a margin below each query's top score.")
+def calibrate(index_path: str, data: str, split_file: str | None, split: str | None, target: str, weight: float,
+              target_precision: float | None, rule: str) -> None:
+    """Choose the cutoff of R(q, D) on labelled queries and store it in the index: `search` then uses it
+    when --theta and --margin are not given."""
+    from .api import calibrate_index, load_split_pairs
+
+    entry = calibrate_index(index_path, load_split_pairs(data, split_file, split), target, weight, target_precision, rule)
+    cutoff = f"theta = {entry['theta']:.4f}" if "theta" in entry else f"margin = {entry['margin']:.4f} below the top score"
+    click.echo(f"{index_path}: {target} searches now use {cutoff} (F1 {entry['best_f1']:.3f} on {entry['n_queries']} "
+               f"queries, {entry['heldout_f1']:.3f} held out)")
+
+
+@main.command()
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Model directory.")
+@click.option("--labels", help="Comma-separated labels (default: the distinct values of --label-field).")
+@click.option("--data", type=click.Path(exists=True), help="Classify a manifest's items instead of FILES.")
+@click.option("--label-field", help="With --data: the field holding each item's true label; reports accuracy.")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False), help="JSON of {split: [ids]}.")
+@click.option("--split", help="With --data: only this split (e.g. test).")
+@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True, help="The prompt each label becomes; must contain {label}.")
+@click.option("--weight", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="w of sim(y, x1, x2): 1 = the image alone, 0 = the caption alone.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write a confusion matrix PNG here.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the report (and per-item top labels) as JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def classify(files: tuple[str, ...], model_dir: str, labels: str | None, data: str | None, label_field: str | None,
+             split_file: str | None, split: str | None, template: str, weight: float, plot_dir: str | None,
+             out: str | None, as_json: bool) -> None:
+    """Zero-shot classification: P(y | x1, x2) = softmax over labels y of s * sim(prompt(y), x1, x2).
+
+    Classify image FILES against --labels, or a manifest's items (--data) with accuracy against --label-field.
+    """
+    from .api import classify_pairs, load_split_pairs
+    from .data import Pair
+
+    if bool(files) == bool(data):
+        raise RetrievalError("give image FILES or --data MANIFEST (not both)")
+    if label_field and not data:
+        raise RetrievalError("--label-field needs --data")
+    pairs = load_split_pairs(data, split_file, split) if data else [Pair(f, Path(f), ()) for f in files]
+    label_list = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
+    result = classify_pairs(model_dir, pairs, label_list, label_field, template, weight)
+    probs, names = result.pop("probabilities"), result["labels"]
+    order = (-probs).argsort(axis=1, kind="stable")[:, :3]
+    result["top"] = {i: [[names[j], float(p[j])] for j in o] for i, p, o in zip(result.pop("ids"), probs, order)}
+    report = result.get("report")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+    if plot_dir and report:
+        from .plots import confusion
+        import numpy as np
+
+        Path(plot_dir).mkdir(parents=True, exist_ok=True)
+        path = confusion(np.array(report["confusion"]), names, Path(plot_dir) / "confusion.png",
+                         f"zero-shot {label_field}: top-1 {100 * report['top1']:.1f}% (chance {100 * report['chance_top1']:.1f}%)")
+        click.echo(f"plot: {path}", err=True)
+    if as_json:
+        click.echo(json.dumps(report if report else result["top"]))
+    elif report:
+        click.echo(f"{report['n_items']} items, {report['n_labels']} labels: top-1 {100 * report['top1']:.1f}%, "
+                   f"top-5 {100 * report['top5']:.1f}% (chance {100 * report['chance_top1']:.1f}% / "
+                   f"{100 * report['chance_top5']:.1f}%; always the most common label: {100 * report['majority_top1']:.1f}%)")
+        for label, r in report["per_label"].items():
+            click.echo(f"  {label:<24} n={r['n']:<5} top-1 " + (f"{100 * r['top1']:.1f}%" if r["top1"] is not None else "-"))
+    else:
+        for item_id, top in result["top"].items():
+            click.echo(f"{item_id}: " + ", ".join(f"{label} {p:.2f}" for label, p in top))
+    if result["skipped"]:
+        click.echo(f"skipped {result['skipped']} item(s) with no readable image or caption", err=True)
 
 
 @main.command()
@@ -127,15 +243,62 @@ def _recalls(d: dict[str, float]) -> str:
     return "/".join(f"{100 * v:.1f}" for k, v in d.items() if k.startswith("R@"))
 
 
+def _directions(report: dict[str, Any]) -> list[str]:
+    return [k for k in report if k.startswith(("text_to_", "image_to_"))]
+
+
 def _format_report(report: dict[str, Any]) -> str:
-    t2i, i2t = report["text_to_image"], report["image_to_text"]
-    keys = [k for k in t2i if k.startswith("R@")] + ["median_rank", "mean_rank"]
-    cell = lambda d, k: f"{100 * d[k]:.1f}%" if k.startswith("R@") else f"{d[k]:.1f}"  # noqa: E731
-    lines = [f"  {'':<14}" + "".join(f"{k:>12}" for k in keys),
-             f"  {'text->image':<14}" + "".join(f"{cell(t2i, k):>12}" for k in keys),
-             f"  {'image->text':<14}" + "".join(f"{cell(i2t, k):>12}" for k in keys),
-             f"  ({report['n_images']} images, {report['n_texts']} captions"
-             + (f", {report['skipped_images']} unreadable images skipped)" if report.get("skipped_images") else ")")]
+    names = _directions(report)
+    keys = [k for k in report[names[0]] if k.startswith("R@")] + ["median_rank", "mean_rank", "mAP"]
+    cell = lambda d, k: f"{100 * d[k]:.1f}%" if k.startswith("R@") else f"{d[k]:.3f}" if k == "mAP" else f"{d[k]:.1f}"  # noqa: E731
+    lines = [f"  {'':<14}" + "".join(f"{k:>12}" for k in keys)]
+    lines += [f"  {n.replace('_to_', '->'):<14}" + "".join(f"{cell(report[n], k):>12}" for k in keys) for n in names]
+    if "n_images" in report:
+        lines.append(f"  ({report['n_images']} images, {report['n_texts']} captions"
+                     + (f", {report['skipped_images']} unreadable images skipped)" if report.get("skipped_images") else ")"))
+    else:
+        lines.append(f"  ({report['n_items']} items, {report['n_texts']} text queries"
+                     + (f", {report['unmatched_queries']} without a relevant item in the index)" if report["unmatched_queries"] else ")"))
+    if "threshold" in report:
+        t = report["threshold"]
+        lines.append(f"  R(q, D) text->{names[0].split('_to_')[1]}: best F1 {t['best_f1']:.3f} at theta {t['best_f1_theta']:.3f} "
+                     f"(precision {t['precision_at_best_f1']:.3f}, recall {t['recall_at_best_f1']:.3f})")
+        lines.append(f"  held out: flat theta F1 {t['flat_heldout_f1']:.3f}; adaptive ({t['adaptive_rule']}) F1 {t['adaptive_f1']:.3f}")
+        if t.get("target_precision") is not None:
+            got = t["target_precision_theta"]
+            lines.append(f"  precision >= {t['target_precision']}: " + (
+                f"theta {got:.3f} (recall {t['recall_at_target_precision']:.3f})" if got is not None else "no theta reaches it"))
+    if "fusion" in report:
+        f = report["fusion"]
+        lines.append(f"  fusion: best w = {f['best_weight']:.1f} (" + ", ".join(f"{k} {100 * v:.1f}%" for k, v in f["best"].items()
+                                                                  if k.startswith("R@")) + f"; {f['n_queries']} queries)")
+    return "\n".join(lines)
+
+
+def _markdown_report(report: dict[str, Any]) -> str:
+    """GitHub tables: recall and ranks per direction, then the θ figures, then the fusion sweep."""
+    names = _directions(report)
+    keys = [k for k in report[names[0]] if k.startswith("R@")]
+    lines = ["| direction | " + " | ".join(keys) + " | median rank | mean rank | mAP | queries |",
+             "|---|" + "---:|" * (len(keys) + 4)]
+    for n in names:
+        d = report[n]
+        lines.append(f"| {n.replace('_to_', ' → ')} | " + " | ".join(f"{100 * d[k]:.1f}%" for k in keys)
+                     + f" | {d['median_rank']:.0f} | {d['mean_rank']:.1f} | {d['mAP']:.3f} | {d['n_queries']} |")
+    if "threshold" in report:
+        t = report["threshold"]
+        lines += ["", "| R(q, D) cutoff | θ | F1 |", "|---|---:|---:|",
+                  f"| flat θ, F1-best on all queries | {t['best_f1_theta']:.3f} | {t['best_f1']:.3f} |",
+                  f"| flat θ, chosen on half, F1 on the other half | {t['rules']['flat']['theta']:.3f} | {t['flat_heldout_f1']:.3f} |"]
+        for rule, r in t["rules"].items():
+            if rule != "flat":
+                lines.append(f"| {rule}, chosen on half, F1 on the other half | {r['theta']:.3f} | {r['heldout_f1']:.3f} |")
+    if "fusion" in report:
+        f = report["fusion"]
+        ks = [k for k in f if k.startswith("R@")]
+        lines += ["", "| w | " + " | ".join(ks) + " |", "|---:|" + "---:|" * len(ks)]
+        for i, w in enumerate(f["weights"]):
+            lines.append(f"| {w:.1f}{' (best)' if w == f['best_weight'] else ''} | " + " | ".join(f"{100 * f[k][i]:.1f}%" for k in ks) + " |")
     return "\n".join(lines)
 
 
@@ -179,17 +342,23 @@ def index(source: str, model_dir: str, index_path: str, index_type: str | None, 
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Model directory, if it moved since indexing.")
 @click.option("--ef-search", type=int, help="HNSW only: candidates explored per query (more: better recall, slower).")
 @click.option("--nprobe", type=int, help="IVF only: clusters scanned per query (more: better recall, slower).")
+@click.option("--margin", type=float, help="Only results within this much of the query's top score (a query-adaptive cutoff).")
 @click.option("--exact", is_flag=True, help="HNSW/IVF: answer from an exact scan (every item above --theta, true top k).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: id, path, caption, score.")
 def search(index_path: str, text: str | None, image: str | None, like: str | None, k: int, theta: float | None,
            weight: float, target: str, model_dir: str | None, ef_search: int | None, nprobe: int | None,
-           exact: bool, as_json: bool) -> None:
+           margin: float | None, exact: bool, as_json: bool) -> None:
     """Search an index: R(q, D) = {items with sim(q, x1, x2) > theta}, best first, at most k."""
     from .query import Index
 
     index = Index.open(index_path, model_dir)
     index.tune(ef_search, nprobe)
-    hits = index.search(text, image, like, k or None, theta, weight, target, exact)
+    if theta is None and margin is None:
+        theta, margin = index.calibrated(target, weight)
+        if (theta, margin) != (None, None) and not as_json:
+            click.echo(f"(calibrated cutoff: {f'theta {theta:.3f}' if theta is not None else f'margin {margin:.3f}'}; "
+                       "override with --theta or --margin)")
+    hits = index.search(text, image, like, k or None, theta, weight, target, exact, margin)
     if as_json:
         for hit in hits:
             click.echo(json.dumps(hit.to_json()))

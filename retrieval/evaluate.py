@@ -6,6 +6,8 @@ Definitions follow CLIP_benchmark, with several captions per image:
 Ranks are 1-based. Ties are broken by position, as a stable sort by descending score would: a candidate
 that scores exactly the same as the positive counts as above it only if it comes earlier in the list.
 Similarities are computed a chunk of queries at a time, so no n_text x n_image matrix is ever held.
+mAP: each caption has one image, so text->image AP is 1/rank; an image has several captions, so
+image->text AP averages the precision at each of its captions' ranks.
 """
 
 from __future__ import annotations
@@ -33,6 +35,48 @@ def positive_ranks(queries: Embeddings, candidates: Embeddings, positive: npt.ND
     return ranks
 
 
+Relevance = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]  # CSR: query i's positives are indices[indptr[i]:indptr[i+1]]
+
+
+def relevance_from_owner(candidate_owner: npt.NDArray[np.int64], n_queries: int) -> Relevance:
+    """Candidate c is a positive of query candidate_owner[c] (image->text: a caption belongs to its image)."""
+    order = np.argsort(candidate_owner, kind="stable")
+    indptr = np.searchsorted(candidate_owner[order], np.arange(n_queries + 1))
+    return indptr.astype(np.int64), order.astype(np.int64)
+
+
+def positive_mask(relevance: Relevance, rows: npt.NDArray[np.int64], n_candidates: int) -> np.ndarray:
+    """(len(rows), n_candidates) boolean: True where the candidate is a positive of the query."""
+    indptr, indices = relevance
+    starts, counts = indptr[rows], indptr[rows + 1] - indptr[rows]
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)  # position within each list
+    mask = np.zeros((len(rows), n_candidates), dtype=bool)
+    mask[np.repeat(np.arange(len(rows)), counts), indices[np.repeat(starts, counts) + offsets]] = True
+    return mask
+
+
+def relevant_ranks(queries: Embeddings, candidates: Embeddings, relevance: Relevance,
+                   chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: the best 1-based rank of its positives, and its average precision (AP).
+
+    A query without positives gets rank len(candidates) + 1 (never retrieved) and AP 0.
+    AP = mean over the query's positives of (positives at or above it) / (its rank).
+    """
+    best = np.full(len(queries), len(candidates) + 1, dtype=np.int64)
+    ap = np.zeros(len(queries))
+    for s in range(0, len(queries), chunk):
+        sims = queries[s : s + chunk] @ candidates.T  # (c, Nc)
+        order = np.argsort(-sims, axis=1, kind="stable")  # (c, Nc)
+        rows = np.arange(s, s + len(sims))
+        is_pos = np.take_along_axis(positive_mask(relevance, rows, len(candidates)), order, axis=1)
+        n_pos = is_pos.sum(1)
+        has = n_pos > 0
+        best[s : s + chunk][has] = is_pos.argmax(1)[has] + 1
+        precision_at = np.cumsum(is_pos, axis=1) / np.arange(1, len(candidates) + 1)  # (c, Nc)
+        ap[s : s + chunk][has] = (precision_at * is_pos).sum(1)[has] / n_pos[has]
+    return best, ap
+
+
 def best_positive_ranks(
     queries: Embeddings, candidates: Embeddings, candidate_owner: npt.NDArray[np.int64], chunk: int = 1024
 ) -> np.ndarray:
@@ -41,31 +85,61 @@ def best_positive_ranks(
     This is image->text: queries are images, candidates are captions, candidate_owner maps a caption
     to its image. An image without captions gets rank len(candidates) + 1 (never retrieved).
     """
-    ranks = np.full(len(queries), len(candidates) + 1, dtype=np.int64)
-    for s in range(0, len(queries), chunk):
-        sims = queries[s : s + chunk] @ candidates.T  # (c, Nc)
-        order = np.argsort(-sims, axis=1, kind="stable")  # (c, Nc)
-        is_pos = candidate_owner[order] == np.arange(s, s + len(sims))[:, None]  # (c, Nc)
-        has = is_pos.any(1)
-        ranks[s : s + chunk][has] = is_pos.argmax(1)[has] + 1
-    return ranks
+    return relevant_ranks(queries, candidates, relevance_from_owner(np.asarray(candidate_owner), len(queries)), chunk)[0]
 
 
-def summarise(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+def summarise(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS, ap: np.ndarray | None = None) -> dict[str, float]:
+    """R@k, median and mean rank, mAP (1/rank when each query has one positive), number of queries."""
     out: dict[str, float] = {f"R@{k}": float(np.mean(ranks <= k)) for k in ks}
     out["median_rank"] = float(np.median(ranks))
     out["mean_rank"] = float(np.mean(ranks))
+    out["mAP"] = float(np.mean(1.0 / ranks if ap is None else ap))
+    out["n_queries"] = int(len(ranks))
     return out
 
 
+def recall_curve(ranks: np.ndarray, k_max: int = 100) -> list[float]:
+    """R@k for k = 1..k_max, for the recall@k plot."""
+    return np.mean(ranks[:, None] <= np.arange(1, k_max + 1)[None, :], axis=0).tolist()
+
+
 def retrieval_report(
-    image_emb: Embeddings, text_emb: Embeddings, text_image: npt.NDArray[np.int64], ks: Sequence[int] = DEFAULT_KS
+    image_emb: Embeddings, text_emb: Embeddings, text_image: npt.NDArray[np.int64], ks: Sequence[int] = DEFAULT_KS,
+    curves: bool = False,
 ) -> dict[str, Any]:
-    """The eval JSON: text_image[t] is the row in image_emb of caption t's image."""
+    """The eval JSON: text_image[t] is the row in image_emb of caption t's image.
+
+    curves=True adds "curves": R@k for k = 1..100 in both directions (for plots)."""
     text_image = np.asarray(text_image, dtype=np.int64)
-    return {
+    t2i = positive_ranks(text_emb, image_emb, text_image)
+    i2t, i2t_ap = relevant_ranks(image_emb, text_emb, relevance_from_owner(text_image, len(image_emb)))
+    report: dict[str, Any] = {
         "n_images": int(len(image_emb)),
         "n_texts": int(len(text_emb)),
-        "text_to_image": summarise(positive_ranks(text_emb, image_emb, text_image), ks),
-        "image_to_text": summarise(best_positive_ranks(image_emb, text_emb, text_image), ks),
+        "text_to_image": summarise(t2i, ks),
+        "image_to_text": summarise(i2t, ks, i2t_ap),
     }
+    if curves:
+        report["curves"] = {"text_to_image": recall_curve(t2i), "image_to_text": recall_curve(i2t)}
+    return report
+
+
+def fusion_sweep(image_emb: Embeddings, caption_emb: Embeddings, query_emb: Embeddings, query_item: npt.NDArray[np.int64],
+                 weights: Sequence[float], ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+    """Text->item recall as the fusion weight w of sim(q, x1, x2) = w cos(q, x1) + (1 - w) cos(q, x2) varies.
+
+    Item i is its image image_emb[i] with one caption caption_emb[i]; query t's item is query_item[t]. The
+    item's score is the inner product with the fused vector w e(x1) + (1 - w) e(x2), exactly what the index
+    computes with [e(x1), e(x2)] and the query [w q, (1 - w) q].
+    """
+    curves: dict[str, list[float]] = {f"R@{k}": [] for k in ks}
+    curves["mAP"] = []
+    for w in weights:
+        ranks = positive_ranks(query_emb, w * image_emb + (1 - w) * caption_emb, np.asarray(query_item))
+        for k in ks:
+            curves[f"R@{k}"].append(float(np.mean(ranks <= k)))
+        curves["mAP"].append(float(np.mean(1.0 / ranks)))
+    rsum = np.sum([curves[f"R@{k}"] for k in ks], axis=0)
+    best = int(np.argmax(rsum))
+    return {"weights": [float(w) for w in weights], **curves, "best_weight": float(weights[best]),
+            "best": {key: values[best] for key, values in curves.items()}}

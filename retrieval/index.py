@@ -90,6 +90,7 @@ class Manifest:
     counts: dict[str, int] = field(default_factory=dict)
     build_seconds: float = 0.0
     faiss_bytes: int = 0
+    calibration: dict[str, Any] = field(default_factory=dict)  # per target: the cutoff `retrieval calibrate` chose
 
 
 def choose_index_type(n: int, dim: int, memory_budget: int) -> str:
@@ -412,6 +413,18 @@ class IndexStore:
 
     def all_items(self) -> dict[str, Item]:
         return {it.id: it for it in self.items([r[0] for r in self.db.execute("SELECT fid FROM items")]).values()}
+
+    def id_table(self) -> tuple[npt.NDArray[np.int64], list[str], np.ndarray, np.ndarray]:
+        """(fids ascending, ids, has image, has caption): every item, in the order of `vectors`."""
+        rows = self.db.execute("SELECT fid, id, image_key IS NOT NULL, text_key IS NOT NULL FROM items ORDER BY fid").fetchall()
+        return (np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows],
+                np.array([bool(r[2]) for r in rows]), np.array([bool(r[3]) for r in rows]))
+
+    def set_calibration(self, target: str, entry: dict[str, Any]) -> None:
+        """Store the cutoff chosen for a target in manifest.json (written atomically; hold `writer()`)."""
+        self.manifest = read_manifest(self.path)  # another writer may have rebuilt since this store opened
+        self.manifest.calibration = {**self.manifest.calibration, target: entry}
+        self._write_manifest()
 
     def info(self) -> dict[str, Any]:
         return {"path": str(self.path), **asdict(self.manifest), "counts": self.counts()}

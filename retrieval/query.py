@@ -11,6 +11,7 @@ search sees only its efSearch candidates), and `exact=True` answers from a flat 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,15 @@ class Hit:
                 "score": self.score, "image_score": self.image_score, "text_score": self.text_score}
 
 
-def check_search_args(k: int | None, theta: float | None, weight: float, target: str) -> None:
-    if k is None and theta is None:
-        raise RetrievalError("give k (top-k), theta (threshold), or both")
+def check_search_args(k: int | None, theta: float | None, weight: float, target: str, margin: float | None = None) -> None:
+    if k is None and theta is None and margin is None:
+        raise RetrievalError("give k (top-k), theta (threshold), margin (below the top score), or a combination")
     if k is not None and k < 1:
         raise RetrievalError(f"k must be at least 1, got {k}")
     if theta is not None and not -1.0 <= theta <= 1.0:
         raise RetrievalError(f"theta must be in [-1, 1] (a cosine similarity), got {theta}")
+    if margin is not None and not 0.0 <= margin <= 2.0:
+        raise RetrievalError(f"margin must be in [0, 2] (a cosine difference), got {margin}")
     if not 0.0 <= weight <= 1.0:
         raise RetrievalError(f"weight must be in [0, 1], got {weight}")
     if target not in TARGETS:
@@ -84,6 +87,18 @@ def ranked(index: faiss.Index, qv: np.ndarray, k: int | None, theta: float | Non
     return out
 
 
+def ranked_with_margin(index: faiss.Index, qv: np.ndarray, k: int | None, theta: float | None, margin: float,
+                       params: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Like `ranked`, with each query's cutoff raised to (its top score - margin)."""
+    tops = [scores[0] if len(scores) else np.inf for scores, _ in ranked(index, qv, 1, theta, params)]
+    floors = np.maximum(-np.inf if theta is None else theta, np.array(tops) - margin)
+    if np.all(np.isinf(floors)):  # nothing above θ for any query
+        return [(np.zeros(0, np.float32), np.zeros(0, np.int64)) for _ in tops]
+    # the lowest cutoff for all in one call (strictly below it, so ties at the floor survive), then each its own
+    low = float(np.nextafter(np.float32(floors[np.isfinite(floors)].min()), np.float32(-2)))
+    return [(s[s > f], i[s > f]) for (s, i), f in zip(ranked(index, qv, k, low, params), floors)]
+
+
 class Index:
     """An index opened for search: `Index.open(path).search(text="a dog on a beach", k=10)`."""
 
@@ -107,15 +122,21 @@ class Index:
 
     # --- embedding the query ---------------------------------------------------------------------
     def embed_text(self, text: str) -> np.ndarray:
-        if not text.strip():
-            raise RetrievalError("the text query is empty; type some words")
-        if len(text) > MAX_QUERY_CHARS:
-            raise RetrievalError(f"the text query is {len(text)} characters; keep it under {MAX_QUERY_CHARS}")
+        return self.embed_texts([text])[0]
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """(n, d) unit vectors from the numpy text tower: no torch."""
+        for text in texts:
+            if not text.strip():
+                raise RetrievalError("the text query is empty; type some words")
+            if len(text) > MAX_QUERY_CHARS:
+                raise RetrievalError(f"the text query is {len(text)} characters; keep it under {MAX_QUERY_CHARS}")
         if self._text_encoder is None:
             from .text_numpy import NumpyTextEncoder
 
             self._text_encoder = NumpyTextEncoder.load(self.model_dir)
-        return self._text_encoder.encode_text([text])[0]
+        chunks = [self._text_encoder.encode_text(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.store.manifest.dim), np.float32)
 
     def embed_image(self, image: str | Path | Image.Image) -> np.ndarray:
         if self._model is None:
@@ -143,32 +164,51 @@ class Index:
         weight: float = 0.5,
         target: str = "item",
         exact: bool = False,
+        margin: float | None = None,
     ) -> list[Hit]:
-        """Exactly one of text, image, like; see the module docstring for k, theta, weight, target and exact."""
+        """Exactly one of text, image, like; see the module docstring for k, theta, weight, target, exact, margin.
+
+        With neither theta nor margin given, the cutoff stored by `retrieval calibrate` for this target (and
+        weight) applies, if there is one: see `calibrated`.
+        """
         if sum(x is not None for x in (text, image, like)) != 1:
             raise RetrievalError("give exactly one query: text, image or like (an item id)")
-        check_search_args(k, theta, weight, target)
+        if theta is None and margin is None:
+            theta, margin = self.calibrated(target, weight)
+        check_search_args(k, theta, weight, target, margin)
         q = self.embed_text(text) if text is not None else self.embed_image(image) if image is not None else self.embed_item(like)
-        return self.search_vector(q, k, theta, weight, target, exact)
+        return self.search_vector(q, k, theta, weight, target, exact, margin)
+
+    def calibrated(self, target: str, weight: float) -> tuple[float | None, float | None]:
+        """(theta, margin) stored by `retrieval calibrate` for this target (and, for items, this weight)."""
+        c = self.store.manifest.calibration.get(target)
+        if not c or (target == "item" and abs(c["weight"] - weight) > 1e-9):
+            return None, None
+        return c.get("theta"), c.get("margin")
 
     def search_vector(self, q: np.ndarray, k: int | None = 10, theta: float | None = None, weight: float = 0.5,
-                      target: str = "item", exact: bool = False) -> list[Hit]:
+                      target: str = "item", exact: bool = False, margin: float | None = None) -> list[Hit]:
         """R(q, D) for an embedded query q of shape (d,)."""
-        return self.search_vectors(np.asarray(q)[None], k, theta, weight, target, exact)[0]
+        return self.search_vectors(np.asarray(q)[None], k, theta, weight, target, exact, margin)[0]
 
-    def search_vectors(self, queries: np.ndarray, k: int | None = 10, theta: float | None = None,
-                       weight: float = 0.5, target: str = "item", exact: bool = False) -> list[list[Hit]]:
+    def search_vectors(self, queries: np.ndarray, k: int | None = 10, theta: float | None = None, weight: float = 0.5,
+                       target: str = "item", exact: bool = False, margin: float | None = None) -> list[list[Hit]]:
         """R(q, D) for a batch of embedded queries (nq, d): one FAISS call and one metadata fetch for all.
 
+        margin keeps only results above (the query's top score - margin): a query-adaptive cutoff.
         On an HNSW or IVF index, top-k and θ are approximate; exact=True answers from a flat scan instead.
         """
-        check_search_args(k, theta, weight, target)
+        check_search_args(k, theta, weight, target, margin)
         d = self.store.manifest.dim
         if queries.ndim != 2 or queries.shape[1] != d:
             raise RetrievalError(f"query vectors have shape {queries.shape[1:]}, the index holds {d}-d vectors")
         column = {"image": "image_key", "text": "text_key"}.get(target)  # only image/text targets filter items
         index, params = self.store.searcher(column, exact)
-        results = ranked(index, query_vectors(queries, target, weight), k, theta, params)
+        qv = query_vectors(queries, target, weight)
+        if margin is None:
+            results = ranked(index, qv, k, theta, params)
+        else:
+            results = ranked_with_margin(index, qv, k, theta, margin, params)
         rows = self.store.result_rows(np.unique(np.concatenate([ids for _, ids in results])).tolist())
         return [self.hits(q, scores, ids, rows) for q, (scores, ids) in zip(queries, results)]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.evaluate import best_positive_ranks, positive_ranks, retrieval_report, summarise
+from retrieval.evaluate import (best_positive_ranks, fusion_sweep, positive_mask, positive_ranks, relevance_from_owner, relevant_ranks,
+                                retrieval_report, summarise)
 
 # --- a hand-worked case ------------------------------------------------------------------------------------
 # Images are the first three basis vectors of R^4, so caption t's similarity to image j is simply SIMS[t, j];
@@ -47,23 +48,34 @@ def test_hand_worked_report() -> None:
     report = retrieval_report(image_emb, text_emb, TEXT_IMAGE, ks=(1, 2, 5))
     assert report["n_images"] == 3 and report["n_texts"] == 6
     assert report["text_to_image"] == pytest.approx(
-        {"R@1": 3 / 6, "R@2": 5 / 6, "R@5": 1.0, "median_rank": 1.5, "mean_rank": 10 / 6}, abs=1e-12
+        {"R@1": 3 / 6, "R@2": 5 / 6, "R@5": 1.0, "median_rank": 1.5, "mean_rank": 10 / 6,
+         "mAP": (1 + 1 / 2 + 1 / 3 + 1 + 1 + 1 / 2) / 6, "n_queries": 6}, abs=1e-12
     )
+    # image->text AP, reading down the columns (ties in caption order):
+    #   image 0: t2 .6, t0 .5, t1 .3, t5 .3, ...   its captions t0, t1 at ranks 2, 3   AP = (1/2 + 2/3) / 2
+    #   image 1: t3 .7, t1 .4, t4 .3, t2 .2, ...   t3, t2 at ranks 1, 4                AP = (1/1 + 2/4) / 2
+    #   image 2: t2 .5, t4 .4, t0 .2, t5 .2, ...   t4, t5 at ranks 2, 4                AP = (1/2 + 2/4) / 2
     assert report["image_to_text"] == pytest.approx(
-        {"R@1": 1 / 3, "R@2": 1.0, "R@5": 1.0, "median_rank": 2.0, "mean_rank": 5 / 3}, abs=1e-12
+        {"R@1": 1 / 3, "R@2": 1.0, "R@5": 1.0, "median_rank": 2.0, "mean_rank": 5 / 3,
+         "mAP": (7 / 12 + 3 / 4 + 1 / 2) / 3, "n_queries": 3}, abs=1e-12
     )
 
 
 def test_report_default_ks() -> None:
     image_emb, text_emb = _hand_case()
     report = retrieval_report(image_emb, text_emb, TEXT_IMAGE.tolist())  # a plain list is accepted
-    assert set(report["text_to_image"]) == {"R@1", "R@5", "R@10", "median_rank", "mean_rank"}
+    assert set(report["text_to_image"]) == {"R@1", "R@5", "R@10", "median_rank", "mean_rank", "mAP", "n_queries"}
+    assert "curves" not in report
+    curves = retrieval_report(image_emb, text_emb, TEXT_IMAGE, curves=True)["curves"]
+    assert curves["text_to_image"][:4] == pytest.approx([3 / 6, 5 / 6, 1.0, 1.0]) and len(curves["text_to_image"]) == 100
+    assert curves["image_to_text"][:2] == pytest.approx([1 / 3, 1.0])
     assert report["text_to_image"]["R@1"] == pytest.approx(0.5)
 
 
 def test_summarise_exact_numbers() -> None:
     out = summarise(np.array([1, 3, 4, 12]), ks=(1, 3, 10))
-    assert out == {"R@1": 0.25, "R@3": 0.5, "R@10": 0.75, "median_rank": 3.5, "mean_rank": 5.0}
+    assert out == pytest.approx({"R@1": 0.25, "R@3": 0.5, "R@10": 0.75, "median_rank": 3.5, "mean_rank": 5.0,
+                                 "mAP": (1 + 1 / 3 + 1 / 4 + 1 / 12) / 4, "n_queries": 4}, abs=1e-12)
 
 
 # --- ties ----------------------------------------------------------------------------------------------------
@@ -112,7 +124,7 @@ def test_an_image_without_captions_is_never_retrieved() -> None:
     assert best_positive_ranks(image_emb, text_emb, owner).tolist() == [1, 5, 1]
     report = retrieval_report(image_emb, text_emb, owner, ks=(1, 4))
     assert report["image_to_text"] == pytest.approx(
-        {"R@1": 2 / 3, "R@4": 2 / 3, "median_rank": 1.0, "mean_rank": 7 / 3}, abs=1e-12
+        {"R@1": 2 / 3, "R@4": 2 / 3, "median_rank": 1.0, "mean_rank": 7 / 3, "mAP": 2 / 3, "n_queries": 3}, abs=1e-12
     )
     assert report["text_to_image"]["R@1"] == 1.0
 
@@ -160,6 +172,29 @@ def test_ranks_equal_a_full_argsort() -> None:
     assert 1 < max(t2i)  # and the ranks are not all trivially 1
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_average_precision_equals_the_textbook_loop(chunk: int) -> None:
+    image_emb, text_emb, text_image = _random_set(5)
+    best, ap = relevant_ranks(image_emb, text_emb, relevance_from_owner(text_image, len(image_emb)), chunk=chunk)
+    scores = image_emb.astype(np.float64) @ text_emb.T.astype(np.float64)  # (Ni, Nt)
+    for i in range(len(image_emb)):
+        ranked = [t for t in np.argsort(-scores[i], kind="stable")]
+        hits, precisions = 0, []
+        for r, t in enumerate(ranked, 1):
+            if text_image[t] == i:
+                hits += 1
+                precisions.append(hits / r)
+        assert ap[i] == pytest.approx(np.mean(precisions) if precisions else 0.0, abs=1e-12)
+        assert best[i] == (min(r for r, t in enumerate(ranked, 1) if text_image[t] == i) if precisions else len(text_emb) + 1)
+
+
+def test_relevance_lists_from_owner() -> None:
+    indptr, indices = relevance_from_owner(np.array([2, 0, 2, 2]), 4)
+    assert [indices[indptr[i] : indptr[i + 1]].tolist() for i in range(4)] == [[1], [], [0, 2, 3], []]
+    mask = positive_mask((indptr, indices), np.array([1, 2, 0]), 4)
+    assert mask.tolist() == [[False] * 4, [True, False, True, True], [False, True, False, False]]
+
+
 # --- CLIP_benchmark's definition ---------------------------------------------------------------------------
 
 
@@ -191,3 +226,17 @@ def test_report_matches_clip_benchmark_recall(seed: int) -> None:
     # Neither trivial nor perfect, so the comparison means something.
     assert 0 < report["text_to_image"]["R@1"] < 1 and 0 < report["image_to_text"]["R@1"] < 1
     assert report["text_to_image"]["R@1"] < report["text_to_image"]["R@10"]
+
+
+# --- fusion of an item's image and caption --------------------------------------------------------------------
+
+
+def test_fusion_sweep_hand_worked() -> None:
+    """Two items; the query matches item 0 by its caption and item 1 by its image."""
+    image_emb = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=np.float32)
+    caption_emb = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    query = np.array([[0.0, 0.6, 0.8]], dtype=np.float32)  # cos to image 1: .6, to caption 0: .8
+    out = fusion_sweep(image_emb, caption_emb, query, np.array([0]), weights=[0.0, 0.5, 1.0], ks=(1,))
+    # w = 0: item 0 scores .8, item 1 scores 0 -> rank 1; w = .5: .4 vs .3 -> rank 1; w = 1: 0 vs .6 -> rank 2
+    assert out["R@1"] == [1.0, 1.0, 0.0] and out["mAP"] == [1.0, 1.0, 0.5]
+    assert out["best_weight"] == 0.0 and out["best"]["R@1"] == 1.0

@@ -132,6 +132,19 @@ def test_flat_search_equals_brute_force(index: Index, parts: Parts, target: str,
         assert len(index.search_vector(q, k=1000, weight=weight, target=target)) == len(scores)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_margin_below_the_top_score_equals_brute_force(index: Index, parts: Parts, target: str) -> None:
+    for q in queries(parts, index.store.manifest.dim):
+        scores = brute_force(parts, q, target, 0.4)
+        top, cut = max(scores.values()), theta_at(scores, 25)
+        for k, theta in [(None, None), (10, None), (None, cut - 0.05), (None, cut + 1e-9)]:
+            want = expected(scores, k, max(top - (top - cut), theta if theta is not None else -2))
+            hits = index.search_vector(q, k=k, theta=theta, weight=0.4, target=target, margin=top - cut)
+            assert_same_ranking(hits, want, scores)
+        assert index.search_vector(q, k=None, margin=0.0, weight=0.4, target=target) == []  # nothing beats the top
+        assert len(index.search_vector(q, k=None, margin=1e-7, weight=0.4, target=target)) >= 1
+
+
 @pytest.mark.parametrize("k, theta_rank", [(10, None), (None, 30), (5, 30), (10, 0)])
 def test_batch_search_equals_one_query_at_a_time(index: Index, parts: Parts, k: int | None, theta_rank: int | None) -> None:
     qs = np.stack(queries(parts, index.store.manifest.dim))

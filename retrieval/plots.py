@@ -1,0 +1,129 @@
+"""Figures for evaluation reports: PNG files drawn with matplotlib's Agg backend (no screen needed).
+
+Each function takes the plain lists of a report (see evaluate.py and thresholds.py) and writes one file,
+with a title, axis labels and a legend. Imported only when plots are asked for: matplotlib is slow to load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def recall_at_k(curves: dict[str, Sequence[float]], path: Path, title: str) -> Path:
+    """R@k for k = 1..len(curve), one line per direction, k on a log axis so R@1..10 stay readable."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, curve in curves.items():
+        ks = np.arange(1, len(curve) + 1)
+        ax.plot(ks, 100 * np.asarray(curve), label=name.replace("_", " ").replace(" to ", " → "))
+        for k in (1, 10):
+            if k <= len(curve):
+                ax.annotate(f"{100 * curve[k - 1]:.1f}", (k, 100 * curve[k - 1]), textcoords="offset points",
+                            xytext=(4, -10), fontsize=8)
+    ax.set(xscale="log", xlabel="k", ylabel="recall@k (%)", ylim=(0, 100), title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def score_histograms(histogram: dict[str, Sequence[float]], path: Path, title: str, theta: float | None = None) -> Path:
+    """Densities of the relevant and the other (query, item) scores; they overlap where no θ can separate them."""
+    edges = np.asarray(histogram["edges"])
+    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for key, label, colour in (("other", "other pairs", "tab:gray"), ("relevant", "relevant pairs", "tab:green")):
+        counts = np.asarray(histogram[key], dtype=float)
+        density = counts / max(counts.sum(), 1) / width
+        ax.bar(centres, density, width=width, alpha=0.55, color=colour, label=f"{label} (n={int(counts.sum()):,})")
+    if theta is not None:
+        ax.axvline(theta, color="tab:red", linestyle="--", label=f"best-F1 θ = {theta:.3f}")
+    used = np.nonzero(np.asarray(histogram["relevant"]) + np.asarray(histogram["other"]))[0]
+    if len(used):
+        ax.set_xlim(edges[used[0]], edges[used[-1] + 1])
+    ax.set(xlabel="cosine similarity", ylabel="density", title=title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def threshold_sweep(curve: dict[str, Sequence[float]], path: Path, title: str, marks: dict[str, float]) -> Path:
+    """Precision, recall and F1 of R(q, D) against θ, with the chosen θ values marked."""
+    theta = np.asarray(curve["theta"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for key, colour in (("precision", "tab:blue"), ("recall", "tab:orange"), ("f1", "tab:green")):
+        ax.plot(theta, curve[key], color=colour, label=key if key != "f1" else "F1")
+    for (name, value), style in zip(marks.items(), ("--", ":", "-.")):
+        ax.axvline(value, color="tab:red", linestyle=style, label=f"{name}: θ = {value:.3f}")
+    f1 = np.asarray(curve["f1"])
+    moving = np.nonzero((np.asarray(curve["recall"]) > 0.001) & (np.asarray(curve["recall"]) < 0.999))[0]
+    if len(moving):
+        ax.set_xlim(theta[max(moving[0] - 2, 0)], theta[min(moving[-1] + 2, len(theta) - 1)])
+    ax.set(xlabel="θ (cosine similarity)", ylabel="value", ylim=(0, 1.02),
+           title=f"{title} (best F1 {f1.max():.3f})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def fusion(sweep: dict[str, Any], path: Path, title: str) -> Path:
+    """Recall against the fusion weight w (w = 0: caption only, w = 1: image only), best w marked."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for key in [k for k in sweep if k.startswith("R@")]:
+        ax.plot(sweep["weights"], 100 * np.asarray(sweep[key]), marker="o", label=key)
+    ax.axvline(sweep["best_weight"], color="tab:red", linestyle="--", label=f"best w = {sweep['best_weight']:.2f}")
+    ax.set(xlabel="w in sim = w·cos(q, image) + (1 − w)·cos(q, caption)", ylabel="text → item recall (%)",
+           ylim=(0, 100), title=title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str) -> Path:
+    """Rows: true label, columns: predicted; each row normalised to 1 so small classes stay visible."""
+    rows = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    size = max(5.0, 0.45 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if matrix[i, j]:
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if rows[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted label", ylabel="true label", title=title)
+    fig.colorbar(image, ax=ax, label="fraction of the true label's items")
+    return _save(fig, path)
+
+
+def report_plots(report: dict[str, Any], out: Path, name: str = "") -> list[Path]:
+    """Every figure the report has data for, written into `out`; returns the files."""
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = f"{name}: " if name else ""
+    files = []
+    if "curves" in report:
+        files.append(recall_at_k(report["curves"], out / "recall_at_k.png", f"{prefix}recall@k"))
+    if "threshold" in report:
+        t = report["threshold"]
+        files.append(score_histograms(t["histogram"], out / "score_histograms.png",
+                                      f"{prefix}text → image scores", t["best_f1_theta"]))
+        marks = {"best F1": t["best_f1_theta"]}
+        if t.get("target_precision_theta") is not None:
+            marks[f"precision ≥ {t['target_precision']}"] = t["target_precision_theta"]
+        files.append(threshold_sweep(t["curve"], out / "threshold_sweep.png", f"{prefix}R(q, D) against θ", marks))
+    if "fusion" in report:
+        files.append(fusion(report["fusion"], out / "fusion_weight.png", f"{prefix}recall against fusion weight"))
+    return files

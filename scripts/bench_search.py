@@ -1,0 +1,187 @@
+"""Benchmark search at N = 10k, 100k, 1M: our query path against the raw FAISS call, side by side in one run.
+
+    .venv/bin/python scripts/bench_search.py [--sizes 10000,100000,1000000] [--types flat,hnsw,ivf]
+        [--dim 128] [--queries 200] [--model index_data/demo/model] [--out bench_search.json]
+
+For each N and index type, on the same index object:
+- single query top-10, p50/p99: raw `index.search` vs `Index.search_vector` (fused query, metadata and
+  per-modality scores), and the overhead as a ratio; with text encoding: `Index.search(text=...)`;
+- θ (range search) at a θ that returns about 100 items: raw `range_search` vs ours, and on ANN types how
+  many of the exact answers were found;
+- batched QPS (all queries in one call, 2 threads): raw vs `Index.search_vectors`;
+- recall@10 against exact, build time (the whole `rebuild`: read SQLite, build, write), index size,
+  and process peak memory;
+- 10,000 results made into records (metadata + per-modality scores).
+Vectors are unit vectors clustered on a 32-dimensional subspace of R^dim, as real embeddings are: uniform
+random vectors are a worst case for ANN recall. Single queries run on one thread (as fast as two here),
+builds and batches on two. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from retrieval.index import IndexStore, Item, Manifest  # noqa: E402
+from retrieval.query import Index, query_vectors  # noqa: E402
+
+KNOBS = {"hnsw": ("ef_search", (64, 128, 256)), "ivf": ("nprobe", (16, 64, 256))}
+TEXTS = ["a small red circle", "two blue squares", "a large green star above a triangle", "a yellow heart on the left"]
+
+
+def embeddings(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image, text) unit vectors of n items: 1000 clusters in a 32-d latent space, each item's two parts near
+    one latent point, embedded in R^dim with a little full-rank noise."""
+    shared = np.random.default_rng(0)
+    basis = np.linalg.qr(shared.standard_normal((dim, 32)))[0].T  # (32, dim), orthonormal rows
+    centres = shared.standard_normal((1000, 32))
+    rng = np.random.default_rng(seed)
+    z = centres[rng.integers(1000, size=n)] + 0.5 * rng.standard_normal((n, 32))
+
+    def part() -> np.ndarray:
+        x = (z + 0.3 * rng.standard_normal((n, 32))) @ basis + 0.05 * rng.standard_normal((n, dim))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    return part(), part()
+
+
+def make_store(path: Path, image: np.ndarray, text: np.ndarray, model: str) -> IndexStore:
+    store = IndexStore.create(path, Manifest(model, "bench", image.shape[1], "flat"))
+    for s in range(0, len(image), 50_000):
+        rows = range(s, min(s + 50_000, len(image)))
+        vectors = {**{f"i{i}": image[i] for i in rows}, **{f"t{i}": text[i] for i in rows}}
+        store.commit([Item(0, f"item-{i}", f"/data/{i}.jpg", [f"caption {i}"], f"i{i}", f"t{i}", extra={"n": i})
+                      for i in rows], vectors)
+    return store
+
+
+def timed(fn, reps: int) -> np.ndarray:
+    out = np.empty(reps)
+    for r in range(reps):
+        t = time.perf_counter()
+        fn(r)
+        out[r] = (time.perf_counter() - t) * 1000
+    return out
+
+
+def row(name: str, ms: np.ndarray | None = None, **extra) -> dict:
+    times = {} if ms is None else {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99))}
+    return {"name": name, **times, **extra}
+
+
+def side_by_side(name: str, raw, ours, reps: int) -> list[dict]:
+    """Raw and ours alternate in passes (a warm-up pass first), so machine noise hits both alike."""
+    for _ in range(2):
+        raw_ms, ours_ms = timed(raw, reps), timed(ours, reps)
+    overhead = float(np.median(ours_ms) - np.median(raw_ms))
+    return [row(f"{name}: raw faiss", raw_ms),
+            row(f"{name}: ours", ours_ms, overhead_ms=overhead, overhead_ratio=float(np.median(ours_ms) / np.median(raw_ms)))]
+
+
+def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]))
+
+
+def bench_type(index: Index, index_type: str, queries: np.ndarray, truth: np.ndarray, theta: float,
+               exact_counts: np.ndarray, prefix: str) -> list[dict]:
+    store, reps = index.store, len(queries)
+    qv = query_vectors(queries, "item", 0.5)
+    rows = []
+    knob, values = KNOBS.get(index_type, (None, (None,)))
+    for value in values:  # one build, a sweep of the search knob
+        if knob:
+            index.tune(**{knob: value})
+        raw, _ = store.searcher(None)
+        tag = f"{prefix} {index_type}" + (f" {knob}={value}" if knob else "")
+        faiss.omp_set_num_threads(1)
+        rows += side_by_side(f"{tag} top-10", lambda r: raw.search(qv[r : r + 1], 10),
+                             lambda r: index.search_vector(queries[r], k=10), reps)
+        rows[-1]["recall_at_10"] = recall_at_10(raw.search(qv, 10)[1], truth)
+        rows += side_by_side(f"{tag} theta (~100 results)", lambda r: raw.range_search(qv[r : r + 1], theta),
+                             lambda r: index.search_vector(queries[r], k=None, theta=theta), reps)
+        lims = raw.range_search(qv, theta)[0]
+        rows[-1]["mean_results"] = float(np.mean(np.diff(lims)))
+        rows[-1]["theta_completeness"] = float(np.sum(np.diff(lims)) / max(1, np.sum(exact_counts)))
+        faiss.omp_set_num_threads(2)
+        for _ in range(2):  # warm-up, then measure
+            t = time.perf_counter()
+            raw.search(qv, 10)
+            raw_qps = reps / (time.perf_counter() - t)
+            t = time.perf_counter()
+            index.search_vectors(queries, k=10)
+            ours_qps = reps / (time.perf_counter() - t)
+        rows.append(row(f"{tag} batch of {reps}, top-10", raw_qps=raw_qps, ours_qps=ours_qps,
+                        overhead_ratio=raw_qps / ours_qps))
+    return rows
+
+
+def bench_size(n: int, args, tmp: Path) -> list[dict]:
+    image, text = embeddings(n + args.queries, args.dim, seed=n)
+    queries = text[n:]  # held-out captions: text -> item search
+    t = time.perf_counter()
+    store = make_store(tmp / f"n{n}", image[:n], text[:n], args.model or "bench")
+    rows = [row(f"N={n:,}: fill SQLite", seconds=time.perf_counter() - t)]
+    index = Index(store, Path(args.model or "."))
+    prefix = f"N={n:,}"
+    truth = theta = exact_counts = None
+    for index_type in args.types:
+        store.manifest.index_type, store.manifest.params = index_type, {}
+        faiss.omp_set_num_threads(2)
+        store.rebuild()
+        raw = store.faiss
+        if truth is None:  # flat comes first: the exact answers every ANN type is measured against
+            qv = query_vectors(queries, "item", 0.5)
+            truth = raw.search(qv, 10)[1]
+            theta = float(np.median(raw.search(qv, 100)[0][:, -1]))  # the median query gets about 100 results
+            exact_counts = np.diff(raw.range_search(qv, theta)[0])
+        rows.append(row(f"{prefix} {index_type}: build", build_s=store.manifest.build_seconds,
+                        index_mb=store.manifest.faiss_bytes / 2**20,
+                        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+        rows += bench_type(index, index_type, queries, truth, theta, exact_counts, prefix)
+        if args.model:
+            faiss.omp_set_num_threads(1)
+            index.search(text=TEXTS[0], k=10)  # loads the numpy text tower once
+            rows.append(row(f"{prefix} {index_type}: text query incl. encoding, top-10",
+                            timed(lambda r: index.search(text=TEXTS[r % len(TEXTS)], k=10), len(queries))))
+    fids = np.random.default_rng(3).choice(n, min(10_000, n), replace=False) + 1
+    rows.append(row(f"{prefix}: {len(fids):,} results to records", timed(
+        lambda r: index.hits(queries[0], np.zeros(len(fids), np.float32), fids), 20)))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated collection sizes")
+    p.add_argument("--types", default="flat,hnsw,ivf", help="comma-separated index types; flat first (the truth)")
+    p.add_argument("--dim", type=int, default=128, help="embedding dimension d (FAISS holds 2d: image + caption)")
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--model", help="a model directory of dimension --dim, for the rows with text encoding")
+    p.add_argument("--out", default="bench_search.json")
+    args = p.parse_args()
+    args.types = args.types.split(",")
+    if args.types[0] != "flat":
+        p.error("--types must start with flat: the ANN types are measured against it")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (int(x) for x in args.sizes.split(",")):
+            rows += bench_size(n, args, Path(tmp))
+            Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+            print(f"done N={n:,}", file=sys.stderr, flush=True)
+    print(f"{'benchmark':<58}{'p50 ms':>9}{'p99 ms':>9}  notes")
+    for r in rows:
+        notes = ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k not in ("name", "p50_ms", "p99_ms"))
+        times = f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}" if "p50_ms" in r else " " * 18
+        print(f"{r['name']:<58}{times}  {notes}")
+
+
+if __name__ == "__main__":
+    main()

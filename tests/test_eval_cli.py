@@ -1,0 +1,153 @@
+"""`retrieval eval` reports (thresholds, fusion, plots, markdown), evaluation of an index, and `calibrate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from retrieval.cli import main
+from retrieval.index import IndexStore
+from retrieval.indexing import build_index
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def run(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def test_split(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic test split as its own manifest (absolute image paths)."""
+    ids = set(json.loads((synth_data.parent / "split.json").read_text())["test"])
+    rows = []
+    for line in synth_data.read_text().splitlines():
+        row = json.loads(line)
+        if row["id"] in ids:
+            row["image"] = str(synth_data.parent / row["image"])
+            rows.append(json.dumps(row))
+    out = tmp_path_factory.mktemp("split") / "test.jsonl"
+    out.write_text("\n".join(rows) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_index(test_split: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "index"
+    build_index(test_split, tiny_model, path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_report(tiny_model: Path, test_split: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    out = tmp_path_factory.mktemp("report")
+    code, printed = run("eval", "--model", tiny_model, "--data", test_split, "--fusion", "--target-precision", "0.5",
+                        "--plot", out / "plots", "--out", out / "report.json", "--markdown")
+    assert code == 0, printed
+    return json.loads((out / "report.json").read_text()), out / "plots", printed
+
+
+def test_report_keeps_the_core_schema_and_adds_thresholds(full_report) -> None:
+    report, _, _ = full_report
+    for direction in ("text_to_image", "image_to_text"):
+        assert {"R@1", "R@5", "R@10", "median_rank", "mean_rank", "mAP", "n_queries"} <= set(report[direction])
+        assert len(report["curves"][direction]) == 100
+    t = report["threshold"]
+    assert {"best_f1_theta", "best_f1", "adaptive_rule", "adaptive_f1"} <= set(t)
+    assert -1 <= t["best_f1_theta"] <= 1 and 0 < t["best_f1"] <= 1
+    assert t["adaptive_rule"] in ("top_relative", "zscore") and 0 <= t["adaptive_f1"] <= 1
+    # the F1-best θ is on the curve, and no point of the curve beats it
+    assert max(t["curve"]["f1"]) <= t["best_f1"] + 1e-12
+    assert sum(t["histogram"]["relevant"]) == report["n_texts"]
+    assert sum(t["histogram"]["other"]) == report["n_texts"] * (report["n_images"] - 1)
+
+
+def test_fusion_sweep_covers_w_from_caption_to_image(full_report) -> None:
+    f = full_report[0]["fusion"]
+    assert f["weights"][0] == 0.0 and f["weights"][-1] == 1.0 and len(f["R@1"]) == 11
+    assert f["best_weight"] in f["weights"]
+    assert f["n_queries"] == full_report[0]["n_texts"] - full_report[0]["n_images"]
+
+
+def test_plots_are_written_and_are_pictures(full_report) -> None:
+    _, plots, _ = full_report
+    names = {p.name for p in plots.iterdir()}
+    assert names == {"recall_at_k.png", "score_histograms.png", "threshold_sweep.png", "fusion_weight.png"}
+    for p in plots.iterdir():
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.width >= 600 and im.height >= 400
+            assert len(set(np.asarray(im.convert("L")).ravel().tolist())) > 10  # not a blank canvas
+
+
+def test_markdown_tables(full_report) -> None:
+    printed = full_report[2]
+    assert "| direction | R@1 | R@5 | R@10 |" in printed and "| text → image |" in printed
+    assert "| flat θ, F1-best on all queries |" in printed and "| top_relative, chosen on half" in printed
+    assert "(best)" in printed
+
+
+def test_index_evaluation_equals_model_evaluation(tiny_model: Path, test_split: Path, test_index: Path) -> None:
+    """The same images and captions, scored through the index's stored vectors and the numpy text tower."""
+    code, out = run("eval", "--model", tiny_model, "--data", test_split, "--json", "--no-thresholds")
+    assert code == 0, out
+    model_report = json.loads(out)
+    code, out = run("eval", "--index", test_index, "--data", test_split, "--json", "--target", "image")
+    assert code == 0, out
+    index_report = json.loads(out)
+    assert index_report["n_items"] == model_report["n_images"] and index_report["unmatched_queries"] == 0
+    for k in ("R@1", "R@5", "R@10", "mAP"):
+        assert index_report["text_to_image"][k] == pytest.approx(model_report["text_to_image"][k], abs=1.5 / model_report["n_texts"])
+    assert "threshold" in index_report
+
+
+def test_calibrate_then_search_uses_the_stored_theta(test_split: Path, test_index: Path, tmp_path: Path) -> None:
+    code, out = run("calibrate", "--index", test_index, "--data", test_split, "--target", "image")
+    assert code == 0, out
+    entry = IndexStore.open(test_index).manifest.calibration["image"]
+    assert entry["rule"] == "flat" and -1 <= entry["theta"] <= 1
+    code, out = run("search", "--index", test_index, "--text", "a red circle", "--target", "image", "--json", "--k", "0")
+    assert code == 0, out
+    scores = [json.loads(line)["score"] for line in out.splitlines()]
+    assert all(s > entry["theta"] for s in scores)
+    code, out_all = run("search", "--index", test_index, "--text", "a red circle", "--target", "image", "--json",
+                        "--k", "0", "--theta", "-1")
+    assert len(out_all.splitlines()) == 60 > len(scores)  # an explicit θ overrides the calibrated one
+    code, out = run("search", "--index", test_index, "--text", "a red circle", "--target", "image")
+    assert out.startswith("(calibrated cutoff: theta")
+    # other targets are not calibrated: top-k as before
+    code, out = run("search", "--index", test_index, "--text", "a red circle", "--target", "text", "--json")
+    assert len(out.splitlines()) == 10
+
+
+def test_calibrate_a_margin(test_split: Path, test_index: Path) -> None:
+    code, out = run("calibrate", "--index", test_index, "--data", test_split, "--target", "text", "--rule", "top_relative")
+    assert code == 0, out
+    entry = IndexStore.open(test_index).manifest.calibration["text"]
+    assert entry["margin"] >= 0 and "theta" not in entry
+    code, out = run("search", "--index", test_index, "--text", "a red circle", "--target", "text", "--json", "--k", "0")
+    scores = [json.loads(line)["score"] for line in out.splitlines()]
+    assert scores and all(s > scores[0] - entry["margin"] for s in scores)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "MODEL", "--index", "INDEX"], "not both"),
+    (["--index", "INDEX", "--fusion"], "--fusion needs --model"),
+    (["--model", "MODEL", "--k", "0"], "--k must be"),
+])
+def test_bad_eval_options_are_one_error_line(args, message, tiny_model: Path, test_index: Path, test_split: Path) -> None:
+    args = [{"MODEL": tiny_model, "INDEX": test_index}.get(a, a) for a in args]
+    code, out = run("eval", "--data", test_split, *args)
+    assert code == 1 and out.startswith("Error:") and message in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_calibrating_with_ids_the_index_lacks(test_index: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "not-indexed", "captions": ["a red circle"]}) + "\n")
+    code, out = run("calibrate", "--index", test_index, "--data", other)
+    assert code == 1 and "none of the queries' relevant ids" in out

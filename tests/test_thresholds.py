@@ -1,0 +1,114 @@
+"""θ sweeps of R(q, D): hand-worked counts, against brute force, chunking, and the query-adaptive rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.evaluate import relevance_from_owner
+from retrieval.thresholds import (at_theta, best_f1, normalise, score_histogram, sweep, theta_for_precision,
+                                  threshold_report)
+
+
+def basis_case(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Queries whose score with item j is sims[:, j]: the items are the basis vectors."""
+    return sims.astype(np.float32), np.eye(sims.shape[1], dtype=np.float32)
+
+
+# Query 0's relevant item is 0, query 1's is 2.
+SIMS = np.array([[0.61, 0.32, 0.13],
+                 [0.42, 0.21, 0.52]], dtype=np.float32)
+RELEVANCE = (np.array([0, 1, 2]), np.array([0, 2]))
+
+
+def test_hand_worked_sweep() -> None:
+    queries, items = basis_case(SIMS)
+    curve = sweep(score_histogram(queries, items, RELEVANCE))
+    # scores, highest first: .61 (rel), .52 (rel), .42, .32, .21, .13
+    for theta, precision, recall in [(0.6, 1.0, 0.5), (0.5, 1.0, 1.0), (0.4, 2 / 3, 1.0), (0.3, 2 / 4, 1.0),
+                                     (0.15, 2 / 5, 1.0), (0.0, 2 / 6, 1.0), (0.7, 1.0, 0.0)]:
+        point = at_theta(curve, theta)
+        assert point["theta"] == pytest.approx(theta, abs=1e-9)
+        assert (point["precision"], point["recall"]) == pytest.approx((precision, recall)), theta
+    best = best_f1(curve)
+    assert best["f1"] == pytest.approx(1.0) and 0.419 < best["theta"] <= 0.52
+    assert 0.32 < theta_for_precision(curve, 0.6)["theta"] <= 0.42  # 2/3 precision, the lowest θ reaching 0.6
+    assert theta_for_precision(curve, 1.0)["recall"] == pytest.approx(1.0)
+
+
+def random_case(seed: int, n_q: int = 37, n_i: int = 29, d: int = 8):
+    rng = np.random.default_rng(seed)
+    items = rng.standard_normal((n_i, d))
+    owner = rng.integers(0, n_i, n_q)  # query q is relevant to item owner[q]
+    queries = items[owner] + 1.0 * rng.standard_normal((n_q, d))
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    indptr = np.arange(n_q + 1)
+    return unit(queries), unit(items), (indptr, owner.astype(np.int64))
+
+
+@pytest.mark.parametrize("rule", ["flat", "top_relative", "zscore"])
+def test_sweep_equals_brute_force_counting(rule: str) -> None:
+    queries, items, relevance = random_case(1)
+    curve = sweep(score_histogram(queries, items, relevance, rule))
+    scores = normalise(queries.astype(np.float64) @ items.T.astype(np.float64), rule)  # (Nq, Ni)
+    is_rel = np.zeros_like(scores, dtype=bool)
+    is_rel[np.arange(len(queries)), relevance[1]] = True
+    for i in range(0, len(curve["theta"]), 97):
+        above = scores >= curve["theta"][i]
+        tp, retrieved = (above & is_rel).sum(), above.sum()
+        assert curve["recall"][i] == pytest.approx(tp / is_rel.sum())
+        assert curve["precision"][i] == pytest.approx(tp / retrieved if retrieved else 1.0)
+
+
+def test_chunked_histogram_equals_one_chunk() -> None:
+    queries, items, relevance = random_case(2)
+    whole = score_histogram(queries, items, relevance, chunk=10_000)
+    for chunk in (1, 5):
+        part = score_histogram(queries, items, relevance, chunk=chunk)
+        np.testing.assert_array_equal(part.relevant, whole.relevant)
+        np.testing.assert_array_equal(part.other, whole.other)
+
+
+def test_rules_normalise_each_row() -> None:
+    sims = np.array([[0.1, 0.5, 0.3], [0.9, 0.8, 0.7]])
+    np.testing.assert_allclose(normalise(sims, "top_relative"), [[-0.4, 0, -0.2], [0, -0.1, -0.2]])
+    z = normalise(sims, "zscore")
+    np.testing.assert_allclose(z.mean(1), 0, atol=1e-12)
+    np.testing.assert_allclose(z.std(1), 1, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown rule"):
+        normalise(sims, "nope")
+
+
+def test_unreachable_precision_gives_none() -> None:
+    queries, items = basis_case(np.array([[0.2, 0.9]], dtype=np.float32))  # the irrelevant item always wins
+    curve = sweep(score_histogram(queries, items, (np.array([0, 1]), np.array([0]))))
+    assert theta_for_precision(curve, 0.99) is None
+
+
+def test_adaptive_rule_beats_a_flat_theta_when_queries_score_on_different_scales() -> None:
+    """Each query's cosines sit at its own level (as with short vs long captions): a margin below the top
+    score finds the relevant item, one flat cutoff cannot."""
+    rng = np.random.default_rng(0)
+    n_q, n_i = 200, 50
+    owner = rng.integers(0, n_i, n_q)
+    level = rng.uniform(-0.3, 0.5, (n_q, 1))  # the query's own scale
+    sims = level + 0.05 * rng.standard_normal((n_q, n_i))
+    sims[np.arange(n_q), owner] = level[:, 0] + 0.3  # the relevant item: clearly the query's best
+    queries, items = basis_case(sims)
+    report = threshold_report(queries, items, relevance_from_owner_queries(owner), target_precision=0.9)
+    assert report["adaptive_rule"] in ("top_relative", "zscore")
+    assert report["adaptive_f1"] > 0.95 > report["flat_heldout_f1"] + 0.2, report["rules"]
+    assert set(report["rules"]) == {"flat", "top_relative", "zscore"}
+    assert len(report["curve"]["theta"]) == 200 and len(report["histogram"]["edges"]) == 101
+    assert sum(report["histogram"]["relevant"]) == n_q
+
+
+def relevance_from_owner_queries(owner: np.ndarray):
+    """Query q's single relevant item is owner[q]."""
+    return np.arange(len(owner) + 1), owner.astype(np.int64)
+
+
+def test_relevance_helpers_agree() -> None:
+    # relevance_from_owner is the other direction (candidates owned by queries); both are CSR lists
+    indptr, indices = relevance_from_owner(np.array([1, 0]), 2)
+    assert indices[indptr[0] : indptr[1]].tolist() == [1] and indices[indptr[1] : indptr[2]].tolist() == [0]
