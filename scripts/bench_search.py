@@ -11,7 +11,8 @@ For each N and index type, on the same index object:
 - batched QPS (all queries in one call, 2 threads): raw vs `Index.search_vectors`;
 - recall@10 against exact, build time (the whole `rebuild`: read SQLite, build, write), index size,
   and process peak memory;
-- 10,000 results made into records (metadata + per-modality scores).
+- 10,000 results made into records (metadata + per-modality scores);
+- with --model: a cold `retrieval search --text` end to end (a fresh process) on a real 10k-item index.
 Vectors are unit vectors clustered on a 32-dimensional subspace of R^dim, as real embeddings are: uniform
 random vectors are a worst case for ANN recall. Single queries run on one thread (as fast as two here),
 builds and batches on two. Prints a table and writes JSON.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -158,6 +160,19 @@ def bench_size(n: int, args, tmp: Path) -> list[dict]:
     return rows
 
 
+def bench_cold(args, tmp: Path) -> list[dict]:
+    """A fresh process per query, as a user at the shell waits for it, on 10k synthetic images."""
+    from retrieval.indexing import build_index
+    from retrieval.synth import generate
+
+    data = generate(tmp / "synth10k", 10_000, seed=7, size=32)
+    build_index(data, args.model, tmp / "cold", progress=False)
+    exe = Path(sys.executable).parent / "retrieval"
+    ms = timed(lambda r: subprocess.run([str(exe), "search", "--index", str(tmp / "cold"), "--text", TEXTS[r % len(TEXTS)]],
+                                        check=True, capture_output=True), 10)
+    return [row("cold `retrieval search --text`, 10k-item index", ms)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated collection sizes")
@@ -172,7 +187,9 @@ def main() -> None:
         p.error("--types must start with flat: the ANN types are measured against it")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (int(x) for x in args.sizes.split(",")):
+        if args.model:
+            rows += bench_cold(args, Path(tmp))
+        for n in (int(x) for x in args.sizes.split(",") if x):
             rows += bench_size(n, args, Path(tmp))
             Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
             print(f"done N={n:,}", file=sys.stderr, flush=True)

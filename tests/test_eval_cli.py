@@ -151,3 +151,26 @@ def test_calibrating_with_ids_the_index_lacks(test_index: Path, tmp_path: Path) 
     other.write_text(json.dumps({"id": "not-indexed", "captions": ["a red circle"]}) + "\n")
     code, out = run("calibrate", "--index", test_index, "--data", other)
     assert code == 1 and "none of the queries' relevant ids" in out
+
+
+def test_fusion_sweep_equals_searching_an_index_of_one_caption_per_image(test_split: Path, tiny_model: Path,
+                                                                         tmp_path: Path) -> None:
+    """The sweep's numbers are what `search --target item --weight w` gives on the index the sweep describes."""
+    from retrieval.api import evaluate_model
+    from retrieval.data import read_pairs
+    from retrieval.query import Index
+
+    fusion = evaluate_model(tiny_model, read_pairs(test_split), ks=(1, 5), fusion=True)["fusion"]
+    rows = [json.loads(line) for line in test_split.read_text().splitlines()]
+    one_caption = tmp_path / "first.jsonl"
+    one_caption.write_text("".join(json.dumps({**r, "captions": r["captions"][:1]}) + "\n" for r in rows))
+    build_index(one_caption, tiny_model, tmp_path / "index", progress=False)
+    index = Index.open(tmp_path / "index")
+    owners = [r["id"] for r in rows for _ in r["captions"][1:]]
+    queries = index.embed_texts([c for r in rows for c in r["captions"][1:]])
+    n = len(owners)
+    for i, w in enumerate(fusion["weights"]):
+        hits = index.search_vectors(queries, k=5, weight=w, target="item")
+        r1 = np.mean([h[0].id == o for h, o in zip(hits, owners)])
+        r5 = np.mean([o in {x.id for x in h} for h, o in zip(hits, owners)])
+        assert r1 == pytest.approx(fusion["R@1"][i], abs=1.5 / n) and r5 == pytest.approx(fusion["R@5"][i], abs=1.5 / n), w
