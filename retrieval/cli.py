@@ -223,8 +223,9 @@ def remove(index_path: str, ids: tuple[str, ...]) -> None:
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Model directory, if it moved since indexing.")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Largest image upload accepted.")
 @click.option("--max-image-megapixels", default=40.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Largest uploaded image accepted for decoding (its size is read from the header first).")
+@click.option("--threads", type=click.IntRange(min=1), help="Requests worked on at once; the rest queue (default: one per CPU core).")
 def serve(index_path: str, host: str, port: int, cors_origins: tuple[str, ...], model_dir: str | None,
-          max_upload_mb: float, max_image_megapixels: float) -> None:
+          max_upload_mb: float, max_image_megapixels: float, threads: int | None) -> None:
     """Serve the search API and the web page: open http://HOST:PORT/ in a browser.
 
     The model and index load once, before the first request. Endpoints: /api/search, /api/search/image,
@@ -234,4 +235,4 @@ def serve(index_path: str, host: str, port: int, cors_origins: tuple[str, ...], 
 
     click.echo(f"loading {index_path} ...", err=True)
     run_server(index_path, host, port, list(cors_origins), model=model_dir, max_upload_bytes=int(max_upload_mb * 2**20),
-               max_upload_pixels=int(max_image_megapixels * 1e6))
+               max_upload_pixels=int(max_image_megapixels * 1e6), threads=threads)
