@@ -163,11 +163,16 @@ def test_bad_search_parameters_are_422(client: TestClient, params: dict, words: 
 
 def test_a_1_mb_query_is_422(app) -> None:
     """Sent straight into the ASGI app: httpx refuses URLs over 64 KB (and uvicorn request lines over 16 KB)."""
-    status, body = raw_get(app, "/api/search", b"q=" + b"x" * 2**20)
+    status, body = raw_request(app, "GET", "/api/search", b"q=" + b"x" * 2**20)
     assert status == 422 and f"at most {MAX_QUERY_CHARS} characters" in body["error"]
 
 
-def raw_get(app, path: str, query: bytes) -> tuple[int, dict]:
+def test_a_content_length_that_is_not_a_number_is_400(app) -> None:
+    status, body = raw_request(app, "POST", "/api/search/image", b"", [(b"content-length", b"lots")])
+    assert status == 400 and body["error"] == "Content-Length is not a number"
+
+
+def raw_request(app, method: str, path: str, query: bytes, headers: list | None = None) -> tuple[int, dict]:
     messages = []
 
     async def receive() -> dict:
@@ -176,9 +181,10 @@ def raw_get(app, path: str, query: bytes) -> tuple[int, dict]:
     async def send(message: dict) -> None:
         messages.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
-             "headers": [(b"host", b"testserver")], "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+             "headers": [(b"host", b"testserver"), *(headers or [])], "client": ("127.0.0.1", 1),
+             "server": ("testserver", 80)}
     asyncio.run(app(scope, receive, send))
     return messages[0]["status"], json.loads(b"".join(m.get("body", b"") for m in messages[1:]))
 
