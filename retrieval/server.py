@@ -1,0 +1,363 @@
+"""The HTTP API and the web page: a thin layer over `Index`, so the server and the CLI give the same answers.
+
+The model and index load once, in `create_app`, and are warmed with one query of each kind, so no request
+waits for a load. Security is by construction: a file is only ever opened through an item's stored path,
+looked up by id, so no part of a request reaches the filesystem; the page's own files are read into
+memory at start-up. Request bodies are cut off at `max_upload_bytes` while they arrive, uploaded images
+are bounded in pixels before decoding, CORS is off unless origins are given, and a loopback bind answers
+only loopback Host names (so a DNS-rebinding web page cannot read a localhost server).
+
+The work of a request (embedding, FAISS, SQLite, decoding) runs on a pool of one thread per core, each
+single-threaded inside; the event loop only parses and answers. The threads share one `Index` with no lock:
+after `warm` it holds no lazy state, FAISS searches are read-only, and Python's sqlite3 is built serialized
+here (threadsafety 3: threads may share a connection), which `create_app` checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import quote
+
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from threadpoolctl import threadpool_limits
+
+from .errors import ImageError, RetrievalError
+from .images import load_image
+from .index import Item
+from .modeldir import read_model_config
+from .query import MAX_QUERY_CHARS, Hit, Index
+
+STATIC_DIR = Path(__file__).with_name("server_static")
+PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+              "/style.css": ("style.css", "text/css; charset=utf-8"), "/favicon.svg": ("favicon.svg", "image/svg+xml")}
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+MAX_K = 1000  # a page of results a person can look at; range queries past this want the Python API
+THUMB_SIDE = 384  # pixels on the longer side: sharp in the grid and in the item view
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20  # a large phone photo is under 15 MB
+DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000  # refused from the header, before decoding: 40 MP decodes to 120 MB of RGB
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost"]
+Target = Literal["item", "image", "text"]
+T = TypeVar("T")
+# The search parameters both search endpoints take; their ranges are check_search_args', here for the spec.
+K = Annotated[int, Query(ge=1, le=MAX_K, description="At most this many results.")]
+Theta = Annotated[float | None, Query(ge=-1, le=1, description="Only results with similarity above this (none: top k).")]
+Weight = Annotated[float, Query(ge=0, le=1, description="w in sim = w cos(q, image) + (1-w) cos(q, caption).")]
+TargetQ = Annotated[Target, Query(description="Match whole items (fused), images only, or captions only.")]
+TextQ = Annotated[str | None, Query(max_length=MAX_QUERY_CHARS, description="Text query.")]
+LikeQ = Annotated[str | None, Query(description="An indexed item's id: more like this.")]
+UploadQ = Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, ...).")]
+
+
+# --- response records (they also document the OpenAPI spec) ------------------------------------------
+class Error(BaseModel):
+    error: str
+
+
+class HitOut(BaseModel):
+    rank: int
+    id: str
+    path: str | None
+    caption: str | None
+    score: float
+    image_score: float | None
+    text_score: float | None
+    thumb: str | None  # URL of the thumbnail, None for a text-only item
+
+
+class SearchOut(BaseModel):
+    query: dict[str, Any]
+    count: int
+    took_ms: float
+    results: list[HitOut]
+
+
+class ItemOut(BaseModel):
+    id: str
+    path: str | None
+    captions: list[str]
+    extra: dict[str, Any]
+    has_image: bool
+    has_text: bool
+    thumb: str | None
+
+
+class Health(BaseModel):
+    status: str
+    items: int
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error, "description": what} for code, what in (
+    (400, "Malformed request"), (404, "Unknown item, or no image"), (413, "Upload too large"),
+    (422, "Invalid parameter or unreadable image"))}
+
+
+class TooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the upload is over the limit of {limit / 2**20:.3g} MB; send a smaller image "
+                              "(or start the server with a larger --max-upload-mb)")
+
+
+class BodyLimit:
+    """Refuses a body over `limit` bytes by its Content-Length, or as soon as that many bytes have arrived."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            error = TooLarge(self.limit) if length.isdigit() else HTTPException(400, "Content-Length is not a number")
+            return await _error(error.status_code, error.detail)(scope, receive, send)
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # a chunked body, which carries no Content-Length
+                raise TooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+@dataclass
+class Settings:
+    max_upload_bytes: int
+    max_upload_pixels: int
+    image_side: int  # the model's input side: uploaded JPEGs decode at a reduced scale no smaller than this
+    thumb_cache: Path | None  # None: thumbnails are made on every request
+
+
+def search_defaults(index: Index) -> dict[str, Any]:
+    """What the page starts with and what a request without the parameter gets: θ None means top-k only,
+    unless `retrieval calibrate` stored a cutoff for the target, which `Index.search` then applies."""
+    return {"k": 10, "theta": index.calibrated("item", 0.5)[0], "weight": 0.5, "target": "item"}
+
+
+def create_app(index_path: str | Path, cors_origins: list[str] | None = None, model: str | Path | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
+               allowed_hosts: list[str] | None = None, thumb_cache: bool = True, threads: int | None = None) -> FastAPI:
+    """Open and warm the index, then build the app. `allowed_hosts` None answers any Host header; `threads`
+    (default: one per CPU core) is how many requests do their work at once, the rest wait their turn."""
+    if sqlite3.threadsafety != 3:
+        raise RetrievalError("this Python's sqlite3 is not built serialized (threadsafety 3); the server shares one "
+                             "connection between threads, so use a Python built with a threadsafe SQLite")
+    index = Index.open(index_path, model)
+    warm(index)
+    cache = Path(index_path) / "thumbs" if thumb_cache else None
+    if cache is not None:
+        try:
+            cache.mkdir(exist_ok=True)
+        except OSError:
+            cache = None  # a read-only index folder: thumbnails are still served, just not kept
+    settings = Settings(max_upload_bytes, max_upload_pixels, read_model_config(index.model_dir).image.image_size, cache)
+    pages = {route: ((STATIC_DIR / name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
+    defaults = search_defaults(index)
+    # Idle pool threads cost nothing and exit with the process; an app's lifespan may run more than once
+    # (test clients start and stop it per use), so the pool is not tied to it.
+    pool = ThreadPoolExecutor(threads or os.cpu_count() or 1, "request", initializer=_single_threaded)
+
+    async def work(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args, **kwargs))
+
+    app = FastAPI(title="retrieval", version="1", summary="Cross-modal (text <-> image) search over one index.",
+                  docs_url=None, redoc_url=None)  # the docs pages load their scripts from a CDN
+    app.add_middleware(BodyLimit, limit=max_upload_bytes)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"])
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_invalid_request)
+    app.add_exception_handler(RetrievalError, _on_retrieval_error)
+
+    @app.get("/api/search", response_model=SearchOut, responses=ERRORS)
+    async def search(q: TextQ = None, like: LikeQ = None, k: K = defaults["k"], theta: Theta = defaults["theta"],
+                     weight: Weight = defaults["weight"], target: TargetQ = defaults["target"]) -> dict[str, Any]:
+        """Text search (`q`), or "more like this" (`like`): R(q, D), best first."""
+        query = {"q": q, "like": like, "k": k, "theta": theta, "weight": weight, "target": target}
+        return await work(run_search, index, query, text=q, like=like, k=k, theta=theta, weight=weight, target=target)
+
+    @app.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
+    async def search_image(file: UploadQ, k: K = defaults["k"], theta: Theta = defaults["theta"],
+                           weight: Weight = defaults["weight"], target: TargetQ = defaults["target"]) -> dict[str, Any]:
+        """Search by an uploaded image."""
+        query = {"image": file.filename, "k": k, "theta": theta, "weight": weight, "target": target}
+        image = await work(read_upload, file, settings)
+        return await work(run_search, index, query, image=image, k=k, theta=theta, weight=weight, target=target)
+
+    @app.get("/api/items/{item_id:path}", response_model=ItemOut, responses=ERRORS)
+    async def item(item_id: str) -> dict[str, Any]:
+        """One item's metadata: all its captions and extra fields."""
+        it = await work(item_or_404, index, item_id)
+        return {"id": it.id, "path": it.path, "captions": it.captions, "extra": it.extra,
+                "has_image": it.image_key is not None, "has_text": it.text_key is not None,
+                "thumb": thumb_url(it.id) if it.path else None}
+
+    @app.get("/api/thumb/{item_id:path}", responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
+             response_class=Response)
+    async def thumb(item_id: str) -> Response:
+        """A JPEG thumbnail of an indexed image, made on first request and cached under the index folder."""
+        it = await work(item_or_404, index, item_id)
+        if it.path is None:
+            raise HTTPException(404, f"item {it.id!r} has no image (it is text only)")
+        jpeg = await work(thumbnail, it.path, it.image_key or it.path, settings.thumb_cache)
+        return Response(jpeg, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/api/health", response_model=Health)
+    async def health() -> dict[str, Any]:
+        """Answered on the event loop, so it stays quick while every request thread is busy."""
+        return {"status": "ok", "items": int(index.store.faiss.ntotal)}
+
+    @app.get("/api/info")
+    async def info() -> dict[str, Any]:
+        """The index's manifest and counts, the defaults the page starts with, and the upload limits."""
+        return {**await work(index.info), "defaults": defaults, "max_k": MAX_K,
+                "max_upload_bytes": settings.max_upload_bytes, "max_upload_pixels": settings.max_upload_pixels}
+
+    for route, (body, media) in pages.items():
+        app.add_api_route(route, _page(body, media), methods=["GET"], include_in_schema=False)
+    return app
+
+
+def warm(index: Index) -> None:
+    """Load the text tower, the image model, the FAISS index and the item filters now, not on a request."""
+    for target in ("item", "image", "text"):
+        index.search(text="warm up", k=1, target=target)
+    index.search(image=Image.new("RGB", (64, 64)), k=1)
+
+
+def run_search(index: Index, query: dict[str, Any], **search_args: Any) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if search_args.get("like") is not None:
+        item_or_404(index, search_args["like"])  # a 404, where Index.search would say only "bad request"
+    hits = index.search(**search_args)
+    return {"query": query, "count": len(hits), "took_ms": 1000 * (time.perf_counter() - t0),
+            "results": [hit_json(rank, hit) for rank, hit in enumerate(hits, 1)]}
+
+
+def hit_json(rank: int, hit: Hit) -> dict[str, Any]:
+    return {"rank": rank, **hit.to_json(), "thumb": thumb_url(hit.id) if hit.path else None}
+
+
+def thumb_url(item_id: str) -> str:
+    return f"/api/thumb/{quote(item_id, safe='')}"
+
+
+def item_or_404(index: Index, item_id: str) -> Item:
+    item = index.store.items_by_id([item_id]).get(item_id)
+    if item is None:
+        raise HTTPException(404, f"no item with id {item_id!r} in this index")
+    return item
+
+
+def read_upload(file: UploadFile, settings: Settings) -> Image.Image:
+    """Decode an upload through the same checks as an indexed file (the pixel bound is read from the header).
+
+    `load_image` reads a path, so the upload (already bounded by BodyLimit) is copied to a temporary file.
+    """
+    with tempfile.NamedTemporaryFile(prefix="retrieval-upload-") as tmp:
+        shutil.copyfileobj(file.file, tmp)
+        tmp.flush()
+        try:
+            return load_image(tmp.name, size_hint=settings.image_side, max_pixels=settings.max_upload_pixels)
+        except ImageError as e:
+            raise ImageError(str(e).replace(f"image {tmp.name}", "the uploaded image")) from None
+
+
+def thumbnail(path: str, key: str, cache: Path | None) -> bytes:
+    """JPEG bytes, from the cache when made before; the cache file is named by the image's content hash."""
+    file = cache / f"{hashlib.sha256(f'{key}:{THUMB_SIDE}'.encode()).hexdigest()}.jpg" if cache else None
+    if file is not None and file.is_file():
+        return file.read_bytes()
+    try:
+        img = load_image(path, size_hint=THUMB_SIDE)
+    except ImageError as e:
+        raise HTTPException(404, f"{e}; re-run `retrieval index` to update the index") from None
+    img.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=85, optimize=True)
+    data = out.getvalue()
+    if file is not None:
+        fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")  # own name: two requests may write at once
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, file)
+    return data
+
+
+def serve(index_path: str | Path, host: str = "127.0.0.1", port: int = 8000, cors_origins: list[str] | None = None,
+          allowed_hosts: list[str] | None = None, **app_args: Any) -> None:
+    """Run the app with uvicorn until interrupted. On a loopback bind only loopback Host names are answered."""
+    import uvicorn
+
+    if allowed_hosts is None and host in LOOPBACK_HOSTS:
+        allowed_hosts = LOOPBACK_HOSTS
+    app = create_app(index_path, cors_origins, allowed_hosts=allowed_hosts, **app_args)
+    uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
+
+
+def _single_threaded() -> None:
+    """One core per request thread: concurrent requests are the parallelism. Left at two threads, OpenMP
+    (FAISS) and OpenBLAS (the numpy text tower) made a text search 4x slower here while another process was
+    busy (p50 8 ms -> 1.9 ms on 300 items). OpenMP's limit holds per thread, so each thread sets it."""
+    threadpool_limits(1)
+
+
+def _page(body: bytes, media: str) -> Any:
+    async def page() -> Response:
+        return Response(body, media_type=media, headers=PAGE_HEADERS)
+    return page
+
+
+def _error(status: int, message: Any) -> JSONResponse:
+    return JSONResponse({"error": str(message)}, status_code=status)
+
+
+async def _on_http_error(_: Request, e: Exception) -> JSONResponse:
+    assert isinstance(e, HTTPException)
+    return _error(e.status_code, e.detail)
+
+
+async def _on_invalid_request(_: Request, e: Exception) -> JSONResponse:
+    assert isinstance(e, RequestValidationError)
+    return _error(422, _validation_message(e))
+
+
+async def _on_retrieval_error(_: Request, e: Exception) -> JSONResponse:
+    return _error(422, str(e))
+
+
+def _validation_message(e: RequestValidationError) -> str:
+    """FastAPI's error list as one line: `k: Input should be greater than or equal to 1`."""
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err.get("loc", ())[1:]) or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
