@@ -29,26 +29,24 @@ def recall_at_k(curves: dict[str, Sequence[float]], path: Path, title: str) -> P
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, curve in curves.items():
         ks = np.arange(1, len(curve) + 1)
-        ax.plot(ks, 100 * np.asarray(curve), label=name.replace("_", " ").replace(" to ", " → "))
-        for k in (1, 10):
-            if k <= len(curve):
-                ax.annotate(f"{100 * curve[k - 1]:.1f}", (k, 100 * curve[k - 1]), textcoords="offset points",
-                            xytext=(4, -10), fontsize=8)
+        marks = ", ".join(f"R@{k} {100 * curve[k - 1]:.1f}" for k in (1, 10, 100) if k <= len(curve))
+        ax.plot(ks, 100 * np.asarray(curve), label=f"{name.replace('_to_', ' → ')} ({marks})")
     ax.set(xscale="log", xlabel="k", ylabel="recall@k (%)", ylim=(0, 100), title=title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     return _save(fig, path)
 
 
 def score_histograms(histogram: dict[str, Sequence[float]], path: Path, title: str, theta: float | None = None) -> Path:
     """Densities of the relevant and the other (query, item) scores; they overlap where no θ can separate them."""
     edges = np.asarray(histogram["edges"])
-    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    width = np.diff(edges)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for key, label, colour in (("other", "other pairs", "tab:gray"), ("relevant", "relevant pairs", "tab:green")):
         counts = np.asarray(histogram[key], dtype=float)
         density = counts / max(counts.sum(), 1) / width
-        ax.bar(centres, density, width=width, alpha=0.55, color=colour, label=f"{label} (n={int(counts.sum()):,})")
+        ax.stairs(density, edges, fill=True, alpha=0.45, color=colour, label=f"{label} (n={int(counts.sum()):,})")
+        ax.stairs(density, edges, color=colour, linewidth=1.2)
     if theta is not None:
         ax.axvline(theta, color="tab:red", linestyle="--", label=f"best-F1 θ = {theta:.3f}")
     used = np.nonzero(np.asarray(histogram["relevant"]) + np.asarray(histogram["other"]))[0]
