@@ -64,6 +64,7 @@ class NumpyTextEncoder:
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         tokens = self.tokenizer.encode(texts, self.context_length)  # (B, L)
+        tokens = tokens[:, : int((tokens != PAD).sum(1).max(initial=1))]  # trailing padding changes nothing: skip it
         w, pad = self.w, tokens == PAD
         x = w["text_tower.token_embedding.weight"][tokens] + w["text_tower.position_embedding"][: tokens.shape[1]]
         for i in range(self.layers):
