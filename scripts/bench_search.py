@@ -56,8 +56,9 @@ def embeddings(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return part(), part()
 
 
-def make_store(path: Path, image: np.ndarray, text: np.ndarray, model: str) -> IndexStore:
-    store = IndexStore.create(path, Manifest(model, "bench", image.shape[1], "flat"))
+def make_store(path: Path, image: np.ndarray, text: np.ndarray, model: str, fingerprint: str = "bench") -> IndexStore:
+    """A flat index of n items (image + caption vectors, a path, a caption, an extra field), not yet built."""
+    store = IndexStore.create(path, Manifest(model, fingerprint, image.shape[1], "flat"))
     for s in range(0, len(image), 50_000):
         rows = range(s, min(s + 50_000, len(image)))
         vectors = {**{f"i{i}": image[i] for i in rows}, **{f"t{i}": text[i] for i in rows}}

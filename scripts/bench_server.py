@@ -39,28 +39,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_query import clustered  # noqa: E402
-from retrieval.index import IndexStore, Item, Manifest  # noqa: E402
+from bench_search import embeddings, make_store  # noqa: E402
 from retrieval.modeldir import fingerprint, read_model_config  # noqa: E402
 from retrieval.query import Index  # noqa: E402
 from retrieval.synth import COLOURS, POSITIONS, SHAPES, SIZES  # noqa: E402
 
-INDEX_FILES = ("items.sqlite", "vectors.faiss", "fids.npy", "vectors.npy", "manifest.json")
+INDEX_FILES = ("items.sqlite", "vectors.faiss", "fids.npy", "vectors.npy", "records.jsonl", "records.npy", "manifest.json")
 
 
 # --- the index ------------------------------------------------------------------------------------
 def build(path: Path, model: Path, n: int, index_type: str) -> None:
     """n items, each an image vector and a caption vector, committed in batches as indexing does."""
-    dim = read_model_config(model).embed_dim
-    image, text = clustered(n, dim, 0), clustered(n, dim, 1)
-    store = IndexStore.create(path, Manifest(str(model.resolve()), fingerprint(model), dim, index_type))
-    chunk = 20_000
-    for s in range(0, n, chunk):
-        items, vectors = [], {}
-        for i in range(s, min(s + chunk, n)):
-            vectors[f"i{i}"], vectors[f"t{i}"] = image[i], text[i]
-            items.append(Item(0, f"item-{i}", None, [f"caption {i}"], f"i{i}", f"t{i}", extra={"n": i}))
-        store.commit(items, vectors)
+    image, text = embeddings(n, read_model_config(model).embed_dim, seed=0)
+    store = make_store(path, image, text, str(model.resolve()), fingerprint(model))
+    store.manifest.index_type = index_type
     store.rebuild()
 
 
