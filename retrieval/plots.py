@@ -65,12 +65,10 @@ def threshold_sweep(curve: dict[str, Sequence[float]], path: Path, title: str, m
         ax.plot(theta, curve[key], color=colour, label=key if key != "f1" else "F1")
     for (name, value), style in zip(marks.items(), ("--", ":", "-.")):
         ax.axvline(value, color="tab:red", linestyle=style, label=f"{name}: θ = {value:.3f}")
-    f1 = np.asarray(curve["f1"])
     moving = np.nonzero((np.asarray(curve["recall"]) > 0.001) & (np.asarray(curve["recall"]) < 0.999))[0]
     if len(moving):
         ax.set_xlim(theta[max(moving[0] - 2, 0)], theta[min(moving[-1] + 2, len(theta) - 1)])
-    ax.set(xlabel="θ (cosine similarity)", ylabel="value", ylim=(0, 1.02),
-           title=f"{title} (best F1 {f1.max():.3f})")
+    ax.set(xlabel="θ (cosine similarity)", ylabel="value", ylim=(0, 1.02), title=title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -121,7 +119,8 @@ def report_plots(report: dict[str, Any], out: Path, name: str = "") -> list[Path
         marks = {"best F1": t["best_f1_theta"]}
         if t.get("target_precision_theta") is not None:
             marks[f"precision ≥ {t['target_precision']}"] = t["target_precision_theta"]
-        files.append(threshold_sweep(t["curve"], out / "threshold_sweep.png", f"{prefix}R(q, D) against θ", marks))
+        files.append(threshold_sweep(t["curve"], out / "threshold_sweep.png",
+                                     f"{prefix}R(q, D) against θ (best F1 {t['best_f1']:.3f})", marks))
     if "fusion" in report:
         files.append(fusion(report["fusion"], out / "fusion_weight.png", f"{prefix}recall against fusion weight"))
     return files
