@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .classify import DEFAULT_TEMPLATE, classification_report, probabilities, prompts
-from .config import preset
+from .config import preset, with_text_tower
 from .data import Pair, image_caption_pairs, read_pairs, read_split, select
 from .errors import ImageError, RetrievalError
 from .evaluate import DEFAULT_KS, Embeddings, fusion_sweep, recall_curve, relevant_ranks, retrieval_report, summarise
@@ -63,22 +63,27 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    text_tower: str = "own",
+    text_trainable_layers: int = 0,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train on the train split, select the best epoch on the validation split; return the run summary.
 
     `overrides` replace TrainConfig fields (epochs, batch_size, lr, loss, seed, ...); None means keep.
-    Without any split file, every pair trains and the last epoch is kept.
+    text_tower "minilm" puts the pretrained all-MiniLM-L6-v2 in place of our own text tower, locked, or
+    with its last text_trainable_layers layers trained. Without any split file, every pair trains and
+    the last epoch is kept.
     """
     from .train import train  # torch-heavy; imported only by the commands that train
 
     p = preset(preset_name)
+    model_cfg = with_text_tower(p.model, text_tower, text_trainable_layers)
     train_cfg = dataclasses.replace(p.train, **{k: v for k, v in overrides.items() if v is not None})
     has_split = split_file is not None or _default_split_file(data) is not None
     train_pairs = load_split_pairs(data, split_file, train_split if has_split else None)
     val_pairs = load_split_pairs(data, split_file, val_split) if has_split else []
     t0 = time.monotonic()
-    train(train_pairs, val_pairs, out, p.model, train_cfg, max_minutes, resume, progress, on_epoch)
+    train(train_pairs, val_pairs, out, model_cfg, train_cfg, max_minutes, resume, progress, on_epoch)
     summary = {"model": str(out), "minutes": (time.monotonic() - t0) / 60, "log": _read_log(Path(out))}
     (Path(out) / "train_done.json").write_text(json.dumps(summary, indent=2))
     return summary

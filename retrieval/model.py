@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .config import ImageTowerConfig, ModelConfig, TextTowerConfig, model_config_to_dict
 from .errors import RetrievalError
 from .images import load_image, preprocess
-from .modeldir import ARCHITECTURE, FORMAT_VERSION, read_model_config
+from .modeldir import ARCHITECTURE, FORMAT_VERSION, TEXT_TOWER_FILE, read_model_config
 from .tokenizer import PAD, Tokenizer
 
 Embeddings = npt.NDArray[np.float32]
@@ -93,13 +93,15 @@ class TextTower(nn.Module):
 
 
 class DualEncoder(nn.Module):
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer):
+    """Our image tower with our own text tower, or with a pretrained one (pretrained.py) passed in as text_tower."""
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, text_tower: nn.Module | None = None):
         super().__init__()
         if config.text.vocab_size != len(tokenizer):
             raise RetrievalError(f"config vocab_size {config.text.vocab_size} != tokenizer size {len(tokenizer)}")
         self.config, self.tokenizer = config, tokenizer
         self.image_tower = ImageTower(config.image)
-        self.text_tower = TextTower(config.text)
+        self.text_tower = text_tower if text_tower is not None else TextTower(config.text)
         self.image_proj = nn.Linear(self.image_tower.out_dim, config.embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text_tower.out_dim, config.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
@@ -108,15 +110,22 @@ class DualEncoder(nn.Module):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.image_tower(pixels)).float(), dim=-1)  # (B, D)
 
-    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text_tower(tokens)).float(), dim=-1)  # (B, D)
+    def text_features(self, text: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) run the text tower; float rows (B, W) are its outputs already (a locked tower's cache)."""
+        pooled = text if text.is_floating_point() else self.text_tower(text)  # (B, W)
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)  # (B, D)
+
+    @property
+    def text_locked(self) -> bool:
+        """True when no text tower weight trains, so its outputs can be computed once and cached."""
+        return not any(p.requires_grad for p in self.text_tower.parameters())
 
     def temperature(self) -> torch.Tensor:
         """exp(logit_scale), clamped at 100 as in CLIP so training cannot make the softmax one-hot."""
         return self.logit_scale.exp().clamp(max=100.0)
 
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.image_features(pixels), self.text_features(tokens), self.temperature()
+    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.image_features(pixels), self.text_features(text), self.temperature()
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         return self.tokenizer.encode(texts, self.config.text.context_length)
@@ -136,17 +145,30 @@ class DualEncoder(nn.Module):
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], batch_size: int = 512) -> Embeddings:
         """Texts -> (n, D) float32, unit norm. An empty text embeds as [BOS][EOS]; callers reject it earlier."""
-        out = [
-            self._run(self.text_features, torch.from_numpy(self.tokenize(texts[s : s + batch_size])))
-            for s in range(0, len(texts), batch_size)
-        ]
-        return _concat(out, self.config.embed_dim)
+        return self.project_text_outputs(self.text_tower_outputs(texts, batch_size))
+
+    @torch.no_grad()
+    def text_tower_outputs(self, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
+        """(n, W) float32 text tower outputs, before the projection. Texts run shortest first, so that a
+        tokenizer padding to the longest text of a batch pads little."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.zeros(len(texts), self.text_tower.out_dim)
+        for s in range(0, len(order), batch_size):
+            rows = order[s : s + batch_size]
+            tokens = torch.from_numpy(self.tokenize([texts[i] for i in rows]))
+            out[rows] = torch.from_numpy(self._run(self.text_tower, tokens))
+        return out
+
+    @torch.no_grad()
+    def project_text_outputs(self, outputs: torch.Tensor) -> Embeddings:
+        """(n, W) text tower outputs -> (n, D) float32, unit norm: encode_text after its tower."""
+        return self._run(self.text_features, outputs) if len(outputs) else _concat([], self.config.embed_dim)
 
     def _run(self, features, batch: torch.Tensor) -> np.ndarray:
         was_training = self.training
         self.eval()
         try:
-            return features(batch).numpy().astype(np.float32)
+            return features(batch).float().numpy()
         finally:
             self.train(was_training)
 
@@ -170,6 +192,8 @@ def save_model(model: DualEncoder, path: str | Path) -> Path:
         "tokenizer": "tokenizer.json",
     }
     model.tokenizer.save(path / "tokenizer.json")
+    if model.config.text.kind != "own":  # the pretrained tower's architecture; its weights go with ours below
+        (path / TEXT_TOWER_FILE).write_text(json.dumps(model.text_tower.hf_config, indent=2))
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, path / "model.safetensors.tmp")
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
@@ -182,7 +206,13 @@ def load_model(path: str | Path) -> DualEncoder:
     """Load a model directory written by save_model, in eval mode."""
     path = Path(path)
     config = read_model_config(path)
-    model = DualEncoder(config, Tokenizer.load(path / "tokenizer.json"))
+    if config.text.kind == "own":
+        model = DualEncoder(config, Tokenizer.load(path / "tokenizer.json"))
+    else:
+        from .pretrained import saved_text_tower
+
+        tower, tokenizer = saved_text_tower(path, config.text)
+        model = DualEncoder(config, tokenizer, tower)
     try:
         state = load_file(path / "model.safetensors")
         model.load_state_dict(state)

@@ -15,6 +15,7 @@ from .errors import RetrievalError
 FORMAT_VERSION = 1
 ARCHITECTURE = "retrieval-dual-encoder"
 FILES = ("config.json", "tokenizer.json", "model.safetensors")
+TEXT_TOWER_FILE = "text_tower.json"  # only beside a pretrained text tower: its checkpoint's architecture
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
@@ -40,7 +41,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
 def fingerprint(path: str | Path) -> str:
     """sha256 over the model's files: an index built with one model refuses queries from another."""
     h = hashlib.sha256()
-    for name in FILES:
+    for name in FILES + ((TEXT_TOWER_FILE,) if (Path(path) / TEXT_TOWER_FILE).is_file() else ()):
         try:
             h.update(name.encode() + b"\0" + (Path(path) / name).read_bytes())
         except OSError as e:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from .errors import RetrievalError
 from .index import IndexStore
-from .modeldir import fingerprint
+from .modeldir import fingerprint, read_model_config
 
 TARGETS = ("item", "image", "text")
 MAX_QUERY_CHARS = 10_000  # beyond this a "query" is a document; the tokenizer would cut it anyway
@@ -125,25 +125,32 @@ class Index:
         return self.embed_texts([text])[0]
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """(n, d) unit vectors from the numpy text tower: no torch."""
+        """(n, d) unit vectors: our own text tower runs in numpy (no torch import); a pretrained one in torch."""
         for text in texts:
             if not text.strip():
                 raise RetrievalError("the text query is empty; type some words")
             if len(text) > MAX_QUERY_CHARS:
                 raise RetrievalError(f"the text query is {len(text)} characters; keep it under {MAX_QUERY_CHARS}")
         if self._text_encoder is None:
-            from .text_numpy import NumpyTextEncoder
+            if read_model_config(self.model_dir).text.kind == "own":
+                from .text_numpy import NumpyTextEncoder
 
-            self._text_encoder = NumpyTextEncoder.load(self.model_dir)
+                self._text_encoder = NumpyTextEncoder.load(self.model_dir)
+            else:
+                self._text_encoder = self.model()
         chunks = [self._text_encoder.encode_text(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.store.manifest.dim), np.float32)
 
-    def embed_image(self, image: str | Path | Image.Image) -> np.ndarray:
+    def model(self) -> Any:
+        """The torch model, loaded on first use: only image queries and pretrained text towers pay for torch."""
         if self._model is None:
-            from .model import load_model  # torch: paid only by image queries
+            from .model import load_model
 
             self._model = load_model(self.model_dir)
-        return self._model.encode_image([image])[0]
+        return self._model
+
+    def embed_image(self, image: str | Path | Image.Image) -> np.ndarray:
+        return self.model().encode_image([image])[0]
 
     def embed_item(self, item_id: str) -> np.ndarray:
         """'More like this': the stored vector of an indexed item, its image if it has one."""
