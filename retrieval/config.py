@@ -15,6 +15,7 @@ from .errors import RetrievalError
 
 LOSSES = ("clip", "siglip")  # loss.py holds the functions; named here so the CLI need not import torch
 TEXT_TOWERS = ("own", "minilm")  # own: trained here from scratch; minilm: pretrained all-MiniLM-L6-v2 (pretrained.py)
+FINETUNE_LR = 1e-5  # peak learning rate when fine-tuning a pretrained CLIP/SigLIP (--init): it must not forget
 PRETRAINED_CONTEXT = 128  # wordpiece tokens per caption for a pretrained text tower (its tokenizer's own cut)
 
 

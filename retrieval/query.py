@@ -22,7 +22,7 @@ from PIL import Image
 
 from .errors import RetrievalError
 from .index import IndexStore
-from .modeldir import fingerprint, read_model_config
+from .modeldir import ModelRef, fingerprint, numpy_text
 
 TARGETS = ("item", "image", "text")
 MAX_QUERY_CHARS = 10_000  # beyond this a "query" is a document; the tokenizer would cut it anyway
@@ -102,16 +102,16 @@ def ranked_with_margin(index: faiss.Index, qv: np.ndarray, k: int | None, theta:
 class Index:
     """An index opened for search: `Index.open(path).search(text="a dog on a beach", k=10)`."""
 
-    def __init__(self, store: IndexStore, model_dir: Path):
+    def __init__(self, store: IndexStore, model_dir: ModelRef):
         self.store, self.model_dir = store, model_dir
         self._text_encoder = None
         self._model = None
 
     @classmethod
-    def open(cls, path: str | Path, model: str | Path | None = None) -> Index:
-        """Open for search; `model` overrides the model directory named in the manifest (same weights only)."""
+    def open(cls, path: str | Path, model: ModelRef | None = None) -> Index:
+        """Open for search; `model` overrides the model named in the manifest (same weights only)."""
         store = IndexStore.open(path)
-        model_dir = Path(model) if model else Path(store.manifest.model)
+        model_dir = model or store.manifest.model
         got = fingerprint(model_dir)
         if got != store.manifest.fingerprint:
             raise RetrievalError(
@@ -132,7 +132,7 @@ class Index:
             if len(text) > MAX_QUERY_CHARS:
                 raise RetrievalError(f"the text query is {len(text)} characters; keep it under {MAX_QUERY_CHARS}")
         if self._text_encoder is None:
-            if read_model_config(self.model_dir).text.kind == "own":
+            if numpy_text(self.model_dir):
                 from .text_numpy import NumpyTextEncoder
 
                 self._text_encoder = NumpyTextEncoder.load(self.model_dir)
