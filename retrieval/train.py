@@ -262,6 +262,8 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_pairs: Seq
         if freeze:
             model.freeze(freeze)
     else:
+        if state is not None and not state["model_config"]:
+            raise RetrievalError("this run fine-tunes a Hugging Face checkpoint: resume it with the same --init hf:...")
         model_cfg = model_config_from_dict(json.loads(state["model_config"])) if state else loss_init(model_cfg, train_cfg.loss)
         tokenizer, text_tower, model_cfg = text_side(model_cfg, train_pairs, state)
         model = DualEncoder(model_cfg, tokenizer, text_tower)

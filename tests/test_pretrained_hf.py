@@ -128,14 +128,17 @@ def test_a_frozen_side_does_not_change(clip: Path, small_data: Path, tmp_path: P
     assert any(not torch.equal(tuned[k], original[k]) for k in original if not k.startswith(locked))
 
 
-def test_siglip_fine_tunes_with_its_own_loss(small_data: Path, tmp_path: Path) -> None:
+def test_siglip_fine_tunes_with_its_own_loss_and_resumes(small_data: Path, tmp_path: Path) -> None:
     siglip = tiny_checkpoint(tmp_path / "siglip", "siglip")
-    args = ["train", "--data", str(small_data), "--out", str(tmp_path / "t"), "--init", f"hf:{siglip}", "--epochs", "1",
-            "--batch-size", "16"]
-    code, text = run(*args)
+    args = ["train", "--data", str(small_data), "--out", str(tmp_path / "t"), "--batch-size", "16"]
+    code, text = run(*args, "--init", f"hf:{siglip}", "--epochs", "1")
     assert code == 0, text
     assert load_model(f"hf:{tmp_path / 't'}").family == "siglip"
-    code, text = run(*args, "--loss", "clip")
+    code, text = run(*args, "--init", f"hf:{siglip}", "--epochs", "2", "--resume")
+    assert code == 0 and [e["epoch"] for e in read_log(tmp_path / "t")] == [1, 2], text
+    code, text = run(*args, "--epochs", "3", "--resume")
+    assert code == 1 and "resume it with the same --init" in text
+    code, text = run(*args, "--init", f"hf:{siglip}", "--loss", "clip")
     assert code == 1 and "--loss siglip" in text
 
 

@@ -75,12 +75,13 @@ def test_tower_gives_the_published_sentence_embedding() -> None:
     np.testing.assert_allclose(ours, reference.encode(TEXTS, normalize_embeddings=True), atol=1e-5)
 
 
-def test_locked_training_caches_the_tower_and_leaves_it_unchanged(synth_data: Path, tmp_path: Path, tower_calls) -> None:
+def test_locked_training_caches_the_tower_resumes_and_leaves_it_unchanged(synth_data: Path, tmp_path: Path, tower_calls) -> None:
     out = tmp_path / "m"
-    train(synth_data, out)
+    train(synth_data, out, "--epochs", "1")
     n_captions = len({c for p in read_pairs(synth_data) for c in p.captions})
     assert sum(tower_calls) == n_captions, "each caption runs through the locked tower once, before training"
-    assert len(read_log(out)) == 2 and read_log(out)[-1]["val"]["text_to_image"]["R@10"] > 0
+    train(synth_data, out, "--epochs", "2", "--resume")
+    assert [e["epoch"] for e in read_log(out)] == [1, 2] and read_log(out)[-1]["val"]["text_to_image"]["R@10"] > 0
     saved = load_file(out / "model.safetensors")
     for name, weight in package_weights().items():
         if not name.startswith("pooler") and name != "embeddings.position_ids":
@@ -117,7 +118,8 @@ def test_index_answers_text_queries_with_the_torch_tower(minilm_model: Path, syn
     np.testing.assert_allclose(index.embed_text(query), load_model(minilm_model).encode_text([query])[0], atol=1e-6)
     hits = index.search(text=query, k=5, target="text")
     model, pairs = load_model(minilm_model), read_pairs(synth_data)
-    item_vectors = np.stack([caption_vector(model.encode_text(p.captions)) for p in pairs])
+    emb, ends = model.encode_text([c for p in pairs for c in p.captions]), np.cumsum([len(p.captions) for p in pairs])
+    item_vectors = np.stack([caption_vector(emb[e - len(p.captions) : e]) for p, e in zip(pairs, ends)])
     best = np.argsort(-(item_vectors @ model.encode_text([query])[0]), kind="stable")[:5]
     assert [h.id for h in hits] == [pairs[i].id for i in best]
     result = CliRunner().invoke(main, ["search", "--index", str(tmp_path / "idx"), "--text", query, "--k", "3"])
