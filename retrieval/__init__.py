@@ -8,7 +8,7 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "DualEncoder": "model", "load_model": "model", "save_model": "model",
+    "DualEncoder": "model", "Encoder": "model", "load_model": "model", "save_model": "model",
     "Index": "query", "Hit": "query",
     "build_index": "indexing", "remove_items": "indexing",
     "Pair": "data", "read_pairs": "data", "read_split": "data",

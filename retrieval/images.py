@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -191,25 +193,80 @@ def color_jitter(
     return img
 
 
-def to_array(img: Image.Image) -> ImageArray:
-    """RGB image -> float32 (3, H, W), scaled to [0, 1] then normalised with MEAN/STD."""
+def to_array(img: Image.Image, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> ImageArray:
+    """RGB image -> float32 (3, H, W), scaled to [0, 1] then normalised with mean/std."""
     a = np.asarray(to_rgb(img), dtype=np.float32) / 255  # (H, W, 3)
-    a = (a - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(a.transpose(2, 0, 1))  # (3, H, W)
 
 
 def preprocess(img: Image.Image, size: int) -> ImageArray:
-    """Eval path: centre crop, so the same image always gives the same embedding."""
-    return to_array(resize_center_crop(img, size))
+    """Eval path for our towers: centre crop, so the same image always gives the same embedding."""
+    return Transform(size).preprocess(img)
 
 
 def augment(img: Image.Image, size: int, rng: np.random.Generator) -> ImageArray:
-    """Train path: random resized crop and colour jitter; deterministic for a given rng state."""
-    # No horizontal flip: captions say "left of" / "right of", and a mirrored image
-    # would make those captions wrong.
-    return to_array(color_jitter(random_resized_crop(img, size, rng), rng))
+    """Train path for our towers: random resized crop and colour jitter; deterministic for a given rng state."""
+    return Transform(size).augment(img, rng)
 
 
 def load_pixels(path: str | Path, size: int) -> ImageArray:
-    """File -> model input in one call: decode (JPEG drafted to `size`) and preprocess. Raises ImageError."""
-    return preprocess(load_image(path, size_hint=size), size)
+    """File -> our towers' input in one call: decode (JPEG drafted to `size`) and preprocess. Raises ImageError."""
+    return Transform(size).load(path)
+
+
+RESIZE_MODES = ("crop", "shortest_edge", "squash")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How one model turns an image into its input: our towers' way (the defaults), or the way a pretrained
+    checkpoint's image processor does it, so that it sees the inputs it was trained on.
+
+    resize: `crop` is ours (the centred square, resampled once); `shortest_edge` is Hugging Face's CLIP
+    processor (shorter side to `resize_to`, then the centred size x size); `squash` is SigLIP's (the whole
+    image to size x size, aspect ratio not kept).
+    """
+
+    size: int  # side of the square model input
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
+    resize: str = "crop"
+    resize_to: int = 0  # shortest_edge only: the shorter side before the centre crop
+    resample: int = Image.Resampling.BICUBIC
+
+    def __post_init__(self) -> None:
+        assert self.resize in RESIZE_MODES, self.resize
+
+    def preprocess(self, img: Image.Image) -> ImageArray:
+        """Eval path: the same image always gives the same input."""
+        if self.resize == "crop":
+            img = resize_center_crop(img, self.size)
+        elif self.resize == "squash":
+            img = to_rgb(img).resize((self.size, self.size), self.resample)
+        else:  # as transformers' get_resize_output_image_size + center_crop compute it
+            img = to_rgb(img)
+            w, h = img.size
+            short, long = min(w, h), max(w, h)
+            new_long = int(self.resize_to * long / short)
+            img = img.resize((self.resize_to, new_long) if w <= h else (new_long, self.resize_to), self.resample)
+            left, top = (img.size[0] - self.size) // 2, (img.size[1] - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        return to_array(img, self.mean, self.std)
+
+    def augment(self, img: Image.Image, rng: np.random.Generator) -> ImageArray:
+        """Train path: random resized crop and colour jitter, normalised for this model. No horizontal flip:
+        captions say "left of" / "right of", and a mirrored image would make those captions wrong."""
+        return to_array(color_jitter(random_resized_crop(img, self.size, rng), rng), self.mean, self.std)
+
+    def bank(self, img: Image.Image, side: int) -> Image.Image:
+        """The small square a training bank keeps: squashed for a squashing model, else the centre."""
+        return img.resize((side, side), Image.Resampling.BICUBIC) if self.resize == "squash" else resize_center_crop(img, side)
+
+    def load_image(self, path: str | Path) -> Image.Image:
+        """Decode, a JPEG drafted down to no smaller than this transform resizes to. Raises ImageError."""
+        return load_image(path, size_hint=max(self.size, self.resize_to))
+
+    def load(self, path: str | Path) -> ImageArray:
+        """File -> model input: decode and preprocess. Raises ImageError."""
+        return self.preprocess(self.load_image(path))

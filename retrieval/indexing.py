@@ -21,9 +21,8 @@ from tqdm import tqdm
 
 from .data import Pair, read_pairs
 from .errors import ImageError, RetrievalError
-from .images import load_pixels
 from .index import FAISS_FILE, INDEX_TYPES, MANIFEST_FILE, IndexStore, Item, Manifest, choose_index_type, min_items
-from .modeldir import fingerprint, read_model_config
+from .modeldir import ModelRef, canonical, embed_dim, fingerprint
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes the FAISS index may take when --index-type auto chooses
 
@@ -76,7 +75,7 @@ def image_key(path: Path) -> str:
 
 def build_index(
     source: str | Path,
-    model_dir: str | Path,
+    model_dir: ModelRef,
     index_path: str | Path,
     index_type: str | None = None,
     exclude: Sequence[str] = (),
@@ -89,7 +88,7 @@ def build_index(
     from .model import load_model  # torch: only the commands that encode pay for it
 
     t0 = time.perf_counter()
-    index_path, model_dir = Path(index_path), Path(model_dir)
+    index_path = Path(index_path)
     if index_type is not None and index_type not in INDEX_TYPES:
         raise RetrievalError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     pairs = list_source(source, exclude)
@@ -102,9 +101,9 @@ def build_index(
         store = IndexStore.open(index_path)
         check_model(store.manifest, model_fp, model_dir)
     else:
-        dim = read_model_config(model_dir).embed_dim
+        dim = embed_dim(model_dir)
         chosen = index_type if index_type not in (None, "auto") else choose_index_type(len(pairs), dim, memory_budget)
-        store = IndexStore.create(index_path, Manifest(str(model_dir.resolve()), model_fp, dim, chosen))
+        store = IndexStore.create(index_path, Manifest(canonical(model_dir), model_fp, dim, chosen))
     settings = (store.manifest.index_type, dict(store.manifest.params))
     if index_type not in (None, "auto"):
         store.manifest.index_type = index_type
@@ -144,7 +143,7 @@ def build_index(
     return report
 
 
-def check_model(manifest: Manifest, model_fp: str, model_dir: Path) -> None:
+def check_model(manifest: Manifest, model_fp: str, model_dir: ModelRef) -> None:
     if manifest.fingerprint != model_fp:
         raise RetrievalError(
             f"model mismatch: the index was built with model {manifest.fingerprint} ({manifest.model}), "
@@ -154,14 +153,13 @@ def check_model(manifest: Manifest, model_fp: str, model_dir: Path) -> None:
 
 def encode_batch(model, store: IndexStore, batch: Sequence[Pair], pool: ThreadPoolExecutor) -> tuple[list[Item], dict[str, np.ndarray], list[str]]:
     """Items for one batch with the vectors not stored yet; unreadable images are skipped with a message."""
-    size = model.config.image.image_size
 
     def prepare(pair: Pair) -> tuple[str | None, np.ndarray | None, str | None]:
         if pair.image is None:
             return None, None, None
         try:
             key = image_key(pair.image)
-            return key, load_pixels(pair.image, size), None
+            return key, model.transform.load(pair.image), None
         except ImageError as e:
             return None, None, str(e)
 

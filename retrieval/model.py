@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import ImageTowerConfig, ModelConfig, TextTowerConfig, model_config_to_dict
 from .errors import RetrievalError
-from .images import load_image, preprocess
-from .modeldir import ARCHITECTURE, FORMAT_VERSION, read_model_config
+from .images import Transform
+from .modeldir import ARCHITECTURE, FORMAT_VERSION, TEXT_TOWER_FILE, ModelRef, hf_name, read_model_config
 from .tokenizer import PAD, Tokenizer
 
 Embeddings = npt.NDArray[np.float32]
@@ -92,14 +92,99 @@ class TextTower(nn.Module):
         return (h * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, W)
 
 
-class DualEncoder(nn.Module):
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer):
+class Encoder(nn.Module):
+    """What the engine asks of any model: encode_image / encode_text, and for training forward and temperature.
+
+    A subclass supplies image_features and text_features (normalised (B, D), differentiable), text_outputs
+    (what a locked text side computes before text_features takes over, so it can be cached), tokenize,
+    temperature, text_parameters, and the attributes transform (images.Transform), embed_dim, text_width.
+    """
+
+    transform: Transform
+    embed_dim: int
+    text_width: int  # width of text_outputs' rows
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_features(self, text: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) run the whole text side; float rows (B, W) are text_outputs already (a cache)."""
+        raise NotImplementedError
+
+    def text_outputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def temperature(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_parameters(self) -> Iterator[nn.Parameter]:
+        raise NotImplementedError
+
+    @property
+    def text_locked(self) -> bool:
+        """True when nothing before text_outputs' end trains, so its outputs can be computed once and cached."""
+        return not any(p.requires_grad for p in self.text_parameters())
+
+    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.image_features(pixels), self.text_features(text), self.temperature()
+
+    @torch.no_grad()
+    def encode_image(self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 128) -> Embeddings:
+        """Images (PIL, paths, or an already preprocessed (n, 3, S, S) array) -> (n, D) float32, unit norm."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            if not isinstance(chunk, np.ndarray):
+                chunk = np.stack([self.transform.preprocess(_as_image(x, self.transform)) for x in chunk])
+            out.append(self._run(self.image_features, torch.from_numpy(chunk)))
+        return _concat(out, self.embed_dim)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 512) -> Embeddings:
+        """Texts -> (n, D) float32, unit norm. An empty text embeds as [BOS][EOS]; callers reject it earlier."""
+        return self.project_text_outputs(self.text_tower_outputs(texts, batch_size))
+
+    @torch.no_grad()
+    def text_tower_outputs(self, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
+        """(n, W) float32 text_outputs. Texts run shortest first, so that a tokenizer padding to the longest
+        text of a batch pads little."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.zeros(len(texts), self.text_width)
+        for s in range(0, len(order), batch_size):
+            rows = order[s : s + batch_size]
+            tokens = torch.from_numpy(self.tokenize([texts[i] for i in rows]))
+            out[rows] = torch.from_numpy(self._run(self.text_outputs, tokens))
+        return out
+
+    @torch.no_grad()
+    def project_text_outputs(self, outputs: torch.Tensor) -> Embeddings:
+        """(n, W) text_outputs -> (n, D) float32, unit norm: the rest of encode_text."""
+        return self._run(self.text_features, outputs) if len(outputs) else _concat([], self.embed_dim)
+
+    def _run(self, features, batch: torch.Tensor) -> np.ndarray:
+        was_training = self.training
+        self.eval()
+        try:
+            return features(batch).float().numpy()
+        finally:
+            self.train(was_training)
+
+
+class DualEncoder(Encoder):
+    """Our image tower with our own text tower, or with a pretrained one (pretrained.py) passed in as text_tower."""
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, text_tower: nn.Module | None = None):
         super().__init__()
         if config.text.vocab_size != len(tokenizer):
             raise RetrievalError(f"config vocab_size {config.text.vocab_size} != tokenizer size {len(tokenizer)}")
         self.config, self.tokenizer = config, tokenizer
+        self.transform, self.embed_dim = Transform(config.image.image_size), config.embed_dim
         self.image_tower = ImageTower(config.image)
-        self.text_tower = TextTower(config.text)
+        self.text_tower = text_tower if text_tower is not None else TextTower(config.text)
+        self.text_width = self.text_tower.out_dim
         self.image_proj = nn.Linear(self.image_tower.out_dim, config.embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text_tower.out_dim, config.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
@@ -108,51 +193,30 @@ class DualEncoder(nn.Module):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.image_tower(pixels)).float(), dim=-1)  # (B, D)
 
-    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text_tower(tokens)).float(), dim=-1)  # (B, D)
+    def text_features(self, text: torch.Tensor) -> torch.Tensor:
+        pooled = text if text.is_floating_point() else self.text_tower(text)  # (B, W)
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)  # (B, D)
+
+    def text_outputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The text tower's pooled output, before the projection (which trains even when the tower is locked)."""
+        return self.text_tower(tokens)  # (B, W)
+
+    def text_parameters(self) -> Iterator[nn.Parameter]:
+        return self.text_tower.parameters()
 
     def temperature(self) -> torch.Tensor:
         """exp(logit_scale), clamped at 100 as in CLIP so training cannot make the softmax one-hot."""
         return self.logit_scale.exp().clamp(max=100.0)
 
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.image_features(pixels), self.text_features(tokens), self.temperature()
-
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         return self.tokenizer.encode(texts, self.config.text.context_length)
 
-    @torch.no_grad()
-    def encode_image(self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 128) -> Embeddings:
-        """Images (PIL, paths, or an already preprocessed (n, 3, S, S) array) -> (n, D) float32, unit norm."""
-        size = self.config.image.image_size
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            if not isinstance(chunk, np.ndarray):
-                chunk = np.stack([preprocess(_as_image(x, size), size) for x in chunk])
-            out.append(self._run(self.image_features, torch.from_numpy(chunk)))
-        return _concat(out, self.config.embed_dim)
-
-    @torch.no_grad()
-    def encode_text(self, texts: Sequence[str], batch_size: int = 512) -> Embeddings:
-        """Texts -> (n, D) float32, unit norm. An empty text embeds as [BOS][EOS]; callers reject it earlier."""
-        out = [
-            self._run(self.text_features, torch.from_numpy(self.tokenize(texts[s : s + batch_size])))
-            for s in range(0, len(texts), batch_size)
-        ]
-        return _concat(out, self.config.embed_dim)
-
-    def _run(self, features, batch: torch.Tensor) -> np.ndarray:
-        was_training = self.training
-        self.eval()
-        try:
-            return features(batch).numpy().astype(np.float32)
-        finally:
-            self.train(was_training)
+    def save(self, path: str | Path) -> Path:
+        return save_model(self, path)
 
 
-def _as_image(x: ImageLike, size: int) -> Image.Image:
-    return x if isinstance(x, Image.Image) else load_image(x, size_hint=size)
+def _as_image(x: ImageLike, transform: Transform) -> Image.Image:
+    return x if isinstance(x, Image.Image) else transform.load_image(x)
 
 
 def _concat(parts: list[np.ndarray], dim: int) -> Embeddings:
@@ -170,6 +234,8 @@ def save_model(model: DualEncoder, path: str | Path) -> Path:
         "tokenizer": "tokenizer.json",
     }
     model.tokenizer.save(path / "tokenizer.json")
+    if model.config.text.kind != "own":  # the pretrained tower's architecture; its weights go with ours below
+        (path / TEXT_TOWER_FILE).write_text(json.dumps(model.text_tower.hf_config, indent=2))
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, path / "model.safetensors.tmp")
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
@@ -178,11 +244,21 @@ def save_model(model: DualEncoder, path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path) -> DualEncoder:
-    """Load a model directory written by save_model, in eval mode."""
-    path = Path(path)
+def load_model(ref: ModelRef) -> Encoder:
+    """Load a model directory written by save_model, or an `hf:` checkpoint (pretrained.py), in eval mode."""
+    if hf_name(ref) is not None:
+        from .pretrained import load_hf
+
+        return load_hf(ref)
+    path = Path(ref)
     config = read_model_config(path)
-    model = DualEncoder(config, Tokenizer.load(path / "tokenizer.json"))
+    if config.text.kind == "own":
+        model = DualEncoder(config, Tokenizer.load(path / "tokenizer.json"))
+    else:
+        from .pretrained import saved_text_tower
+
+        tower, tokenizer = saved_text_tower(path, config.text)
+        model = DualEncoder(config, tokenizer, tower)
     try:
         state = load_file(path / "model.safetensors")
         model.load_state_dict(state)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .errors import RetrievalError
 from .index import IndexStore
-from .modeldir import fingerprint
+from .modeldir import ModelRef, fingerprint, numpy_text
 
 TARGETS = ("item", "image", "text")
 FEW_QUERIES = 8  # up to this many queries in one call, FAISS runs on one thread (see faiss_threads)
@@ -117,16 +117,16 @@ def ranked_with_margin(index: faiss.Index, qv: np.ndarray, k: int | None, theta:
 class Index:
     """An index opened for search: `Index.open(path).search(text="a dog on a beach", k=10)`."""
 
-    def __init__(self, store: IndexStore, model_dir: Path):
+    def __init__(self, store: IndexStore, model_dir: ModelRef):
         self.store, self.model_dir = store, model_dir
         self._text_encoder = None
         self._model = None
 
     @classmethod
-    def open(cls, path: str | Path, model: str | Path | None = None) -> Index:
-        """Open for search; `model` overrides the model directory named in the manifest (same weights only)."""
+    def open(cls, path: str | Path, model: ModelRef | None = None) -> Index:
+        """Open for search; `model` overrides the model named in the manifest (same weights only)."""
         store = IndexStore.open(path)
-        model_dir = Path(model) if model else Path(store.manifest.model)
+        model_dir = model or store.manifest.model
         got = fingerprint(model_dir)
         if got != store.manifest.fingerprint:
             raise RetrievalError(
@@ -140,25 +140,32 @@ class Index:
         return self.embed_texts([text])[0]
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """(n, d) unit vectors from the numpy text tower: no torch."""
+        """(n, d) unit vectors: our own text tower runs in numpy (no torch import); a pretrained one in torch."""
         for text in texts:
             if not text.strip():
                 raise RetrievalError("the text query is empty; type some words")
             if len(text) > MAX_QUERY_CHARS:
                 raise RetrievalError(f"the text query is {len(text)} characters; keep it under {MAX_QUERY_CHARS}")
         if self._text_encoder is None:
-            from .text_numpy import NumpyTextEncoder
+            if numpy_text(self.model_dir):
+                from .text_numpy import NumpyTextEncoder
 
-            self._text_encoder = NumpyTextEncoder.load(self.model_dir)
+                self._text_encoder = NumpyTextEncoder.load(self.model_dir)
+            else:
+                self._text_encoder = self.model()
         chunks = [self._text_encoder.encode_text(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.store.manifest.dim), np.float32)
 
-    def embed_image(self, image: str | Path | Image.Image) -> np.ndarray:
+    def model(self) -> Any:
+        """The torch model, loaded on first use: only image queries and pretrained text towers pay for torch."""
         if self._model is None:
-            from .model import load_model  # torch: paid only by image queries
+            from .model import load_model
 
             self._model = load_model(self.model_dir)
-        return self._model.encode_image([image])[0]
+        return self._model
+
+    def embed_image(self, image: str | Path | Image.Image) -> np.ndarray:
+        return self.model().encode_image([image])[0]
 
     def embed_item(self, item_id: str) -> np.ndarray:
         """'More like this': the stored vector of an indexed item, its image if it has one."""

@@ -31,6 +31,7 @@ def split_words(text: str) -> list[str]:
 
 
 class Tokenizer:
+    pad_id = PAD
     def __init__(self, vocab: Sequence[str]):
         if tuple(vocab[: len(SPECIALS)]) != SPECIALS:
             raise RetrievalError(f"tokenizer vocabulary must start with {SPECIALS}")

@@ -11,12 +11,13 @@ epoch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,9 @@ from .config import ModelConfig, TrainConfig, loss_init, model_config_from_dict,
 from .data import Pair, image_caption_pairs
 from .errors import ImageError, RetrievalError
 from .evaluate import retrieval_report
-from .images import augment, load_image, preprocess, resize_center_crop
+from .images import Transform, load_image
 from .loss import clip_loss, siglip_loss
-from .model import DualEncoder, save_model
+from .model import DualEncoder, Encoder
 from .tokenizer import Tokenizer
 
 STATE_FILE = "train_state.pt"
@@ -51,13 +52,13 @@ class ImageBank:
     skipped: list[tuple[Pair, str]]
 
 
-def bank_images(pairs: Sequence[Pair], image_size: int, progress: bool = True) -> ImageBank:
+def bank_images(pairs: Sequence[Pair], transform: Transform, progress: bool = True) -> ImageBank:
     """Decode every image once (two threads: Pillow releases the GIL); unreadable ones are skipped."""
-    side = round(image_size * LOAD_MARGIN)
+    side = round(transform.size * LOAD_MARGIN)
 
     def load(pair: Pair) -> np.ndarray | str:
         try:
-            return np.asarray(resize_center_crop(load_image(pair.image, size_hint=side), side))
+            return np.asarray(transform.bank(load_image(pair.image, size_hint=side), side))
         except ImageError as e:
             return str(e)
 
@@ -73,11 +74,31 @@ def bank_images(pairs: Sequence[Pair], image_size: int, progress: bool = True) -
     return bank
 
 
-class PairDataset(torch.utils.data.Dataset):
-    """(pixels, tokens) for image i and one of its captions, drawn from a generator seeded by (seed, epoch, i)."""
+class TextCache:
+    """A locked text tower's output for every caption, computed once before training: each step then runs
+    only the text projection, so training spends its time on images."""
 
-    def __init__(self, bank: ImageBank, tokenizer: Tokenizer, model_cfg: ModelConfig, train_cfg: TrainConfig):
-        self.bank, self.tokenizer, self.model_cfg, self.train_cfg = bank, tokenizer, model_cfg, train_cfg
+    def __init__(self, model: Encoder, captions: Iterable[str], progress: bool = True, chunk: int = 4096):
+        unique = sorted(set(captions), key=lambda c: (len(c), c))  # by length: batches pad little
+        self.row = {c: i for i, c in enumerate(unique)}
+        parts = [model.text_tower_outputs(unique[s : s + chunk]) for s in
+                 tqdm(range(0, len(unique), chunk), desc=f"encode {len(unique)} captions", disable=not progress)]
+        self.outputs = torch.cat(parts) if parts else torch.zeros(0, model.text_width)  # (N, W)
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.outputs[[self.row[t] for t in texts]]  # (n, W)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(pixels, text) for image i and one of its captions, drawn from a generator seeded by (seed, epoch, i).
+
+    text is the caption's token ids, or its cached text tower output when the tower is locked.
+    """
+
+    def __init__(self, bank: ImageBank, tokenize: Callable[[Sequence[str]], np.ndarray], transform: Transform,
+                 train_cfg: TrainConfig, text_cache: TextCache | None = None):
+        self.bank, self.tokenize, self.transform, self.train_cfg = bank, tokenize, transform, train_cfg
+        self.text_cache = text_cache
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -85,11 +106,19 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.train_cfg.seed, self.epoch, i))
-        img, size = Image.fromarray(self.bank.images[i]), self.model_cfg.image.image_size
-        pixels = augment(img, size, rng) if self.train_cfg.augment else preprocess(img, size)
+        img = Image.fromarray(self.bank.images[i])
+        pixels = self.transform.augment(img, rng) if self.train_cfg.augment else self.transform.preprocess(img)
         captions = self.bank.pairs[i].captions
-        tokens = self.tokenizer.encode([captions[rng.integers(len(captions))]], self.model_cfg.text.context_length)
-        return torch.from_numpy(pixels), torch.from_numpy(tokens[0])
+        caption = captions[rng.integers(len(captions))]
+        if self.text_cache is not None:
+            return torch.from_numpy(pixels), self.text_cache([caption])[0]
+        return torch.from_numpy(pixels), torch.from_numpy(self.tokenize([caption])[0])
+
+
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack pixels; pad token ids to the batch's longest caption (a pretrained tokenizer does not pad)."""
+    pixels, texts = zip(*batch)
+    return torch.stack(pixels), torch.nn.utils.rnn.pad_sequence(list(texts), batch_first=True, padding_value=pad_id)
 
 
 def lr_factor(progress: float, warmup_fraction: float) -> float:
@@ -104,19 +133,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     """Decay weight matrices and conv kernels only; norms, biases, embeddings' scales and the temperature not."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # a locked pretrained tower
+            continue
         (decay if p.ndim >= 2 and "position_embedding" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def evaluate_bank(model: DualEncoder, bank: ImageBank, batch_size: int) -> dict[str, Any]:
+def evaluate_bank(model: Encoder, bank: ImageBank, batch_size: int, text_cache: TextCache | None = None) -> dict[str, Any]:
     """Held-out recall on banked images (centre crop) and all their captions."""
-    size = model.config.image.image_size
-    pixels = np.stack([preprocess(Image.fromarray(a), size) for a in bank.images])
+    pixels = np.stack([model.transform.preprocess(Image.fromarray(a)) for a in bank.images])
     texts = [c for p in bank.pairs for c in p.captions]
     text_image = np.array([i for i, p in enumerate(bank.pairs) for _ in p.captions])
-    return retrieval_report(
-        model.encode_image(pixels, batch_size), model.encode_text(texts, batch_size), text_image
-    )
+    text_emb = model.project_text_outputs(text_cache(texts)) if text_cache else model.encode_text(texts, batch_size)
+    return retrieval_report(model.encode_image(pixels, batch_size), text_emb, text_image)
 
 
 def selection_score(report: dict[str, Any]) -> float:
@@ -134,36 +163,36 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    init: str | None = None,
+    freeze: str | None = None,
 ) -> Path:
-    """Train, keep the best model by held-out rsum in `out`, and return `out`."""
+    """Train, keep the best model by held-out rsum in `out`, and return `out`.
+
+    init: an `hf:` CLIP/SigLIP checkpoint to fine-tune instead of training our towers (model_cfg unused);
+    freeze: "image" or "text", the side of it kept locked.
+    """
     out = Path(out)
     train_pairs, val_pairs = image_caption_pairs(train_pairs), image_caption_pairs(val_pairs)[:MAX_EVAL_IMAGES]
     if not train_pairs:
         raise RetrievalError("no training pairs with both an image and a caption; check the manifest and split")
     torch.manual_seed(train_cfg.seed)
     state = _load_state(out) if resume else None
-    if state is not None:
-        tokenizer, model_cfg = Tokenizer(state["vocab"]), model_config_from_dict(json.loads(state["model_config"]))
-    else:
-        tokenizer = Tokenizer.train(c for p in train_pairs for c in p.captions)
-        model_cfg = dataclasses.replace(
-            loss_init(model_cfg, train_cfg.loss), text=dataclasses.replace(model_cfg.text, vocab_size=len(tokenizer))
-        )
-    size = model_cfg.image.image_size
-    train_bank, val_bank = bank_images(train_pairs, size, progress), bank_images(val_pairs, size, progress)
+    model = build_model(model_cfg, train_cfg, train_pairs, state, init, freeze).to(memory_format=torch.channels_last)
+    train_bank, val_bank = bank_images(train_pairs, model.transform, progress), bank_images(val_pairs, model.transform, progress)
     if len(train_bank.images) < 2:
         raise RetrievalError(f"only {len(train_bank.images)} readable training image(s); need at least 2")
 
-    model = DualEncoder(model_cfg, tokenizer).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     start_epoch, best, elapsed_before = 0, -1.0, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, best, elapsed_before = state["epoch"] + 1, state["best"], state["elapsed"]
+    text_cache = None
+    if model.text_locked:
+        text_cache = TextCache(model, (c for p in train_bank.pairs + val_bank.pairs for c in p.captions), progress)
     out.mkdir(parents=True, exist_ok=True)
 
-    dataset = PairDataset(train_bank, tokenizer, model_cfg, train_cfg)
+    dataset = PairDataset(train_bank, model.tokenize, model.transform, train_cfg, text_cache)
     steps_per_epoch = len(dataset) // min(train_cfg.batch_size, len(dataset))
     total_steps = steps_per_epoch * train_cfg.epochs
     budget = max_minutes * 60 if max_minutes else math.inf
@@ -178,27 +207,28 @@ def train(
             drop_last=True,
             num_workers=train_cfg.workers,
             generator=torch.Generator().manual_seed(train_cfg.seed * 1000 + epoch),
+            collate_fn=functools.partial(collate, pad_id=model.tokenizer.pad_id),
         )
         model.train()
         losses, n_pairs, t_epoch = [], 0, time.monotonic()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{train_cfg.epochs}", disable=not progress, leave=False)
-        for pixels, tokens in bar:
+        for pixels, text in bar:
             progress_frac = max(step / total_steps, (time.monotonic() - t0) / budget)
             if progress_frac >= 1:
                 break
             for g in opt.param_groups:
                 g["lr"] = train_cfg.lr * lr_factor(progress_frac, train_cfg.warmup_fraction)
-            loss = _step(model, opt, pixels, tokens, train_cfg)
+            loss = _step(model, opt, pixels, text, train_cfg)
             losses.append(loss)
             n_pairs += len(pixels)
             step += 1
             bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{n_pairs / (time.monotonic() - t_epoch):.0f}")
         bar.close()
-        report = evaluate_bank(model, val_bank, train_cfg.eval_batch_size) if val_bank.images else None
+        report = evaluate_bank(model, val_bank, train_cfg.eval_batch_size, text_cache) if val_bank.images else None
         score = selection_score(report) if report else float(epoch)
         if score > best:
             best = score
-            save_model(model, out)
+            model.save(out)
         entry = {
             "epoch": epoch + 1,
             "step": step,
@@ -213,7 +243,7 @@ def train(
             "skipped_images": len(train_bank.skipped) + len(val_bank.skipped),
         }
         _append_log(out, entry)
-        _save_state(out, model, opt, tokenizer, epoch, best, time.monotonic() - t0, model_cfg, train_cfg)
+        _save_state(out, model, opt, epoch, best, time.monotonic() - t0, train_cfg)
         if on_epoch:
             on_epoch(entry)
         if step >= total_steps or time.monotonic() - t0 >= budget:
@@ -222,9 +252,43 @@ def train(
     return out
 
 
-def _step(model: DualEncoder, opt: torch.optim.Optimizer, pixels, tokens, cfg: TrainConfig) -> float:
+def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_pairs: Sequence[Pair], state: dict[str, Any] | None,
+                init: str | None, freeze: str | None) -> Encoder:
+    """Our dual encoder, new or as it was saved for --resume; or the hf: checkpoint `init`, `freeze` side locked."""
+    if init is not None:
+        from .pretrained import load_hf
+
+        model: Encoder = load_hf(init)
+        if freeze:
+            model.freeze(freeze)
+    else:
+        if state is not None and not state["model_config"]:
+            raise RetrievalError("this run fine-tunes a Hugging Face checkpoint: resume it with the same --init hf:...")
+        model_cfg = model_config_from_dict(json.loads(state["model_config"])) if state else loss_init(model_cfg, train_cfg.loss)
+        tokenizer, text_tower, model_cfg = text_side(model_cfg, train_pairs, state)
+        model = DualEncoder(model_cfg, tokenizer, text_tower)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    return model
+
+
+def text_side(cfg: ModelConfig, train_pairs: Sequence[Pair], state: dict[str, Any] | None) -> tuple[Any, Any, ModelConfig]:
+    """(tokenizer, text tower, config): our tokenizer trained on the captions (or resumed) with our own tower
+    (None: DualEncoder builds it), or a pretrained tower with its own tokenizer and its sizes in the config."""
+    if cfg.text.kind != "own":
+        from .pretrained import load_pretrained_text_tower
+
+        tower, tokenizer, text = load_pretrained_text_tower(cfg.text)
+        return tokenizer, tower, dataclasses.replace(cfg, text=text)
+    if state is not None:
+        return Tokenizer(state["vocab"]), None, cfg
+    tokenizer = Tokenizer.train(c for p in train_pairs for c in p.captions)
+    return tokenizer, None, dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer)))
+
+
+def _step(model: DualEncoder, opt: torch.optim.Optimizer, pixels, text, cfg: TrainConfig) -> float:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-        image_emb, text_emb, scale = model(pixels.contiguous(memory_format=torch.channels_last), tokens)
+        image_emb, text_emb, scale = model(pixels.contiguous(memory_format=torch.channels_last), text)
     if cfg.loss == "siglip":
         loss = siglip_loss(image_emb, text_emb, scale, model.logit_bias)
     else:
@@ -236,16 +300,17 @@ def _step(model: DualEncoder, opt: torch.optim.Optimizer, pixels, tokens, cfg: T
     return loss.item()
 
 
-def _save_state(out: Path, model, opt, tokenizer, epoch, best, elapsed, model_cfg, train_cfg) -> None:
-    """Everything --resume needs, loadable with torch.load(weights_only=True): tensors and plain values only."""
+def _save_state(out: Path, model: Encoder, opt, epoch, best, elapsed, train_cfg) -> None:
+    """Everything --resume needs, loadable with torch.load(weights_only=True): tensors and plain values only.
+    A pretrained tokenizer or checkpoint is not stored: it loads again from its package or hf: path."""
     state = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
-        "vocab": tokenizer.vocab,
+        "vocab": model.tokenizer.vocab if isinstance(model.tokenizer, Tokenizer) else [],
         "epoch": epoch,
         "best": best,
         "elapsed": elapsed,
-        "model_config": json.dumps(model_config_to_dict(model_cfg)),
+        "model_config": json.dumps(model_config_to_dict(model.config)) if isinstance(model, DualEncoder) else "",
         "train_config": json.dumps(dataclasses.asdict(train_cfg)),
     }
     torch.save(state, out / (STATE_FILE + ".tmp"))

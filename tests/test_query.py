@@ -256,12 +256,13 @@ def _unique_image(parts: Parts, item_id: str) -> bool:
     return sum(1 for other, _ in parts.values() if other is not None and float(other @ vi) > 0.9999) == 1
 
 
-def test_cold_text_search_does_not_import_torch(mixed_index: Path) -> None:
+def test_cold_text_search_does_not_import_torch_or_transformers(mixed_index: Path) -> None:
     code = (
         "import sys; from retrieval.query import Index\n"
         f"hits = Index.open({str(mixed_index)!r}).search(text='a small red circle', k=3)\n"
         "assert len(hits) == 3, hits\n"
         "assert 'torch' not in sys.modules, 'a text query imported torch'\n"
+        "assert 'transformers' not in sys.modules, 'a text query imported transformers'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
