@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,10 +23,12 @@ from .data import Pair, image_caption_pairs, read_pairs, read_split, select
 from .errors import ImageError, RetrievalError
 from .evaluate import DEFAULT_KS, Embeddings, fusion_sweep, recall_curve, relevant_ranks, retrieval_report, summarise
 from .indexing import caption_vector
-from .model import Encoder, load_model
 from .modeldir import ModelRef, hf_config, hf_name
 from .query import Hit
 from .thresholds import threshold_report
+
+if TYPE_CHECKING:  # torch is imported only by the jobs that run a model: eval --index and calibrate never do
+    from .model import Encoder
 
 DEMO_ROOT = Path("index_data/demo")
 DEMO_IMAGES = 2500  # the synthetic collection the demo trains and evaluates on (20% held out)
@@ -124,6 +126,12 @@ class Encoded:
     skipped: list[str]
 
 
+def _load(model: Encoder | ModelRef) -> Encoder:
+    from .model import load_model
+
+    return load_model(model) if isinstance(model, (str, Path)) else model
+
+
 def encode_pairs(model: Encoder, pairs: Sequence[Pair], batch_size: int = 128) -> Encoded:
     """Load, preprocess and encode the images of `pairs` a batch at a time; unreadable ones are skipped."""
     kept, chunks, skipped = [], [], []
@@ -151,7 +159,7 @@ def evaluate_model(
     rules (thresholds.py). fusion: index each image with its first caption, query with the others, sweep the
     fusion weight w. curves: R@k for k = 1..100, for plots.
     """
-    model = load_model(model) if isinstance(model, (str, Path)) else model
+    model = _load(model)
     pairs = image_caption_pairs(pairs)
     if not pairs:
         raise RetrievalError("no pairs with both an image and a caption to evaluate")
@@ -265,7 +273,7 @@ def classify_pairs(
     weight 1 classifies by the image alone, 0 by the caption alone. Labels default to the distinct values
     of label_field. Items whose parts are unusable (an unreadable image at weight 1) are skipped and counted.
     """
-    model = load_model(model) if isinstance(model, (str, Path)) else model
+    model = _load(model)
     if labels is None:
         if label_field is None:
             raise RetrievalError("give the labels (--labels a,b,c) or a field of the manifest that holds them")
@@ -345,7 +353,7 @@ def run_demo(
             manifest, model_dir, preset_name, max_minutes=minutes, resume=resume, progress=progress
         )["minutes"]
         shutil.rmtree(root / "index", ignore_errors=True)  # built with the previous model
-    model = load_model(model_dir)
+    model = _load(model_dir)
     test = image_caption_pairs(load_split_pairs(manifest, None, "test"))
     report = evaluate_model(model, test)
     build_index(manifest, model_dir, root / "index", progress=progress)

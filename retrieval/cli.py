@@ -415,7 +415,7 @@ def remove(index_path: str, ids: tuple[str, ...]) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 opens the server to your network.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Let pages from this origin (e.g. http://localhost:3000) call the API; repeatable. Off by default.")
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Model directory, if it moved since indexing.")
+@click.option("--model", "model_dir", type=MODEL, help="Model directory (or hf:<checkpoint>), if it moved since indexing.")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Largest image upload accepted.")
 @click.option("--max-image-megapixels", default=40.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Largest uploaded image accepted for decoding (its size is read from the header first).")
 @click.option("--threads", type=click.IntRange(min=1), help="Requests worked on at once; the rest queue (default: one per CPU core).")

@@ -64,6 +64,7 @@ def relevant_ranks(queries: Embeddings, candidates: Embeddings, relevance: Relev
     """
     best = np.full(len(queries), len(candidates) + 1, dtype=np.int64)
     ap = np.zeros(len(queries))
+    chunk = max(1, min(chunk, 2**25 // max(len(candidates), 1)))  # ~35 bytes a score in flight: about 1 GB at most
     for s in range(0, len(queries), chunk):
         sims = queries[s : s + chunk] @ candidates.T  # (c, Nc)
         order = np.argsort(-sims, axis=1, kind="stable")  # (c, Nc)

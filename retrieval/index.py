@@ -175,7 +175,7 @@ class IndexStore:
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
         self._records: tuple[npt.NDArray[np.int64], bytes | mmap.mmap] | None | bool = None  # False: damaged
         self._exact: faiss.Index | None = None  # a flat copy for exact answers on an ANN index
-        self._searchers: dict[tuple[str | None, bool], tuple[faiss.Index, Any, Any]] = {}
+        self._searchers: dict[tuple[str | None, bool], tuple[faiss.Index, Any]] = {}
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
@@ -254,6 +254,8 @@ class IndexStore:
         _atomic_write(self.path / OFFSETS_FILE, lambda tmp: _save_npy(tmp, np.cumsum([0] + [len(x) for x in lines], dtype=np.int64)))
         self.manifest.generation = self.generation()
         self.manifest.counts = self.counts()
+        if (self.path / MANIFEST_FILE).is_file():  # a `calibrate` that ran since this store opened must survive
+            self.manifest.calibration = read_manifest(self.path).calibration
         self.manifest.build_seconds = time.perf_counter() - t0
         self.manifest.faiss_bytes = (self.path / FAISS_FILE).stat().st_size
         self._write_manifest()  # last: until it names the new generation, readers rebuild from the database
@@ -334,9 +336,20 @@ class IndexStore:
 
     def fused_vectors(self, fids: Sequence[int]) -> Vectors:
         """(n, 2d) fused vectors of the given items, from the memory-mapped matrix."""
-        all_fids, vectors = self.vectors
-        rows = np.searchsorted(all_fids, np.asarray(fids, dtype=np.int64))
-        return np.asarray(vectors[rows])
+        return np.asarray(self.vectors[1][self._rows(fids)])
+
+    def _rows(self, fids: Sequence[int]) -> np.ndarray:
+        """Each id's row in `vectors`. An id missing there comes from a FAISS index newer than the vectors
+        this store loaded: another process changed the index since it was opened."""
+        all_fids, fids = self.vectors[0], np.asarray(fids, dtype=np.int64)
+        rows = np.minimum(np.searchsorted(all_fids, fids), max(len(all_fids) - 1, 0))
+        if len(fids) and (not len(all_fids) or np.any(all_fids[rows] != fids)):
+            raise self.changed()
+        return rows
+
+    def changed(self) -> RetrievalError:
+        return RetrievalError(f"{self.path} changed since it was opened (re-indexed or items removed); "
+                              "open it again (restart the server)")
 
     def tune(self, params: dict[str, Any]) -> None:
         """Change search knobs (ef_search, nprobe) for this process's searches; the manifest on disk keeps its own."""
@@ -350,8 +363,9 @@ class IndexStore:
         (image_key or text_key), or to all items for None.
 
         exact=True asks a flat copy of the vectors, built in memory on first use: HNSW and IVF answer top-k and
-        θ approximately (HNSW's range search sees only its efSearch candidates). Built once per generation,
-        since selectors over many ids are slow to make.
+        θ approximately (HNSW's range search sees only its efSearch candidates). The item filter is built once
+        per generation, since selectors over many ids are slow to make; the parameters are new on every call,
+        because FAISS's IDMap swaps the filter inside them during a search, so threads must not share them.
         """
         if (column, exact) not in self._searchers:
             index = self.faiss
@@ -360,11 +374,9 @@ class IndexStore:
                     fids, vectors = self.vectors
                     self._exact = build_faiss(np.ascontiguousarray(vectors), fids, "flat", {})
                 index = self._exact
-            selector = self._selector(column)
-            # the selector is kept beside the parameters: they point to it without owning it
-            self._searchers[column, exact] = (index, selector, search_parameters(index, self.manifest.params, selector))
-        index, _, params = self._searchers[column, exact]
-        return index, params
+            self._searchers[column, exact] = (index, self._selector(column))  # kept: parameters point to it, not own it
+        index, selector = self._searchers[column, exact]
+        return index, search_parameters(index, self.manifest.params, selector)
 
     def _selector(self, column: str | None) -> Any:
         if column is None:
@@ -389,7 +401,7 @@ class IndexStore:
         """
         if self.records is not None:
             offsets, data = self.records
-            rows = np.searchsorted(self.vectors[0], np.asarray(fids, dtype=np.int64))
+            rows = self._rows(fids)
             lines = [data[a:b] for a, b in zip(offsets[rows].tolist(), offsets[rows + 1].tolist())]
             try:
                 records = json.loads(b"[" + b",".join(lines) + b"]")
@@ -398,7 +410,10 @@ class IndexStore:
             except ValueError:
                 pass
             self._records = False  # damaged in place: stop trusting it, the database has every record
-        return {r[0]: r[1:] for r in self._json_rows(f"i.fid, {RESULT_COLUMNS}", fids)}
+        found = {r[0]: r[1:] for r in self._json_rows(f"i.fid, {RESULT_COLUMNS}", fids)}
+        if len(found) != len(set(fids)):
+            raise self.changed()
+        return found
 
     def _json_rows(self, columns: str, fids: Sequence[int]) -> list[list[Any]]:
         row = self.db.execute(
@@ -468,7 +483,9 @@ def read_manifest(path: Path) -> Manifest:
         d = json.loads((path / MANIFEST_FILE).read_text())
     except ValueError as e:
         raise RetrievalError(f"{path}/{MANIFEST_FILE} is damaged ({e}); rebuild the index with `retrieval index`") from e
-    version = d.get("format_version") if isinstance(d, dict) else None
+    if not isinstance(d, dict):
+        raise RetrievalError(f"{path}/{MANIFEST_FILE} is not a JSON object; rebuild the index with `retrieval index`")
+    version = d.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise RetrievalError(f"{path} is index format {version}, newer than this retrieval reads ({FORMAT_VERSION}): upgrade retrieval")
     try:

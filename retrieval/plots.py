@@ -52,7 +52,7 @@ def score_histograms(histogram: dict[str, Sequence[float]], path: Path, title: s
     used = np.nonzero(np.asarray(histogram["relevant"]) + np.asarray(histogram["other"]))[0]
     if len(used):
         ax.set_xlim(edges[used[0]], edges[used[-1] + 1])
-    ax.set(xlabel="cosine similarity", ylabel="density", title=title)
+    ax.set(xlabel="similarity sim(q, x)", ylabel="density", title=title)
     ax.legend()
     return _save(fig, path)
 
@@ -114,8 +114,9 @@ def report_plots(report: dict[str, Any], out: Path, name: str = "") -> list[Path
         files.append(recall_at_k(report["curves"], out / "recall_at_k.png", f"{prefix}recall@k"))
     if "threshold" in report:
         t = report["threshold"]
+        direction = next(k for k in report if k.startswith("text_to_")).replace("_to_", " → ")  # the queries' direction
         files.append(score_histograms(t["histogram"], out / "score_histograms.png",
-                                      f"{prefix}text → image scores", t["best_f1_theta"]))
+                                      f"{prefix}{direction} scores", t["best_f1_theta"]))
         marks = {"best F1": t["best_f1_theta"]}
         if t.get("target_precision_theta") is not None:
             marks[f"precision ≥ {t['target_precision']}"] = t["target_precision_theta"]

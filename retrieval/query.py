@@ -52,8 +52,8 @@ def check_search_args(k: int | None, theta: float | None, weight: float, target:
         raise RetrievalError(f"k must be at least 1, got {k}")
     if theta is not None and not -1.0 <= theta <= 1.0:
         raise RetrievalError(f"theta must be in [-1, 1] (a cosine similarity), got {theta}")
-    if margin is not None and not 0.0 <= margin <= 2.0:
-        raise RetrievalError(f"margin must be in [0, 2] (a cosine difference), got {margin}")
+    if margin is not None and not 0.0 < margin <= 2.0:
+        raise RetrievalError(f"margin must be in (0, 2] (a cosine difference; results score above top - margin), got {margin}")
     if not 0.0 <= weight <= 1.0:
         raise RetrievalError(f"weight must be in [0, 1], got {weight}")
     if target not in TARGETS:
@@ -225,6 +225,8 @@ class Index:
         if queries.ndim != 2 or queries.shape[1] != d:
             raise RetrievalError(f"query vectors have shape {queries.shape[1:]}, the index holds {d}-d vectors")
         column = {"image": "image_key", "text": "text_key"}.get(target)  # only image/text targets filter items
+        if not len(queries):
+            return []
         index, params = self.store.searcher(column, exact)
         qv = query_vectors(queries, target, weight)
         with faiss_threads(1 if len(queries) <= FEW_QUERIES else faiss.omp_get_max_threads()):

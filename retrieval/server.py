@@ -45,7 +45,6 @@ from threadpoolctl import threadpool_limits
 from .errors import ImageError, RetrievalError
 from .images import load_image
 from .index import Item
-from .modeldir import read_model_config
 from .query import MAX_QUERY_CHARS, Hit, Index
 
 STATIC_DIR = Path(__file__).with_name("server_static")
@@ -154,8 +153,8 @@ class Settings:
 
 
 def search_defaults(index: Index) -> dict[str, Any]:
-    """What the page starts with and what a request without the parameter gets: θ None means top-k only,
-    unless `retrieval calibrate` stored a cutoff for the target, which `Index.search` then applies."""
+    """What the page starts with (θ: the cutoff calibrated for whole items at w = 0.5, if any). A request
+    without θ gets what `Index.search` does: the cutoff calibrated for its own target and weight, or top-k."""
     return {"k": 10, "theta": index.calibrated("item", 0.5)[0], "weight": 0.5, "target": "item"}
 
 
@@ -175,7 +174,8 @@ def create_app(index_path: str | Path, cors_origins: list[str] | None = None, mo
             cache.mkdir(exist_ok=True)
         except OSError:
             cache = None  # a read-only index folder: thumbnails are still served, just not kept
-    settings = Settings(max_upload_bytes, max_upload_pixels, read_model_config(index.model_dir).image.image_size, cache)
+    transform = index.model().transform  # loaded by warm(); our model or a pretrained checkpoint alike
+    settings = Settings(max_upload_bytes, max_upload_pixels, max(transform.size, transform.resize_to), cache)
     pages = {route: ((STATIC_DIR / name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
     defaults = search_defaults(index)
     # Idle pool threads cost nothing and exit with the process; an app's lifespan may run more than once
@@ -197,14 +197,14 @@ def create_app(index_path: str | Path, cors_origins: list[str] | None = None, mo
     app.add_exception_handler(RetrievalError, _on_retrieval_error)
 
     @app.get("/api/search", response_model=SearchOut, responses=ERRORS)
-    async def search(q: TextQ = None, like: LikeQ = None, k: K = defaults["k"], theta: Theta = defaults["theta"],
+    async def search(q: TextQ = None, like: LikeQ = None, k: K = defaults["k"], theta: Theta = None,
                      weight: Weight = defaults["weight"], target: TargetQ = defaults["target"]) -> dict[str, Any]:
         """Text search (`q`), or "more like this" (`like`): R(q, D), best first."""
         query = {"q": q, "like": like, "k": k, "theta": theta, "weight": weight, "target": target}
         return await work(run_search, index, query, text=q, like=like, k=k, theta=theta, weight=weight, target=target)
 
     @app.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
-    async def search_image(file: UploadQ, k: K = defaults["k"], theta: Theta = defaults["theta"],
+    async def search_image(file: UploadQ, k: K = defaults["k"], theta: Theta = None,
                            weight: Weight = defaults["weight"], target: TargetQ = defaults["target"]) -> dict[str, Any]:
         """Search by an uploaded image."""
         query = {"image": file.filename, "k": k, "theta": theta, "weight": weight, "target": target}

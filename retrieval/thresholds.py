@@ -68,7 +68,8 @@ def score_histogram(queries: Embeddings, items: Embeddings, relevance: Relevance
 
 
 def sweep(h: ScoreHistogram) -> dict[str, np.ndarray]:
-    """Precision, recall and F1 of R(q, D) at θ = each lower bin edge (items scoring >= θ are retrieved).
+    """Precision, recall and F1 of R(q, D) at θ = each lower bin edge (items scoring >= θ are retrieved;
+    search keeps > θ, which differs only for scores exactly on a grid edge).
 
     Where nothing is retrieved, precision is taken as 1 (no false positives), as is usual for PR curves.
     """
@@ -96,7 +97,7 @@ def theta_for_precision(curve: dict[str, np.ndarray], target: float) -> dict[str
 
 
 def at_theta(curve: dict[str, np.ndarray], theta: float) -> dict[str, float]:
-    """The curve's point at the grid θ nearest `theta`."""
+    """The curve's point at the first grid θ at or above `theta`."""
     i = int(np.clip(np.searchsorted(curve["theta"], theta), 0, len(curve["theta"]) - 1))
     return {key: float(curve[key][i]) for key in ("theta", "f1", "precision", "recall")}
 

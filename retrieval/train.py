@@ -268,7 +268,11 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_pairs: Seq
         tokenizer, text_tower, model_cfg = text_side(model_cfg, train_pairs, state)
         model = DualEncoder(model_cfg, tokenizer, text_tower)
     if state is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:  # missing or mis-sized weights: the run was started with another --init (or none)
+            raise RetrievalError("the interrupted run was started with another model: resume with the same --init "
+                                 "(or none), or start again without --resume") from None
     return model
 
 

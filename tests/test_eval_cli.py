@@ -174,3 +174,12 @@ def test_fusion_sweep_equals_searching_an_index_of_one_caption_per_image(test_sp
         r1 = np.mean([h[0].id == o for h, o in zip(hits, owners)])
         r5 = np.mean([o in {x.id for x in h} for h, o in zip(hits, owners)])
         assert r1 == pytest.approx(fusion["R@1"][i], abs=1.5 / n) and r5 == pytest.approx(fusion["R@5"][i], abs=1.5 / n), w
+
+
+def test_the_api_module_does_not_import_torch() -> None:
+    """eval --index and calibrate embed with the numpy text tower: importing the API must not cost torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, retrieval.api; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -141,7 +141,6 @@ def test_margin_below_the_top_score_equals_brute_force(index: Index, parts: Part
             want = expected(scores, k, max(top - (top - cut), theta if theta is not None else -2))
             hits = index.search_vector(q, k=k, theta=theta, weight=0.4, target=target, margin=top - cut)
             assert_same_ranking(hits, want, scores)
-        assert index.search_vector(q, k=None, margin=0.0, weight=0.4, target=target) == []  # nothing beats the top
         assert len(index.search_vector(q, k=None, margin=1e-7, weight=0.4, target=target)) >= 1
 
 
@@ -154,6 +153,10 @@ def test_batch_search_equals_one_query_at_a_time(index: Index, parts: Parts, k: 
     batch = index.search_vectors(qs, k=k, theta=theta)
     assert batch == [index.search_vector(q, k=k, theta=theta) for q in qs]
     assert len(batch) == len(qs) and (theta_rank != 0 or batch[0] == [])
+
+
+def test_an_empty_batch_has_no_results(index: Index) -> None:
+    assert index.search_vectors(np.zeros((0, index.store.manifest.dim), np.float32), k=5) == []
 
 
 def test_per_modality_scores_are_the_part_cosines(index: Index, parts: Parts) -> None:
@@ -311,6 +314,7 @@ def run_cli(*args: str):
     (["--text", "a red circle", "--weight", "1.5"], "weight must be in"),
     (["--text", "a red circle", "--k", "-1"], "k must be at least 1"),
     (["--text", "a red circle", "--k", "0"], "give k"),
+    (["--text", "a red circle", "--margin", "0"], "margin must be in (0, 2]"),
     ([], "exactly one query"),
     (["--text", "a red circle", "--like", "synth-000000"], "exactly one query"),
     (["--like", "no-such-id"], "no-such-id"),
