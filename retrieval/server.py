@@ -9,7 +9,8 @@ only loopback Host names (so a DNS-rebinding web page cannot read a localhost se
 
 The work of a request (embedding, FAISS, SQLite, decoding) runs on a pool of one thread per core, each
 single-threaded inside; the event loop only parses and answers. The threads share one `Index` with no lock:
-after `warm` it holds no lazy state, FAISS searches are read-only, and Python's sqlite3 is built serialized
+after `warm` it holds no lazy state, FAISS searches are read-only (their parameters, which FAISS
+changes during a search, are made per call), and Python's sqlite3 is built serialized
 here (threadsafety 3: threads may share a connection), which `create_app` checks.
 """
 
