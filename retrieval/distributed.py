@@ -12,6 +12,7 @@ Ray is optional (`pip install 'retrieval[distributed]'`) and imported only here,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,7 @@ from .errors import RetrievalError
 from .index import MANIFEST_FILE, min_items, read_manifest
 from .indexing import DEFAULT_MEMORY_BUDGET, list_source, prepare_store
 from .merge import MergeReport, merge_shards
-from .modeldir import ModelRef
+from .modeldir import ModelRef, canonical
 from .shards import DISTRIBUTED_INSTALL_HINT, encode_shard, is_done, plan_shards, read_skipped
 
 DEFAULT_SHARD_SIZE = 10_000  # items per shard: a few minutes of one worker's encoding, the unit lost to a kill
@@ -61,14 +62,15 @@ def build_index_ray(
     shard_dir = Path(shard_dir) if shard_dir is not None else index_path / "shards"
     pairs = list_source(source, exclude)
     chosen = merged_index_type(index_path, index_type, len(pairs))
-    store, settings_changed = prepare_store(index_path, model_dir, chosen, len(pairs), params, DEFAULT_MEMORY_BUDGET)
-    plan = plan_shards(pairs, shard_size, store.manifest.fingerprint)  # checked to be model_dir's
-    with store.writer():
-        pending = [(name, part) for name, part in plan if not is_done(shard_dir, name)]
-        if pending:
-            run_shards(ray, pending, model_dir, shard_dir, batch_size, address, workers, progress)
-        merged = merge_shards(store, shard_dir, [name for name, _ in plan], max_memory,
-                              workers=os.cpu_count() or 1, force=settings_changed)
+    with connected(ray, address):  # a wrong --address fails here, before anything is written
+        store, settings_changed = prepare_store(index_path, model_dir, chosen, len(pairs), params, DEFAULT_MEMORY_BUDGET)
+        plan = plan_shards(pairs, shard_size, store.manifest.fingerprint)  # checked to be model_dir's
+        with store.writer():
+            pending = [(name, part) for name, part in plan if not is_done(shard_dir, name)]
+            if pending:
+                run_shards(ray, pending, model_dir, shard_dir, batch_size, workers, progress)
+            merged = merge_shards(store, shard_dir, [name for name, _ in plan], max_memory,
+                                  workers=os.cpu_count() or 1, force=settings_changed)
     merged.skipped = [message for name, _ in plan for message in read_skipped(shard_dir, name)]  # resumed ones too
     merged.seconds = time.perf_counter() - t0
     merged.index_type += " (on disk)" if merged.on_disk else ""
@@ -91,27 +93,27 @@ def merged_index_type(index_path: Path, index_type: str | None, n: int) -> str:
 
 
 def run_shards(ray: Any, pending: Sequence[tuple[str, list[Pair]]], model_dir: ModelRef, shard_dir: Path,
-               batch_size: int, address: str | None, workers: int | None, progress: bool) -> None:
+               batch_size: int, workers: int | None, progress: bool) -> None:
     """Encode the pending shards on Ray Data's actor pool, one model per actor; returns when all are written."""
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    with connected(ray, address):
-        from ray.data import DataContext
+    from ray.data import DataContext
 
-        DataContext.get_current().enable_progress_bars = False  # ours counts shards; Ray's would interleave
-        size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        rows = [{"name": name, "pairs": pairs_to_json(part)} for name, part in pending]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            ShardEncoder, fn_constructor_args=(str(model_dir), str(shard_dir), batch_size), batch_size=1,
-            concurrency=min(size, len(rows)), num_cpus=1,
-        )
-        with tqdm(total=len(pending), desc="shards", unit="shard", disable=not progress) as bar:
-            try:
-                for _ in ds.iter_rows():
-                    bar.update(1)
-            except ray.exceptions.RayError as e:  # a worker's own error arrives wrapped in Ray's traceback
-                cause = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
-                raise RetrievalError(f"a Ray worker failed: {cause[0].strip()[:300]}; the shards it finished are "
-                                     "kept, so re-running resumes after the cause is fixed") from e
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    DataContext.get_current().enable_progress_bars = False  # ours counts shards; Ray's would interleave
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its plan lines, and tracebacks we report as one line
+    size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    rows = [{"name": name, "pairs": pairs_to_json(part)} for name, part in pending]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        ShardEncoder, fn_constructor_args=(canonical(model_dir), str(shard_dir.resolve()), batch_size), batch_size=1,
+        concurrency=min(size, len(rows)), num_cpus=1,
+    )
+    with tqdm(total=len(pending), desc="shards", unit="shard", disable=not progress) as bar:
+        try:
+            for _ in ds.iter_rows():
+                bar.update(1)
+        except ray.exceptions.RayError as e:  # a worker's own error arrives wrapped in Ray's traceback
+            cause = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            raise RetrievalError(f"a Ray worker failed: {cause[0].strip()[:300]}; the shards it finished are "
+                                 "kept, so re-running resumes after the cause is fixed") from e
 
 
 class ShardEncoder:

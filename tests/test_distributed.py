@@ -279,3 +279,14 @@ def test_option_mistakes_are_one_line_errors(source: Path, tiny_model: Path, tmp
     assert result.exit_code == 1 and "--address only apply with --engine ray" in result.output
     result = run_cli("search", "--index", tmp_path, "--text", "x", "--max-memory", "lots")
     assert result.exit_code == 2 and "write it like 512M or 8G" in result.output
+
+
+def test_a_failing_worker_is_an_error_line_that_names_the_cause(ray_local, source: Path, tiny_model: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes()[:1000])
+    result = run_cli("index", source, "--model", broken, "--index", tmp_path / "idx", "--engine", "ray", "--shard-size", SHARD_SIZE)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    # Ray's raylet may still print the worker's traceback on stderr, asynchronously; our message is one line
+    line = next(x for x in result.output.splitlines() if x.startswith("Error:"))
+    assert line.startswith("Error: a Ray worker failed") and "cannot load weights" in line and "re-running resumes" in line
