@@ -14,6 +14,7 @@ No torch here.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import fcntl
 import json
@@ -261,9 +262,17 @@ class IndexStore:
         _atomic_write(self.path / FAISS_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
         _atomic_write(self.path / FIDS_FILE, lambda tmp: _save_npy(tmp, fids))
         _atomic_write(self.path / VECTORS_FILE, write_vectors)
-        lines = [line.encode() + b"\n" for (line,) in self.db.execute(f"SELECT json_array({RESULT_COLUMNS}) FROM items i ORDER BY i.fid")]
-        _atomic_write(self.path / RECORDS_FILE, lambda tmp: tmp.write_bytes(b"".join(lines)))
-        _atomic_write(self.path / OFFSETS_FILE, lambda tmp: _save_npy(tmp, np.cumsum([0] + [len(x) for x in lines], dtype=np.int64)))
+        ends = array.array("q", [0])  # byte offset of each line's end: 8 B per item, not the lines themselves
+
+        def write_records(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                for (line,) in self.db.execute(f"SELECT json_array({RESULT_COLUMNS}) FROM items i ORDER BY i.fid"):
+                    data = line.encode() + b"\n"
+                    f.write(data)
+                    ends.append(ends[-1] + len(data))
+
+        _atomic_write(self.path / RECORDS_FILE, write_records)
+        _atomic_write(self.path / OFFSETS_FILE, lambda tmp: _save_npy(tmp, np.frombuffer(ends, dtype=np.int64)))
         self.manifest.generation = self.generation()
         self.manifest.counts = self.counts()
         self.manifest.build_seconds = time.perf_counter() - t0

@@ -59,8 +59,9 @@ def merge_shards(store: IndexStore, directory: Path, names: Sequence[str], max_m
     if not force and _last_merge(store) == {"shards": digest, "generation": store.generation()} and store.manifest.generation == store.generation():
         return MergeReport(unchanged=store.counts()["items"], index_type=store.manifest.index_type,
                            on_disk=(store.path / ivfdata_name(store.generation())).is_file())
-    report, shard_fids, parts, kept = MergeReport(index_type=store.manifest.index_type), [], [], set()
-    existing = set(store.id_table()[1])
+    report, shard_fids, parts = MergeReport(index_type=store.manifest.index_type), [], []
+    # a commit re-inserts an item under a new, higher fid: what keeps a fid up to this one is in no shard
+    last_fid, n_before = store.db.execute("SELECT COALESCE(MAX(fid), 0), COUNT(*) FROM items").fetchone()
     for name in names:  # metadata first: SQLite hands out the fids the FAISS ids must be
         shard = read_shard(directory, name)
         d = store.manifest.dim
@@ -78,17 +79,15 @@ def merge_shards(store: IndexStore, directory: Path, names: Sequence[str], max_m
         fid_of = _fids(store, [it.id for it in shard.items])
         shard_fids.append(np.array([fid_of[it.id] for it in shard.items], dtype=np.int64))
         parts.append(shard.vectors)  # memory-mapped; the items (Python objects) are let go shard by shard
-        kept.update(it.id for it in shard.items)
         report.skipped += shard.skipped
-        report.updated += sum(1 for it in shard.items if it.id in existing)
-        report.added += sum(1 for it in shard.items if it.id not in existing)
-    gone = [i for i in existing if i not in kept]
+    gone = [r[0] for r in store.db.execute("SELECT id FROM items WHERE fid <= ?", (last_fid,))]
     if gone:
         store.commit([], {}, gone)
-    report.removed = len(gone)
+    report.removed, report.updated = len(gone), n_before - len(gone)
     report.phases["metadata"] = time.perf_counter() - t0
     fids = np.concatenate(shard_fids) if shard_fids else np.zeros(0, np.int64)
-    assert np.array_equal(fids, store.id_table()[0]), "the store holds exactly the shards' items, in shard order"
+    report.added = len(fids) - report.updated
+    assert store.counts()["items"] == len(fids) and np.all(np.diff(fids) > 0), "the store holds the shards' items in order"
 
     dim2, n = 2 * store.manifest.dim, len(fids)
     index_type = store.manifest.index_type
