@@ -29,6 +29,29 @@ class ModelParam(click.ParamType):
 MODEL = ModelParam()
 
 
+class BytesParam(click.ParamType):
+    """A size in bytes, with an optional K, M, G or T suffix (powers of 1024): 512M, 8G."""
+
+    name = "size"
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1:] if text[-1:] in self.units else ""
+        try:
+            size = float(text[: len(text) - len(unit)]) * self.units[unit]
+        except ValueError:
+            self.fail(f"{value!r} is not a size; write it like 512M or 8G", param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r} must be more than zero", param, ctx)
+        return int(size)
+
+
+BYTES = BytesParam()
+
+
 class Group(click.Group):
     """Turns our own errors into a one-line `Error: ...` and exit code 1, never a traceback."""
 
@@ -331,17 +354,34 @@ def _markdown_report(report: dict[str, Any]) -> str:
 @click.option("--ef-search", type=click.IntRange(min=1), help="HNSW: candidates per query (recall vs speed).")
 @click.option("--nprobe", type=click.IntRange(min=1), help="IVF: inverted lists scanned per query (recall vs speed).")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Items encoded and committed together.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="local: this process; ray: encode shards on a Ray cluster, then merge them into one IVF index (pip install 'retrieval[distributed]').")
+@click.option("--address", help="Ray only: auto (the cluster this node is in) or ray://HOST:10001; default: start Ray on this machine.")
+@click.option("--shard-size", default=10_000, show_default=True, type=click.IntRange(min=1), help="Ray only: items per embedding shard (the unit of work, and what a killed job loses).")
+@click.option("--shard-dir", type=click.Path(file_okay=False), help="Ray only: where shards go (default INDEX/shards); on a cluster, storage every node sees.")
+@click.option("--workers", type=click.IntRange(min=1), help="Ray only: encoding actors (default: one per CPU of the cluster).")
+@click.option("--max-memory", type=BYTES, help="Ray only: RAM budget of the merged index (e.g. 8G): above it, its inverted lists are merged on disk.")
 def index(source: str, model_dir: str, index_path: str, index_type: str | None, exclude: tuple[str, ...],
-          ef_search: int | None, nprobe: int | None, batch_size: int) -> None:
+          ef_search: int | None, nprobe: int | None, batch_size: int, engine: str, address: str | None,
+          shard_size: int, shard_dir: str | None, workers: int | None, max_memory: int | None) -> None:
     """Index a folder of images (with optional NAME.txt captions) or a pair manifest.
 
     Re-running updates the index: only new or changed items are encoded, deleted ones are removed, and an
-    interrupted run resumes where it stopped.
+    interrupted run resumes where it stopped (with --engine ray: finished shards are kept).
     """
-    from .indexing import build_index
-
     params = {k: v for k, v in (("ef_search", ef_search), ("nprobe", nprobe)) if v is not None}
-    r = build_index(source, model_dir, index_path, index_type, exclude, batch_size, params)
+    if engine == "ray":
+        from .distributed import build_index_ray
+
+        r = build_index_ray(source, model_dir, index_path, index_type, exclude, batch_size, params, shard_size,
+                            shard_dir, address, workers, max_memory)
+    else:
+        from .indexing import build_index
+
+        ray_only = [f"--{n}" for n, v in (("address", address), ("shard-dir", shard_dir), ("workers", workers),
+                                          ("max-memory", max_memory)) if v is not None]
+        if ray_only:
+            raise RetrievalError(f"{', '.join(ray_only)} only apply with --engine ray")
+        r = build_index(source, model_dir, index_path, index_type, exclude, batch_size, params)
     click.echo(f"{index_path}: {r.added} added, {r.updated} updated, {r.removed} removed, {r.unchanged} unchanged "
                f"({r.index_type}, {r.seconds:.1f} s)")
     if r.skipped:
@@ -365,13 +405,14 @@ def index(source: str, model_dir: str, index_path: str, index_type: str | None, 
 @click.option("--margin", type=float, help="Only results within this much of the query's top score (a query-adaptive cutoff).")
 @click.option("--exact", is_flag=True, help="HNSW/IVF: answer from an exact scan (every item above --theta, true top k).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: id, path, caption, score.")
+@click.option("--max-memory", type=BYTES, help="RAM the FAISS index may take (e.g. 2G): a larger ivf/ivfpq index is searched memory-mapped from disk; others are refused.")
 def search(index_path: str, text: str | None, image: str | None, like: str | None, k: int, theta: float | None,
            weight: float, target: str, model_dir: str | None, ef_search: int | None, nprobe: int | None,
-           margin: float | None, exact: bool, as_json: bool) -> None:
+           margin: float | None, exact: bool, as_json: bool, max_memory: int | None) -> None:
     """Search an index: R(q, D) = {items with sim(q, x1, x2) > theta}, best first, at most k."""
     from .query import Index
 
-    index = Index.open(index_path, model_dir)
+    index = Index.open(index_path, model_dir, max_memory)
     index.tune(ef_search, nprobe)
     if theta is None and margin is None:
         theta, margin = index.calibrated(target, weight)

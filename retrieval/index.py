@@ -14,11 +14,14 @@ No torch here.
 
 from __future__ import annotations
 
+import array
+import ctypes
 import fcntl
 import json
 import mmap
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,6 +39,7 @@ FORMAT_VERSION = 1
 DB_FILE, FAISS_FILE, MANIFEST_FILE, LOCK_FILE = "items.sqlite", "vectors.faiss", "manifest.json", ".lock"
 FIDS_FILE, VECTORS_FILE = "fids.npy", "vectors.npy"  # fused vectors in fid order, memory-mapped for result scores
 RECORDS_FILE, OFFSETS_FILE = "records.jsonl", "records.npy"  # what a result shows, a line per item in fid order
+IVFDATA_SUFFIX = ".ivfdata"  # a merged on-disk IVF index's inverted lists (faiss OnDiskInvertedLists)
 RESULT_COLUMNS = "i.id, i.path, json(i.captions), i.image_key IS NOT NULL, i.text_key IS NOT NULL, json(i.extra)"
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 FLAT_MAX_ITEMS = 200_000  # auto: exact search stays fast (< ~15 ms at d = 2 x 128) up to about here
@@ -169,8 +173,9 @@ def fused(image_vec: np.ndarray | None, text_vec: np.ndarray | None) -> np.ndarr
 class IndexStore:
     """One index folder. Open it read-only to search; `writer()` locks it for adding and removing."""
 
-    def __init__(self, path: Path, manifest: Manifest, db: sqlite3.Connection):
+    def __init__(self, path: Path, manifest: Manifest, db: sqlite3.Connection, max_memory: int | None = None):
         self.path, self.manifest, self.db = path, manifest, db
+        self.max_memory = max_memory  # bytes of RAM the FAISS index may take when searching; None: no limit
         self._faiss: faiss.Index | None = None
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
         self._records: tuple[npt.NDArray[np.int64], bytes | mmap.mmap] | None | bool = None  # False: damaged
@@ -189,14 +194,15 @@ class IndexStore:
         return store
 
     @classmethod
-    def open(cls, path: str | Path) -> IndexStore:
+    def open(cls, path: str | Path, max_memory: int | None = None) -> IndexStore:
+        """Open for reading; with max_memory, an IVF index larger than that is searched memory-mapped from disk."""
         path = Path(path)
         if not (path / MANIFEST_FILE).is_file():
             raise RetrievalError(f"{path} is not an index (no {MANIFEST_FILE}); build one with `retrieval index`")
         manifest = read_manifest(path)
         if not (path / DB_FILE).is_file():
             raise RetrievalError(f"{path}/{DB_FILE} is missing; rebuild the index with `retrieval index`")
-        return cls(path, manifest, _connect(path / DB_FILE))
+        return cls(path, manifest, _connect(path / DB_FILE), max_memory)
 
     @contextmanager
     def writer(self) -> Iterator[IndexStore]:
@@ -246,12 +252,27 @@ class IndexStore:
         t0 = time.perf_counter()
         fids, vectors = self.all_vectors()
         index = build_faiss(vectors, fids, self.manifest.index_type, self.manifest.params)
+        self.publish(index, fids, lambda tmp: _save_npy(tmp, vectors), t0)
+        self._faiss, self._vectors = index, (fids, vectors)
+
+    def publish(self, index: faiss.Index, fids: npt.NDArray[np.int64], write_vectors: Callable[[Path], Any], t0: float) -> None:
+        """Write the derived files for the database as it is now: the FAISS index (ids = fids), fids, the fused
+        vectors in fid order (`write_vectors` writes the .npy to the path it is given), the result records;
+        then the manifest naming this generation. A merged index comes in here with its own FAISS index."""
         _atomic_write(self.path / FAISS_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
         _atomic_write(self.path / FIDS_FILE, lambda tmp: _save_npy(tmp, fids))
-        _atomic_write(self.path / VECTORS_FILE, lambda tmp: _save_npy(tmp, vectors))
-        lines = [line.encode() + b"\n" for (line,) in self.db.execute(f"SELECT json_array({RESULT_COLUMNS}) FROM items i ORDER BY i.fid")]
-        _atomic_write(self.path / RECORDS_FILE, lambda tmp: tmp.write_bytes(b"".join(lines)))
-        _atomic_write(self.path / OFFSETS_FILE, lambda tmp: _save_npy(tmp, np.cumsum([0] + [len(x) for x in lines], dtype=np.int64)))
+        _atomic_write(self.path / VECTORS_FILE, write_vectors)
+        ends = array.array("q", [0])  # byte offset of each line's end: 8 B per item, not the lines themselves
+
+        def write_records(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                for (line,) in self.db.execute(f"SELECT json_array({RESULT_COLUMNS}) FROM items i ORDER BY i.fid"):
+                    data = line.encode() + b"\n"
+                    f.write(data)
+                    ends.append(ends[-1] + len(data))
+
+        _atomic_write(self.path / RECORDS_FILE, write_records)
+        _atomic_write(self.path / OFFSETS_FILE, lambda tmp: _save_npy(tmp, np.frombuffer(ends, dtype=np.int64)))
         self.manifest.generation = self.generation()
         self.manifest.counts = self.counts()
         if (self.path / MANIFEST_FILE).is_file():  # a `calibrate` that ran since this store opened must survive
@@ -259,15 +280,27 @@ class IndexStore:
         self.manifest.build_seconds = time.perf_counter() - t0
         self.manifest.faiss_bytes = (self.path / FAISS_FILE).stat().st_size
         self._write_manifest()  # last: until it names the new generation, readers rebuild from the database
-        self._faiss, self._vectors, self._records, self._exact, self._searchers = index, (fids, vectors), None, None, {}
+        for stale in self.path.glob(f"*{IVFDATA_SUFFIX}"):  # on-disk lists of an earlier merge, no longer named
+            if stale.name != ivfdata_name(self.manifest.generation):
+                stale.unlink()
+        self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
 
     def _write_manifest(self) -> None:
         _atomic_write(self.path / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self.manifest), indent=2)))
 
     # --- reading -------------------------------------------------------------------------------
     def generation(self) -> int:
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-        return int(row[0]) if row else 0
+        return int(self.get_meta("generation") or 0)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Bookkeeping beside the items (a merge's shard set); it does not change the generation."""
+        with self.db:
+            self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            (key, value))
 
     def counts(self) -> dict[str, int]:
         n, n_image, n_text = self.db.execute(
@@ -320,19 +353,36 @@ class IndexStore:
 
     @property
     def faiss(self) -> faiss.Index:
-        """The FAISS index, from its file when that reflects the database, else rebuilt in memory."""
+        """The FAISS index, from its file when that reflects the database, else rebuilt in memory.
+
+        Over max_memory, an IVF index's inverted lists are memory-mapped (IO_FLAG_MMAP; the lists of a merged
+        on-disk index always are), so the OS pages in only the lists a query probes.
+        """
         if self._faiss is None:
             file = self.path / FAISS_FILE
             if file.is_file() and self._files_current():
+                size = file.stat().st_size
+                if self.manifest.index_type not in ("ivf", "ivfpq"):
+                    self._check_budget(size, f"the {self.manifest.index_type} index (only ivf and ivfpq search from disk)")
+                on_disk = (self.path / ivfdata_name(self.manifest.generation)).is_file()  # mapped already
                 try:
-                    self._faiss = faiss.read_index(str(file))
+                    self._faiss = read_faiss(file, mmap=self._over_budget(size) and not on_disk)
                 except RuntimeError:
                     self._faiss = None  # truncated or foreign: the database still holds every vector
             if self._faiss is None:
                 fids, vectors = self.vectors
+                self._check_budget(vectors.nbytes, "rebuilding the FAISS index in memory (its file is stale or missing)")
                 self._faiss = build_faiss(np.ascontiguousarray(vectors), fids, self.manifest.index_type, self.manifest.params)
             set_search_params(self._faiss, self.manifest.params)
         return self._faiss
+
+    def _over_budget(self, nbytes: int) -> bool:
+        return self.max_memory is not None and nbytes > self.max_memory
+
+    def _check_budget(self, nbytes: int, what: str) -> None:
+        if self._over_budget(nbytes):
+            raise RetrievalError(f"{what} needs {nbytes / 2**30:.2f} GiB, over --max-memory "
+                                 f"{self.max_memory / 2**30:.2f} GiB; raise --max-memory or build an ivf/ivfpq index")
 
     def fused_vectors(self, fids: Sequence[int]) -> Vectors:
         """(n, 2d) fused vectors of the given items, from the memory-mapped matrix."""
@@ -372,6 +422,7 @@ class IndexStore:
             if exact and not isinstance(_inner(index), faiss.IndexFlat):
                 if self._exact is None:
                     fids, vectors = self.vectors
+                    self._check_budget(vectors.nbytes, "an exact answer (a flat copy of the vectors in memory)")
                     self._exact = build_faiss(np.ascontiguousarray(vectors), fids, "flat", {})
                 index = self._exact
             self._searchers[column, exact] = (index, self._selector(column))  # kept: parameters point to it, not own it
@@ -449,6 +500,36 @@ class IndexStore:
         d, items = self.manifest.dim, self.items(fids)
         return {f: (v[:d] if items[f].image_key else None, v[d:] if items[f].text_key else None)
                 for f, v in zip(fids, self.fused_vectors(fids)) if f in items}
+
+
+def read_faiss(file: Path, mmap: bool = False) -> faiss.Index:
+    """Read a FAISS file; on-disk inverted lists are looked for beside it, so the folder can move."""
+    with quiet_faiss():
+        return faiss.read_index(str(file), faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_MMAP if mmap else 0))
+
+
+@contextmanager
+def quiet_faiss() -> Iterator[None]:
+    """Drop what FAISS prints with C printf while reading or merging on-disk lists ("updating ondisk
+    filename", "resizing"): it goes to stdout, where `search --json` writes its results."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            try:
+                yield
+            finally:
+                ctypes.CDLL(None).fflush(None)  # C's buffer, before fd 1 points back at the real stdout
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def ivfdata_name(generation: int) -> str:
+    """The on-disk inverted lists of a merged index, named by generation: a new merge never overwrites the
+    lists the current FAISS file points to, and `publish` deletes the old ones once the manifest moves on."""
+    return f"vectors.{generation}{IVFDATA_SUFFIX}"
 
 
 def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:

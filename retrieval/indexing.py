@@ -11,7 +11,7 @@ import fnmatch
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,26 +89,8 @@ def build_index(
 
     t0 = time.perf_counter()
     index_path = Path(index_path)
-    if index_type is not None and index_type not in INDEX_TYPES:
-        raise RetrievalError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     pairs = list_source(source, exclude)
-    if index_type is not None and len(pairs) < min_items(index_type):
-        raise RetrievalError(
-            f"{index_type} needs at least {min_items(index_type)} items to train on, the source has {len(pairs)}; use flat"
-        )
-    model_fp = fingerprint(model_dir)
-    if (index_path / MANIFEST_FILE).exists():
-        store = IndexStore.open(index_path)
-        check_model(store.manifest, model_fp, model_dir)
-    else:
-        dim = embed_dim(model_dir)
-        chosen = index_type if index_type not in (None, "auto") else choose_index_type(len(pairs), dim, memory_budget)
-        store = IndexStore.create(index_path, Manifest(canonical(model_dir), model_fp, dim, chosen))
-    settings = (store.manifest.index_type, dict(store.manifest.params))
-    if index_type not in (None, "auto"):
-        store.manifest.index_type = index_type
-    store.manifest.params.update(params or {})
-    settings_changed = settings != (store.manifest.index_type, store.manifest.params)
+    store, settings_changed = prepare_store(index_path, model_dir, index_type, len(pairs), params, memory_budget)
 
     report = IndexReport(index_type=store.manifest.index_type)
     with store.writer():
@@ -127,7 +109,7 @@ def build_index(
         with ThreadPoolExecutor(2) as pool:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
-                items, vectors, skipped = encode_batch(model, store, batch, pool)
+                items, vectors, skipped = encode_batch(model, batch, pool, store.known_vectors)
                 store.commit(items, vectors)
                 report.skipped += skipped
                 report.added += sum(1 for it in items if it.id not in existing)
@@ -143,6 +125,31 @@ def build_index(
     return report
 
 
+def prepare_store(index_path: Path, model_dir: ModelRef, index_type: str | None, n_items: int, params: dict | None,
+                  memory_budget: int) -> tuple[IndexStore, bool]:
+    """Open the index (refusing another model's) or create it, and apply a new type or params: shared by the
+    local and the Ray engine. Returns the store and whether its type or params changed."""
+    if index_type is not None and index_type not in INDEX_TYPES:
+        raise RetrievalError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    if index_type is not None and n_items < min_items(index_type):
+        raise RetrievalError(
+            f"{index_type} needs at least {min_items(index_type)} items to train on, the source has {n_items}; use flat"
+        )
+    model_fp = fingerprint(model_dir)
+    if (index_path / MANIFEST_FILE).exists():
+        store = IndexStore.open(index_path)
+        check_model(store.manifest, model_fp, model_dir)
+    else:
+        dim = embed_dim(model_dir)
+        chosen = index_type if index_type not in (None, "auto") else choose_index_type(n_items, dim, memory_budget)
+        store = IndexStore.create(index_path, Manifest(canonical(model_dir), model_fp, dim, chosen))
+    settings = (store.manifest.index_type, dict(store.manifest.params))
+    if index_type not in (None, "auto"):
+        store.manifest.index_type = index_type
+    store.manifest.params.update(params or {})
+    return store, settings != (store.manifest.index_type, store.manifest.params)
+
+
 def check_model(manifest: Manifest, model_fp: str, model_dir: ModelRef) -> None:
     if manifest.fingerprint != model_fp:
         raise RetrievalError(
@@ -151,8 +158,10 @@ def check_model(manifest: Manifest, model_fp: str, model_dir: ModelRef) -> None:
         )
 
 
-def encode_batch(model, store: IndexStore, batch: Sequence[Pair], pool: ThreadPoolExecutor) -> tuple[list[Item], dict[str, np.ndarray], list[str]]:
-    """Items for one batch with the vectors not stored yet; unreadable images are skipped with a message."""
+def encode_batch(model, batch: Sequence[Pair], pool: ThreadPoolExecutor, known: Callable[[Sequence[str]], set[str]]
+                 ) -> tuple[list[Item], dict[str, np.ndarray], list[str]]:
+    """Items for one batch with the vectors of content `known` does not have yet; unreadable images are skipped
+    with a message. `known` is the index's store on one machine, the shard's vectors so far on a Ray worker."""
 
     def prepare(pair: Pair) -> tuple[str | None, np.ndarray | None, str | None]:
         if pair.image is None:
@@ -165,13 +174,13 @@ def encode_batch(model, store: IndexStore, batch: Sequence[Pair], pool: ThreadPo
 
     prepared = list(pool.map(prepare, batch))
     keys = [k for k, _, _ in prepared if k] + [text_key(p.captions) for p in batch if p.captions]
-    known = store.known_vectors(keys)
+    known_keys = known(keys)
     vectors: dict[str, np.ndarray] = {}
-    new_images = {k: px for k, px, _ in prepared if k and k not in known}
+    new_images = {k: px for k, px, _ in prepared if k and k not in known_keys}
     if new_images:
         for k, v in zip(new_images, model.encode_image(np.stack(list(new_images.values())))):
             vectors[k] = v
-    new_texts = {text_key(p.captions): p.captions for p in batch if p.captions and text_key(p.captions) not in known}
+    new_texts = {text_key(p.captions): p.captions for p in batch if p.captions and text_key(p.captions) not in known_keys}
     if new_texts:  # every caption of the batch in one encoder call, then one mean vector per item
         flat = [c for captions in new_texts.values() for c in captions]
         emb, start = model.encode_text(flat), 0

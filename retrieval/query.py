@@ -123,9 +123,10 @@ class Index:
         self._model = None
 
     @classmethod
-    def open(cls, path: str | Path, model: ModelRef | None = None) -> Index:
-        """Open for search; `model` overrides the model named in the manifest (same weights only)."""
-        store = IndexStore.open(path)
+    def open(cls, path: str | Path, model: ModelRef | None = None, max_memory: int | None = None) -> Index:
+        """Open for search; `model` overrides the model named in the manifest (same weights only); max_memory
+        (bytes) keeps an IVF index larger than that on disk, memory-mapped (see IndexStore.faiss)."""
+        store = IndexStore.open(path, max_memory)
         model_dir = model or store.manifest.model
         got = fingerprint(model_dir)
         if got != store.manifest.fingerprint:

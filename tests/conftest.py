@@ -43,15 +43,9 @@ def torch_single_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def served_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The 300 scenes indexed for the server tests, with the awkward cases a server meets: a text-only item
+def awkward_rows(synth_data: Path) -> list[dict]:
+    """The 300 scenes as manifest rows (absolute image paths) with the awkward cases: a text-only item
     (scene 3), an image-only item (scene 5), and ids that look like paths ("sub dir/scene 7", "../escape")."""
-    import torch
-
-    from retrieval.indexing import build_index
-
-    root = tmp_path_factory.mktemp("served")
     rows = []
     for i, line in enumerate(synth_data.read_text().splitlines()):
         row = json.loads(line)
@@ -61,8 +55,19 @@ def served_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.Te
         elif i == 5:
             del row["captions"]
         row["id"] = {7: "sub dir/scene 7", 8: "../escape"}.get(i, row["id"])
-        rows.append(json.dumps(row))
-    (root / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def served_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 300 scenes indexed for the server tests, with the awkward cases a server meets (`awkward_rows`)."""
+    import torch
+
+    from retrieval.indexing import build_index
+
+    root = tmp_path_factory.mktemp("served")
+    (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in awkward_rows(synth_data)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see torch_single_thread
     try:

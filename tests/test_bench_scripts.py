@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,3 +23,17 @@ def test_bench_search_runs_and_writes_its_rows(tmp_path: Path) -> None:
     ours = next(r for r in rows if r["name"] == "N=3,000 flat top-10: ours")
     assert ours["recall_at_10"] == 1.0 and ours["overhead_ratio"] > 0
     assert "benchmark" in done.stdout and "p50 ms" in done.stdout
+
+
+def test_bench_distributed_merge_runs_and_writes_its_rows(tmp_path: Path) -> None:
+    """The merge part only: the throughput part starts Ray and encodes a collection (minutes, run by hand)."""
+    pytest.importorskip("pyarrow", reason="shards are Parquet: pip install 'retrieval[distributed]'")
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_distributed.py"), "--parts", "merge", "--vectors", "4000",
+                           "--shards", "3", "--dim", "16", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["merge"]
+    assert [r["on_disk"] for r in rows] == [False, True] and all(r["peak_rss_mb"] > 0 for r in rows)
+    assert rows[1]["ivfdata_mb"] > 0 and rows[0]["ivfdata_mb"] == 0
+    assert "in memory" in done.stdout and "on disk" in done.stdout

@@ -59,9 +59,9 @@ def encoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = indexing.encode_batch
 
-    def spy(model, store, batch, pool):
+    def spy(model, batch, pool, known):
         seen.extend(p.id for p in batch)
-        return real(model, store, batch, pool)
+        return real(model, batch, pool, known)
 
     monkeypatch.setattr(indexing, "encode_batch", spy)
     return seen
