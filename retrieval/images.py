@@ -6,7 +6,6 @@ Every unreadable file becomes one `ImageError` that names it and says what to do
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retrieval.errors import ImageError
 
@@ -145,54 +144,6 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     )
 
 
-def random_resized_crop(
-    img: Image.Image,
-    size: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = (0.6, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> Image.Image:
-    """Crop a random area fraction and aspect ratio, resized to size x size.
-
-    Follows torchvision's RandomResizedCrop: up to 10 tries to fit a crop inside the
-    image, then the centre crop. The default scale keeps >= 60% of the area so the
-    objects a caption names are rarely cut out.
-    """
-    w, h = img.size
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        area = w * h * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        cw = round(math.sqrt(area * aspect))
-        ch = round(math.sqrt(area / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            left = int(rng.integers(0, w - cw, endpoint=True))
-            top = int(rng.integers(0, h - ch, endpoint=True))
-            return img.resize(
-                (size, size), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch)
-            )
-    return resize_center_crop(img, size)
-
-
-def color_jitter(
-    img: Image.Image,
-    rng: np.random.Generator,
-    brightness: float = 0.3,
-    contrast: float = 0.3,
-    saturation: float = 0.3,
-) -> Image.Image:
-    """Scale brightness, contrast and saturation by random factors in [1-x, 1+x], in random order.
-
-    There is no hue jitter on purpose: captions name colours, and a red car turned
-    blue would teach the model the wrong word.
-    """
-    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
-    factors = [rng.uniform(max(0.0, 1 - x), 1 + x) for x in (brightness, contrast, saturation)]
-    for i in rng.permutation(3):
-        img = enhancers[i](img).enhance(float(factors[i]))
-    return img
-
-
 def to_array(img: Image.Image, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> ImageArray:
     """RGB image -> float32 (3, H, W), scaled to [0, 1] then normalised with mean/std."""
     a = np.asarray(to_rgb(img), dtype=np.float32) / 255  # (H, W, 3)
@@ -203,11 +154,6 @@ def to_array(img: Image.Image, mean: Sequence[float] = MEAN, std: Sequence[float
 def preprocess(img: Image.Image, size: int) -> ImageArray:
     """Eval path for our towers: centre crop, so the same image always gives the same embedding."""
     return Transform(size).preprocess(img)
-
-
-def augment(img: Image.Image, size: int, rng: np.random.Generator) -> ImageArray:
-    """Train path for our towers: random resized crop and colour jitter; deterministic for a given rng state."""
-    return Transform(size).augment(img, rng)
 
 
 def load_pixels(path: str | Path, size: int) -> ImageArray:
@@ -253,11 +199,6 @@ class Transform:
             left, top = (img.size[0] - self.size) // 2, (img.size[1] - self.size) // 2
             img = img.crop((left, top, left + self.size, top + self.size))
         return to_array(img, self.mean, self.std)
-
-    def augment(self, img: Image.Image, rng: np.random.Generator) -> ImageArray:
-        """Train path: random resized crop and colour jitter, normalised for this model. No horizontal flip:
-        captions say "left of" / "right of", and a mirrored image would make those captions wrong."""
-        return to_array(color_jitter(random_resized_crop(img, self.size, rng), rng), self.mean, self.std)
 
     def bank(self, img: Image.Image, side: int) -> Image.Image:
         """The small square a training bank keeps: squashed for a squashing model, else the centre."""

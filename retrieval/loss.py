@@ -1,7 +1,8 @@
 """Contrastive losses as pure functions of the two embedding batches and the temperature.
 
-Row i of image_emb and row i of text_emb are a positive pair; every other pairing in the batch is a
-negative. Both inputs are L2-normalised (B, D) tensors.
+image_emb holds B images and text_emb C captions, both L2-normalised. owner[c] is the row of caption c's
+image; by default caption c belongs to image c (C = B). A caption's positive is its own image and
+an image's positives are all its captions in the batch; every other pairing is a negative.
 """
 
 from __future__ import annotations
@@ -10,22 +11,34 @@ import torch
 import torch.nn.functional as F
 
 
-def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE (Radford et al. 2021): mean of image->text and text->image cross-entropy."""
-    logits_per_image = logit_scale * image_emb @ text_emb.T  # (B, B)
-    logits_per_text = logits_per_image.T  # (B, B)
-    labels = torch.arange(image_emb.shape[0], device=image_emb.device)
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+def _positives(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner (C,), positive (B, C)): each caption's image row, and which (image, caption) pairs match."""
+    if owner is None:
+        owner = torch.arange(text_emb.shape[0], device=text_emb.device)
+    return owner, owner[None, :] == torch.arange(image_emb.shape[0], device=owner.device)[:, None]
 
 
-def siglip_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
-) -> torch.Tensor:
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+              owner: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE (Radford et al. 2021): mean of image->text and text->image cross-entropy.
+
+    With several captions per image, image->text is multi-positive: -log of the softmax mass on the
+    image's own captions, so an image is not asked to prefer one of its captions over another.
+    """
+    owner, positive = _positives(image_emb, text_emb, owner)
+    logits_per_image = logit_scale * image_emb @ text_emb.T  # (B, C)
+    logits_per_text = logits_per_image.T  # (C, B)
+    image_loss = torch.logsumexp(logits_per_image, 1) - torch.logsumexp(logits_per_image.masked_fill(~positive, -torch.inf), 1)
+    return (image_loss.mean() + F.cross_entropy(logits_per_text, owner)) / 2
+
+
+def siglip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                owner: torch.Tensor | None = None) -> torch.Tensor:
     """Sigmoid loss (Zhai et al. 2023): each pair is its own binary problem, so small batches don't starve it.
 
-    Normalised as in big_vision: summed over the B x B pairs, divided by B.
+    Normalised as in big_vision: summed over the B x C pairs, divided by B.
     """
-    logits = logit_scale * image_emb @ text_emb.T + logit_bias  # (B, B)
-    signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1  # +1 diagonal, -1 elsewhere
+    _, positive = _positives(image_emb, text_emb, owner)
+    logits = logit_scale * image_emb @ text_emb.T + logit_bias  # (B, C)
+    signs = 2 * positive.to(logits.dtype) - 1  # +1 for an image's own captions, -1 elsewhere
     return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
-

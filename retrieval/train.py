@@ -1,7 +1,7 @@
 """The training loop: contrastive training of the dual encoder on image-caption pairs.
 
 Images are decoded once, up front, into a small in-memory bank (a bad image is reported and skipped
-there, so no epoch can crash on one). Each step samples one caption per image. The learning rate warms
+there, so no epoch can crash on one). Each step trains on a batch of images, augmented together in torch (augment.py), and every caption of them. The learning rate warms
 up linearly, then follows a cosine to zero over the run, where the run ends at the last epoch or at the
 time budget, whichever comes first. After every epoch the held-out recall is measured, the best model
 is kept in the output directory, and the full training state is saved so `--resume` loses at most one
@@ -11,7 +11,6 @@ epoch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from .config import ModelConfig, TrainConfig, loss_init, model_config_from_dict,
 from .data import Pair, image_caption_pairs
 from .errors import ImageError, RetrievalError
 from .evaluate import retrieval_report
+from .augment import augment_batch
 from .images import Transform, load_image
 from .loss import clip_loss, siglip_loss
 from .model import DualEncoder, Encoder
@@ -89,36 +89,25 @@ class TextCache:
         return self.outputs[[self.row[t] for t in texts]]  # (n, W)
 
 
-class PairDataset(torch.utils.data.Dataset):
-    """(pixels, text) for image i and one of its captions, drawn from a generator seeded by (seed, epoch, i).
-
-    text is the caption's token ids, or its cached text tower output when the tower is locked.
-    """
-
-    def __init__(self, bank: ImageBank, tokenize: Callable[[Sequence[str]], np.ndarray], transform: Transform,
-                 train_cfg: TrainConfig, text_cache: TextCache | None = None):
-        self.bank, self.tokenize, self.transform, self.train_cfg = bank, tokenize, transform, train_cfg
-        self.text_cache = text_cache
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.bank.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng((self.train_cfg.seed, self.epoch, i))
-        img = Image.fromarray(self.bank.images[i])
-        pixels = self.transform.augment(img, rng) if self.train_cfg.augment else self.transform.preprocess(img)
-        captions = self.bank.pairs[i].captions
-        caption = captions[rng.integers(len(captions))]
-        if self.text_cache is not None:
-            return torch.from_numpy(pixels), self.text_cache([caption])[0]
-        return torch.from_numpy(pixels), torch.from_numpy(self.tokenize([caption])[0])
+def epoch_batches(n_images: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Image rows for each step of an epoch: a random order seeded by (seed, epoch), so a resumed run sees
+    the same batches; the last partial batch is dropped."""
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return [order[s : s + batch_size] for s in range(0, n_images - batch_size + 1, batch_size)]
 
 
-def collate(batch: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack pixels; pad token ids to the batch's longest caption (a pretrained tokenizer does not pad)."""
-    pixels, texts = zip(*batch)
-    return torch.stack(pixels), torch.nn.utils.rnn.pad_sequence(list(texts), batch_first=True, padding_value=pad_id)
+def batch_captions(pairs: Sequence[Pair], rows: torch.Tensor, all_captions: bool,
+                   generator: torch.Generator) -> tuple[list[str], torch.Tensor]:
+    """(captions, owner) for a step: every caption of each image in `rows`, or one drawn at random;
+    owner[c] is the batch position of caption c's image."""
+    texts, owner = [], []
+    for position, row in enumerate(rows.tolist()):
+        captions = pairs[row].captions
+        if not all_captions:
+            captions = (captions[int(torch.randint(len(captions), (1,), generator=generator))],)
+        texts += captions
+        owner += [position] * len(captions)
+    return texts, torch.tensor(owner)
 
 
 def lr_factor(progress: float, warmup_fraction: float) -> float:
@@ -192,35 +181,33 @@ def train(
         text_cache = TextCache(model, (c for p in train_bank.pairs + val_bank.pairs for c in p.captions), progress)
     out.mkdir(parents=True, exist_ok=True)
 
-    dataset = PairDataset(train_bank, model.tokenize, model.transform, train_cfg, text_cache)
-    steps_per_epoch = len(dataset) // min(train_cfg.batch_size, len(dataset))
+    images = torch.from_numpy(np.stack(train_bank.images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S', S') uint8
+    augmentation = train_cfg.augmentation if train_cfg.augment else None
+    batch_size = min(train_cfg.batch_size, len(images))
+    steps_per_epoch = len(images) // batch_size
     total_steps = steps_per_epoch * train_cfg.epochs
     budget = max_minutes * 60 if max_minutes else math.inf
     t0 = time.monotonic() - elapsed_before
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, train_cfg.epochs):
-        dataset.epoch = epoch
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=min(train_cfg.batch_size, len(dataset)),
-            shuffle=True,
-            drop_last=True,
-            num_workers=train_cfg.workers,
-            generator=torch.Generator().manual_seed(train_cfg.seed * 1000 + epoch),
-            collate_fn=functools.partial(collate, pad_id=model.tokenizer.pad_id),
-        )
+        generator = torch.Generator().manual_seed(train_cfg.seed * 1000 + epoch + 1)  # augmentation and caption draws
         model.train()
         losses, n_pairs, t_epoch = [], 0, time.monotonic()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{train_cfg.epochs}", disable=not progress, leave=False)
-        for pixels, text in bar:
+        bar = tqdm(epoch_batches(len(images), batch_size, train_cfg.seed, epoch), desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+                   disable=not progress, leave=False)
+        for rows in bar:
             progress_frac = max(step / total_steps, (time.monotonic() - t0) / budget)
             if progress_frac >= 1:
                 break
             for g in opt.param_groups:
                 g["lr"] = train_cfg.lr * lr_factor(progress_frac, train_cfg.warmup_fraction)
-            loss = _step(model, opt, pixels, text, train_cfg)
+            pixels = augment_batch(images[rows], model.transform.size, model.transform.mean, model.transform.std,
+                                   augmentation, generator)
+            texts, owner = batch_captions(train_bank.pairs, rows, train_cfg.all_captions, generator)
+            text = text_cache(texts) if text_cache is not None else torch.from_numpy(model.tokenize(texts))
+            loss = _step(model, opt, pixels, text, owner, train_cfg)
             losses.append(loss)
-            n_pairs += len(pixels)
+            n_pairs += len(rows)
             step += 1
             bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{n_pairs / (time.monotonic() - t_epoch):.0f}")
         bar.close()
@@ -290,13 +277,13 @@ def text_side(cfg: ModelConfig, train_pairs: Sequence[Pair], state: dict[str, An
     return tokenizer, None, dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer)))
 
 
-def _step(model: DualEncoder, opt: torch.optim.Optimizer, pixels, text, cfg: TrainConfig) -> float:
+def _step(model: DualEncoder, opt: torch.optim.Optimizer, pixels, text, owner, cfg: TrainConfig) -> float:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         image_emb, text_emb, scale = model(pixels.contiguous(memory_format=torch.channels_last), text)
     if cfg.loss == "siglip":
-        loss = siglip_loss(image_emb, text_emb, scale, model.logit_bias)
+        loss = siglip_loss(image_emb, text_emb, scale, model.logit_bias, owner)
     else:
-        loss = clip_loss(image_emb, text_emb, scale)
+        loss = clip_loss(image_emb, text_emb, scale, owner)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -10,11 +10,8 @@ from retrieval.errors import ImageError
 from retrieval.images import (
     MEAN,
     STD,
-    augment,
-    color_jitter,
     load_image,
     preprocess,
-    random_resized_crop,
     resize_center_crop,
     to_array,
     to_rgb,
@@ -184,29 +181,6 @@ def test_draft_path_gives_same_shape(tmp_path):
     drafted = load_image(path, size_hint=S)
     assert min(drafted.size) >= S and drafted.size[0] < 400  # decoded at reduced scale
     assert preprocess(drafted, S).shape == preprocess(load_image(path), S).shape == (3, S, S)
-
-
-def test_random_resized_crop_falls_back_to_centre_crop():
-    img = _photo(100, 10)
-    rng = np.random.default_rng(0)
-    out = random_resized_crop(img, S, rng, ratio=(1.0, 1.0), scale=(0.9, 1.0))  # cannot fit
-    assert np.array_equal(np.asarray(out), np.asarray(resize_center_crop(img, S)))
-
-
-def test_color_jitter_zero_is_identity():
-    img = _photo()
-    out = color_jitter(img, np.random.default_rng(0), brightness=0, contrast=0, saturation=0)
-    assert np.array_equal(np.asarray(out), np.asarray(img))
-
-
-def test_augment_deterministic_per_seed():
-    img = _photo()
-    a = augment(img, S, np.random.default_rng(1))
-    b = augment(img, S, np.random.default_rng(1))
-    c = augment(img, S, np.random.default_rng(2))
-    assert a.shape == (3, S, S) and a.dtype == np.float32
-    assert np.array_equal(a, b)
-    assert not np.allclose(a, c)
 
 
 def test_to_array_normalisation():
