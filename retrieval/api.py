@@ -69,11 +69,13 @@ def train_model(
     text_trainable_layers: int = 0,
     init: str | None = None,
     freeze: str | None = None,
+    image_size: int | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train on the train split, select the best epoch on the validation split; return the run summary.
 
     `overrides` replace TrainConfig fields (epochs, batch_size, lr, loss, seed, ...); None means keep.
+    image_size replaces the preset's image input side (a checkpoint given to init keeps its own).
     text_tower "minilm" puts the pretrained all-MiniLM-L6-v2 in place of our own text tower, locked, or
     with its last text_trainable_layers layers trained. init ("hf:<dir or name>") fine-tunes a CLIP or
     SigLIP checkpoint instead (its own loss, lr 1e-5 unless given; freeze "image" or "text" locks a side);
@@ -84,6 +86,10 @@ def train_model(
 
     p = preset(preset_name)
     model_cfg = with_text_tower(p.model, text_tower, text_trainable_layers)
+    if image_size is not None:
+        if init is not None:
+            raise RetrievalError("--image-size is for our own towers; a checkpoint given to --init keeps its own input size")
+        model_cfg = dataclasses.replace(model_cfg, image=dataclasses.replace(model_cfg.image, image_size=image_size))
     defaults = finetune_defaults(init, freeze, text_tower, overrides.get("loss"))
     train_cfg = dataclasses.replace(p.train, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
     has_split = split_file is not None or _default_split_file(data) is not None

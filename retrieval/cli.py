@@ -87,6 +87,8 @@ def synth(out: str, n: int, seed: int, size: int) -> None:
 @click.option("--data", required=True, type=click.Path(exists=True), help="Pair manifest (.jsonl, .csv) or image folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
 @click.option("--preset", "preset_name", default="default", show_default=True, type=click.Choice(list(PRESETS)), help="Model size and training defaults.")
+@click.option("--image-size", type=click.IntRange(16, 512), help="Image input side in pixels (default: the preset's). "
+              "Training cost grows with its square: 64 trains 2x faster than 96 on an AVX2 CPU.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs (default: the preset's).")
 @click.option("--batch-size", type=click.IntRange(min=2), help="Pairs per step (default: the preset's).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate (default: the preset's).")
@@ -103,7 +105,7 @@ def synth(out: str, n: int, seed: int, size: int) -> None:
 @click.option("--freeze", type=click.Choice(["image", "text"]), help="With --init: keep this side locked.")
 def train(data: str, out: str, preset_name: str, split_file: str | None, train_split: str, val_split: str,
           max_minutes: float | None, resume: bool, text_tower: str, text_trainable_layers: int, init: str | None,
-          freeze: str | None, **overrides: Any) -> None:
+          freeze: str | None, image_size: int | None, **overrides: Any) -> None:
     """Train a dual encoder on image-caption pairs; the best epoch by held-out recall is kept."""
     from .api import train_model
 
@@ -115,7 +117,7 @@ def train(data: str, out: str, preset_name: str, split_file: str | None, train_s
 
     summary = train_model(data, out, preset_name, split_file, train_split, val_split, max_minutes, resume,
                           on_epoch=report, text_tower=text_tower, text_trainable_layers=text_trainable_layers,
-                          init=init, freeze=freeze, **overrides)
+                          init=init, freeze=freeze, image_size=image_size, **overrides)
     last = summary["log"][-1] if summary["log"] else {}
     click.echo(f"model: {out}  ({summary['minutes']:.1f} min, peak memory {last.get('peak_rss_mb', 0):.0f} MB)")
     if last.get("skipped_images"):

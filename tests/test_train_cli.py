@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from conftest import read_log
 from retrieval.cli import main
-from retrieval.train import lr_factor
+from retrieval.train import lr_factor, use_bf16
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -46,6 +46,7 @@ def test_training_writes_a_loadable_model_dir_and_log(tiny_model: Path) -> None:
     assert all(e["val"]["text_to_image"]["R@1"] >= 0 for e in log)
     best = max(log, key=lambda e: sum(e["val"][d][k] for d in ("text_to_image", "image_to_text") for k in ("R@1", "R@5", "R@10")))
     assert best["best"], "the best epoch by held-out rsum must be the one marked best"
+    assert all(e["bf16"] == use_bf16(True) for e in log), "the log says which precision each epoch trained in"
 
 
 def test_eval_table_is_readable(tiny_model: Path, synth_data: Path) -> None:
@@ -61,6 +62,19 @@ def test_resume_continues_from_the_last_epoch(synth_data: Path, tmp_path: Path) 
     code, text = run(*args, "--epochs", "3", "--resume")
     assert code == 0, text
     assert [e["epoch"] for e in read_log(out)] == [1, 2, 3]
+
+
+def test_image_size_replaces_the_presets(synth_data: Path, tmp_path: Path) -> None:
+    from retrieval.model import load_model
+
+    out = tmp_path / "m"
+    code, text = run("train", "--data", str(synth_data), "--out", str(out), "--preset", "tiny", "--epochs", "1", "--image-size", "40")
+    assert code == 0, text
+    model = load_model(out)
+    assert model.config.image.image_size == 40 and model.transform.size == 40
+    assert model.encode_image([synth_data.parent / "images" / "synth-000000.png"]).shape == (1, model.embed_dim)
+    code, text = run("train", "--data", str(synth_data), "--out", str(tmp_path / "hf"), "--init", "hf:/nowhere", "--image-size", "40")
+    assert code != 0 and "--image-size" in text
 
 
 def test_resume_without_a_run_says_so(synth_data: Path, tmp_path: Path) -> None:
