@@ -67,7 +67,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     loss: str = "clip"  # "clip" (symmetric InfoNCE) or "siglip" (sigmoid)
     seed: int = 0
-    bf16: bool = True  # bf16 autocast where the CPU has bf16 kernels (AVX-512): ~3x fp32; on AVX2 it is ~7x slower, so fp32 there
+    bf16: bool = True  # bf16 autocast where the CPU has bf16 kernels (AVX-512): ~3x fp32; on AVX2 it is ~8x slower, so fp32 there
     augment: bool = True  # random resized crop, flip and colour jitter on training images, as `augmentation` says
     augmentation: Augment = field(default_factory=Augment)
     all_captions: bool = True  # a step trains on every caption of its images (a locked text tower makes them cheap)

@@ -281,7 +281,7 @@ def text_side(cfg: ModelConfig, train_pairs: Sequence[Pair], state: dict[str, An
 
 def use_bf16(requested: bool) -> bool:
     """bf16 autocast only where oneDNN has bf16 kernels (AVX-512 and up). On an AVX2 CPU they are emulated:
-    a ResNet step measured 7x slower than fp32 there, so training falls back to fp32."""
+    a ResNet step measured 8x slower than fp32 there, so training falls back to fp32."""
     return requested and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
