@@ -64,14 +64,18 @@ def test_resume_continues_from_the_last_epoch(synth_data: Path, tmp_path: Path) 
     assert [e["epoch"] for e in read_log(out)] == [1, 2, 3]
 
 
-def test_image_size_replaces_the_presets(synth_data: Path, tmp_path: Path) -> None:
+def test_image_size_and_one_caption_reach_the_run(synth_data: Path, tmp_path: Path) -> None:
+    import torch
+
     from retrieval.model import load_model
 
     out = tmp_path / "m"
-    code, text = run("train", "--data", str(synth_data), "--out", str(out), "--preset", "tiny", "--epochs", "1", "--image-size", "40")
+    code, text = run("train", "--data", str(synth_data), "--out", str(out), "--preset", "tiny", "--epochs", "1",
+                     "--image-size", "40", "--one-caption")
     assert code == 0, text
     model = load_model(out)
     assert model.config.image.image_size == 40 and model.transform.size == 40
+    assert json.loads(torch.load(out / "train_state.pt", weights_only=True)["train_config"])["all_captions"] is False
     assert model.encode_image([synth_data.parent / "images" / "synth-000000.png"]).shape == (1, model.embed_dim)
     code, text = run("train", "--data", str(synth_data), "--out", str(tmp_path / "hf"), "--init", "hf:/nowhere", "--image-size", "40")
     assert code != 0 and "--image-size" in text
