@@ -139,8 +139,10 @@ def test_search_in_the_browser(server: str, browser, tmp_path: Path, synth_data:
     if SCREENSHOT_DIR.is_dir():
         shutil.copy(shot, SCREENSHOT_DIR / "server_screenshot.png")
 
-    # θ between the 3rd and the 8th score keeps only the results above it
-    theta = round((top[2] + top[7]) / 2, 2)
+    # θ between the 3rd and the 8th score keeps only the results above it. The page shows scores to three
+    # decimals, so θ must not fall within that rounding of one: the count would then depend on unseen digits.
+    candidates = [round(top[7] + (top[2] - top[7]) * f, 2) for f in (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8)]
+    theta = next(t for t in candidates if top[7] < t < top[2] and all(abs(v - t) > 0.0006 for v in top))
     page.locator("#theta").fill(str(theta))
     expect(page.locator("#theta-out")).to_have_text(f"{theta:.2f}")
     expect(page.locator("#status")).to_contain_text(f"above θ = {theta:.2f}")
