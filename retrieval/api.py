@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .classify import DEFAULT_TEMPLATE, classification_report, probabilities, prompts
-from .config import FINETUNE_LR, preset, with_text_tower
+from .config import FINETUNE_LR, ModelConfig, preset, with_heads, with_image_tower, with_text_tower
 from .data import Pair, image_caption_pairs, read_pairs, read_split, select
 from .errors import ImageError, RetrievalError
 from .evaluate import DEFAULT_KS, Embeddings, fusion_sweep, recall_curve, relevant_ranks, retrieval_report, summarise
@@ -65,19 +65,25 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    text_tower: str = "own",
+    text_tower: str | None = None,
     text_trainable_layers: int = 0,
     init: str | None = None,
     freeze: str | None = None,
     image_size: int | None = None,
+    image_tower: str | None = None,
+    image_trainable_blocks: int = 0,
+    image_head: str | None = None,
+    head_dropout: float | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train on the train split, select the best epoch on the validation split; return the run summary.
 
-    `overrides` replace TrainConfig fields (epochs, batch_size, lr, loss, seed, ...); None means keep.
-    image_size replaces the preset's image input side (a checkpoint given to init keeps its own).
-    text_tower "minilm" puts the pretrained all-MiniLM-L6-v2 in place of our own text tower, locked, or
-    with its last text_trainable_layers layers trained. init ("hf:<dir or name>") fine-tunes a CLIP or
+    `overrides` replace TrainConfig fields (epochs, batch_size, lr, loss, seed, views, ...); None means keep.
+    The towers, heads and image size are the preset's unless given: text_tower "minilm" is the pretrained
+    all-MiniLM-L6-v2, locked or with its last text_trainable_layers layers trained; image_tower
+    "efficientnet-lite0/1/2" is an ImageNet-pretrained tower, locked or with its last image_trainable_blocks
+    blocks trained; image_head "linear" or "mlp" (head_dropout: the MLP's dropout). image_size replaces the
+    input side (a checkpoint given to init keeps its own). init ("hf:<dir or name>") fine-tunes a CLIP or
     SigLIP checkpoint instead (its own loss, lr 1e-5 unless given; freeze "image" or "text" locks a side);
     the result is a Hugging Face checkpoint in `out`, loadable as hf:<out>. Without any split file, every
     pair trains and the last epoch is kept.
@@ -85,11 +91,11 @@ def train_model(
     from .train import train  # torch-heavy; imported only by the commands that train
 
     p = preset(preset_name)
-    model_cfg = with_text_tower(p.model, text_tower, text_trainable_layers)
-    if image_size is not None:
-        if init is not None:
-            raise RetrievalError("--image-size is for our own towers; a checkpoint given to --init keeps its own input size")
-        model_cfg = dataclasses.replace(model_cfg, image=dataclasses.replace(model_cfg.image, image_size=image_size))
+    if init is not None and (image_size is not None or image_tower is not None or image_head is not None):
+        raise RetrievalError("--image-size, --image-tower and --image-head are for our own model; "
+                             "a checkpoint given to --init keeps its own")
+    model_cfg = model_config(p.model, text_tower, text_trainable_layers, image_tower, image_trainable_blocks,
+                             image_size, image_head, head_dropout)
     defaults = finetune_defaults(init, freeze, text_tower, overrides.get("loss"))
     train_cfg = dataclasses.replace(p.train, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
     has_split = split_file is not None or _default_split_file(data) is not None
@@ -102,7 +108,21 @@ def train_model(
     return summary
 
 
-def finetune_defaults(init: str | None, freeze: str | None, text_tower: str, loss: str | None) -> dict[str, Any]:
+def model_config(base: ModelConfig, text_tower: str | None, text_trainable_layers: int, image_tower: str | None,
+                 image_trainable_blocks: int, image_size: int | None, image_head: str | None,
+                 head_dropout: float | None) -> ModelConfig:
+    """A preset's model config with the towers, input side and head the user chose (None: the preset's)."""
+    config = base
+    if text_tower is not None or text_trainable_layers:
+        config = with_text_tower(config, text_tower or config.text.kind, text_trainable_layers)
+    if image_tower is not None or image_trainable_blocks:
+        config = with_image_tower(config, image_tower or config.image.kind, image_trainable_blocks)
+    if image_size is not None:
+        config = dataclasses.replace(config, image=dataclasses.replace(config.image, image_size=image_size))
+    return with_heads(config, image_head, head_dropout)
+
+
+def finetune_defaults(init: str | None, freeze: str | None, text_tower: str | None, loss: str | None) -> dict[str, Any]:
     """TrainConfig fields that fine-tuning a checkpoint changes: a low learning rate, and its own loss."""
     if init is None:
         if freeze:
@@ -110,7 +130,7 @@ def finetune_defaults(init: str | None, freeze: str | None, text_tower: str, los
         return {}
     if hf_name(init) is None:
         raise RetrievalError(f"--init takes a Hugging Face checkpoint, hf:<dir or name>; got {init!r}")
-    if text_tower != "own":
+    if text_tower is not None:
         raise RetrievalError("--text-tower builds our own model; it does not combine with --init")
     family = hf_config(init)["model_type"]  # clip or siglip: the names of the losses they were trained with
     if loss not in (None, family):

