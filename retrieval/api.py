@@ -158,8 +158,10 @@ def _load(model: Encoder | ModelRef) -> Encoder:
     return load_model(model) if isinstance(model, (str, Path)) else model
 
 
-def encode_pairs(model: Encoder, pairs: Sequence[Pair], batch_size: int = 128) -> Encoded:
-    """Load, preprocess and encode the images of `pairs` a batch at a time; unreadable ones are skipped."""
+def encode_pairs(model: Encoder, pairs: Sequence[Pair], batch_size: int = 128,
+                 encode: Callable[[np.ndarray], np.ndarray] | None = None) -> Encoded:
+    """Load, preprocess and encode (model.encode_image unless `encode` is given) the images of `pairs` a batch at
+    a time; unreadable ones are skipped."""
     kept, chunks, skipped = [], [], []
     for start in range(0, len(pairs), batch_size):
         arrays = []
@@ -170,7 +172,7 @@ def encode_pairs(model: Encoder, pairs: Sequence[Pair], batch_size: int = 128) -
             except ImageError as e:
                 skipped.append(str(e))
         if arrays:
-            chunks.append(model.encode_image(np.stack(arrays), batch_size))
+            chunks.append(encode(np.stack(arrays)) if encode else model.encode_image(np.stack(arrays), batch_size))
     emb = np.concatenate(chunks) if chunks else np.zeros((0, model.embed_dim), np.float32)
     return Encoded(kept, emb, skipped)
 
@@ -298,6 +300,7 @@ def classify_pairs(
 
     weight 1 classifies by the image alone, 0 by the caption alone. Labels default to the distinct values
     of label_field. Items whose parts are unusable (an unreadable image at weight 1) are skipped and counted.
+    A zero-shot model asked for ImageNet classes by image alone answers with its own classifier.
     """
     model = _load(model)
     if labels is None:
@@ -306,6 +309,14 @@ def classify_pairs(
         labels = sorted({str(p.extra[label_field]) for p in pairs if label_field in p.extra})
     if len(labels) < 2:
         raise RetrievalError(f"classification needs at least two labels, got {list(labels)}")
+    from .zeroshot import class_probabilities, own_classes  # the model is loaded: torch is in already
+
+    classes = own_classes(model, labels) if weight == 1 else None
+    if classes is not None:
+        enc = encode_pairs(model, [p for p in pairs if p.image is not None],
+                           encode=lambda pixels: class_probabilities(model, pixels, classes))
+        return _classification(enc.image_emb, enc.pairs, pairs, labels, label_field,
+                               {"template": None, "weight": weight, "classifier": "imagenet"})
     try:
         label_emb = model.encode_text(prompts(labels, template))
     except ValueError as e:
@@ -330,8 +341,14 @@ def classify_pairs(
     if not kept:
         raise RetrievalError("none of the items could be classified (no readable image or caption)")
     probs = probabilities(label_emb, np.stack(vectors), float(model.temperature().detach()))
-    result: dict[str, Any] = {"labels": list(labels), "template": template, "weight": weight,
-                              "skipped": len(pairs) - len(kept), "ids": [p.id for p in kept], "probabilities": probs}
+    return _classification(probs, kept, pairs, labels, label_field, {"template": template, "weight": weight})
+
+
+def _classification(probs: np.ndarray, kept: Sequence[Pair], pairs: Sequence[Pair], labels: Sequence[str],
+                    label_field: str | None, how: dict[str, Any]) -> dict[str, Any]:
+    """The classify result for the `kept` items' (n, L) probabilities, with accuracy when label_field is given."""
+    result: dict[str, Any] = {"labels": list(labels), **how, "skipped": len(pairs) - len(kept),
+                              "ids": [p.id for p in kept], "probabilities": probs}
     if label_field is not None:
         index = {label: i for i, label in enumerate(labels)}
         has = np.array([str(p.extra.get(label_field)) in index for p in kept])

@@ -410,7 +410,7 @@ def index(source: str, model_dir: str, index_path: str, index_type: str | None, 
             raise RetrievalError(f"{', '.join(ray_only)} only apply with --engine ray")
         r = build_index(source, model_dir, index_path, index_type, exclude, batch_size, params)
     click.echo(f"{index_path}: {r.added} added, {r.updated} updated, {r.removed} removed, {r.unchanged} unchanged "
-               f"({r.index_type}, {r.seconds:.1f} s)")
+               f"({r.index_type}{f', images in {r.precision}' if r.precision else ''}, {r.seconds:.1f} s)")
     if r.skipped:
         click.echo(f"skipped {len(r.skipped)} unreadable file(s):")
         for message in r.skipped:

@@ -11,8 +11,9 @@ import fnmatch
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class IndexReport:
     skipped: list[str] = field(default_factory=list)  # one message per unreadable file
     seconds: float = 0.0
     index_type: str = ""
+    precision: str = ""  # what the image encoder ran in (Encoder.image_precision); "" when nothing was encoded
 
 
 def list_source(source: str | Path, exclude: Sequence[str] = ()) -> list[Pair]:
@@ -83,8 +85,13 @@ def build_index(
     params: dict | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = True,
+    precision: str = "auto",
+    prefetch: bool = True,
 ) -> IndexReport:
-    """Create the index at index_path, or bring it up to date with the source."""
+    """Create the index at index_path, or bring it up to date with the source.
+
+    precision: the image encoder's (Encoder.image_precision). prefetch: decode the next batch while this one
+    is encoded (off only to measure what the overlap gains)."""
     from .model import load_model  # torch: only the commands that encode pay for it
 
     t0 = time.perf_counter()
@@ -105,11 +112,14 @@ def build_index(
         source_ids = {p.id for p in pairs}
         removed = [i for i in existing if i not in source_ids]
         model = load_model(model_dir) if todo else None
-        bar = tqdm(total=len(todo), desc="indexing", unit="item", disable=not progress)
+        if model is not None:
+            report.precision = precision = model.image_precision(precision)
+        desc = f"indexing, images in {report.precision}" if report.precision else "indexing"
+        bar = tqdm(total=len(todo), desc=desc, unit="item", disable=not progress)
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         with ThreadPoolExecutor(2) as pool:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                items, vectors, skipped = encode_batch(model, batch, pool, store.known_vectors)
+            for batch, decoding in decode_ahead(model, batches, pool, ahead=1 if prefetch else 0):
+                items, vectors, skipped = encode_batch(model, batch, pool, store.known_vectors, precision, decoding)
                 store.commit(items, vectors)
                 report.skipped += skipped
                 report.added += sum(1 for it in items if it.id not in existing)
@@ -158,12 +168,13 @@ def check_model(manifest: Manifest, model_fp: str, model_dir: ModelRef) -> None:
         )
 
 
-def encode_batch(model, batch: Sequence[Pair], pool: ThreadPoolExecutor, known: Callable[[Sequence[str]], set[str]]
-                 ) -> tuple[list[Item], dict[str, np.ndarray], list[str]]:
-    """Items for one batch with the vectors of content `known` does not have yet; unreadable images are skipped
-    with a message. `known` is the index's store on one machine, the shard's vectors so far on a Ray worker."""
+Decoded = tuple[str | None, np.ndarray | None, str | None]  # one item's (image key, pixels (3, S, S), error)
 
-    def prepare(pair: Pair) -> tuple[str | None, np.ndarray | None, str | None]:
+
+def decode_batch(model, batch: Sequence[Pair], pool: ThreadPoolExecutor) -> list[Future[Decoded]]:
+    """Start reading, hashing and preprocessing the batch's images on the pool; an unreadable one gives its error."""
+
+    def decode(pair: Pair) -> Decoded:
         if pair.image is None:
             return None, None, None
         try:
@@ -172,13 +183,34 @@ def encode_batch(model, batch: Sequence[Pair], pool: ThreadPoolExecutor, known: 
         except ImageError as e:
             return None, None, str(e)
 
-    prepared = list(pool.map(prepare, batch))
+    return [pool.submit(decode, pair) for pair in batch]
+
+
+def decode_ahead(model, batches: Sequence[Sequence[Pair]], pool: ThreadPoolExecutor, ahead: int
+                 ) -> Iterator[tuple[Sequence[Pair], list[Future[Decoded]]]]:
+    """Each batch with its decoding, started `ahead` batches early: with 1, the pool decodes batch i + 1 while
+    the caller encodes and commits batch i."""
+    started: deque[tuple[Sequence[Pair], list[Future[Decoded]]]] = deque()
+    for batch in batches:
+        started.append((batch, decode_batch(model, batch, pool)))
+        if len(started) > ahead:
+            yield started.popleft()
+    yield from started
+
+
+def encode_batch(model, batch: Sequence[Pair], pool: ThreadPoolExecutor, known: Callable[[Sequence[str]], set[str]],
+                 precision: str = "auto", decoding: list[Future[Decoded]] | None = None,
+                 ) -> tuple[list[Item], dict[str, np.ndarray], list[str]]:
+    """Items for one batch with the vectors of content `known` does not have yet; unreadable images are skipped
+    with a message. `known` is the index's store on one machine, the shard's vectors so far on a Ray worker.
+    `decoding`: the batch's decode_batch, started earlier; without it the batch is decoded now."""
+    prepared = [f.result() for f in (decoding if decoding is not None else decode_batch(model, batch, pool))]
     keys = [k for k, _, _ in prepared if k] + [text_key(p.captions) for p in batch if p.captions]
     known_keys = known(keys)
     vectors: dict[str, np.ndarray] = {}
     new_images = {k: px for k, px, _ in prepared if k and k not in known_keys}
     if new_images:
-        for k, v in zip(new_images, model.encode_image(np.stack(list(new_images.values())))):
+        for k, v in zip(new_images, model.encode_image(np.stack(list(new_images.values())), precision=precision)):
             vectors[k] = v
     new_texts = {text_key(p.captions): p.captions for p in batch if p.captions and text_key(p.captions) not in known_keys}
     if new_texts:  # every caption of the batch in one encoder call, then one mean vector per item

@@ -9,9 +9,11 @@ directory (config.json, model.safetensors, tokenizer.json), usable wherever a mo
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -74,3 +76,20 @@ def build_zeroshot(out: str | Path, image_tower: str = "efficientnet-lite0", top
     texts = prompts(names, template)
     model.image_proj.class_embeddings.copy_(torch.from_numpy(model.encode_text(texts)))  # (1000, D), unit norm
     return save_model(model.eval(), out)
+
+
+def own_classes(model: nn.Module, labels: Sequence[str]) -> list[int] | None:
+    """The ImageNet class indices of `labels` when `model` is a zero-shot model and every label is one of its
+    classes (then its own classifier decides, as it was trained to); else None."""
+    config = getattr(model, "config", None)
+    if config is None or config.head.image != "conse":
+        return None
+    index = {name: i for i, name in enumerate(imagenet_class_names())}
+    return [index[label] for label in labels] if all(label in index for label in labels) else None
+
+
+@torch.no_grad()
+def class_probabilities(model: nn.Module, pixels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """(n, len(classes)): the classifier's softmax over just those classes, for preprocessed (n, 3, S, S) pixels."""
+    logits = model.image_tower.net.logits(model.image_tower(torch.from_numpy(pixels)))  # (n, 1000)
+    return logits[:, list(classes)].softmax(-1).float().numpy()

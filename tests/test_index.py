@@ -59,9 +59,9 @@ def encoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = indexing.encode_batch
 
-    def spy(model, batch, pool, known):
+    def spy(model, batch, *args):
         seen.extend(p.id for p in batch)
-        return real(model, batch, pool, known)
+        return real(model, batch, *args)
 
     monkeypatch.setattr(indexing, "encode_batch", spy)
     return seen

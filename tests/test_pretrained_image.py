@@ -149,3 +149,22 @@ def test_zeroshot_model_indexes_and_searches_a_folder(zeroshot_model: Path, tmp_
 def test_zeroshot_bad_template_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["zeroshot", "--out", str(tmp_path / "z"), "--template", "a photo"])
     assert result.exit_code != 0 and "{label}" in result.output and "Traceback" not in result.output
+
+
+def test_zeroshot_classify_over_imagenet_labels_is_its_own_classifier(zeroshot_model: Path, synth_data: Path) -> None:
+    from retrieval.api import classify_pairs
+    from retrieval.data import read_pairs
+    from retrieval.zeroshot import imagenet_class_names
+
+    names = imagenet_class_names()
+    labels = [names[i] for i in (0, 1, 963, 954)]  # tench, goldfish, pizza, banana
+    pairs = read_pairs(synth_data)[:4]
+    result = classify_pairs(zeroshot_model, pairs, labels)
+    assert result["classifier"] == "imagenet"
+    model = load_model(zeroshot_model)
+    pixels = torch.from_numpy(np.stack([model.transform.load(p.image) for p in pairs]))
+    with torch.no_grad():
+        want = model.image_tower.net.logits(model.image_tower(pixels))[:, [0, 1, 963, 954]].softmax(-1).numpy()
+    np.testing.assert_allclose(result["probabilities"], want, atol=1e-5, rtol=0)
+    prompted = classify_pairs(zeroshot_model, pairs, [*labels[:3], "a red circle"])  # not all ImageNet: prompts
+    assert "classifier" not in prompted and prompted["template"] == "a photo of a {label}"

@@ -1,0 +1,158 @@
+"""Faster indexing, same answers: decoding the next batch while this one encodes changes no item and no vector;
+encode_image in fp32 (channels_last) equals the plain fp32 forward; bf16 stays within cosine 0.999 of fp32."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from retrieval.cli import main
+from retrieval.data import Pair
+from retrieval.errors import RetrievalError
+from retrieval.index import IndexStore, Item
+from retrieval.indexing import build_index, decode_ahead
+from retrieval.model import Encoder, load_model
+from retrieval.train import use_bf16
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+BF16 = use_bf16(True)
+
+
+@pytest.fixture(scope="module")
+def folder(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """11 images, captions on every third, one copy of an earlier image (its vector is reused across batches)
+    and one unreadable file: with batch_size 3, four batches."""
+    rows = [json.loads(line) for line in synth_data.read_text().splitlines()][:10]
+    src = tmp_path_factory.mktemp("photos")
+    for i, row in enumerate(rows):
+        shutil.copy(synth_data.parent / row["image"], src / f"{i:02d}.png")
+        if i % 3 == 0:
+            (src / f"{i:02d}.txt").write_text(row["captions"][0] + "\n")
+    shutil.copy(src / "01.png", src / "10.png")
+    (src / "11.jpg").write_bytes(b"not a jpeg")
+    return src
+
+
+@pytest.fixture(scope="module")
+def zeroshot_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Our pretrained EfficientNet-Lite0 tower (the zero-shot model needs no training)."""
+    from retrieval.zeroshot import build_zeroshot
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return build_zeroshot(tmp_path_factory.mktemp("zeroshot") / "model")
+
+
+def stored(index_path: Path) -> tuple[dict[str, Item], dict[str, np.ndarray]]:
+    """Items by id (fid left out: it is the order of the commits) and their image vectors."""
+    store = IndexStore.open(index_path)
+    items = store.all_items()
+    parts = store.part_vectors([it.fid for it in items.values()])
+    vectors = {it.id: parts[it.fid][0] for it in items.values() if it.image_key}
+    return {i: dataclasses.replace(it, fid=0) for i, it in items.items()}, vectors
+
+
+def pixels_of(model: Encoder, folder: Path, n: int) -> np.ndarray:
+    return np.stack([model.transform.load(folder / f"{i:02d}.png") for i in range(n)])  # (n, 3, S, S)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_decoding_runs_one_batch_ahead() -> None:
+    """With prefetch, batch i + 1 is handed to the pool before batch i is given to the encoder; without, not."""
+    submitted: list[str] = []
+
+    class RecordingPool:
+        def submit(self, fn, pair: Pair) -> Future:
+            submitted.append(pair.id)
+            future: Future = Future()
+            future.set_result(fn(pair))
+            return future
+
+    batches = [[Pair(f"{b}{i}", None, ("a caption",)) for i in range(2)] for b in "abc"]
+    for ahead, first_seen in ((1, ["a0", "a1", "b0", "b1"]), (0, ["a0", "a1"])):
+        submitted.clear()
+        order = []
+        for batch, decoding in decode_ahead(SimpleNamespace(), batches, RecordingPool(), ahead):
+            if not order:
+                assert submitted == first_seen
+            order.append([p.id for p in batch])
+            assert [f.result() for f in decoding] == [(None, None, None)] * 2  # text-only items decode to nothing
+        assert order == [["a0", "a1"], ["b0", "b1"], ["c0", "c1"]] and len(submitted) == 6
+
+
+def test_prefetching_build_equals_the_sequential_build_and_direct_encoding(folder: Path, tiny_model: Path,
+                                                                            tmp_path: Path) -> None:
+    reports = {p: build_index(folder, tiny_model, tmp_path / str(p), batch_size=3, progress=False, prefetch=p)
+               for p in (True, False)}
+    (items, vectors), (seq_items, seq_vectors) = stored(tmp_path / "True"), stored(tmp_path / "False")
+    assert items == seq_items and len(items) == 11 and items["10.png"].image_key == items["01.png"].image_key
+    assert all(np.array_equal(vectors[i], seq_vectors[i]) for i in vectors)
+    assert [(r.added, len(r.skipped), r.precision) for r in reports.values()] == [(11, 1, "fp32")] * 2
+    assert "11.jpg" in reports[True].skipped[0]
+    model = load_model(tiny_model)
+    for i, v in vectors.items():
+        np.testing.assert_allclose(v, model.encode_image([folder / i])[0], atol=1e-6, rtol=0, err_msg=i)
+
+
+def test_pretrained_tower_indexes_in_fp32_as_encoded_directly_and_in_auto_within_bf16(
+        folder: Path, zeroshot_model: Path, tmp_path: Path) -> None:
+    """precision="fp32" gives encode_image's vectors; "auto" runs bf16 where the CPU has bf16 kernels."""
+    fp32 = build_index(folder, zeroshot_model, tmp_path / "fp32", batch_size=3, progress=False, precision="fp32")
+    auto = build_index(folder, zeroshot_model, tmp_path / "auto", batch_size=3, progress=False)
+    assert (fp32.precision, auto.precision) == ("fp32", "bf16" if BF16 else "fp32")
+    (items, vectors), (auto_items, auto_vectors) = stored(tmp_path / "fp32"), stored(tmp_path / "auto")
+    assert items == auto_items
+    ids = sorted(vectors)
+    direct = load_model(zeroshot_model).encode_image([folder / i for i in ids])
+    np.testing.assert_allclose(np.stack([vectors[i] for i in ids]), direct, atol=1e-5, rtol=0)
+    assert cosines(np.stack([auto_vectors[i] for i in ids]), direct).min() > 0.999
+
+
+@pytest.mark.parametrize("which", ["tiny", "pretrained"])
+def test_fp32_encode_image_equals_the_plain_fp32_forward(which: str, folder: Path, tiny_model: Path,
+                                                         zeroshot_model: Path) -> None:
+    """channels_last changes the memory layout, not the maths."""
+    model = load_model(tiny_model if which == "tiny" else zeroshot_model)
+    pixels = pixels_of(model, folder, 6)
+    with torch.no_grad():
+        plain = model.image_features(torch.from_numpy(pixels)).numpy()  # NCHW, no autocast: the path before
+    np.testing.assert_allclose(model.encode_image(pixels, precision="fp32"), plain, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(model.encode_image(pixels), model.encode_image(pixels, precision="fp32"))
+
+
+@pytest.mark.skipif(not BF16, reason="this CPU has no bf16 kernels (AVX2 only): bf16 would be emulated")
+def test_bf16_is_within_cosine_0999_of_fp32(folder: Path, zeroshot_model: Path) -> None:
+    model = load_model(zeroshot_model)
+    pixels = pixels_of(model, folder, 6)
+    fp32, bf16 = model.encode_image(pixels, precision="fp32"), model.encode_image(pixels, precision="bf16")
+    assert not np.array_equal(fp32, bf16)  # autocast did run
+    assert cosines(bf16, fp32).min() > 0.999
+
+
+def test_auto_precision_is_bf16_only_for_the_pretrained_tower_on_a_bf16_cpu(tiny_model: Path,
+                                                                             zeroshot_model: Path) -> None:
+    tiny, pretrained = load_model(tiny_model), load_model(zeroshot_model)
+    assert tiny.image_precision("auto") == "fp32" and tiny.image_precision("bf16") == "bf16"
+    assert pretrained.image_precision("auto") == ("bf16" if BF16 else "fp32")
+    assert pretrained.image_precision("fp32") == "fp32"
+    with pytest.raises(RetrievalError, match="unknown precision 'fp16'; choose one of auto, fp32, bf16"):
+        tiny.encode_image(np.zeros((1, 3, 32, 32), np.float32), precision="fp16")
+
+
+def test_index_command_says_which_precision_ran(folder: Path, tiny_model: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["index", str(folder), "--model", str(tiny_model), "--index", str(tmp_path / "i")])
+    assert result.exit_code == 0, result.output
+    assert "11 added, 0 updated, 0 removed, 0 unchanged (flat, images in fp32, " in result.output
