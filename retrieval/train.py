@@ -37,7 +37,7 @@ from .augment import augment_batch
 from .features import ImageCache, TextCache
 from .images import Transform, load_image
 from .loss import clip_loss, siglip_loss
-from .model import DualEncoder, Encoder
+from .model import DualEncoder, Encoder, use_bf16
 from .tokenizer import Tokenizer
 
 STATE_FILE = "train_state.pt"
@@ -287,12 +287,6 @@ def text_side(cfg: ModelConfig, train_pairs: Sequence[Pair], state: dict[str, An
 
 def _as_tensor(bank: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(bank)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S', S') uint8
-
-
-def use_bf16(requested: bool) -> bool:
-    """bf16 autocast only where oneDNN has bf16 kernels (AVX-512 and up). On an AVX2 CPU they are emulated:
-    a ResNet step measured 8x slower than fp32 there, so training falls back to fp32."""
-    return requested and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _step(model: Encoder, opt: torch.optim.Optimizer, image_features: Callable[[torch.Tensor], torch.Tensor],

@@ -1,11 +1,13 @@
 """Faster indexing, same answers: decoding the next batch while this one encodes changes no item and no vector;
-encode_image in fp32 (channels_last) equals the plain fp32 forward; bf16 stays within cosine 0.999 of fp32."""
+encode_image in fp32 (channels_last) equals the plain fp32 forward; bf16 stays close to fp32."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,11 +23,15 @@ from retrieval.errors import RetrievalError
 from retrieval.index import IndexStore, Item
 from retrieval.indexing import build_index, decode_ahead
 from retrieval.model import Encoder, load_model
-from retrieval.train import use_bf16
+from retrieval.model import use_bf16
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 BF16 = use_bf16(True)
+# bf16 against fp32, per image, on the zero-shot model: these synthetic scenes measured 0.991-0.9998 (flat shapes
+# scaled up 48 -> 224 px are far from ImageNet; Flickr8k photos: 0.993-1, mean 0.9993, R@1/5/10 on 300 test images
+# within 0.5 points of fp32). A wrong layout or a dtype left in bf16 lands far below.
+BF16_MIN_COSINE, BF16_MEAN_COSINE = 0.98, 0.995
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +124,7 @@ def test_pretrained_tower_indexes_in_fp32_as_encoded_directly_and_in_auto_within
     ids = sorted(vectors)
     direct = load_model(zeroshot_model).encode_image([folder / i for i in ids])
     np.testing.assert_allclose(np.stack([vectors[i] for i in ids]), direct, atol=1e-5, rtol=0)
-    assert cosines(np.stack([auto_vectors[i] for i in ids]), direct).min() > 0.999
+    assert cosines(np.stack([auto_vectors[i] for i in ids]), direct).min() > BF16_MIN_COSINE
 
 
 @pytest.mark.parametrize("which", ["tiny", "pretrained"])
@@ -134,12 +140,13 @@ def test_fp32_encode_image_equals_the_plain_fp32_forward(which: str, folder: Pat
 
 
 @pytest.mark.skipif(not BF16, reason="this CPU has no bf16 kernels (AVX2 only): bf16 would be emulated")
-def test_bf16_is_within_cosine_0999_of_fp32(folder: Path, zeroshot_model: Path) -> None:
+def test_bf16_stays_close_to_fp32(folder: Path, zeroshot_model: Path) -> None:
     model = load_model(zeroshot_model)
-    pixels = pixels_of(model, folder, 6)
+    pixels = pixels_of(model, folder, 10)
     fp32, bf16 = model.encode_image(pixels, precision="fp32"), model.encode_image(pixels, precision="bf16")
     assert not np.array_equal(fp32, bf16)  # autocast did run
-    assert cosines(bf16, fp32).min() > 0.999
+    cos = cosines(bf16, fp32)
+    assert cos.min() > BF16_MIN_COSINE and cos.mean() > BF16_MEAN_COSINE, cos
 
 
 def test_auto_precision_is_bf16_only_for_the_pretrained_tower_on_a_bf16_cpu(tiny_model: Path,
@@ -156,3 +163,23 @@ def test_index_command_says_which_precision_ran(folder: Path, tiny_model: Path, 
     result = CliRunner().invoke(main, ["index", str(folder), "--model", str(tiny_model), "--index", str(tmp_path / "i")])
     assert result.exit_code == 0, result.output
     assert "11 added, 0 updated, 0 removed, 0 unchanged (flat, images in fp32, " in result.output
+
+
+def test_bench_index_runs_and_writes_its_rows(folder: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """The benchmark at a tiny size (our ResNet at 32 px, 10 images, one thread); the lead runs the real one."""
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_index.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(tiny_model), "--sizes", "32,40", "--images",
+                           str(folder), "--n", "10", "--index-batch", "4", "--reps", "1", "--threads", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["machine"]["bf16_kernels"] == BF16 and result["machine"]["threads"] == 1
+    rows = {(r["size"], r["path"], r["precision"]): r for r in result["rows"]}
+    precisions = ["fp32", "bf16"] if BF16 else ["fp32"]
+    for size in (32, 40):
+        assert rows[size, "forward", "fp32"]["images_per_s"] > 0
+        for precision in precisions:
+            for path in (f"index {folder.parent.name}/photos0", f"index {folder.parent.name}/photos0 (no prefetch)"):
+                assert rows[size, path, precision]["vs_bound"] > 0, (size, path, precision)
+    assert "images/s" in done.stdout and "vs bound" in done.stdout

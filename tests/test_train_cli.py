@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from conftest import read_log
 from retrieval.cli import main
-from retrieval.train import lr_factor, use_bf16
+from retrieval.model import use_bf16
+from retrieval.train import lr_factor
 
 
 def run(*args: str) -> tuple[int, str]:
