@@ -17,7 +17,8 @@ LOSSES = ("clip", "siglip")  # loss.py holds the functions; named here so the CL
 TEXT_TOWERS = ("own", "minilm")  # own: trained here from scratch; minilm: pretrained all-MiniLM-L6-v2 (pretrained.py)
 # resnet: ours, from scratch; efficientnet-lite*: ImageNet-pretrained (efficientnet.py), with their native input sides
 PRETRAINED_IMAGE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
-IMAGE_TOWERS = ("resnet", *PRETRAINED_IMAGE_SIZES)
+ENSEMBLE = "efficientnet-lite0+efficientnet-lite2"  # both networks' pooled features side by side
+IMAGE_TOWERS = ("resnet", *PRETRAINED_IMAGE_SIZES, ENSEMBLE)
 IMAGE_HEADS = ("linear", "mlp", "conse")  # conse: the zero-shot head (zeroshot.py), never trained
 TEXT_HEADS = ("linear", "identity")  # identity: the text tower's own space (the zero-shot model's)
 FINETUNE_LR = 1e-5  # peak learning rate when fine-tuning a pretrained CLIP/SigLIP (--init): it must not forget
@@ -54,6 +55,7 @@ class HeadConfig:
     text: str = "linear"  # "linear" or "identity"
     hidden: int = 1024  # mlp: hidden width
     dropout: float = 0.0  # mlp: dropout after the hidden layer
+    input_dropout: float = 0.0  # mlp: dropout on the tower's features, before the first layer
     top: int = 10  # conse: the image embeds as the probability-weighted mean of its top classes' text embeddings
 
 
@@ -165,8 +167,13 @@ def with_image_tower(config: ModelConfig, kind: str, trainable_blocks: int = 0) 
         raise RetrievalError("--image-trainable-blocks is for a pretrained image tower (--image-tower efficientnet-lite0), and at least 0")
     if kind == "resnet":
         return config if config.image.kind == "resnet" else dataclasses.replace(config, image=ImageTowerConfig())
-    image = ImageTowerConfig(kind=kind, trainable_blocks=trainable_blocks, image_size=PRETRAINED_IMAGE_SIZES[kind])
+    image = ImageTowerConfig(kind=kind, trainable_blocks=trainable_blocks, image_size=pretrained_image_size(kind))
     return dataclasses.replace(config, image=image)
+
+
+def pretrained_image_size(kind: str) -> int:
+    """A pretrained tower's native input side; an ensemble's is its largest network's."""
+    return max(PRETRAINED_IMAGE_SIZES[name] for name in kind.split("+"))
 
 
 def with_heads(config: ModelConfig, image_head: str | None = None, dropout: float | None = None) -> ModelConfig:

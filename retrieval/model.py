@@ -85,8 +85,8 @@ def image_transform(cfg: ImageTowerConfig) -> Transform:
 def build_image_head(cfg: HeadConfig, tower: nn.Module, embed_dim: int) -> nn.Module:
     """tower output (B, C) -> (B, embed_dim), not yet normalised."""
     if cfg.image == "mlp":
-        return nn.Sequential(nn.Linear(tower.out_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
-                             nn.Linear(cfg.hidden, embed_dim))
+        return nn.Sequential(nn.Dropout(cfg.input_dropout), nn.Linear(tower.out_dim, cfg.hidden), nn.GELU(),
+                             nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, embed_dim))
     if cfg.image == "conse":
         from .zeroshot import ConseHead
 

@@ -259,9 +259,7 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_pairs: Seq
         tokenizer, text_tower, model_cfg = text_side(model_cfg, train_pairs, state)
         model = DualEncoder(model_cfg, tokenizer, text_tower)
         if state is None and model.image_cacheable:  # a pretrained image tower starts from its package's weights
-            from .efficientnet import load_weights, packaged_state_dict
-
-            load_weights(model.image_tower.net, packaged_state_dict(model_cfg.image.kind), model_cfg.image.kind)
+            model.image_tower.load_packaged()
     if state is not None:
         try:
             model.load_state_dict(state["model"])

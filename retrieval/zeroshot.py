@@ -57,7 +57,6 @@ def imagenet_class_names() -> list[str]:
 def build_zeroshot(out: str | Path, image_tower: str = "efficientnet-lite0", top: int = 10,
                    template: str = DEFAULT_TEMPLATE) -> Path:
     """Write the zero-shot model directory `out` and return it."""
-    from .efficientnet import load_weights, packaged_state_dict
     from .model import DualEncoder, save_model
     from .pretrained import load_pretrained_text_tower
 
@@ -72,7 +71,7 @@ def build_zeroshot(out: str | Path, image_tower: str = "efficientnet-lite0", top
     config = ModelConfig(image=ImageTowerConfig(kind=image_tower, image_size=PRETRAINED_IMAGE_SIZES[image_tower]),
                          text=text, head=HeadConfig(image="conse", text="identity", top=top), embed_dim=text.width)
     model = DualEncoder(config, tokenizer, tower)
-    load_weights(model.image_tower.net, packaged_state_dict(image_tower), image_tower)
+    model.image_tower.load_packaged()
     texts = prompts(names, template)
     model.image_proj.class_embeddings.copy_(torch.from_numpy(model.encode_text(texts)))  # (1000, D), unit norm
     return save_model(model.eval(), out)

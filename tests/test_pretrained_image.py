@@ -3,6 +3,7 @@ cached, only the heads (and any unlocked blocks) train; and the zero-shot model 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def locked_model(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def tower_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    prefix = "image_tower.net."
+    prefix = "image_tower.nets.0."
     return {k[len(prefix):]: v for k, v in load_file(model_dir / "model.safetensors").items() if k.startswith(prefix)}
 
 
@@ -168,3 +169,24 @@ def test_zeroshot_classify_over_imagenet_labels_is_its_own_classifier(zeroshot_m
     np.testing.assert_allclose(result["probabilities"], want, atol=1e-5, rtol=0)
     prompted = classify_pairs(zeroshot_model, pairs, [*labels[:3], "a red circle"])  # not all ImageNet: prompts
     assert "classifier" not in prompted and prompted["template"] == "a photo of a {label}"
+
+
+def test_ensemble_tower_is_its_networks_side_by_side() -> None:
+    """Lite0 + Lite2: each network sees the input at its share of the side, features concatenated."""
+    import torch.nn.functional as F
+
+    from retrieval.config import ENSEMBLE
+
+    cfg = with_image_tower(PRESETS["pretrained"].model, ENSEMBLE).image
+    assert cfg.image_size == 260
+    tower = PretrainedImageTower(dataclasses.replace(cfg, image_size=130))
+    tower.load_packaged()
+    assert tower.sides == [112, 130] and tower.out_dim == 2560
+    pixels = torch.randn(2, 3, 130, 130)
+    with torch.no_grad():
+        got = tower(pixels)
+        lite0 = tower.nets[0](F.interpolate(pixels, size=(112, 112), mode="bilinear", antialias=True, align_corners=False))
+        lite2 = tower.nets[1](pixels)
+    torch.testing.assert_close(got, torch.cat([lite0, lite2], dim=1))
+    with pytest.raises(RetrievalError, match="single pretrained image tower"):
+        PretrainedImageTower(dataclasses.replace(cfg, trainable_blocks=1))
