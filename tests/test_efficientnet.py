@@ -18,6 +18,7 @@ from retrieval.efficientnet import (
     packaged_state_dict,
     same_padding,
 )
+from retrieval.config import PRETRAINED_IMAGE_SIZES
 from retrieval.errors import RetrievalError
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -69,7 +70,7 @@ def compare(name: str, height: int, width: int) -> None:
 
 @pytest.mark.parametrize("name", list(LITE_VARIANTS))
 def test_equals_reference_at_native_size(name: str) -> None:
-    size = LITE_VARIANTS[name].image_size
+    size = PRETRAINED_IMAGE_SIZES[name]
     assert ours(name).image_size == size
     compare(name, size, size)
 
