@@ -10,18 +10,20 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
-from .classify import DEFAULT_TEMPLATE, classification_report, probabilities, prompts
+from .classify import DEFAULT_TEMPLATE, check_template, classification_report, probabilities, prompts
 from .config import FINETUNE_LR, ModelConfig, preset, with_heads, with_image_tower, with_text_tower
 from .data import Pair, image_caption_pairs, read_pairs, read_split, select
 from .errors import ImageError, RetrievalError
-from .evaluate import DEFAULT_KS, Embeddings, fusion_sweep, recall_curve, relevant_ranks, retrieval_report, summarise
+from .evaluate import (DEFAULT_KS, Embeddings, Relevance, fusion_sweep, list_ranks, recall_against_exact, recall_curve,
+                       retrieval_report, summarise, top_k_streamed)
 from .indexing import caption_vector
 from .modeldir import ModelRef, hf_config, hf_name
 from .query import Hit
@@ -29,6 +31,7 @@ from .thresholds import threshold_report
 
 if TYPE_CHECKING:  # torch is imported only by the jobs that run a model: eval --index and calibrate never do
     from .model import Encoder
+    from .index import IndexStore
 
 DEMO_ROOT = Path("index_data/demo")
 DEMO_IMAGES = 2500  # the synthetic collection the demo trains and evaluates on (20% held out)
@@ -220,27 +223,69 @@ def fusion_report(image_emb: Embeddings, text_emb: Embeddings, text_image: np.nd
     return {"n_items": int(len(image_emb)), "n_queries": int(queries.sum()), **sweep}
 
 
+EVAL_DEPTH = 100  # eval --index: results asked of the index (and of exact search) per query
+EXACT_BLOCK_ROWS = 65_536  # rows of the memory-mapped vectors scanned at a time by the exact search
+
+
 def evaluate_index(
     index_path: str | Path, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS, target: str = "image",
     weight: float = 0.5, thresholds: bool = False, target_precision: float | None = None, curves: bool = False,
+    depth: int = EVAL_DEPTH, ef_search: int | None = None, nprobe: int | None = None,
 ) -> dict[str, Any]:
     """Text queries against an existing index: each pair's captions are queries, and its relevant items are
     the indexed items with the pair's id (or the ids listed in its `relevant` field).
 
-    Scores are exact (the stored vectors, not the ANN index), so the figures describe the model and fusion.
+    The task figures (text_to_<target>) are those of what the index returns: its FAISS search with its
+    knobs (ef_search, nprobe: the manifest's unless given), so ivf and ivfpq, or two nprobe, can be compared.
+    "exact" holds the same figures for an exact search, streamed over the stored vectors a block at a time,
+    and "index_recall" the fraction of the exact top k the index returned. Both lists are K = max(depth,
+    max(ks)) long: a relevant item beyond them is not found (rank K + 1, adding 0 to AP).
+    The threshold report needs every (query, item) score: it is exact, and holds the N x d item vectors.
     """
-    from .query import Index
+    from .query import Index, query_vectors, ranked
 
     index = Index.open(index_path)
-    fids, ids, has_image, has_text = index.store.id_table()
-    d = index.store.manifest.dim
+    index.tune(ef_search, nprobe)
+    store, d = index.store, index.store.manifest.dim
+    fids, ids, has_image, has_text = store.id_table()
     w = {"image": 1.0, "text": 0.0}.get(target, weight)
     keep = {"image": has_image, "text": has_text}.get(target, np.ones(len(fids), dtype=bool))
-    vector_fids, vectors = index.store.vectors
+    vector_fids, vectors = store.vectors
     if not np.array_equal(vector_fids, fids):
         raise RetrievalError(f"{index_path} changed while it was being read; run the evaluation again")
-    candidates = np.asarray(w * vectors[:, :d] + (1 - w) * vectors[:, d:])[keep]  # (N, d): the fused item vectors
-    position = {item_id: j for j, item_id in enumerate(np.asarray(ids, dtype=object)[keep])}
+    kept_fids = fids[keep]
+    texts, relevance, unmatched = index_queries(pairs, np.asarray(ids, dtype=object)[keep])
+    if not texts:
+        raise RetrievalError(f"none of the queries' relevant ids is in {index_path} (for target {target}); "
+                             "check that the manifest's ids are the index's item ids")
+    k = max(depth, *ks)
+    query_emb = index.embed_texts(texts)
+    qv = query_vectors(query_emb, target, w)  # (nq, 2d): scores the fused stored vectors as the index does
+    searcher, params = store.searcher({"image": "image_key", "text": "text_key"}.get(target))
+    found_fids = _padded(ranked(searcher, qv, k, None, params), k)  # (nq, K) fids, -1 past the end
+    found = np.where(found_fids >= 0, np.searchsorted(kept_fids, found_fids), -1)  # positions among kept items
+    exact_scores, exact = top_k_streamed(qv, _kept_blocks(vectors, keep), k)
+    ranks, ap = list_ranks(found, relevance)
+    exact_ranks, exact_ap = list_ranks(exact, relevance)
+    direction = f"text_to_{target}"
+    report: dict[str, Any] = {
+        "n_items": int(keep.sum()), "n_texts": len(texts), "target": target, "weight": w, "unmatched_queries": unmatched,
+        "index_type": store.manifest.index_type, "search_params": _search_knobs(params), "depth": k,
+        direction: summarise(ranks, ks, ap),
+        "exact": {direction: summarise(exact_ranks, ks, exact_ap)},
+        "index_recall": recall_against_exact(_exact_scores(store, qv, found_fids), exact_scores, ks),
+    }
+    if curves:
+        report["curves"] = {direction: recall_curve(ranks, min(100, k))}
+    if thresholds:
+        candidates = np.asarray(w * vectors[:, :d] + (1 - w) * vectors[:, d:])[keep]  # (N, d): every score is needed
+        report["threshold"] = threshold_report(query_emb, candidates, relevance, target_precision)
+    return report
+
+
+def index_queries(pairs: Sequence[Pair], ids: Sequence[str]) -> tuple[list[str], Relevance, int]:
+    """(texts, relevance over the positions of `ids`, captions whose relevant ids are none of `ids`)."""
+    position = {item_id: j for j, item_id in enumerate(ids)}
     texts, relevant, unmatched = [], [], 0
     for pair in pairs:
         wanted = [position[r] for r in pair.extra.get("relevant", [pair.id]) if r in position]
@@ -250,20 +295,44 @@ def evaluate_index(
         for caption in pair.captions:
             texts.append(caption)
             relevant.append(wanted)
-    if not texts:
-        raise RetrievalError(f"none of the queries' relevant ids is in {index_path} (for target {target}); "
-                             "check that the manifest's ids are the index's item ids")
-    indptr = np.cumsum([0] + [len(r) for r in relevant])
-    relevance = (indptr, np.concatenate(relevant).astype(np.int64))
-    query_emb = index.embed_texts(texts)
-    ranks, ap = relevant_ranks(query_emb, candidates, relevance)
-    report: dict[str, Any] = {"n_items": int(len(candidates)), "n_texts": len(texts), "target": target, "weight": w,
-                              "unmatched_queries": unmatched, f"text_to_{target}": summarise(ranks, ks, ap)}
-    if curves:
-        report["curves"] = {f"text_to_{target}": recall_curve(ranks)}
-    if thresholds:
-        report["threshold"] = threshold_report(query_emb, candidates, relevance, target_precision)
-    return report
+    indptr = np.cumsum([0] + [len(r) for r in relevant]).astype(np.int64)
+    indices = np.concatenate(relevant).astype(np.int64) if relevant else np.zeros(0, np.int64)
+    return texts, (indptr, indices), unmatched
+
+
+def _padded(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> npt.NDArray[np.int64]:
+    """FAISS's per-query ids as one (nq, k) array, -1 past each query's last result."""
+    out = np.full((len(results), k), -1, dtype=np.int64)
+    for row, (_, found) in enumerate(results):
+        out[row, : len(found)] = found
+    return out
+
+
+def _kept_blocks(vectors: np.ndarray, keep: np.ndarray, rows: int = EXACT_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    """The stored fused vectors of the kept items, a block of the memory-mapped matrix at a time, with the
+    position of each block's first kept item."""
+    start = 0
+    for a in range(0, len(vectors), rows):
+        block = np.asarray(vectors[a : a + rows])[keep[a : a + rows]]  # (B, 2d)
+        yield start, block
+        start += len(block)
+
+
+def _exact_scores(store: IndexStore, qv: np.ndarray, found_fids: npt.NDArray[np.int64], chunk: int = 256) -> np.ndarray:
+    """(nq, K) exact scores of the items the index returned (-inf where it returned none)."""
+    out = np.full(found_fids.shape, -np.inf, dtype=np.float32)
+    for s in range(0, len(qv), chunk):
+        part = found_fids[s : s + chunk]
+        valid = part >= 0
+        rows = store.fused_vectors(part[valid])  # (n, 2d)
+        out[s : s + chunk][valid] = np.einsum("nd,nd->n", rows, np.repeat(qv[s : s + chunk], valid.sum(1), axis=0))
+    return out
+
+
+def _search_knobs(params: Any) -> dict[str, int]:
+    """The ANN knobs the search ran with, read back from its FAISS parameters (none for flat)."""
+    return {name: int(getattr(params, attr)) for name, attr in (("ef_search", "efSearch"), ("nprobe", "nprobe"))
+            if hasattr(params, attr)}
 
 
 def calibrate_index(index_path: str | Path, pairs: Sequence[Pair], target: str = "image", weight: float = 0.5,
@@ -302,6 +371,7 @@ def classify_pairs(
     of label_field. Items whose parts are unusable (an unreadable image at weight 1) are skipped and counted.
     A zero-shot model asked for ImageNet classes by image alone answers with its own classifier.
     """
+    check_template(template)  # before loading the model: a bad template fails at once
     model = _load(model)
     if labels is None:
         if label_field is None:

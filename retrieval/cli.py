@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,32 @@ class BytesParam(click.ParamType):
             size = float(text[: len(text) - len(unit)]) * self.units[unit]
         except ValueError:
             self.fail(f"{value!r} is not a size; write it like 512M or 8G", param, ctx)
+        if not math.isfinite(size) or size >= 2**63:  # nan, inf, 1e300G: int() would raise, or no machine has it
+            self.fail(f"{value!r} is not a size a machine has; write it like 512M or 8G", param, ctx)
         if size <= 0:
             self.fail(f"{value!r} must be more than zero", param, ctx)
         return int(size)
 
 
 BYTES = BytesParam()
+C_INT_MAX = 2**31 - 1  # FAISS's efSearch and nprobe are C ints
+
+
+def check_knobs(ef_search: int | None, nprobe: int | None) -> dict[str, int]:
+    """The ANN knobs given, checked: a value FAISS cannot hold would fail inside it, or be stored in a manifest."""
+    knobs = {k: v for k, v in (("ef_search", ef_search), ("nprobe", nprobe)) if v is not None}
+    for name, value in knobs.items():
+        if not 1 <= value <= C_INT_MAX:
+            raise RetrievalError(f"{name} must be at least 1 and at most {C_INT_MAX}, got {value}")
+    return knobs
+
+
+def shown(text: object) -> str:
+    """A stored string as data for a terminal: control and other unprintable characters (newlines, ANSI escapes,
+    bidi overrides, undecodable bytes) as escapes like \\n and \\x1b, so no id or caption can fake a line or
+    colour the screen."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in str(text))
 
 
 class Group(click.Group):
@@ -59,7 +80,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except RetrievalError as e:
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(shown(str(e))) from e  # one line, whatever a path or id in it holds
 
 
 @click.group(cls=Group)
@@ -160,7 +181,10 @@ def zeroshot(out: str, image_tower: str, top: int, template: str, temperature: f
 @click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma-separated k for recall@k.")
 @click.option("--target", type=click.Choice(TARGETS), default="image", show_default=True, help="With --index: what the queries match.")
 @click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="With --index and --target item: the fusion weight w.")
-@click.option("--thresholds/--no-thresholds", default=True, show_default=True, help="Precision/recall/F1 of R(q, D) as θ varies; the best θ; query-adaptive rules.")
+@click.option("--depth", type=click.IntRange(min=1), default=100, show_default=True, help="With --index: results asked per query, of the index and of exact search; a relevant item beyond them is not found.")
+@click.option("--ef-search", type=int, help="With --index (HNSW): candidates per query (default: the index's).")
+@click.option("--nprobe", type=int, help="With --index (IVF): lists scanned per query (default: the index's).")
+@click.option("--thresholds/--no-thresholds", default=True, show_default=True, help="Precision/recall/F1 of R(q, D) as θ varies; the best θ; query-adaptive rules. With --index: exact, over the stored vectors held in memory.")
 @click.option("--target-precision", type=click.FloatRange(0, 1, min_open=True), help="Also report the lowest θ whose precision reaches this.")
 @click.option("--fusion", is_flag=True, help="With --model: index each image with its first caption, query with the rest, sweep the fusion weight w.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG plots into this folder.")
@@ -168,11 +192,12 @@ def zeroshot(out: str, image_tower: str, top: int, template: str, temperature: f
 @click.option("--markdown", is_flag=True, help="Print tables ready for a README.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def eval_(model_dir: str | None, index_path: str | None, data: str, split_file: str | None, split: str | None, ks: str,
-          target: str, weight: float, thresholds: bool, target_precision: float | None, fusion: bool,
+          target: str, weight: float, depth: int, ef_search: int | None, nprobe: int | None, thresholds: bool, target_precision: float | None, fusion: bool,
           plot_dir: str | None, out: str | None, markdown: bool, as_json: bool) -> None:
     """Recall@k, ranks and mAP (both directions, several captions per image), and how R(q, D) behaves as θ varies.
 
-    Evaluate a model on a manifest (--model), or an existing index with a manifest of queries (--index).
+    Evaluate a model on a manifest (--model), or an existing index with a manifest of queries (--index): what
+    its search returns (with its ef_search / nprobe), beside exact search, and how much of the exact top k it finds.
     """
     from .api import evaluate_index, evaluate_model, load_split_pairs
 
@@ -181,11 +206,15 @@ def eval_(model_dir: str | None, index_path: str | None, data: str, split_file: 
     pairs = load_split_pairs(data, split_file, split)
     curves = plot_dir is not None or out is not None
     if model_dir:
+        if ef_search is not None or nprobe is not None:
+            raise RetrievalError("--ef-search and --nprobe tune an index's search: they go with --index")
         report = evaluate_model(model_dir, pairs, _parse_ks(ks), thresholds, target_precision, fusion, curves)
     else:
         if fusion:
             raise RetrievalError("--fusion needs --model: it re-indexes the images with one caption each")
-        report = evaluate_index(index_path, pairs, _parse_ks(ks), target, weight, thresholds, target_precision, curves)
+        knobs = check_knobs(ef_search, nprobe)
+        report = evaluate_index(index_path, pairs, _parse_ks(ks), target, weight, thresholds, target_precision, curves,
+                                depth, **knobs)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=1))
@@ -273,10 +302,10 @@ def classify(files: tuple[str, ...], model_dir: str, labels: str | None, data: s
                    f"top-5 {100 * report['top5']:.1f}% (chance {100 * report['chance_top1']:.1f}% / "
                    f"{100 * report['chance_top5']:.1f}%; always the most common label: {100 * report['majority_top1']:.1f}%)")
         for label, r in report["per_label"].items():
-            click.echo(f"  {label:<24} n={r['n']:<5} top-1 " + (f"{100 * r['top1']:.1f}%" if r["top1"] is not None else "-"))
+            click.echo(f"  {shown(label):<24} n={r['n']:<5} top-1 " + (f"{100 * r['top1']:.1f}%" if r["top1"] is not None else "-"))
     else:
         for item_id, top in result["top"].items():
-            click.echo(f"{item_id}: " + ", ".join(f"{label} {p:.2f}" for label, p in top))
+            click.echo(f"{shown(item_id)}: " + ", ".join(f"{shown(label)} {p:.2f}" for label, p in top))
     if result["skipped"]:
         click.echo(f"skipped {result['skipped']} item(s) with no readable image or caption", err=True)
 
@@ -294,9 +323,9 @@ def demo(root: str, minutes: float) -> None:
     click.echo("held-out recall:\n" + _format_report(result.report) + "\n")
     click.echo("example text->image searches through the index (* = the image the caption was written for):")
     for query, own_id, hits in result.examples:
-        click.echo(f'  "{query}"')
+        click.echo(f'  "{shown(query)}"')
         for hit in hits:
-            click.echo(f"    {'*' if hit.id == own_id else ' '} {hit.score:.3f}  {hit.id}")
+            click.echo(f"    {'*' if hit.id == own_id else ' '} {hit.score:.3f}  {shown(hit.id)}")
     click.echo(f"\nsearch it yourself: retrieval search --index {result.index} --text \"a small red circle\"")
 
 
@@ -318,12 +347,34 @@ def _directions(report: dict[str, Any]) -> list[str]:
     return [k for k in report if k.startswith(("text_to_", "image_to_"))]
 
 
+def _table_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """(label, figures) per row: each direction; for an index, what it returned and what exact search gives."""
+    names = _directions(report)
+    if "exact" not in report:
+        return [(n.replace("_to_", "->"), report[n]) for n in names]
+    return [row for n in names for row in ((f"{n.replace('_to_', '->')} ({report['index_type']})", report[n]),
+                                            (f"{n.replace('_to_', '->')} (exact)", report["exact"][n]))]
+
+
+def _index_recall_line(report: dict[str, Any]) -> str:
+    """How much of the exact top k the index found, with its knobs and the depth the ranks were read to."""
+    knobs = "".join(f", {k} {v}" for k, v in report["search_params"].items())
+    found = " / ".join(f"{100 * v:.1f}%" for v in report["index_recall"].values())
+    ks = " / ".join(k.removeprefix("R@") for k in report["index_recall"])
+    return (f"  {report['index_type']} index{knobs}: found {found} of the exact top {ks}; "
+            f"ranks read to depth {report['depth']} (a relevant item beyond it counts as not found)")
+
+
 def _format_report(report: dict[str, Any]) -> str:
     names = _directions(report)
+    rows = _table_rows(report)
     keys = [k for k in report[names[0]] if k.startswith("R@")] + ["median_rank", "mean_rank", "mAP"]
     cell = lambda d, k: f"{100 * d[k]:.1f}%" if k.startswith("R@") else f"{d[k]:.3f}" if k == "mAP" else f"{d[k]:.1f}"  # noqa: E731
-    lines = [f"  {'':<14}" + "".join(f"{k:>12}" for k in keys)]
-    lines += [f"  {n.replace('_to_', '->'):<14}" + "".join(f"{cell(report[n], k):>12}" for k in keys) for n in names]
+    width = max(14, *(len(label) + 1 for label, _ in rows))
+    lines = [f"  {'':<{width}}" + "".join(f"{k:>12}" for k in keys)]
+    lines += [f"  {label:<{width}}" + "".join(f"{cell(d, k):>12}" for k in keys) for label, d in rows]
+    if "index_recall" in report:
+        lines.append(_index_recall_line(report))
     if "n_images" in report:
         lines.append(f"  ({report['n_images']} images, {report['n_texts']} captions"
                      + (f", {report['skipped_images']} unreadable images skipped)" if report.get("skipped_images") else ")"))
@@ -332,7 +383,7 @@ def _format_report(report: dict[str, Any]) -> str:
                      + (f", {report['unmatched_queries']} without a relevant item in the index)" if report["unmatched_queries"] else ")"))
     if "threshold" in report:
         t = report["threshold"]
-        lines.append(f"  R(q, D) text->{names[0].split('_to_')[1]}: best F1 {t['best_f1']:.3f} at theta {t['best_f1_theta']:.3f} "
+        lines.append(f"  R(q, D) text->{names[0].split('_to_')[1]}{' (exact scores)' if 'exact' in report else ''}: best F1 {t['best_f1']:.3f} at theta {t['best_f1_theta']:.3f} "
                      f"(precision {t['precision_at_best_f1']:.3f}, recall {t['recall_at_best_f1']:.3f})")
         lines.append(f"  held out: flat theta F1 {t['flat_heldout_f1']:.3f}; adaptive ({t['adaptive_rule']}) F1 {t['adaptive_f1']:.3f}")
         if t.get("target_precision") is not None:
@@ -352,10 +403,11 @@ def _markdown_report(report: dict[str, Any]) -> str:
     keys = [k for k in report[names[0]] if k.startswith("R@")]
     lines = ["| direction | " + " | ".join(keys) + " | median rank | mean rank | mAP | queries |",
              "|---|" + "---:|" * (len(keys) + 4)]
-    for n in names:
-        d = report[n]
-        lines.append(f"| {n.replace('_to_', ' → ')} | " + " | ".join(f"{100 * d[k]:.1f}%" for k in keys)
+    for label, d in _table_rows(report):
+        lines.append(f"| {label.replace('->', ' → ')} | " + " | ".join(f"{100 * d[k]:.1f}%" for k in keys)
                      + f" | {d['median_rank']:.0f} | {d['mean_rank']:.1f} | {d['mAP']:.3f} | {d['n_queries']} |")
+    if "index_recall" in report:
+        lines += ["", _index_recall_line(report).strip()]
     if "threshold" in report:
         t = report["threshold"]
         lines += ["", "| R(q, D) cutoff | θ | F1 |", "|---|---:|---:|",
@@ -379,8 +431,8 @@ def _markdown_report(report: dict[str, Any]) -> str:
 @click.option("--index", "index_path", required=True, type=click.Path(file_okay=False), help="Index folder (created if missing), e.g. index_data/photos.")
 @click.option("--index-type", type=click.Choice(INDEX_TYPES), help="flat: exact; hnsw, ivf, ivfpq: approximate; auto: by size and memory (default for a new index).")
 @click.option("--exclude", multiple=True, help="Glob over item ids (relative paths) to leave out; repeatable.")
-@click.option("--ef-search", type=click.IntRange(min=1), help="HNSW: candidates per query (recall vs speed).")
-@click.option("--nprobe", type=click.IntRange(min=1), help="IVF: inverted lists scanned per query (recall vs speed).")
+@click.option("--ef-search", type=int, help="HNSW: candidates per query (recall vs speed).")
+@click.option("--nprobe", type=int, help="IVF: inverted lists scanned per query (recall vs speed).")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Items encoded and committed together.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="local: this process; ray: encode shards on a Ray cluster, then merge them into one IVF index (pip install 'retrieval[distributed]').")
 @click.option("--address", help="Ray only: auto (the cluster this node is in) or ray://HOST:10001; default: start Ray on this machine.")
@@ -396,7 +448,7 @@ def index(source: str, model_dir: str, index_path: str, index_type: str | None, 
     Re-running updates the index: only new or changed items are encoded, deleted ones are removed, and an
     interrupted run resumes where it stopped (with --engine ray: finished shards are kept).
     """
-    params = {k: v for k, v in (("ef_search", ef_search), ("nprobe", nprobe)) if v is not None}
+    params = check_knobs(ef_search, nprobe)
     if engine == "ray":
         from .distributed import build_index_ray
 
@@ -415,7 +467,7 @@ def index(source: str, model_dir: str, index_path: str, index_type: str | None, 
     if r.skipped:
         click.echo(f"skipped {len(r.skipped)} unreadable file(s):")
         for message in r.skipped:
-            click.echo(f"  {message}")
+            click.echo(f"  {shown(message)}")
 
 
 @main.command()
@@ -441,7 +493,7 @@ def search(index_path: str, text: str | None, image: str | None, like: str | Non
     from .query import Index
 
     index = Index.open(index_path, model_dir, max_memory)
-    index.tune(ef_search, nprobe)
+    index.tune(**check_knobs(ef_search, nprobe))
     if theta is None and margin is None:
         theta, margin = index.calibrated(target, weight)
         if (theta, margin) != (None, None) and not as_json:
@@ -456,7 +508,7 @@ def search(index_path: str, text: str | None, image: str | None, like: str | Non
         click.echo("no results" + (f" above theta {theta}" if theta is not None else ""))
     for rank, hit in enumerate(hits, 1):
         caption = hit.captions[0] if hit.captions else ""
-        click.echo(f"{rank:>3}  {hit.score:6.3f}  {hit.id}  {caption[:60]}")
+        click.echo(f"{rank:>3}  {hit.score:6.3f}  {shown(hit.id)}  {shown(caption[:60])}")
 
 
 @main.command()
@@ -476,7 +528,7 @@ def remove(index_path: str, ids: tuple[str, ...]) -> None:
     from .indexing import remove_items
 
     missing = remove_items(index_path, list(ids))
-    click.echo(f"removed {len(ids) - len(missing)} item(s)" + (f"; not found: {', '.join(missing)}" if missing else ""))
+    click.echo(f"removed {len(ids) - len(missing)} item(s)" + (f"; not found: {', '.join(map(shown, missing))}" if missing else ""))
 
 
 @main.command()

@@ -1,15 +1,23 @@
 """Image-caption pair manifests: JSONL, CSV, or a folder of images with sidecar .txt captions.
 
-Every reader returns the same `Pair` records, with image paths resolved against the manifest's folder.
-A malformed row is an error that names the file and line; whether the image itself can be decoded is
-checked later, by whoever loads it (a bad image is then skipped and counted, not fatal).
+Every reader returns the same `Pair` records, with absolute image paths resolved against the manifest's
+folder (so a stored path means the same file from any working directory). A malformed row, a sidecar or a
+file name that is not UTF-8, or a number JSON has no spelling for (NaN, Infinity) is an error that names the
+file and line; indexing passes a `skipped` list instead, so that one bad row is left out and listed rather
+than blocking the rest. Whether the image itself can be decoded is checked later, by whoever loads it (a bad
+image is then skipped and counted, not fatal).
 """
 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
-from collections.abc import Iterable, Sequence
+import math
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +25,7 @@ from typing import Any
 from .errors import RetrievalError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+INDEX_FILES = ("manifest.json", "items.sqlite")  # index.MANIFEST_FILE, index.DB_FILE: a folder holding both is an index
 
 
 @dataclass(frozen=True)
@@ -27,19 +36,88 @@ class Pair:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def read_pairs(source: str | Path) -> list[Pair]:
-    """Read a manifest by its kind: *.jsonl, *.csv, or a folder."""
+def read_pairs(source: str | Path, skipped: list[str] | None = None, exclude: Sequence[str] = ()) -> list[Pair]:
+    """Read a manifest by its kind: *.jsonl, *.csv, or a folder; ids matching an `exclude` glob are left out.
+
+    A bad row, sidecar or file name raises RetrievalError; given a `skipped` list, it is left out and its
+    one-line reason appended there instead. A source with bad rows and no good one is an error either way,
+    so that pointing `index` at the wrong file cannot empty an index."""
     source = Path(source)
-    if source.is_dir():
-        return _read_folder(source)
-    if not source.is_file():
-        raise RetrievalError(f"no such manifest or folder: {source}")
     readers = {".jsonl": _read_jsonl, ".csv": _read_csv}
-    if source.suffix.lower() not in readers:
+    if source.is_dir():
+        reader = _read_folder
+    elif not source.is_file():
+        raise RetrievalError(f"no such manifest or folder: {source}")
+    elif source.suffix.lower() in readers:
+        reader = readers[source.suffix.lower()]
+    else:
         raise RetrievalError(f"{source}: unknown manifest type; use .jsonl, .csv or a folder of images")
-    pairs = readers[source.suffix.lower()](source)
-    _check_unique_ids(pairs, source)
+    if not _is_utf8(str(source.absolute())):
+        raise RetrievalError(f"{shown(source.absolute())}: the path is not UTF-8, which the index cannot store; rename it")
+    bad: list[str] | None = None if skipped is None else []
+    try:
+        pairs = _unique_ids(reader(source, bad, exclude), source, bad)
+    except OSError as e:
+        raise RetrievalError(f"cannot read {source}: {e.strerror or e} (check its permissions)") from e
+    if bad and not pairs:
+        raise RetrievalError(f"{source}: no readable row or image; the first problem was {bad[0]}")
+    if skipped is not None and bad:
+        skipped += bad
     return pairs
+
+
+@contextmanager
+def _or_skip(skipped: list[str] | None) -> Iterator[None]:
+    """Around one row: its RetrievalError is raised, or, when collecting into `skipped`, noted there instead."""
+    try:
+        yield
+    except RetrievalError as e:
+        if skipped is None:
+            raise
+        skipped.append(str(e))
+
+
+def _excluded(item_id: str, exclude: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(item_id, g) for g in exclude)
+
+
+def shown(text: str | Path) -> str:
+    """A name or text from the user, safe to print: as it is when printable, else with control characters
+    escaped (a newline must not forge an output line) and bytes that are not UTF-8 as \\xNN."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else repr(c)[1:-1] for c in text)
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a str holding lone surrogates: bytes that were not UTF-8 (surrogateescape) or a JSON \\ud800."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_storable(row: dict[str, Any], where: str) -> None:
+    """Refuse a row the index could not store: a number that is not finite (Python's json reads NaN, Infinity
+    and 1e400; SQLite's json() refuses them, which would break the index for good) or text that is not UTF-8.
+    Iterative, since json.loads nests deeper than the recursion left here would allow."""
+    todo: deque[tuple[str, Any]] = deque([("", row)])
+    while todo:
+        name, value = todo.popleft()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RetrievalError(f"{where}: field {shown(name)} is {json.dumps(value)}, which JSON and the index cannot hold; "
+                                 "use null or a string")
+        if isinstance(value, str) and not _is_utf8(value):
+            raise RetrievalError(f"{where}: field {shown(name)} holds text that is not UTF-8; save the manifest as UTF-8")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                key = f"{name}.{k}" if name else str(k)
+                todo.extend([(f"{key} (its name)", k), (key, v)])  # names are text too
+        elif isinstance(value, list):
+            todo.extend((f"{name}[{i}]", v) for i, v in enumerate(value))
 
 
 def _captions(value: Any, where: str) -> tuple[str, ...]:
@@ -52,34 +130,48 @@ def _captions(value: Any, where: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in value if c.strip())
 
 
-def _read_jsonl(path: Path) -> list[Pair]:
-    pairs = []
-    with path.open(encoding="utf-8") as f:
+def _read_jsonl(path: Path, skipped: list[str] | None, exclude: Sequence[str]) -> list[Pair]:
+    """Bytes that are not UTF-8 are read as surrogates (surrogateescape), so they fail their own row only."""
+    pairs, root = [], path.absolute().parent
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise RetrievalError(f"{where}: not valid JSON ({e})") from e
-            if not isinstance(row, dict):
-                raise RetrievalError(f"{where}: each line must be a JSON object")
-            pairs.append(_pair(row, path.parent, where, default_id=str(line_no)))
-    return pairs
+            with _or_skip(skipped):
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
+                    raise RetrievalError(f"{where}: not valid JSON ({e})") from e
+                if not isinstance(row, dict):
+                    raise RetrievalError(f"{where}: each line must be a JSON object")
+                pairs.append(_pair(row, root, where, default_id=str(line_no)))
+    return [p for p in pairs if not _excluded(p.id, exclude)]
 
 
-def _read_csv(path: Path) -> list[Pair]:
-    with path.open(encoding="utf-8", newline="") as f:
+def _read_csv(path: Path, skipped: list[str] | None, exclude: Sequence[str]) -> list[Pair]:
+    """As _read_jsonl; a row the csv module refuses (a field over its size limit) fails that row only."""
+    pairs, root = [], path.absolute().parent
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"image", "caption"} & set(reader.fieldnames):
             raise RetrievalError(f"{path}:1: the header needs an 'image' and/or a 'caption' column")
-        # reader.line_num is the physical line the row ended on: right after blank lines and multi-line quotes
-        return [_pair(row, path.parent, f"{path}:{reader.line_num}", str(reader.line_num)) for row in reader]
+        while True:
+            # reader.line_num is the physical line the row ended on: right after blank lines and multi-line quotes
+            with _or_skip(skipped):
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:  # raised before line_num counts the line it failed on
+                    raise RetrievalError(f"{path}:{reader.line_num + 1}: not a valid CSV row ({e})") from e
+                pairs.append(_pair(row, root, f"{path}:{reader.line_num}", str(reader.line_num)))
+    return [p for p in pairs if not _excluded(p.id, exclude)]
 
 
 def _pair(row: dict[str, Any], root: Path, where: str, default_id: str) -> Pair:
     """One manifest row -> Pair. 'captions' (list) or 'caption' (string); 'image' relative to the manifest."""
+    _check_storable(row, where)
     image, captions = row.get("image") or None, _captions(row.get("captions", row.get("caption")), where)
     if image is not None and not isinstance(image, str):
         raise RetrievalError(f"{where}: 'image' must be a path string")
@@ -90,27 +182,62 @@ def _pair(row: dict[str, Any], root: Path, where: str, default_id: str) -> Pair:
     return Pair(default_id if row_id in (None, "") else str(row_id), root / image if image else None, captions, extra)
 
 
-def _read_folder(folder: Path) -> list[Pair]:
-    """Every image below the folder (hidden ones skipped), its caption lines from a sidecar NAME.txt."""
-    pairs = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if path.suffix.lower() not in IMAGE_SUFFIXES or any(p.startswith(".") for p in rel.parts) or not path.is_file():
+def _read_folder(folder: Path, skipped: list[str] | None, exclude: Sequence[str]) -> list[Pair]:
+    """Every image below the folder, its caption lines from a sidecar NAME.txt. Hidden files and folders are
+    skipped, and so is an index kept inside the folder (its cached thumbnails are not photos). An excluded
+    image's sidecar is never read, so --exclude can step around a bad one."""
+    root, found, pairs = folder.absolute(), 0, []
+    for path in sorted(_folder_files(root)):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        sidecar = path.with_suffix(".txt")
-        lines = sidecar.read_text(encoding="utf-8").splitlines() if sidecar.is_file() else []
-        pairs.append(Pair(rel.as_posix(), path, _captions(lines, str(sidecar))))
-    if not pairs:
+        found += 1
+        item_id = path.relative_to(root).as_posix()
+        if _excluded(item_id, exclude):
+            continue
+        with _or_skip(skipped):
+            if not _is_utf8(str(path)):
+                raise RetrievalError(f"{shown(path)}: the file name is not UTF-8, which the index cannot store; rename it")
+            pairs.append(Pair(item_id, path, _sidecar_captions(path.with_suffix(".txt"))))
+    if not found:
         raise RetrievalError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return pairs
 
 
-def _check_unique_ids(pairs: Sequence[Pair], source: Path) -> None:
+def _folder_files(root: Path) -> Iterator[Path]:
+    """The files below root, not descending into hidden folders or indexes (os.walk: symlinked folders are
+    not followed, as Path.rglob does not follow them)."""
+    for parent, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not all(os.path.isfile(os.path.join(parent, d, f))
+                                                                      for f in INDEX_FILES)]
+        yield from (Path(parent, f) for f in files if not f.startswith(".") and os.path.isfile(os.path.join(parent, f)))
+
+
+def _sidecar_captions(sidecar: Path) -> tuple[str, ...]:
+    """The caption lines of an image's NAME.txt, () without one. One that is not UTF-8 is refused rather than
+    read leniently: its captions would be stored with replacement characters and never match a search."""
+    if not sidecar.is_file():
+        return ()
+    try:
+        lines = sidecar.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RetrievalError(f"{shown(sidecar)}: captions are not UTF-8 (byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start}); save it as UTF-8") from e
+    except OSError as e:
+        raise RetrievalError(f"{shown(sidecar)}: cannot read captions: {e.strerror or e} (check its permissions)") from e
+    return _captions(lines, shown(sidecar))
+
+
+def _unique_ids(pairs: Sequence[Pair], source: Path, skipped: list[str] | None) -> list[Pair]:
+    """The pairs with their first id each; a later repeat raises, or is left out and noted in `skipped`."""
     seen: set[str] = set()
+    unique = []
     for p in pairs:
-        if p.id in seen:
-            raise RetrievalError(f"{source}: id {p.id!r} appears twice; ids must be unique")
-        seen.add(p.id)
+        with _or_skip(skipped):
+            if p.id in seen:
+                raise RetrievalError(f"{source}: id {p.id!r} appears twice; ids must be unique")
+            seen.add(p.id)
+            unique.append(p)
+    return unique
 
 
 def read_split(path: str | Path, split: str) -> set[str]:

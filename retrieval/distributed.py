@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from .data import Pair
 from .errors import RetrievalError
@@ -29,6 +28,7 @@ from .index import MANIFEST_FILE, min_items, read_manifest
 from .indexing import DEFAULT_MEMORY_BUDGET, list_source, prepare_store
 from .merge import MergeReport, merge_shards
 from .modeldir import ModelRef, canonical
+from .progress import progress_bar
 from .shards import DISTRIBUTED_INSTALL_HINT, encode_shard, is_done, plan_shards, read_skipped
 
 DEFAULT_SHARD_SIZE = 10_000  # items per shard: a few minutes of one worker's encoding, the unit lost to a kill
@@ -106,7 +106,7 @@ def run_shards(ray: Any, pending: Sequence[tuple[str, list[Pair]]], model_dir: M
         ShardEncoder, fn_constructor_args=(canonical(model_dir), str(shard_dir.resolve()), batch_size), batch_size=1,
         concurrency=min(size, len(rows)), num_cpus=1,
     )
-    with tqdm(total=len(pending), desc="shards", unit="shard", disable=not progress) as bar:
+    with progress_bar(total=len(pending), desc="shards", unit="shard", disable=not progress) as bar:
         try:
             for _ in ds.iter_rows():
                 bar.update(1)

@@ -6,13 +6,16 @@ Definitions follow CLIP_benchmark, with several captions per image:
 Ranks are 1-based. Ties are broken by position, as a stable sort by descending score would: a candidate
 that scores exactly the same as the positive counts as above it only if it comes earlier in the list.
 Similarities are computed a chunk of queries at a time, so no n_text x n_image matrix is ever held.
+For a collection too large to hold, `top_k_streamed` is the exact top k over candidate blocks read one at a
+time (faiss contrib/exhaustive_search.py's knn_ground_truth), and `list_ranks` scores such a list, or what
+an ANN index returned, to depth k: a positive outside the list is "not found" (rank k + 1, adds 0 to AP).
 mAP: each caption has one image, so text->image AP is 1/rank; an image has several captions, so
 image->text AP averages the precision at each of its captions' ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,6 +90,82 @@ def best_positive_ranks(
     to its image. An image without captions gets rank len(candidates) + 1 (never retrieved).
     """
     return relevant_ranks(queries, candidates, relevance_from_owner(np.asarray(candidate_owner), len(queries)), chunk)[0]
+
+
+def top_k_streamed(queries: Embeddings, blocks: Iterable[tuple[int, Embeddings]], k: int,
+                   chunk: int = 256) -> tuple[np.ndarray, npt.NDArray[np.int64]]:
+    """(scores, positions), each (nq, k), best first: the exact top k of each query over candidates that
+    arrive as (position of the block's first row, block) in position order, so only one block is held.
+
+    Ties are broken by position, as a stable sort of all candidates would. Rows past the last candidate
+    (fewer than k in all) are score -inf, position -1, as FAISS pads its answers.
+    """
+    best = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    where = np.full((len(queries), k), -1, dtype=np.int64)
+    for start, block in blocks:
+        for s in range(0, len(queries), chunk):
+            sims = queries[s : s + chunk] @ block.T  # (c, B)
+            scores, positions = _block_top_k(sims, k)
+            merged_s = np.concatenate([best[s : s + chunk], scores], axis=1)  # (c, k + k')
+            merged_p = np.concatenate([where[s : s + chunk], positions + start], axis=1)
+            # the running list comes first and holds earlier positions, so a stable sort keeps ties by position
+            order = np.argsort(-merged_s, axis=1, kind="stable")[:, :k]
+            best[s : s + chunk] = np.take_along_axis(merged_s, order, axis=1)
+            where[s : s + chunk] = np.take_along_axis(np.where(np.isfinite(merged_s), merged_p, -1), order, axis=1)
+    return best, where
+
+
+def _block_top_k(sims: np.ndarray, k: int) -> tuple[np.ndarray, npt.NDArray[np.int64]]:
+    """Each row's candidates scoring at least its k-th best (all the ties at the boundary, so the caller
+    can break them by position), in column order, padded with -inf to the longest row: (c, k' >= k)."""
+    if sims.shape[1] > k:
+        kth = np.partition(sims, sims.shape[1] - k, axis=1)[:, sims.shape[1] - k][:, None]  # (c, 1)
+        rows, cols = np.nonzero(sims >= kth)  # row-major: each row's columns ascending
+    else:
+        rows, cols = np.nonzero(np.ones(sims.shape, dtype=bool))
+    counts = np.bincount(rows, minlength=len(sims))
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)  # place within the row
+    scores = np.full((len(sims), max(int(counts.max(initial=0)), 1)), -np.inf, dtype=np.float32)
+    positions = np.full(scores.shape, -1, dtype=np.int64)
+    scores[rows, slot], positions[rows, slot] = sims[rows, cols], cols
+    return scores, positions
+
+
+def list_ranks(found: npt.NDArray[np.int64], relevance: Relevance) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: the best 1-based rank of its positives in its returned list found[q] (positions, -1 for
+    none), k + 1 when none is there; and AP over the list, a positive not returned adding 0 to it.
+
+    With every candidate in the list (k = N) both equal `relevant_ranks`.
+    """
+    indptr, indices = relevance
+    nq, k = found.shape
+    n_pos = np.diff(indptr)
+    span = int(max(indices.max(initial=0), found.max(initial=0))) + 1
+    wanted = np.repeat(np.arange(nq), n_pos) * span + indices  # (query, positive) as one key
+    is_pos = (found >= 0) & np.isin(np.arange(nq)[:, None] * span + found, wanted)  # (nq, k)
+    best = np.where(is_pos.any(1), is_pos.argmax(1) + 1, k + 1)
+    precision_at = np.cumsum(is_pos, axis=1) / np.arange(1, k + 1)  # (nq, k)
+    ap = (precision_at * is_pos).sum(1) / np.maximum(n_pos, 1)
+    return best, ap
+
+
+def recall_against_exact(found_scores: np.ndarray, exact_scores: np.ndarray, ks: Sequence[int],
+                         tolerance: float = 1e-5) -> dict[str, float]:
+    """Recall@k of an approximate top-k against the exact one: the fraction of the exact top k the index
+    returned in its own top k, averaged over queries.
+
+    found_scores (nq, K) are the exact scores of the items the index returned, in its order (-inf: none);
+    exact_scores (nq, K) the exact top K. A returned item counts when it scores at least the exact k-th
+    score (within `tolerance`, for float rounding), so items tied with the k-th are interchangeable.
+    """
+    out = {}
+    for k in ks:
+        kth = exact_scores[:, k - 1 : k]  # (nq, 1)
+        available = np.isfinite(exact_scores[:, :k]).sum(1)  # fewer than k candidates: a smaller truth
+        counted = np.isfinite(found_scores[:, :k]) & (found_scores[:, :k] >= kth - tolerance)
+        hits = np.minimum(counted.sum(1), available)
+        out[f"R@{k}"] = float(np.mean(hits / np.maximum(available, 1)))
+    return out
 
 
 def summarise(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS, ap: np.ndarray | None = None) -> dict[str, float]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from tqdm import tqdm
 
 from .augment import augment_batch
 from .config import Augment
 from .model import DualEncoder, Encoder
+from .progress import progress_bar
 
 
 class TextCache:
@@ -26,7 +26,7 @@ class TextCache:
         unique = sorted(set(captions), key=lambda c: (len(c), c))  # by length: batches pad little
         self.row = {c: i for i, c in enumerate(unique)}
         parts = [model.text_tower_outputs(unique[s : s + chunk]) for s in
-                 tqdm(range(0, len(unique), chunk), desc=f"encode {len(unique)} captions", disable=not progress)]
+                 progress_bar(range(0, len(unique), chunk), desc=f"encode {len(unique)} captions", unit="chunk", disable=not progress)]
         self.outputs = torch.cat(parts) if parts else torch.zeros(0, model.text_width)  # (N, W)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
@@ -43,7 +43,7 @@ class ImageCache:
         generator = torch.Generator().manual_seed(seed)
         t, n = model.transform, len(images)
         self.outputs: torch.Tensor | None = None  # (V, N, ...) once the first batch says the shape
-        bar = tqdm(total=views * n, desc=f"image tower on {n} images x {views} views", unit="img", disable=not progress)
+        bar = progress_bar(total=views * n, desc=f"image tower on {n} images x {views} views", unit="img", disable=not progress)
         for v in range(views):
             for s in range(0, n, batch_size):
                 pixels = augment_batch(images[s : s + batch_size], t.size, t.mean, t.std,

@@ -7,13 +7,14 @@ Every unreadable file becomes one `ImageError` that names it and says what to do
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from retrieval.errors import ImageError
 
@@ -32,36 +33,84 @@ _UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 def load_image(
     path: str | Path, size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
-    """Open and fully decode an image as RGB with EXIF orientation applied.
+    """Open and fully decode an image file as RGB with EXIF orientation applied (see `read_image`).
 
     Decoding everything here means a corrupt or truncated file fails now, with its
     name, rather than as a bare PIL error deep inside a training or indexing batch.
-    `size_hint` lets JPEG decode at a reduced scale that stays >= size_hint per side.
     """
     try:
         with open(path, "rb") as f:
-            with warnings.catch_warnings():
-                # Our own max_pixels check below replaces Pillow's global warning.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(f)
-            _check_pixels(path, img.size, max_pixels)  # header only: nothing decoded yet
-            if size_hint is not None and img.format == "JPEG":
-                img.draft("RGB", (size_hint, size_hint))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return read_image(f, f"image {path}", size_hint, max_pixels)
     except ImageError:
         raise
-    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
+    except Exception as e:  # open() itself: missing, a directory, no permission
         raise ImageError(f"cannot read image {path}: {_describe(e)}") from e
 
 
-def _check_pixels(path: str | Path, size: tuple[int, int], max_pixels: int) -> None:
+def read_image(
+    f: BinaryIO, what: str, size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode an open file (a path's, or an upload's bytes) as RGB; errors say `cannot read {what}: ...`.
+
+    The one decode path for files, uploads and PIL images (`decode`), so the same bytes give the
+    same pixels, and so the same vector, whichever way they arrive.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below replaces Pillow's global warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(f)
+        _check_pixels(what, img.size, max_pixels)  # header only: nothing decoded yet
+        return decode(img, size_hint)
+    except ImageError:
+        raise
+    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
+        raise ImageError(f"cannot read {what}: {_describe(e)}") from e
+
+
+def decode(img: Image.Image, size_hint: int | None = None) -> Image.Image:
+    """A PIL image, opened or already decoded -> RGB, EXIF orientation applied: what `read_image` gives.
+
+    `size_hint` lets a JPEG decode at a reduced scale (`Image.draft`: a 4000x3000 photo in a third of the
+    time) that stays >= size_hint per side. A JPEG still undecoded is drafted as a file is (in place, as
+    Pillow's own `thumbnail` does), so it gives the file's pixels exactly; one decoded at full scale is
+    box-reduced by the factor the draft would have used, the nearest a decoded image can come (libjpeg's
+    scaled IDCT is not a box filter). A drafted JPEG (`decoderconfig`), another format or an image without
+    one is taken as it is, so decoding twice changes nothing.
+    """
+    if size_hint is not None and img.format == "JPEG" and not getattr(img, "decoderconfig", ()):
+        img = _at_draft_scale(img, size_hint)
+    img.load()
+    # Only when there is something to turn: with nothing to do, exif_transpose returns a copy (4 bytes a pixel).
+    img = ImageOps.exif_transpose(img) if _needs_turning(img) else img
+    return to_rgb(img)
+
+
+def _at_draft_scale(img: Image.Image, size_hint: int) -> Image.Image:
+    """A JPEG drafted if still undecoded (`tile` is what is left to decode), else box-reduced by the same factor."""
+    if img.tile and img.draft("RGB", (size_hint, size_hint)) is not None:
+        return img
+    img.load()
+    scale = draft_scale(img.size, size_hint)
+    return img.reduce(scale) if scale > 1 else img
+
+
+def draft_scale(size: tuple[int, int], size_hint: int) -> int:
+    """The factor `JpegImageFile.draft` decodes at for this size hint: 8, 4, 2 or 1."""
+    fits = min(size[0] // size_hint, size[1] // size_hint)
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
+
+
+def _needs_turning(img: Image.Image) -> bool:
+    return img.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1)
+
+
+def _check_pixels(what: str, size: tuple[int, int], max_pixels: int) -> None:
     """Refuse huge images before decoding, since decoding one can exhaust memory."""
     w, h = size
     if w * h > max_pixels:
         raise ImageError(
-            f"cannot read image {path}: it is {w} x {h} = {w * h / 1e6:.3g} megapixels, "
+            f"cannot read {what}: it is {w} x {h} = {w * h / 1e6:.3g} megapixels, "
             f"over the limit of {max_pixels / 1e6:.3g} megapixels "
             "(raise --max-image-megapixels or downscale it)"
         )
@@ -93,14 +142,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
     Transparency is composited on white, because transparent areas show as white in
     viewers (black would invent dark regions). High-bit-depth and float images are
-    rescaled, since Pillow's own convert clips them to garbage.
+    rescaled, since Pillow's own convert clips them to garbage; they go a band of rows
+    at a time, so a 40-megapixel 16-bit PNG costs its RGB result, not float64 copies of it.
     """
     if img.mode == "RGB":
         return img
     if img.mode in _UINT16_MODES:
-        return _gray_to_rgb(np.asarray(img).astype(np.float64) * (255 / 65535))
+        return _gray_rows_to_rgb(img, _uint16_to_uint8)
     if img.mode in ("I", "F"):
-        return _gray_to_rgb(_rescale_to_255(np.asarray(img, dtype=np.float64), img.mode == "F"))
+        offset, factor = _rescale_to_255(*_value_range(img), img.mode == "F")
+        return _gray_rows_to_rgb(img, lambda rows: _to_uint8((_finite(rows) - offset) * factor))
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -108,26 +159,60 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # P, CMYK, 1, L, YCbCr, LAB, HSV
 
 
-def _rescale_to_255(a: npt.NDArray[np.float64], is_float: bool) -> npt.NDArray[np.float64]:
-    """Map the data onto 0-255 by the smallest usual range that holds it.
+CHUNK_PIXELS = 1 << 20  # the rows converted at once: a few MB of temporaries whatever the image's size
+
+
+def _row_bands(img: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """(top, rows as an array) down the image, about CHUNK_PIXELS at a time: `np.asarray(img)` would copy it all."""
+    w, h = img.size
+    step = max(1, CHUNK_PIXELS // max(w, 1))
+    for top in range(0, h, step):
+        yield top, np.asarray(img.crop((0, top, w, min(top + step, h))))  # (rows, W)
+
+
+def _gray_rows_to_rgb(img: Image.Image, to_uint8: Callable[[np.ndarray], npt.NDArray[np.uint8]]) -> Image.Image:
+    """A one-band image -> 8-bit grey, band by band, then RGB."""
+    gray = np.empty((img.size[1], img.size[0]), np.uint8)  # (H, W)
+    for top, rows in _row_bands(img):
+        gray[top : top + len(rows)] = to_uint8(rows)
+    return Image.fromarray(gray).convert("RGB")
+
+
+def _uint16_to_uint8(rows: np.ndarray) -> npt.NDArray[np.uint8]:
+    """round(v * 255 / 65535) in integers: that is round(v / 257), which never ties, so (v + 128) // 257."""
+    return ((rows.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _finite(rows: np.ndarray) -> npt.NDArray[np.float64]:
+    return np.nan_to_num(rows.astype(np.float64))
+
+
+def _to_uint8(a: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _value_range(img: Image.Image) -> tuple[float, float]:
+    """(min, max) of the finite-ised values, a band at a time; (0, 0) for an empty image."""
+    lo, hi = np.inf, -np.inf
+    for _, rows in _row_bands(img):
+        if rows.size:
+            finite = _finite(rows)
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    return (lo, hi) if lo <= hi else (0.0, 0.0)
+
+
+def _rescale_to_255(lo: float, hi: float, is_float: bool) -> tuple[float, float]:
+    """(offset, factor) mapping values onto 0-255 as (v - offset) * factor, by the smallest usual range that holds them.
 
     Floats in 0-1 and integers in 0-255 or 0-65535 keep their absolute brightness;
     anything else (negatives, HDR, 32-bit counts) is stretched from its min to its max.
     """
-    a = np.nan_to_num(a)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if lo >= 0:
         ranges = ((1.0,) if is_float else ()) + (255.0, 65535.0)
         for top in ranges:
             if hi <= top:
-                return a * (255 / top)
-    return (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
-
-
-def _gray_to_rgb(a: npt.NDArray[np.float64]) -> Image.Image:
-    """Round a 0-255 grey array to uint8 and repeat it into three channels."""
-    gray = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2)))
+                return 0.0, 255 / top
+    return (lo, 255 / (hi - lo)) if hi > lo else (lo, 0.0)
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -204,9 +289,18 @@ class Transform:
         """The small square a training bank keeps: squashed for a squashing model, else the centre."""
         return img.resize((side, side), Image.Resampling.BICUBIC) if self.resize == "squash" else resize_center_crop(img, side)
 
+    @property
+    def size_hint(self) -> int:
+        """The side no image is decoded below (a JPEG drafted down to it): what this transform resizes to."""
+        return max(self.size, self.resize_to)
+
     def load_image(self, path: str | Path) -> Image.Image:
         """Decode, a JPEG drafted down to no smaller than this transform resizes to. Raises ImageError."""
-        return load_image(path, size_hint=max(self.size, self.resize_to))
+        return load_image(path, size_hint=self.size_hint)
+
+    def decode(self, img: Image.Image) -> Image.Image:
+        """A PIL image the way `load_image` decodes its file (see `decode`), so both give one vector."""
+        return decode(img, self.size_hint)
 
     def load(self, path: str | Path) -> ImageArray:
         """File -> model input: decode and preprocess. Raises ImageError."""

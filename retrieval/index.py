@@ -16,30 +16,36 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import fcntl
 import json
 import mmap
 import os
+import shutil
 import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+from urllib.parse import quote
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 
-from .errors import RetrievalError
+from .errors import NoSpaceError, ReadOnlyError, RetrievalError
 
 FORMAT_VERSION = 1
 DB_FILE, FAISS_FILE, MANIFEST_FILE, LOCK_FILE = "items.sqlite", "vectors.faiss", "manifest.json", ".lock"
 FIDS_FILE, VECTORS_FILE = "fids.npy", "vectors.npy"  # fused vectors in fid order, memory-mapped for result scores
 RECORDS_FILE, OFFSETS_FILE = "records.jsonl", "records.npy"  # what a result shows, a line per item in fid order
 IVFDATA_SUFFIX = ".ivfdata"  # a merged on-disk IVF index's inverted lists (faiss OnDiskInvertedLists)
+TMP_SUFFIX = ".tmp"  # a derived file being written (atomic_write); one left by a killed writer is removed by the next
+C_INT_MAX = 2**31 - 1  # FAISS's efSearch and nprobe are C ints
+MAX_MEMORY_LIMIT = 2**63  # bytes: --max-memory at or above this is no budget a machine has
 RESULT_COLUMNS = "i.id, i.path, json(i.captions), i.image_key IS NOT NULL, i.text_key IS NOT NULL, json(i.extra)"
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 FLAT_MAX_ITEMS = 200_000  # auto: exact search stays fast (< ~15 ms at d = 2 x 128) up to about here
@@ -131,7 +137,7 @@ def build_faiss(vectors: Vectors, fids: npt.NDArray[np.int64], index_type: str, 
                                 faiss.METRIC_INNER_PRODUCT)
     inner = faiss.downcast_index(index.index)
     if isinstance(inner, faiss.IndexHNSW):
-        inner.hnsw.efConstruction = params.get("ef_construction", 80)
+        inner.hnsw.efConstruction = search_knob(params, "ef_construction", 80)
     if not index.is_trained:
         sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: 256 * 1024]]
         index.train(sample)
@@ -144,18 +150,43 @@ def build_faiss(vectors: Vectors, fids: npt.NDArray[np.int64], index_type: str, 
 def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
     inner = _inner(index)
     if isinstance(inner, faiss.IndexHNSW):
-        inner.hnsw.efSearch = int(params.get("ef_search", 128))
+        inner.hnsw.efSearch = search_knob(params, "ef_search", 128)
     if isinstance(inner, faiss.IndexIVF):
-        inner.nprobe = int(params.get("nprobe", 16))
+        inner.nprobe = search_knob(params, "nprobe", 16)
+
+
+def search_knob(params: dict[str, Any], name: str, default: int) -> int:
+    """An HNSW or IVF knob as FAISS takes it: a C int, at least 1. Checked here, where every value arrives (the
+    command line, a server request, manifest.json), because SWIG answers a bad one with a traceback."""
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= C_INT_MAX:
+        raise RetrievalError(f"{name} must be a whole number from 1 to {C_INT_MAX}, got {value!r}; "
+                             f"give --{name.replace('_', '-')} a value in that range")
+    return int(value)
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """The knobs among an index's params (--ef-search, --nprobe), checked before they are stored."""
+    for name in ("ef_search", "nprobe", "ef_construction"):
+        if name in params:
+            search_knob(params, name, 1)
+
+
+def check_max_memory(max_memory: int | None) -> None:
+    """None (no budget) or a whole number of bytes a machine can have: NaN, infinity or 1e300G is a typo."""
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
+                                   or not 0 < max_memory < MAX_MEMORY_LIMIT):
+        shown = repr(max_memory) if len(repr(max_memory)) <= 24 else repr(max_memory)[:20] + "..."
+        raise RetrievalError(f"--max-memory must be a size from 1 byte to 8 EiB, like 512M or 8G; got {shown}")
 
 
 def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any) -> faiss.SearchParameters | None:
     """Per-call parameters: the item filter, with the ANN knobs of the index type (a selector replaces them)."""
     inner = _inner(index)
     if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(params.get("ef_search", 128)))
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=search_knob(params, "ef_search", 128))
     if isinstance(inner, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(sel=selector, nprobe=int(params.get("nprobe", 16)))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=search_knob(params, "nprobe", 16))
     return faiss.SearchParameters(sel=selector) if selector is not None else None
 
 
@@ -171,11 +202,17 @@ def fused(image_vec: np.ndarray | None, text_vec: np.ndarray | None) -> np.ndarr
 
 
 class IndexStore:
-    """One index folder. Open it read-only to search; `writer()` locks it for adding and removing."""
+    """One index folder. Open it read-only to search; `writer()` locks it for adding and removing.
+
+    A reader never needs write access (a read-only mount, a full disk): its SQLite connection is read-only.
+    A writer takes the folder's lock before it reads the manifest it will write under.
+    """
 
     def __init__(self, path: Path, manifest: Manifest, db: sqlite3.Connection, max_memory: int | None = None):
+        check_max_memory(max_memory)
         self.path, self.manifest, self.db = path, manifest, db
         self.max_memory = max_memory  # bytes of RAM the FAISS index may take when searching; None: no limit
+        self._lock: IO[str] | None = None  # the writer lock's open file, while this store holds it
         self._faiss: faiss.Index | None = None
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
         self._records: tuple[npt.NDArray[np.int64], bytes | mmap.mmap] | None | bool = None  # False: damaged
@@ -185,12 +222,44 @@ class IndexStore:
     # --- opening -------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, manifest: Manifest) -> IndexStore:
+        """A new index in a new or empty folder, open for writing, the lock released: for code that builds an
+        index in one go (tests, benchmarks). `retrieval index` goes through open_writer."""
         path = Path(path)
         if (path / MANIFEST_FILE).exists():
             raise RetrievalError(f"{path} already holds an index")
-        path.mkdir(parents=True, exist_ok=True)
-        store = cls(path, manifest, _connect(path / DB_FILE))
-        store._write_manifest()
+        store = cls.open_writer(path, lambda: manifest)
+        store.unlock()
+        return store
+
+    @classmethod
+    def open_writer(cls, path: str | Path, new_manifest: Callable[[], Manifest]) -> IndexStore:
+        """Lock the folder, then open its index for writing, or create one from new_manifest() in a new or empty
+        folder. The lock comes first: two runs never both create the index, and the manifest the caller checks
+        (its model) is the one it writes under. The store holds the lock until `writer()`'s block ends or unlock().
+
+        A folder that holds anything but an index is refused: nothing is written into a folder that is not ours.
+        """
+        path = Path(path)
+        refuse_foreign(path)
+        with disk_writes(path):
+            path.mkdir(parents=True, exist_ok=True)
+        lock = _take_lock(path)
+        try:
+            if (path / MANIFEST_FILE).is_file():
+                manifest = read_manifest(path)
+                if manifest.generation and not (path / DB_FILE).is_file():
+                    raise RetrievalError(f"{path}/{DB_FILE} is missing, and with it the index's items: "
+                                         f"delete {path} and run `retrieval index` to build it again")
+            else:
+                manifest = new_manifest()
+                with disk_writes(path):  # first: from here on the folder is an index, even if this run is killed
+                    _write_json(path / MANIFEST_FILE, asdict(manifest))
+            store = cls(path, manifest, _connect(path / DB_FILE, write=True))
+            store._lock = lock
+            store._remove_tmp_files()
+        except BaseException:
+            lock.close()
+            raise
         return store
 
     @classmethod
@@ -206,15 +275,38 @@ class IndexStore:
 
     @contextmanager
     def writer(self) -> Iterator[IndexStore]:
-        """Hold the folder's lock while writing; a second writer is refused, not queued."""
-        with open(self.path / LOCK_FILE, "a+") as lock:
+        """Hold the folder's lock for the block, and release it at its end; a second writer is refused, not queued.
+
+        Taken here unless open_writer took it already. Under the lock the manifest is read again (another writer
+        may have changed it since this store opened) and the database reopened for writing."""
+        if self._lock is None:
+            lock = _take_lock(self.path)
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RetrievalError(
-                    f"another process is writing {self.path}; wait for it to finish (or end it) and retry"
-                ) from None
+                self.manifest = read_manifest(self.path)
+                reader, self.db = self.db, _connect(self.path / DB_FILE, write=True)
+                reader.close()
+                self._remove_tmp_files()
+            except BaseException:
+                lock.close()
+                raise
+            self._lock = lock
+        try:
             yield self
+        finally:
+            self.db.close()  # the last connection out checkpoints the WAL into the database file and deletes it,
+            self.unlock()  # so a copy of the folder or a read-only mount of it needs no -wal or -shm file
+        self.db = _connect(self.path / DB_FILE)
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _remove_tmp_files(self) -> None:
+        """Half-written derived files of a writer killed mid-write (the database is the truth; they are not)."""
+        with disk_writes(self.path):
+            for tmp in self.path.glob(f"*{TMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
 
     # --- writing -------------------------------------------------------------------------------
     def known_vectors(self, keys: Sequence[str]) -> set[str]:
@@ -223,7 +315,7 @@ class IndexStore:
 
     def commit(self, items: Sequence[Item], new_vectors: dict[str, np.ndarray], removed_ids: Sequence[str] = ()) -> None:
         """Insert or replace items (and their new vectors), remove ids: all or nothing, one generation."""
-        with self.db:
+        with disk_writes(self.path), self.db:
             self.db.executemany(
                 "INSERT OR IGNORE INTO vectors (key, vec) VALUES (?, ?)",
                 [(k, np.asarray(v, np.float32).tobytes()) for k, v in new_vectors.items()],
@@ -259,9 +351,13 @@ class IndexStore:
         """Write the derived files for the database as it is now: the FAISS index (ids = fids), fids, the fused
         vectors in fid order (`write_vectors` writes the .npy to the path it is given), the result records;
         then the manifest naming this generation. A merged index comes in here with its own FAISS index."""
-        _atomic_write(self.path / FAISS_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
-        _atomic_write(self.path / FIDS_FILE, lambda tmp: _save_npy(tmp, fids))
-        _atomic_write(self.path / VECTORS_FILE, write_vectors)
+        with disk_writes(self.path):
+            self._publish(index, fids, write_vectors, t0)
+
+    def _publish(self, index: faiss.Index, fids: npt.NDArray[np.int64], write_vectors: Callable[[Path], Any], t0: float) -> None:
+        atomic_write(self.path / FAISS_FILE, lambda tmp: write_faiss(index, tmp))
+        atomic_write(self.path / FIDS_FILE, lambda tmp: _save_npy(tmp, fids))
+        atomic_write(self.path / VECTORS_FILE, write_vectors)
         ends = array.array("q", [0])  # byte offset of each line's end: 8 B per item, not the lines themselves
 
         def write_records(tmp: Path) -> None:
@@ -271,8 +367,8 @@ class IndexStore:
                     f.write(data)
                     ends.append(ends[-1] + len(data))
 
-        _atomic_write(self.path / RECORDS_FILE, write_records)
-        _atomic_write(self.path / OFFSETS_FILE, lambda tmp: _save_npy(tmp, np.frombuffer(ends, dtype=np.int64)))
+        atomic_write(self.path / RECORDS_FILE, write_records)
+        atomic_write(self.path / OFFSETS_FILE, lambda tmp: _save_npy(tmp, np.frombuffer(ends, dtype=np.int64)))
         self.manifest.generation = self.generation()
         self.manifest.counts = self.counts()
         if (self.path / MANIFEST_FILE).is_file():  # a `calibrate` that ran since this store opened must survive
@@ -286,7 +382,8 @@ class IndexStore:
         self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
 
     def _write_manifest(self) -> None:
-        _atomic_write(self.path / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(self.manifest), indent=2)))
+        with disk_writes(self.path):
+            _write_json(self.path / MANIFEST_FILE, asdict(self.manifest))
 
     # --- reading -------------------------------------------------------------------------------
     def generation(self) -> int:
@@ -298,7 +395,7 @@ class IndexStore:
 
     def set_meta(self, key: str, value: str) -> None:
         """Bookkeeping beside the items (a merge's shard set); it does not change the generation."""
-        with self.db:
+        with disk_writes(self.path), self.db:
             self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                             (key, value))
 
@@ -324,6 +421,13 @@ class IndexStore:
         """Do the derived files (FAISS, fids, vectors) reflect the database as it is now?"""
         return self.manifest.generation == self.generation()
 
+    def derived_files_current(self) -> bool:
+        """Does the manifest name the database's generation, with a FAISS file that holds the database's items?
+        A writer rewrites the derived files when not: after a run killed while writing them, or over a FAISS
+        file copied from another index."""
+        self._faiss = None
+        return self._files_current() and self._faiss_file() is not None
+
     @property
     def vectors(self) -> tuple[npt.NDArray[np.int64], Vectors]:
         """(fids ascending, fused vectors (n, 2d)): memory-mapped from disk when current, else from the database."""
@@ -333,7 +437,9 @@ class IndexStore:
                     self._vectors = (np.load(self.path / FIDS_FILE), np.load(self.path / VECTORS_FILE, mmap_mode="r"))
                 except (OSError, ValueError, EOFError):
                     self._vectors = None  # missing, empty or truncated: the database still holds every vector
-            if self._vectors is None or len(self._vectors[0]) != len(self._vectors[1]):
+            n_items = self.manifest.counts.get("items")  # of this generation, written beside it by publish
+            if (self._vectors is None or len(self._vectors[0]) != len(self._vectors[1])
+                    or (n_items is not None and len(self._vectors[0]) != n_items)):
                 self._vectors = self.all_vectors()
         return self._vectors
 
@@ -359,22 +465,42 @@ class IndexStore:
         on-disk index always are), so the OS pages in only the lists a query probes.
         """
         if self._faiss is None:
-            file = self.path / FAISS_FILE
-            if file.is_file() and self._files_current():
-                size = file.stat().st_size
-                if self.manifest.index_type not in ("ivf", "ivfpq"):
-                    self._check_budget(size, f"the {self.manifest.index_type} index (only ivf and ivfpq search from disk)")
-                on_disk = (self.path / ivfdata_name(self.manifest.generation)).is_file()  # mapped already
-                try:
-                    self._faiss = read_faiss(file, mmap=self._over_budget(size) and not on_disk)
-                except RuntimeError:
-                    self._faiss = None  # truncated or foreign: the database still holds every vector
+            self._faiss = self._faiss_file()
             if self._faiss is None:
                 fids, vectors = self.vectors
                 self._check_budget(vectors.nbytes, "rebuilding the FAISS index in memory (its file is stale or missing)")
                 self._faiss = build_faiss(np.ascontiguousarray(vectors), fids, self.manifest.index_type, self.manifest.params)
             set_search_params(self._faiss, self.manifest.params)
         return self._faiss
+
+    def _faiss_file(self) -> faiss.Index | None:
+        """The FAISS file when it reflects the database as it is now, else None (stale, missing, damaged, or another
+        index's): the database still holds every vector."""
+        file = self.path / FAISS_FILE
+        if not (file.is_file() and self._files_current()):
+            return None
+        size = file.stat().st_size
+        if self.manifest.index_type not in ("ivf", "ivfpq"):
+            self._check_budget(size, f"the {self.manifest.index_type} index (only ivf and ivfpq search from disk)")
+        on_disk = (self.path / ivfdata_name(self.manifest.generation)).is_file()  # mapped already
+        try:
+            index = read_faiss(file, mmap=self._over_budget(size) and not on_disk)
+        except RuntimeError:
+            return None  # truncated or not a FAISS file
+        return index if self._holds_database(index) else None
+
+    def _holds_database(self, index: faiss.Index) -> bool:
+        """Cheap checks that a FAISS index holds this database's vectors, not another index's (a copied file): its
+        dimension, count and ids, and for an exact store its first and last vectors (same ids is not enough:
+        two indexes of 600 items both have ids 1..600)."""
+        fids, vectors = self.vectors
+        if index.d != vectors.shape[1] or index.ntotal != len(fids):
+            return False
+        if isinstance(index, faiss.IndexIDMap) and not np.array_equal(faiss.vector_to_array(index.id_map), fids):
+            return False
+        if len(fids) and isinstance(index, faiss.IndexIDMap2) and isinstance(_inner(index), (faiss.IndexFlat, faiss.IndexHNSW)):
+            return all(np.array_equal(index.reconstruct(int(fids[row])), vectors[row]) for row in (0, len(fids) - 1))
+        return True
 
     def _over_budget(self, nbytes: int) -> bool:
         return self.max_memory is not None and nbytes > self.max_memory
@@ -532,11 +658,117 @@ def ivfdata_name(generation: int) -> str:
     return f"vectors.{generation}{IVFDATA_SUFFIX}"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write to a temporary name beside `path`, then rename over it: readers see the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write to a temporary name beside `path` (`write` writes the path it is given), flush it to the disk, then
+    rename it over `path`: readers see the old or the new file, never a part, and a crash right after the rename
+    cannot leave the new name pointing at data still in the page cache. A write that fails (a full disk)
+    removes its temporary file; one left by a kill is removed by the next writer (IndexStore._remove_tmp_files)."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)  # the rename itself
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_faiss(index: faiss.Index, path: Path) -> None:
+    """faiss.write_index through a Python file: a full disk raises OSError here. FAISS's own file writer reports a
+    failed write as a RuntimeError and ignores a failed close, which can leave a truncated file without an error."""
+    with open(path, "wb") as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+
+
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
+
+
+def _take_lock(path: Path) -> IO[str]:
+    """The folder's writer lock, held while the returned file is open. flock belongs to the open file
+    description, so a second open() conflicts even in one process."""
+    with disk_writes(path):
+        lock = open(path / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RetrievalError(f"another process is writing {path}; wait for it to finish (or end it) and retry") from None
+    return lock
+
+
+def refuse_foreign(path: Path) -> None:
+    """An index goes into a new folder, an empty one, or one that holds an index (its manifest): never into a
+    folder of someone else's files, where it would overwrite a records.jsonl or add tables to an items.sqlite."""
+    if path.exists() and not path.is_dir():
+        raise RetrievalError(f"{path} is a file, not a folder: choose an empty or new folder for --index")
+    if not path.is_dir() or (path / MANIFEST_FILE).is_file():
+        return
+    # what a first run killed before its manifest was written leaves, and the Ray engine's default --shard-dir
+    # (INDEX/shards), where shards encoded elsewhere may be put for a first run to merge
+    ours = {LOCK_FILE, MANIFEST_FILE + TMP_SUFFIX, "shards"}
+    try:
+        names = sorted(p.name for p in path.iterdir() if p.name not in ours)
+    except OSError as e:
+        raise RetrievalError(f"cannot list {path} ({e.strerror}): choose a folder you can read for --index") from e
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise RetrievalError(f"{path} is not empty and is not an index (it holds {shown}): "
+                             "choose an empty or new folder for --index")
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+NO_SPACE_TEXT = ("database or disk is full", "No space left on device", "Disk quota exceeded")
+READ_ONLY_TEXT = ("readonly database", "Read-only file system", "Permission denied")
+DISK_TEXT = ("disk I/O error", "unable to open database file")
+
+
+@contextmanager
+def disk_writes(path: Path) -> Iterator[None]:
+    """Turn a write to the index folder `path` that the disk refused into one line saying what is wrong: no space,
+    or read-only. Other errors pass through. Every batch is its own transaction, so the index stays as of its
+    last commit, and the readers of it keep working."""
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError) as e:
+        error = storage_error(path, e)
+        if error is None:
+            raise
+        raise error from e
+
+
+def storage_error(path: Path, e: OSError | sqlite3.OperationalError) -> RetrievalError | None:
+    """Our error for a write the disk refused (OSError by errno; SQLite only says it in words), else None."""
+    text, code = str(e), getattr(e, "errno", None)
+    if code in NO_SPACE or any(t in text for t in NO_SPACE_TEXT) or (any(t in text for t in DISK_TEXT) and _disk_full(path)):
+        return NoSpaceError(f"no space left on the disk holding {path}: free some space and run the command again "
+                            "(the index is intact as of its last commit)")
+    if code in READ_ONLY or any(t in text for t in READ_ONLY_TEXT):
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "it cannot be written"
+        return ReadOnlyError(f"{path} is read-only ({why}): writing an index needs a writable folder (searching one does "
+                             "not); make it writable, or copy the index to a writable folder and use that")
+    if any(t in text for t in DISK_TEXT):
+        return RetrievalError(f"writing {path} failed ({text}): check the disk it is on, then run the command again "
+                              "(the index is intact as of its last commit)")
+    return None
+
+
+def _disk_full(path: Path) -> bool:
+    """SQLite reports a full disk met while growing its shared-memory file only as a 'disk I/O error'."""
+    try:
+        return shutil.disk_usage(path).free < 64 * 1024
+    except OSError:
+        return False
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -548,15 +780,51 @@ def _vec(blob: bytes | None) -> np.ndarray | None:
     return None if blob is None else np.frombuffer(blob, dtype=np.float32)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, write: bool = False) -> sqlite3.Connection:
+    """The index database: for writing (WAL, the schema), or read-only, so a reader needs no write access."""
     try:
-        db = sqlite3.connect(path, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")  # readers keep reading while a writer commits
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
+        if not write:
+            return _connect_reader(path)
+        with disk_writes(path.parent):
+            db = sqlite3.connect(path, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")  # readers keep reading while a writer commits
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        return db
     except sqlite3.DatabaseError as e:
-        raise RetrievalError(f"{path} is not a readable index database ({e}); rebuild the index") from e
+        raise _database_error(path, e) from e
+
+
+def _connect_reader(path: Path) -> sqlite3.Connection:
+    """mode=ro reads a WAL database while a writer commits, but it must open (or create) the -shm file beside it.
+    Where it cannot (a read-only folder the last writer closed cleanly, a full disk) the file is opened immutable:
+    nothing can be writing it there, and the last checkpoint holds every commit."""
+    uri = "file:" + quote(str(path.absolute()))
+    try:
+        return _query_ready(sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False))
+    except sqlite3.OperationalError as e:
+        wal = path.with_name(path.name + "-wal")
+        if wal.is_file() and wal.stat().st_size:  # commits an immutable open would not see
+            raise RetrievalError(f"cannot read {path} ({e}): {wal.name} beside it holds commits that only a writer can "
+                                 "fold in; make the folder writable and run `retrieval index` or `remove` once") from e
+        return _query_ready(sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False))
+
+
+def _query_ready(db: sqlite3.Connection) -> sqlite3.Connection:
+    """SQLite opens lazily: read the schema now, so a connection that cannot read fails here, not in a search."""
+    try:
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        db.close()
+        raise
     return db
+
+
+def _database_error(path: Path, e: sqlite3.DatabaseError) -> RetrievalError:
+    """Advise a rebuild only when the file really is not a database: a disk problem does not damage an index."""
+    if "file is not a database" in str(e) or "malformed" in str(e):
+        return RetrievalError(f"{path} is not a readable index database ({e}); rebuild the index")
+    return RetrievalError(f"cannot read {path} ({e}): check the disk, and that the file and its folder can be read")
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -570,6 +838,30 @@ def read_manifest(path: Path) -> Manifest:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise RetrievalError(f"{path} is index format {version}, newer than this retrieval reads ({FORMAT_VERSION}): upgrade retrieval")
     try:
-        return Manifest(**d)
+        manifest = Manifest(**d)
     except TypeError as e:
         raise RetrievalError(f"{path}/{MANIFEST_FILE} does not match format {FORMAT_VERSION} ({e}); rebuild the index") from e
+    for name, value in asdict(manifest).items():
+        problem = _manifest_value_problem(name, value)
+        if problem:
+            raise RetrievalError(f"{path}/{MANIFEST_FILE} is damaged: {name} is {json.dumps(value)[:40]}, {problem}; "
+                                 f"correct it, or delete {path} and run `retrieval index` to build it again")
+    return manifest
+
+
+MANIFEST_TYPES: dict[str, tuple[tuple[type, ...], str]] = {  # Manifest's annotations: the JSON types and their words
+    "str": ((str,), "a string"), "int": ((int,), "a whole number"), "float": ((int, float), "a number"), "dict": ((dict,), "an object"),
+}
+
+
+def _manifest_value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one manifest value, or None: its type (the annotation on Manifest) and its range."""
+    annotation = next(f.type for f in fields(Manifest) if f.name == name)
+    types, words = MANIFEST_TYPES[str(annotation).split("[")[0]]
+    if isinstance(value, bool) or not isinstance(value, types):
+        return f"not {words}"
+    if name == "dim" and value < 1 or name in ("generation", "faiss_bytes") and value < 0:
+        return "out of range"
+    if name == "index_type" and value not in INDEX_TYPES[1:]:
+        return f"not one of {', '.join(INDEX_TYPES[1:])}"
+    return None

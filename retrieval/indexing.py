@@ -7,7 +7,6 @@ source. Each batch is committed on its own, so an interrupted run resumes where 
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import time
@@ -18,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .data import Pair, read_pairs
 from .errors import ImageError, RetrievalError
-from .index import FAISS_FILE, INDEX_TYPES, MANIFEST_FILE, IndexStore, Item, Manifest, choose_index_type, min_items
+from .index import INDEX_TYPES, IndexStore, Item, Manifest, check_params, choose_index_type, min_items
 from .modeldir import ModelRef, canonical, embed_dim, fingerprint
+from .progress import progress_bar
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes the FAISS index may take when --index-type auto chooses
 
@@ -34,16 +33,17 @@ class IndexReport:
     updated: int = 0
     removed: int = 0
     unchanged: int = 0
-    skipped: list[str] = field(default_factory=list)  # one message per unreadable file
+    skipped: list[str] = field(default_factory=list)  # one message per unreadable file or bad row
     seconds: float = 0.0
     index_type: str = ""
     precision: str = ""  # what the image encoder ran in (Encoder.image_precision); "" when nothing was encoded
 
 
-def list_source(source: str | Path, exclude: Sequence[str] = ()) -> list[Pair]:
-    """The items of a folder (recursive, hidden skipped) or manifest, minus ids matching an --exclude glob."""
-    pairs = read_pairs(source)
-    return [p for p in pairs if not any(fnmatch.fnmatch(p.id, g) for g in exclude)]
+def list_source(source: str | Path, exclude: Sequence[str] = (), skipped: list[str] | None = None) -> list[Pair]:
+    """The items of a folder (recursive; hidden files and indexes inside it skipped) or manifest, minus ids
+    matching an --exclude glob. Given `skipped`, a bad row, sidecar or file name is listed there with its
+    reason and the rest is indexed; without it, the first one raises (see `read_pairs`)."""
+    return read_pairs(source, skipped, exclude)
 
 
 def file_state(path: Path | None) -> tuple[int | None, int | None]:
@@ -68,9 +68,12 @@ def text_key(captions: Sequence[str]) -> str:
 
 
 def image_key(path: Path) -> str:
-    """Content address of an image file; raises ImageError when the file cannot be read at all."""
+    """Content address of an image file (sha256), hashed in chunks so that memory stays flat however big the file
+    is; raises ImageError when the file cannot be read at all. (decode_batch calls it once the file has decoded
+    as an image, so a huge file that is none is refused from its header, before any of it is hashed.)"""
     try:
-        return "img:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        with path.open("rb") as f:
+            return "img:" + hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
         raise ImageError(f"cannot read image {path}: {e.strerror or e} (check the path)") from e
 
@@ -96,10 +99,11 @@ def build_index(
 
     t0 = time.perf_counter()
     index_path = Path(index_path)
-    pairs = list_source(source, exclude)
+    skipped: list[str] = []  # rows, sidecars and file names that cannot be indexed: listed, the rest indexed
+    pairs = list_source(source, exclude, skipped)
     store, settings_changed = prepare_store(index_path, model_dir, index_type, len(pairs), params, memory_budget)
 
-    report = IndexReport(index_type=store.manifest.index_type)
+    report = IndexReport(index_type=store.manifest.index_type, skipped=skipped)
     with store.writer():
         existing = store.all_items()
         todo = []
@@ -115,7 +119,7 @@ def build_index(
         if model is not None:
             report.precision = precision = model.image_precision(precision)
         desc = f"indexing, images in {report.precision}" if report.precision else "indexing"
-        bar = tqdm(total=len(todo), desc=desc, unit="item", disable=not progress)
+        bar = progress_bar(total=len(todo), desc=desc, unit="item", disable=not progress)
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         with ThreadPoolExecutor(2) as pool:
             for batch, decoding in decode_ahead(model, batches, pool, ahead=1 if prefetch else 0):
@@ -129,7 +133,7 @@ def build_index(
         if removed:
             store.commit([], {}, removed)
         report.removed = len(removed)
-        if todo or removed or settings_changed or store.manifest.generation != store.generation() or not (index_path / FAISS_FILE).exists():
+        if todo or removed or settings_changed or not store.derived_files_current():
             store.rebuild()
     report.seconds = time.perf_counter() - t0
     return report
@@ -137,22 +141,31 @@ def build_index(
 
 def prepare_store(index_path: Path, model_dir: ModelRef, index_type: str | None, n_items: int, params: dict | None,
                   memory_budget: int) -> tuple[IndexStore, bool]:
-    """Open the index (refusing another model's) or create it, and apply a new type or params: shared by the
-    local and the Ray engine. Returns the store and whether its type or params changed."""
+    """Lock the index folder, open the index (refusing another model's) or create it, and apply a new type or
+    params: shared by the local and the Ray engine. The lock is taken before the manifest is read or written, so
+    two runs with different models never both create one index, and the model is checked against the manifest
+    this run writes under. Returns the store, holding the lock (the caller's `with store.writer():` releases
+    it), and whether its type or params changed."""
     if index_type is not None and index_type not in INDEX_TYPES:
         raise RetrievalError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     if index_type is not None and n_items < min_items(index_type):
         raise RetrievalError(
             f"{index_type} needs at least {min_items(index_type)} items to train on, the source has {n_items}; use flat"
         )
+    check_params(params or {})  # before they reach the manifest, where every search would meet them
     model_fp = fingerprint(model_dir)
-    if (index_path / MANIFEST_FILE).exists():
-        store = IndexStore.open(index_path)
-        check_model(store.manifest, model_fp, model_dir)
-    else:
+
+    def new_manifest() -> Manifest:
         dim = embed_dim(model_dir)
         chosen = index_type if index_type not in (None, "auto") else choose_index_type(n_items, dim, memory_budget)
-        store = IndexStore.create(index_path, Manifest(canonical(model_dir), model_fp, dim, chosen))
+        return Manifest(canonical(model_dir), model_fp, dim, chosen)
+
+    store = IndexStore.open_writer(index_path, new_manifest)
+    try:
+        check_model(store.manifest, model_fp, model_dir)
+    except RetrievalError:
+        store.unlock()
+        raise
     settings = (store.manifest.index_type, dict(store.manifest.params))
     if index_type not in (None, "auto"):
         store.manifest.index_type = index_type
@@ -172,14 +185,15 @@ Decoded = tuple[str | None, np.ndarray | None, str | None]  # one item's (image 
 
 
 def decode_batch(model, batch: Sequence[Pair], pool: ThreadPoolExecutor) -> list[Future[Decoded]]:
-    """Start reading, hashing and preprocessing the batch's images on the pool; an unreadable one gives its error."""
+    """Start reading, preprocessing and hashing the batch's images on the pool; an unreadable one gives its error.
+    Decoded first: the decoder reads the header and bounds the pixels, so no file that is not an image is hashed."""
 
     def decode(pair: Pair) -> Decoded:
         if pair.image is None:
             return None, None, None
         try:
-            key = image_key(pair.image)
-            return key, model.transform.load(pair.image), None
+            pixels = model.transform.load(pair.image)
+            return image_key(pair.image), pixels, None
         except ImageError as e:
             return None, None, str(e)
 
@@ -244,5 +258,6 @@ def remove_items(index_path: str | Path, ids: Sequence[str]) -> list[str]:
         missing = [i for i in ids if i not in present]
         if present:
             store.commit([], {}, list(present))
+        if present or not store.derived_files_current():  # also after a run killed while writing them
             store.rebuild()
     return missing

@@ -27,7 +27,7 @@ import numpy.typing as npt
 from faiss.contrib.ondisk import merge_ondisk
 
 from .errors import RetrievalError
-from .index import IndexStore, Vectors, factory_string, ivfdata_name, quiet_faiss, set_search_params
+from .index import IndexStore, Vectors, check_max_memory, factory_string, ivfdata_name, quiet_faiss, set_search_params
 from .indexing import IndexReport
 from .shards import read_shard
 
@@ -56,7 +56,8 @@ def merge_shards(store: IndexStore, directory: Path, names: Sequence[str], max_m
     """
     t0 = time.perf_counter()
     digest = hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()
-    if not force and _last_merge(store) == {"shards": digest, "generation": store.generation()} and store.manifest.generation == store.generation():
+    check_max_memory(max_memory)
+    if not force and _last_merge(store) == {"shards": digest, "generation": store.generation()} and store.derived_files_current():
         return MergeReport(unchanged=store.counts()["items"], index_type=store.manifest.index_type,
                            on_disk=(store.path / ivfdata_name(store.generation())).is_file())
     report, shard_fids, parts = MergeReport(index_type=store.manifest.index_type), [], []

@@ -117,8 +117,9 @@ def ranked_with_margin(index: faiss.Index, qv: np.ndarray, k: int | None, theta:
 class Index:
     """An index opened for search: `Index.open(path).search(text="a dog on a beach", k=10)`."""
 
-    def __init__(self, store: IndexStore, model_dir: ModelRef):
+    def __init__(self, store: IndexStore, model_dir: ModelRef, model_override: ModelRef | None = None):
         self.store, self.model_dir = store, model_dir
+        self.model_override = model_override  # what `open` was given, so `reopen` follows the manifest otherwise
         self._text_encoder = None
         self._model = None
 
@@ -134,7 +135,16 @@ class Index:
                 f"model mismatch: {path} was built with model {store.manifest.fingerprint}, but {model_dir} is {got}; "
                 "query with the model that built it, or rebuild the index"
             )
-        return cls(store, model_dir)
+        return cls(store, model_dir, model)
+
+    def reopen(self) -> Index:
+        """This index as it is on disk now (another process may have re-indexed it), opened with the same model
+        override and memory bound. The loaded model and text encoder are kept while it names the same model, so a
+        server picks up a new generation in the time it takes to read the FAISS file."""
+        fresh = Index.open(self.store.path, self.model_override, self.store.max_memory)
+        if fresh.store.manifest.fingerprint == self.store.manifest.fingerprint:
+            fresh._model, fresh._text_encoder = self._model, self._text_encoder
+        return fresh
 
     # --- embedding the query ---------------------------------------------------------------------
     def embed_text(self, text: str) -> np.ndarray:
@@ -166,7 +176,10 @@ class Index:
         return self._model
 
     def embed_image(self, image: str | Path | Image.Image) -> np.ndarray:
-        return self.model().encode_image([image])[0]
+        """A path, or a PIL image decoded the way its file would be (`Transform.decode`): a JPEG opened with
+        `Image.open` gives the vector its path, its upload and its indexed copy give."""
+        model = self.model()
+        return model.encode_image([model.transform.decode(image) if isinstance(image, Image.Image) else image])[0]
 
     def embed_item(self, item_id: str) -> np.ndarray:
         """'More like this': the stored vector of an indexed item, its image if it has one."""

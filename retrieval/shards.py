@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import numpy as np
 
 from .data import Pair
 from .errors import RetrievalError
-from .index import Item, Vectors, fused
+from .index import Item, Vectors, atomic_write, fused
 from .indexing import encode_batch, file_state
 
 DISTRIBUTED_INSTALL_HINT = "pip install 'retrieval[distributed]'"
@@ -126,12 +125,14 @@ def read_skipped(directory: Path, name: str) -> list[str]:
 
 
 def _write_then_rename(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append .npy to the temporary name
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())  # on shared storage the rename must not land before the data
-    os.replace(tmp, path)
+    """atomic_write (fsynced: on shared storage the rename must not land before the data) with a file object,
+    so numpy does not append .npy to the temporary name."""
+
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    atomic_write(path, to_file)
 
 
 def _pyarrow() -> tuple[Any, Any]:

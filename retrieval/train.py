@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from .config import ModelConfig, TrainConfig, loss_init, model_config_from_dict, model_config_to_dict
 from .data import Pair, image_caption_pairs
@@ -38,6 +37,7 @@ from .features import ImageCache, TextCache
 from .images import Transform, load_image
 from .loss import clip_loss, siglip_loss
 from .model import DualEncoder, Encoder, use_bf16
+from .progress import progress_bar
 from .tokenizer import Tokenizer
 
 STATE_FILE = "train_state.pt"
@@ -66,7 +66,7 @@ def bank_images(pairs: Sequence[Pair], transform: Transform, progress: bool = Tr
             return str(e)
 
     with ThreadPoolExecutor(2) as pool:
-        results = list(tqdm(pool.map(load, pairs), total=len(pairs), desc="decode images", disable=not progress))
+        results = list(progress_bar(pool.map(load, pairs), total=len(pairs), desc="decode images", unit="image", disable=not progress))
     bank = ImageBank([], [], [])
     for pair, result in zip(pairs, results):
         if isinstance(result, str):
@@ -173,6 +173,7 @@ def train(
     if model.text_locked:
         text_cache = TextCache(model, (c for p in train_bank.pairs + val_bank.pairs for c in p.captions), progress)
     out.mkdir(parents=True, exist_ok=True)
+    _trim_log(out, start_epoch)
 
     images = _as_tensor(train_bank.images)  # (N, 3, S', S') uint8
     augmentation = train_cfg.augmentation if train_cfg.augment else None
@@ -192,7 +193,7 @@ def train(
         generator = torch.Generator().manual_seed(train_cfg.seed * 1000 + epoch + 1)  # augmentation and caption draws
         model.train()
         losses, n_pairs, t_epoch = [], 0, time.monotonic()
-        bar = tqdm(epoch_batches(len(images), batch_size, train_cfg.seed, epoch), desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+        bar = progress_bar(epoch_batches(len(images), batch_size, train_cfg.seed, epoch), desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
                    disable=not progress, leave=False)
         for rows in bar:
             progress_frac = max(step / total_steps, (time.monotonic() - t0) / budget)
@@ -330,6 +331,29 @@ def _load_state(out: Path) -> dict[str, Any]:
         return torch.load(path, weights_only=True)
     except Exception as e:  # a truncated or foreign file: torch raises several types
         raise RetrievalError(f"cannot resume from {path} ({str(e).splitlines()[0]}); start without --resume") from e
+
+
+def _trim_log(out: Path, epochs_done: int) -> None:
+    """Keep only the log lines of the epochs the saved state has (none for a new run).
+
+    An epoch's line is appended before its state is saved, so a run killed between the two has a line for an
+    epoch that --resume runs again; without this the log would hold that epoch twice. A line cut short by
+    the kill is dropped too.
+    """
+    log = out / LOG_FILE
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("epoch"), int) and entry["epoch"] <= epochs_done:
+            kept.append(line + "\n")
+    tmp = log.with_name(LOG_FILE + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, log)
 
 
 def _append_log(out: Path, entry: dict[str, Any]) -> None:

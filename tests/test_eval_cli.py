@@ -183,3 +183,61 @@ def test_the_api_module_does_not_import_torch() -> None:
 
     code = "import sys, retrieval.api; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# --- eval --index evaluates what the index returns, beside exact search --------------------------------------
+
+@pytest.fixture(scope="module")
+def typed_indexes(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The 300 scenes as a flat, an hnsw and an ivfpq index (ivfpq: nprobe 1 of its lists, set by `index --nprobe`);
+    the vectors are encoded once and the other two re-typed from copies."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("typed")
+    build_index(synth_data, tiny_model, root / "flat", "flat", progress=False)
+    paths = {"flat": root / "flat"}
+    for kind, knob in (("hnsw", []), ("ivfpq", ["--nprobe", "1"])):
+        shutil.copytree(root / "flat", root / kind)
+        code, out = run("index", synth_data, "--model", tiny_model, "--index", root / kind, "--index-type", kind, *knob)
+        assert code == 0 and "300 unchanged" in out, out
+        paths[kind] = root / kind
+    return paths
+
+
+def eval_index(path: Path, data: Path, *extra) -> dict:
+    code, out = run("eval", "--index", path, "--data", data, "--target", "image", "--no-thresholds", "--json", *extra)
+    assert code == 0, out
+    return json.loads(out)
+
+
+def test_a_flat_index_returns_the_exact_top_k(typed_indexes: dict[str, Path], synth_data: Path) -> None:
+    report = eval_index(typed_indexes["flat"], synth_data)
+    assert report["index_type"] == "flat" and report["search_params"] == {} and report["depth"] == 100
+    assert report["index_recall"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0}
+    assert report["text_to_image"] == report["exact"]["text_to_image"]
+
+
+def test_an_hnsw_index_reports_its_ef_search(typed_indexes: dict[str, Path], synth_data: Path) -> None:
+    report = eval_index(typed_indexes["hnsw"], synth_data, "--ef-search", "7")
+    assert report["index_type"] == "hnsw" and report["search_params"] == {"ef_search": 7}
+    assert 0 < report["index_recall"]["R@10"] <= 1.0
+
+
+def test_ivfpq_with_one_list_probed_is_not_exact(typed_indexes: dict[str, Path], synth_data: Path) -> None:
+    """What the README's advice needs: ivfpq at nprobe 1 finds less of the exact top k, and its task figures
+    differ from exact search's; the exact figures are the flat index's (the same stored vectors)."""
+    flat, one = eval_index(typed_indexes["flat"], synth_data), eval_index(typed_indexes["ivfpq"], synth_data)
+    assert one["index_type"] == "ivfpq" and one["search_params"] == {"nprobe": 1}
+    assert one["index_recall"]["R@10"] < 1.0
+    assert one["text_to_image"] != one["exact"]["text_to_image"]
+    assert one["exact"] == flat["exact"]
+    every = eval_index(typed_indexes["ivfpq"], synth_data, "--nprobe", "10000")  # every list: only PQ's error left
+    assert every["search_params"] == {"nprobe": 10000}
+    assert every["index_recall"]["R@10"] > one["index_recall"]["R@10"]
+
+
+def test_the_index_table_names_the_index_exact_search_and_the_depth(typed_indexes: dict[str, Path], synth_data: Path) -> None:
+    code, out = run("eval", "--index", typed_indexes["ivfpq"], "--data", synth_data, "--target", "image", "--depth", "20")
+    assert code == 0, out
+    assert "text->image (ivfpq)" in out and "text->image (exact)" in out and "(exact scores)" in out
+    assert "ivfpq index, nprobe 1: found" in out and "of the exact top 1 / 5 / 10" in out and "depth 20" in out

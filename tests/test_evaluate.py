@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.evaluate import (best_positive_ranks, fusion_sweep, positive_mask, positive_ranks, relevance_from_owner, relevant_ranks,
-                                retrieval_report, summarise)
+from retrieval.evaluate import (best_positive_ranks, fusion_sweep, list_ranks, positive_mask, positive_ranks, recall_against_exact,
+                                relevance_from_owner, relevant_ranks, retrieval_report, summarise, top_k_streamed)
 
 # --- a hand-worked case ------------------------------------------------------------------------------------
 # Images are the first three basis vectors of R^4, so caption t's similarity to image j is simply SIMS[t, j];
@@ -240,3 +240,63 @@ def test_fusion_sweep_hand_worked() -> None:
     # w = 0: item 0 scores .8, item 1 scores 0 -> rank 1; w = .5: .4 vs .3 -> rank 1; w = 1: 0 vs .6 -> rank 2
     assert out["R@1"] == [1.0, 1.0, 0.0] and out["mAP"] == [1.0, 1.0, 0.5]
     assert out["best_weight"] == 0.0 and out["best"]["R@1"] == 1.0
+
+
+# --- the streamed exact top k, and ranks read from a returned list (eval --index) --------------------------
+
+def _blocks(candidates: np.ndarray, rows: int) -> list[tuple[int, np.ndarray]]:
+    return [(a, candidates[a : a + rows]) for a in range(0, len(candidates), rows)]
+
+
+def test_streamed_top_k_hand_worked() -> None:
+    """Five candidates in blocks of two; query scores .2 .9 .5 .9 .1: the tie at .9 goes to the earlier (1 before 3)."""
+    candidates = np.array([[0.2], [0.9], [0.5], [0.9], [0.1]], dtype=np.float32)
+    scores, positions = top_k_streamed(np.ones((1, 1), np.float32), _blocks(candidates, 2), 3)
+    assert positions.tolist() == [[1, 3, 2]]
+    np.testing.assert_allclose(scores, [[0.9, 0.9, 0.5]])
+    scores, positions = top_k_streamed(np.ones((1, 1), np.float32), _blocks(candidates, 2), 7)  # more than there are
+    assert positions.tolist() == [[1, 3, 2, 0, 4, -1, -1]] and np.isneginf(scores[0, 5:]).all()
+
+
+@pytest.mark.parametrize("rows, k", [(1, 1), (3, 5), (7, 40), (64, 10)])
+def test_streamed_top_k_equals_a_full_argsort(rows: int, k: int) -> None:
+    """Small integer vectors, so every score is exact whatever the block shape, with repeated rows (ties at
+    the k boundaries): the same lists as a stable argsort of all scores."""
+    rng = np.random.default_rng(rows)
+    base = rng.integers(-3, 4, (30, 8)).astype(np.float32)
+    candidates = base[rng.integers(0, 30, 50)]  # (50, 8), many repeated rows
+    queries = rng.integers(-3, 4, (9, 8)).astype(np.float32)
+    scores, positions = top_k_streamed(queries, _blocks(candidates, rows), k, chunk=4)
+    full = queries @ candidates.T
+    order = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(positions, order)
+    np.testing.assert_array_equal(scores, np.take_along_axis(full, order, axis=1))
+
+
+def test_list_ranks_hand_worked() -> None:
+    """Query 0's positives {4, 7}, lists [7, 2, 4]: rank 1, AP (1/1 + 2/3) / 2. Query 1's positive 5 is not in
+    [1, 2, -1]: rank k + 1 = 4, AP 0."""
+    relevance = (np.array([0, 2, 3]), np.array([4, 7, 5]))
+    best, ap = list_ranks(np.array([[7, 2, 4], [1, 2, -1]]), relevance)
+    assert best.tolist() == [1, 4]
+    assert ap.tolist() == pytest.approx([(1 + 2 / 3) / 2, 0.0])
+
+
+def test_list_ranks_of_the_whole_list_equal_relevant_ranks() -> None:
+    image_emb, text_emb, text_image = _random_set(6)
+    relevance = relevance_from_owner(text_image, len(image_emb))
+    _, everything = top_k_streamed(image_emb, _blocks(text_emb, 5), len(text_emb))
+    best, ap = list_ranks(everything, relevance)
+    want_best, want_ap = relevant_ranks(image_emb, text_emb, relevance)
+    np.testing.assert_array_equal(best, want_best)
+    np.testing.assert_allclose(ap, want_ap, atol=1e-12)
+    best, _ = list_ranks(everything[:, :3], relevance)  # read to depth 3: the others are not found
+    np.testing.assert_array_equal(best, np.where(want_best <= 3, want_best, 4))
+
+
+def test_recall_against_exact_hand_worked() -> None:
+    """Exact top 3 scores .9 .8 .8 (a tie at the 3rd); the index returned items scoring .9, .8 (the other of the
+    tie: as good) and .1; R@1 = 1, R@3 = 2/3. A query with 2 candidates, both returned: R@3 = 1."""
+    exact = np.array([[0.9, 0.8, 0.8], [0.5, 0.4, -np.inf]], dtype=np.float32)
+    found = np.array([[0.9, 0.8, 0.1], [0.4, 0.5, -np.inf]], dtype=np.float32)
+    assert recall_against_exact(found, exact, (1, 3)) == pytest.approx({"R@1": 0.5, "R@3": (2 / 3 + 1) / 2})

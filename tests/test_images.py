@@ -1,5 +1,6 @@
 """Image loading and transforms: every odd mode becomes sensible RGB, every bad file a clear ImageError."""
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ from retrieval.errors import ImageError
 from retrieval.images import (
     MEAN,
     STD,
+    decode,
     load_image,
     preprocess,
+    read_image,
     resize_center_crop,
     to_array,
     to_rgb,
@@ -189,3 +192,77 @@ def test_to_array_normalisation():
     expected = (np.array(v) / 255 - np.array(MEAN)) / np.array(STD)
     assert out.shape == (3, 2, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out, np.broadcast_to(expected[:, None, None], out.shape), rtol=1e-6)
+
+
+# --- memory: bounded by the pixel count times a small constant, whatever the mode -----------------
+
+
+def test_16bit_to_8bit_is_the_rounded_float_formula_for_every_value():
+    """Integer arithmetic now (it went through float64 copies of the whole image): the same bytes out."""
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    expected = np.clip(np.rint(values.astype(np.float64) * (255 / 65535)), 0, 255).astype(np.uint8)
+    got = np.asarray(to_rgb(Image.fromarray(values)))
+    assert got.shape == (256, 256, 3)
+    np.testing.assert_array_equal(got[:, :, 0], expected)
+    np.testing.assert_array_equal(got[:, :, 2], expected)
+
+
+MEMORY_PROBE = """
+import resource, sys
+from retrieval.images import load_image
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+img = load_image(sys.argv[1])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) * 1024 / (img.size[0] * img.size[1]))
+"""
+
+
+@pytest.mark.parametrize("mode, suffix, bytes_per_pixel", [
+    ("I;16", "png", 10),  # was 28: the 2-byte source, 8-bit grey, 4-byte RGB (Pillow keeps RGB in 4 bytes)
+    ("F", "tif", 14),  # was 29: a 4-byte source
+    ("RGB", "png", 6),  # was 8: ImageOps.exif_transpose copied an image with nothing to turn
+])
+def test_decoding_peak_memory_is_a_few_bytes_a_pixel(tmp_path, mode, suffix, bytes_per_pixel):
+    """Measured in a fresh process (ru_maxrss): tracemalloc does not see Pillow's C allocations."""
+    import subprocess
+    import sys
+
+    side = 2000
+    ramp = np.tile(np.linspace(0, 65535, side)[None, :], (side, 1))
+    data = {"I;16": ramp.astype(np.uint16), "F": (ramp / 65535).astype(np.float32),
+            "RGB": np.repeat((ramp / 257).astype(np.uint8)[:, :, None], 3, axis=2)}[mode]
+    path = _save(Image.fromarray(data), tmp_path / f"big.{suffix}")
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path)], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < bytes_per_pixel
+
+
+# --- one decode path: a file, its bytes and its PIL image ------------------------------------------
+
+
+def test_bytes_and_a_path_decode_alike(tmp_path):
+    path = _save(_photo(400, 300), tmp_path / "d.jpg")
+    with open(path, "rb") as f:
+        from_bytes = read_image(io.BytesIO(f.read()), "the uploaded image", size_hint=S)
+    assert np.array_equal(np.asarray(from_bytes), np.asarray(load_image(path, size_hint=S)))
+
+
+def test_an_opened_jpeg_is_drafted_like_its_file_and_a_decoded_one_reduced_alike(tmp_path):
+    path = _save(_photo(400, 300), tmp_path / "d.jpg")
+    by_path = load_image(path, size_hint=S)
+    assert by_path.size == (50, 38)  # drafted at 1/8
+    assert np.array_equal(np.asarray(decode(Image.open(path), S)), np.asarray(by_path))
+    decoded = Image.open(path)
+    decoded.load()
+    reduced = decode(decoded, S)
+    assert reduced.size == by_path.size and np.abs(np.asarray(reduced, np.int16) - np.asarray(by_path)).mean() < 4
+    assert decode(by_path, S) is by_path  # decoding twice changes nothing
+    small = Image.open(_save(_photo(20, 20), tmp_path / "s.jpg"))
+    small.load()
+    assert decode(small, S).size == (20, 20)  # smaller than the hint: nothing to reduce
+
+
+def test_an_upload_over_the_bound_says_so_in_its_own_words():
+    buf = io.BytesIO()
+    _photo(20, 20).save(buf, "PNG")
+    with pytest.raises(ImageError, match=r"^cannot read the uploaded image: it is 20 x 20"):
+        read_image(buf, "the uploaded image", max_pixels=100)
