@@ -11,9 +11,9 @@ import click
 
 from .classify import DEFAULT_TEMPLATE
 from .config import IMAGE_TOWERS, LOSSES, PRETRAINED_IMAGE_SIZES, PRESETS, TEXT_TOWERS, ZEROSHOT_TEMPERATURE
-from .index import INDEX_TYPES
+from .index import INDEX_TYPES, check_params
 from .modeldir import HF_PREFIX
-from .errors import RetrievalError
+from .errors import RetrievalError, shown
 from .query import TARGETS
 
 
@@ -53,24 +53,13 @@ class BytesParam(click.ParamType):
 
 
 BYTES = BytesParam()
-C_INT_MAX = 2**31 - 1  # FAISS's efSearch and nprobe are C ints
 
 
 def check_knobs(ef_search: int | None, nprobe: int | None) -> dict[str, int]:
-    """The ANN knobs given, checked: a value FAISS cannot hold would fail inside it, or be stored in a manifest."""
+    """The ANN knobs given, checked now: a value FAISS cannot hold would fail inside it, or be stored in a manifest."""
     knobs = {k: v for k, v in (("ef_search", ef_search), ("nprobe", nprobe)) if v is not None}
-    for name, value in knobs.items():
-        if not 1 <= value <= C_INT_MAX:
-            raise RetrievalError(f"{name} must be at least 1 and at most {C_INT_MAX}, got {value}")
+    check_params(knobs)
     return knobs
-
-
-def shown(text: object) -> str:
-    """A stored string as data for a terminal: control and other unprintable characters (newlines, ANSI escapes,
-    bidi overrides, undecodable bytes) as escapes like \\n and \\x1b, so no id or caption can fake a line or
-    colour the screen."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   for c in str(text))
 
 
 class Group(click.Group):
@@ -465,7 +454,7 @@ def index(source: str, model_dir: str, index_path: str, index_type: str | None, 
     click.echo(f"{index_path}: {r.added} added, {r.updated} updated, {r.removed} removed, {r.unchanged} unchanged "
                f"({r.index_type}{f', images in {r.precision}' if r.precision else ''}, {r.seconds:.1f} s)")
     if r.skipped:
-        click.echo(f"skipped {len(r.skipped)} unreadable file(s):")
+        click.echo(f"skipped {len(r.skipped)} item(s), each with its reason:")
         for message in r.skipped:
             click.echo(f"  {shown(message)}")
 

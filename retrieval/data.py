@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RetrievalError
+from .errors import RetrievalError, shown
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 INDEX_FILES = ("manifest.json", "items.sqlite")  # index.MANIFEST_FILE, index.DB_FILE: a folder holding both is an index
@@ -79,16 +79,6 @@ def _or_skip(skipped: list[str] | None) -> Iterator[None]:
 
 def _excluded(item_id: str, exclude: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(item_id, g) for g in exclude)
-
-
-def shown(text: str | Path) -> str:
-    """A name or text from the user, safe to print: as it is when printable, else with control characters
-    escaped (a newline must not forge an output line) and bytes that are not UTF-8 as \\xNN."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
-                   else repr(c)[1:-1] for c in text)
 
 
 def _is_utf8(text: str) -> bool:

@@ -60,18 +60,19 @@ def build_index_ray(
     ray = import_ray()  # before anything is written
     index_path = Path(index_path)
     shard_dir = Path(shard_dir) if shard_dir is not None else index_path / "shards"
-    pairs = list_source(source, exclude)
+    unlisted: list[str] = []  # rows of the source skipped with their reason
+    pairs = list_source(source, exclude, unlisted)
     chosen = merged_index_type(index_path, index_type, len(pairs))
     with connected(ray, address):  # a wrong --address fails here, before anything is written
         store, settings_changed = prepare_store(index_path, model_dir, chosen, len(pairs), params, DEFAULT_MEMORY_BUDGET)
-        plan = plan_shards(pairs, shard_size, store.manifest.fingerprint)  # checked to be model_dir's
-        with store.writer():
+        with store.writer():  # prepare_store took the lock; this block releases it, whatever fails
+            plan = plan_shards(pairs, shard_size, store.manifest.fingerprint)  # checked to be model_dir's
             pending = [(name, part) for name, part in plan if not is_done(shard_dir, name)]
             if pending:
                 run_shards(ray, pending, model_dir, shard_dir, batch_size, workers, progress)
             merged = merge_shards(store, shard_dir, [name for name, _ in plan], max_memory,
                                   workers=os.cpu_count() or 1, force=settings_changed)
-    merged.skipped = [message for name, _ in plan for message in read_skipped(shard_dir, name)]  # resumed ones too
+    merged.skipped = unlisted + [message for name, _ in plan for message in read_skipped(shard_dir, name)]  # resumed ones too
     merged.seconds = time.perf_counter() - t0
     merged.index_type += " (on disk)" if merged.on_disk else ""
     return merged

@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from .errors import NoSpaceError, ReadOnlyError, RetrievalError
+from .errors import IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError
 
 FORMAT_VERSION = 1
 DB_FILE, FAISS_FILE, MANIFEST_FILE, LOCK_FILE = "items.sqlite", "vectors.faiss", "manifest.json", ".lock"
@@ -256,7 +256,7 @@ class IndexStore:
                     _write_json(path / MANIFEST_FILE, asdict(manifest))
             store = cls(path, manifest, _connect(path / DB_FILE, write=True))
             store._lock = lock
-            store._remove_tmp_files()
+            store._repair()
         except BaseException:
             lock.close()
             raise
@@ -285,7 +285,7 @@ class IndexStore:
                 self.manifest = read_manifest(self.path)
                 reader, self.db = self.db, _connect(self.path / DB_FILE, write=True)
                 reader.close()
-                self._remove_tmp_files()
+                self._repair()
             except BaseException:
                 lock.close()
                 raise
@@ -302,11 +302,17 @@ class IndexStore:
             self._lock.close()
             self._lock = None
 
-    def _remove_tmp_files(self) -> None:
-        """Half-written derived files of a writer killed mid-write (the database is the truth; they are not)."""
+    def _repair(self) -> None:
+        """What a writer finds and mends under the lock: half-written derived files of a writer killed mid-write
+        (the database is the truth; they are not), and extra fields an older version stored with a NaN in them,
+        which SQLite's json() refuses, failing every read: they are emptied and the item marked changed, so the
+        next `index` of the corrected source stores them again (its vectors are reused by content)."""
         with disk_writes(self.path):
             for tmp in self.path.glob(f"*{TMP_SUFFIX}"):
                 tmp.unlink(missing_ok=True)
+            if self.manifest.generation != self.generation():  # a NaN fails publish, so only then is the scan worth it
+                with self.db:
+                    self.db.execute("UPDATE items SET extra = '{}', mtime_ns = NULL WHERE NOT json_valid(extra)")
 
     # --- writing -------------------------------------------------------------------------------
     def known_vectors(self, keys: Sequence[str]) -> set[str]:
@@ -326,7 +332,7 @@ class IndexStore:
             self.db.executemany(
                 "INSERT INTO items (id, path, captions, image_key, text_key, mtime_ns, size, extra) VALUES (?,?,?,?,?,?,?,?)",
                 [(it.id, it.path, json.dumps(it.captions), it.image_key, it.text_key, it.mtime_ns, it.size,
-                  json.dumps(it.extra)) for it in items],
+                  json.dumps(it.extra, allow_nan=False)) for it in items],
             )
             if gone:  # vectors no item points to any more
                 self.db.execute(
@@ -523,9 +529,8 @@ class IndexStore:
             raise self.changed()
         return rows
 
-    def changed(self) -> RetrievalError:
-        return RetrievalError(f"{self.path} changed since it was opened (re-indexed or items removed); "
-                              "open it again (restart the server)")
+    def changed(self) -> IndexChanged:
+        return IndexChanged(f"{self.path} changed since it was opened (re-indexed or items removed); open it again")
 
     def tune(self, params: dict[str, Any]) -> None:
         """Change search knobs (ef_search, nprobe) for this process's searches; the manifest on disk keeps its own."""

@@ -37,3 +37,16 @@ def test_bench_distributed_merge_runs_and_writes_its_rows(tmp_path: Path) -> Non
     assert [r["on_disk"] for r in rows] == [False, True] and all(r["peak_rss_mb"] > 0 for r in rows)
     assert rows[1]["ivfdata_mb"] > 0 and rows[0]["ivfdata_mb"] == 0
     assert "in memory" in done.stdout and "on disk" in done.stdout
+
+
+def test_bench_upload_runs_and_writes_its_rows(served_index: Path, tmp_path: Path) -> None:
+    """Small images and two clients: the real server is started once per image and its RSS sampled."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_upload.py"), "--index", str(served_index),
+                           "--clients", "2", "--rounds", "1", "--megapixels", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["image"].split()[0] for r in rows] == ["png16", "png8", "jpeg"]
+    assert all(r["statuses"] == {"200": 2} and r["rss_peak_mb"] >= r["rss_idle_mb"] > 0 for r in rows)
+    assert "peak MB" in done.stdout

@@ -192,7 +192,7 @@ def built(ray_local, source: Path, tiny_model: Path, tmp_path_factory: pytest.Te
 def test_ray_gives_the_content_of_the_single_machine_path(built) -> None:
     local, ray_index, output = built
     assert "300 added" in output and "(ivf," in output
-    assert "skipped 1 unreadable file(s):" in output and "truncated.png" in output
+    assert "skipped 1 item(s), each with its reason:" in output and "truncated.png" in output
     a, b = IndexStore.open(local), IndexStore.open(ray_index)
     assert len(list((ray_index / "shards").glob("*.json"))) == 4
     fa, ids_a, img_a, txt_a = a.id_table()

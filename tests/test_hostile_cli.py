@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from retrieval.cli import main, shown
+from retrieval.cli import main
+from retrieval.errors import shown
 from retrieval.index import IndexStore
 from retrieval.progress import PlainProgress, progress_bar
 
@@ -75,7 +76,7 @@ def test_an_ann_knob_past_a_c_int_is_one_error_line(args: list[str], hostile_ind
     before = (hostile_index / "manifest.json").read_text()
     line = error_line(run(args[0], "--index", hostile_index, *args[1:]))
     knob, value = args[-2].removeprefix("--").replace("-", "_"), args[-1]
-    assert line == f"Error: {knob} must be at least 1 and at most 2147483647, got {value}"
+    assert line == f"Error: {knob} must be a whole number from 1 to 2147483647, got {value}; give {args[-2]} a value in that range"
     assert (hostile_index / "manifest.json").read_text() == before
     assert run("search", "--index", hostile_index, "--text", "a red circle", "--json").exit_code == 0
 
@@ -106,7 +107,7 @@ def test_an_error_naming_a_stored_string_stays_one_line(hostile_index: Path) -> 
 
 
 def test_shown_escapes_only_what_a_terminal_would_act_on() -> None:
-    assert shown("a\nb\r\t\x1b[31m\x7f\x85\u202e\udcff") == "a\\nb\\r\\t\\x1b[31m\\x7f\\x85\\u202e\\udcff"
+    assert shown("a\nb\r\t\x1b[31m\x7f\x85\u202e\udcff") == "a\\nb\\r\\t\\x1b[31m\\x7f\\x85\\u202e\\xff"
     assert shown("café 東京 - ok [1]") == "café 東京 - ok [1]"
 
 

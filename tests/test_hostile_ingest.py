@@ -107,6 +107,28 @@ def test_non_finite_numbers_skip_their_row_and_the_rest_is_indexed(synth_data, t
     assert_intact(idx, {r["id"] for r in rows})
 
 
+def test_an_index_an_older_version_broke_with_a_nan_is_mended_by_the_next_index(synth_data, tiny_model, tmp_path) -> None:
+    """Before this fix a NaN reached items.extra, and from then on every read failed with SQLite's 'malformed
+    JSON', re-indexing the corrected source included. The next writer now mends the row, and that re-index stores
+    the item again (its vectors reused)."""
+    import sqlite3
+
+    rows = synth_rows(synth_data)
+    manifest = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    idx = tmp_path / "idx"
+    index_ok(manifest, tiny_model, idx)
+    with sqlite3.connect(idx / "items.sqlite") as db:  # what the old version wrote, and its failed publish
+        db.execute("UPDATE items SET extra = '{\"score\": NaN}' WHERE id = ?", (rows[0]["id"],))
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+    with pytest.raises(sqlite3.OperationalError, match="malformed JSON"):
+        IndexStore.open(idx).all_items()
+    rows[0]["score"] = 0.5  # the corrected source
+    result = index_ok(write_jsonl(manifest, rows), tiny_model, idx)
+    assert "1 updated" in result.output and f"{N - 1} unchanged" in result.output, result.output
+    assert IndexStore.open(idx).items_by_id([rows[0]["id"]])[rows[0]["id"]].extra["score"] == 0.5
+    assert_intact(idx, {r["id"] for r in rows})
+
+
 def test_a_manifest_with_no_readable_row_is_refused_not_emptied_into_the_index(synth_data, tiny_model, tmp_path) -> None:
     manifest = write_jsonl(tmp_path / "pairs.jsonl", synth_rows(synth_data))
     idx = tmp_path / "idx"
@@ -240,7 +262,7 @@ def test_the_index_marker_files_are_the_stores_own() -> None:
 
 # --- names shown to a terminal -------------------------------------------------------------------------------
 def test_shown_escapes_control_characters_and_bytes_that_are_not_utf8() -> None:
-    from retrieval.data import shown
+    from retrieval.errors import shown
 
     assert shown("photos/café 1.png") == "photos/café 1.png"
     assert shown("a\nb\x1b[31mc") == "a\\nb\\x1b[31mc"

@@ -5,6 +5,7 @@ broke and checks the fix: no restart, no mixed answers, bounded memory and bound
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import socket
@@ -20,6 +21,7 @@ import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from retrieval.index import IndexStore  # noqa: E402
 from retrieval.indexing import build_index, remove_items  # noqa: E402
 from retrieval.query import Index  # noqa: E402
 from retrieval.server import HeadDeadline, PixelBudget, create_app  # noqa: E402
@@ -97,6 +99,28 @@ def test_a_running_server_picks_up_a_new_generation(synth_data: Path, tiny_model
     assert new.status_code == 200, new.text
     assert new.json()["results"][0]["id"] == "synth-000020.jpg"
     assert client.get("/api/health").json()["items"] == client.get("/api/info").json()["counts"]["items"] == 8
+
+
+def test_a_request_that_meets_a_generation_being_published_is_asked_to_retry(synth_data: Path, tiny_model: Path,
+                                                                            tmp_path: Path) -> None:
+    """Between a writer's commit and its manifest the database is ahead of the files the server loaded: search
+    answers from the loaded generation, but `like=` on an item only the database has cannot. Before: 422
+    "restart the server". Now 503 with Retry-After, and once the manifest names the generation, it answers."""
+    photos = jpeg_folder(synth_data, tmp_path / "photos", 6)
+    build_index(photos, tiny_model, tmp_path / "index", progress=False)
+    client = TestClient(create_app(tmp_path / "index", thumb_cache=False, reload_check_s=0))
+    store = IndexStore.open(tmp_path / "index")
+    with store.writer():
+        original = store.items_by_id(["synth-000001.jpg"])["synth-000001.jpg"]
+        store.commit([dataclasses.replace(original, id="copy.jpg")], {})  # committed, not yet published
+        assert client.get("/api/search", params={"q": "a red circle", "k": 6}).json()["count"] == 6  # as loaded
+        answer = client.get("/api/search", params={"like": "copy.jpg", "k": 3})
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1", answer.text
+        assert answer.json() == {"error": "the index is being updated; retry in a moment"}
+        store.rebuild()
+    answer = client.get("/api/search", params={"like": "copy.jpg", "k": 2, "target": "image"})
+    assert answer.status_code == 200, answer.text
+    assert {r["id"] for r in answer.json()["results"]} == {"copy.jpg", "synth-000001.jpg"}
 
 
 def test_a_generation_that_cannot_be_opened_leaves_the_old_one_serving(tiny_model: Path, synth_data: Path,

@@ -387,7 +387,7 @@ def test_unreadable_source_files_are_skipped_and_listed(folder, tiny_model, tmp_
     assert all_ids(idx) == {f"synth-{i:06d}.png" for i in range(N_FILES)}
     result = run_cli("index", folder, "--model", tiny_model, "--index", tmp_path / "idx2")
     assert result.exit_code == 0, result.output
-    assert "skipped 2 unreadable file(s):" in result.output and "notes.jpg" in result.output
+    assert "skipped 2 item(s), each with its reason:" in result.output and "notes.jpg" in result.output
 
 
 def test_empty_source_folder(tiny_model, tmp_path) -> None:
