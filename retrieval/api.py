@@ -225,6 +225,7 @@ def fusion_report(image_emb: Embeddings, text_emb: Embeddings, text_image: np.nd
 
 EVAL_DEPTH = 100  # eval --index: results asked of the index (and of exact search) per query
 EXACT_BLOCK_ROWS = 65_536  # rows of the memory-mapped vectors scanned at a time by the exact search
+THRESHOLD_BLOCK_ROWS = 16_384  # and by the θ report, whose query chunks are larger: (1024, B) scores at a time
 
 
 def evaluate_index(
@@ -240,7 +241,7 @@ def evaluate_index(
     "exact" holds the same figures for an exact search, streamed over the stored vectors a block at a time,
     and "index_recall" the fraction of the exact top k the index returned. Both lists are K = max(depth,
     max(ks)) long: a relevant item beyond them is not found (rank K + 1, adding 0 to AP).
-    The threshold report needs every (query, item) score: it is exact, and holds the N x d item vectors.
+    The threshold report needs every (query, item) score: it is exact, streamed over the stored vectors too.
     """
     from .query import Index, query_vectors, ranked
 
@@ -277,9 +278,12 @@ def evaluate_index(
     }
     if curves:
         report["curves"] = {direction: recall_curve(ranks, min(100, k))}
-    if thresholds:
-        candidates = np.asarray(w * vectors[:, :d] + (1 - w) * vectors[:, d:])[keep]  # (N, d): every score is needed
-        report["threshold"] = threshold_report(query_emb, candidates, relevance, target_precision)
+    if thresholds:  # every (query, item) score, the fused item vectors read a block of the stored ones at a time
+        def fused_blocks() -> Iterator[tuple[int, np.ndarray]]:
+            return ((start, w * block[:, :d] + (1 - w) * block[:, d:]) for start, block in
+                    _kept_blocks(vectors, keep, THRESHOLD_BLOCK_ROWS))
+
+        report["threshold"] = threshold_report(query_emb, fused_blocks, relevance, target_precision)
     return report
 
 

@@ -173,7 +173,7 @@ def zeroshot(out: str, image_tower: str, top: int, template: str, temperature: f
 @click.option("--depth", type=click.IntRange(min=1), default=100, show_default=True, help="With --index: results asked per query, of the index and of exact search; a relevant item beyond them is not found.")
 @click.option("--ef-search", type=int, help="With --index (HNSW): candidates per query (default: the index's).")
 @click.option("--nprobe", type=int, help="With --index (IVF): lists scanned per query (default: the index's).")
-@click.option("--thresholds/--no-thresholds", default=True, show_default=True, help="Precision/recall/F1 of R(q, D) as θ varies; the best θ; query-adaptive rules. With --index: exact, over the stored vectors held in memory.")
+@click.option("--thresholds/--no-thresholds", default=True, show_default=True, help="Precision/recall/F1 of R(q, D) as θ varies; the best θ; query-adaptive rules. With --index: exact, streamed over the stored vectors.")
 @click.option("--target-precision", type=click.FloatRange(0, 1, min_open=True), help="Also report the lowest θ whose precision reaches this.")
 @click.option("--fusion", is_flag=True, help="With --model: index each image with its first caption, query with the rest, sweep the fusion weight w.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG plots into this folder.")

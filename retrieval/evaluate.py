@@ -48,13 +48,16 @@ def relevance_from_owner(candidate_owner: npt.NDArray[np.int64], n_queries: int)
     return indptr.astype(np.int64), order.astype(np.int64)
 
 
-def positive_mask(relevance: Relevance, rows: npt.NDArray[np.int64], n_candidates: int) -> np.ndarray:
-    """(len(rows), n_candidates) boolean: True where the candidate is a positive of the query."""
+def positive_mask(relevance: Relevance, rows: npt.NDArray[np.int64], n_candidates: int, start: int = 0) -> np.ndarray:
+    """(len(rows), n_candidates) boolean: True where candidate start + j is a positive of the query (start: the
+    position of a block's first candidate, when they are read a block at a time)."""
     indptr, indices = relevance
     starts, counts = indptr[rows], indptr[rows + 1] - indptr[rows]
     offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)  # position within each list
+    query, column = np.repeat(np.arange(len(rows)), counts), indices[np.repeat(starts, counts) + offsets] - start
+    inside = (column >= 0) & (column < n_candidates)
     mask = np.zeros((len(rows), n_candidates), dtype=bool)
-    mask[np.repeat(np.arange(len(rows)), counts), indices[np.repeat(starts, counts) + offsets]] = True
+    mask[query[inside], column[inside]] = True
     return mask
 
 

@@ -101,6 +101,7 @@ class Manifest:
     build_seconds: float = 0.0
     faiss_bytes: int = 0
     calibration: dict[str, Any] = field(default_factory=dict)  # per target: the cutoff `retrieval calibrate` chose
+    image_precision: str = ""  # what its images were encoded in (fp32, bf16; "" before any): image queries match it
 
 
 def choose_index_type(n: int, dim: int, memory_budget: int) -> str:
@@ -869,4 +870,6 @@ def _manifest_value_problem(name: str, value: Any) -> str | None:
         return "out of range"
     if name == "index_type" and value not in INDEX_TYPES[1:]:
         return f"not one of {', '.join(INDEX_TYPES[1:])}"
+    if name == "image_precision" and value not in ("", "fp32", "bf16"):
+        return "not fp32 or bf16"
     return None

@@ -93,7 +93,7 @@ def build_index(
 ) -> IndexReport:
     """Create the index at index_path, or bring it up to date with the source.
 
-    precision: the image encoder's (Encoder.image_precision). prefetch: decode the next batch while this one
+    precision: the image encoder's (Encoder.image_precision); "auto" keeps the one the index was built in. prefetch: decode the next batch while this one
     is encoded (off only to measure what the overlap gains)."""
     from .model import load_model  # torch: only the commands that encode pay for it
 
@@ -117,7 +117,9 @@ def build_index(
         removed = [i for i in existing if i not in source_ids]
         model = load_model(model_dir) if todo else None
         if model is not None:
-            report.precision = precision = model.image_precision(precision)
+            if precision == "auto" and store.manifest.image_precision:
+                precision = store.manifest.image_precision  # one precision per index: a copy of an indexed image scores 1
+            report.precision = precision = store.manifest.image_precision = model.image_precision(precision)
         desc = f"indexing, images in {report.precision}" if report.precision else "indexing"
         bar = progress_bar(total=len(todo), desc=desc, unit="item", disable=not progress)
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]

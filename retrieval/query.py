@@ -176,10 +176,13 @@ class Index:
         return self._model
 
     def embed_image(self, image: str | Path | Image.Image) -> np.ndarray:
-        """A path, or a PIL image decoded the way its file would be (`Transform.decode`): a JPEG opened with
-        `Image.open` gives the vector its path, its upload and its indexed copy give."""
+        """A path, or a PIL image decoded the way its file would be (`Transform.decode`), encoded in the precision
+        the index's images were: a JPEG opened with `Image.open` gives the vector its path, its upload and its
+        indexed copy give."""
         model = self.model()
-        return model.encode_image([model.transform.decode(image) if isinstance(image, Image.Image) else image])[0]
+        precision = model.image_precision(self.store.manifest.image_precision or "auto")  # as the index's images were
+        return model.encode_image([model.transform.decode(image) if isinstance(image, Image.Image) else image],
+                                  precision=precision)[0]
 
     def embed_item(self, item_id: str) -> np.ndarray:
         """'More like this': the stored vector of an indexed item, its image if it has one."""

@@ -15,6 +15,7 @@ another. A rule maps each query's row of scores to normalised scores before the 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +28,34 @@ RANGES = {"flat": (-1.0, 1.0), "top_relative": (-2.0, 0.0), "zscore": (-10.0, 30
 BINS = 4000
 
 
-def normalise(sims: np.ndarray, rule: str) -> np.ndarray:
-    """(c, N) cosines -> (c, N) scores that a single θ cuts, per the rule."""
+def normalise(sims: np.ndarray, rule: str, stats: RowStats | None = None) -> np.ndarray:
+    """(c, N) cosines -> (c, N) scores that a single θ cuts, per the rule. `stats`: each query's max, mean and
+    standard deviation over all candidates, when `sims` holds only a block of them (default: from `sims`)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     if rule == "flat":
         return sims
-    if rule == "top_relative":
-        return sims - sims.max(axis=1, keepdims=True)
-    if rule == "zscore":
-        return (sims - sims.mean(axis=1, keepdims=True)) / (sims.std(axis=1, keepdims=True) + 1e-12)
-    raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    top, mean, std = stats or (sims.max(axis=1, keepdims=True), sims.mean(axis=1, keepdims=True),
+                               sims.std(axis=1, keepdims=True))
+    return sims - top if rule == "top_relative" else (sims - mean) / (std + 1e-12)
+
+
+RowStats = tuple[np.ndarray, np.ndarray, np.ndarray]  # (c, 1) each: a query's max, mean and std over all candidates
+Blocks = Callable[[], Iterable[tuple[int, Embeddings]]]  # a new pass over the candidates: (first position, block)
+
+
+def row_stats(queries: Embeddings, blocks: Blocks) -> RowStats:
+    """Max, mean and standard deviation of each query's scores over candidates read a block at a time."""
+    top = np.full((len(queries), 1), -np.inf)
+    total, squares, n = np.zeros((len(queries), 1)), np.zeros((len(queries), 1)), 0
+    for _, block in blocks():
+        sims = (queries @ block.T).astype(np.float64)  # (c, B)
+        top = np.maximum(top, sims.max(axis=1, keepdims=True, initial=-np.inf))
+        total += sims.sum(axis=1, keepdims=True)
+        squares += (sims**2).sum(axis=1, keepdims=True)
+        n += block.shape[0]
+    mean = total / max(n, 1)
+    return top, mean, np.sqrt(np.maximum(squares / max(n, 1) - mean**2, 0.0))
 
 
 @dataclass
@@ -51,19 +71,25 @@ class ScoreHistogram:
         return ScoreHistogram(self.edges[::factor], self.relevant.reshape(-1, factor).sum(1), self.other.reshape(-1, factor).sum(1))
 
 
-def score_histogram(queries: Embeddings, items: Embeddings, relevance: Relevance, rule: str = "flat",
+def score_histogram(queries: Embeddings, items: Embeddings | Blocks, relevance: Relevance, rule: str = "flat",
                     query_rows: np.ndarray | None = None, bins: int = BINS, chunk: int = 1024) -> ScoreHistogram:
-    """Histograms of normalised scores for the queries in query_rows (default: all), a chunk at a time."""
+    """Histograms of normalised scores for the queries in query_rows (default: all), a chunk at a time.
+
+    items: the candidates (N, d), or `Blocks` for a collection too large to hold: each chunk of queries then
+    reads them a block at a time, after a first pass for the rule's row statistics (none for flat)."""
     rows = np.arange(len(queries)) if query_rows is None else np.asarray(query_rows)
+    blocks: Blocks = items if callable(items) else (lambda: [(0, items)])
     lo, hi = RANGES[rule]
     edges = np.linspace(lo, hi, bins + 1)
     relevant, total = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
     for s in range(0, len(rows), chunk):
-        block = rows[s : s + chunk]
-        scores = np.clip(normalise(queries[block] @ items.T, rule), lo, hi)  # (c, N)
-        mask = positive_mask(relevance, block, len(items))
-        relevant += np.histogram(scores[mask], edges)[0]
-        total += np.histogram(scores, edges)[0]
+        chunk_rows = rows[s : s + chunk]
+        stats = row_stats(queries[chunk_rows], blocks) if callable(items) and rule != "flat" else None
+        for start, block in blocks():
+            scores = np.clip(normalise(queries[chunk_rows] @ block.T, rule, stats), lo, hi)  # (c, B)
+            mask = positive_mask(relevance, chunk_rows, len(block), start)
+            relevant += np.histogram(scores[mask], edges)[0]
+            total += np.histogram(scores, edges)[0]
     return ScoreHistogram(edges, relevant, total - relevant)
 
 
@@ -102,10 +128,11 @@ def at_theta(curve: dict[str, np.ndarray], theta: float) -> dict[str, float]:
     return {key: float(curve[key][i]) for key in ("theta", "f1", "precision", "recall")}
 
 
-def threshold_report(queries: Embeddings, items: Embeddings, relevance: Relevance,
+def threshold_report(queries: Embeddings, items: Embeddings | Blocks, relevance: Relevance,
                      target_precision: float | None = None, rules: tuple[str, ...] = RULES) -> dict[str, Any]:
     """The report's `threshold` object: the F1-best flat θ over all queries, and, per rule, θ chosen on half
     the queries (even rows) and F1 measured on the other half (odd rows), so the rules compare on held-out data.
+    items: the candidates, or `Blocks` of them (see score_histogram).
 
     The adaptive rule reported is the one with the best held-out F1 among the non-flat rules.
     """

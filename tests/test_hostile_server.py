@@ -72,6 +72,23 @@ def test_a_path_an_opened_jpeg_and_a_decoded_one_give_the_indexed_vector(jpeg_in
     assert float(index.embed_image(decoded) @ stored) > 0.99
 
 
+def test_image_queries_run_in_the_precision_the_index_was_built_in(synth_data: Path, tiny_model: Path,
+                                                                    tmp_path: Path) -> None:
+    """Before: queries always ran in fp32, so an upload of a photo indexed in bf16 scored about 0.9997, not 1.
+    The manifest records the precision; a later run keeps it, and image queries use it."""
+    photos = jpeg_folder(synth_data, tmp_path / "photos", 4)
+    build_index(photos, tiny_model, tmp_path / "index", progress=False, precision="bf16")
+    index = Index.open(tmp_path / "index")
+    assert index.store.manifest.image_precision == "bf16"
+    photo = photos / "synth-000001.jpg"
+    stored = index.embed_item(photo.name)
+    in_fp32 = index.model().encode_image([photo], precision="fp32")[0]
+    matched = float(index.embed_image(photo) @ stored)
+    assert 1 - float(in_fp32 @ stored) > 1e-6 > abs(1 - matched), (float(in_fp32 @ stored), matched)
+    jpeg_folder(synth_data, photos, 1, first=10)
+    assert build_index(photos, tiny_model, tmp_path / "index", progress=False).precision == "bf16"  # kept
+
+
 # --- a re-index under a running server is picked up, with no restart ---------------------------------------
 def test_a_running_server_picks_up_a_new_generation(synth_data: Path, tiny_model: Path, tmp_path: Path) -> None:
     """Before: search still ranked a removed item first while /api/items said 404, a new item's like= was

@@ -69,6 +69,22 @@ def test_chunked_histogram_equals_one_chunk() -> None:
         np.testing.assert_array_equal(part.other, whole.other)
 
 
+@pytest.mark.parametrize("rule", ["flat", "top_relative", "zscore"])
+def test_histogram_over_blocks_of_candidates_equals_the_whole_matrix(rule: str) -> None:
+    """An index too large to hold is read a block at a time, the rules' row statistics in a first pass: the
+    counts must be those of the whole matrix (up to a score within float rounding of a bin edge)."""
+    queries, items, relevance = random_case(3, n_q=41, n_i=53)
+    whole = score_histogram(queries, items, relevance, rule)
+    for rows in (53, 20, 7, 1):
+        blocks = lambda rows=rows: [(a, items[a : a + rows]) for a in range(0, len(items), rows)]  # noqa: E731
+        part = score_histogram(queries, blocks, relevance, rule, chunk=9)
+        assert part.relevant.sum() == whole.relevant.sum() == len(queries)
+        assert np.abs(np.cumsum(part.relevant) - np.cumsum(whole.relevant)).max() <= 1, (rule, rows)
+        assert np.abs(np.cumsum(part.other) - np.cumsum(whole.other)).max() <= 1, (rule, rows)
+    if rule == "flat":  # no statistics: the same scores exactly
+        np.testing.assert_array_equal(part.other, whole.other)
+
+
 def test_rules_normalise_each_row() -> None:
     sims = np.array([[0.1, 0.5, 0.3], [0.9, 0.8, 0.7]])
     np.testing.assert_allclose(normalise(sims, "top_relative"), [[-0.4, 0, -0.2], [0, -0.1, -0.2]])
