@@ -26,12 +26,12 @@ from .evaluate import (DEFAULT_KS, Embeddings, Relevance, fusion_sweep, list_ran
                        retrieval_report, summarise, top_k_streamed)
 from .indexing import caption_vector
 from .modeldir import ModelRef, hf_config, hf_name
-from .query import Hit
+from .query import Hit, Index
 from .thresholds import threshold_report
 
 if TYPE_CHECKING:  # torch is imported only by the jobs that run a model: eval --index and calibrate never do
-    from .model import Encoder
     from .index import IndexStore
+    from .model import Encoder
 
 DEMO_ROOT = Path("index_data/demo")
 DEMO_IMAGES = 2500  # the synthetic collection the demo trains and evaluates on (20% held out)
@@ -228,13 +228,51 @@ EXACT_BLOCK_ROWS = 65_536  # rows of the memory-mapped vectors scanned at a time
 THRESHOLD_BLOCK_ROWS = 16_384  # and by the θ report, whose query chunks are larger: (1024, B) scores at a time
 
 
+@dataclass
+class LabelledQueries:
+    """An index's items for one target, and labelled text queries against them, embedded: what evaluating and
+    calibrating an index share. Positions count the kept items in fid order (the order of the stored vectors)."""
+
+    index: Index
+    target: str
+    weight: float  # w: 1 for images, 0 for captions
+    keep: np.ndarray  # (N,) bool: the items the target matches
+    kept_fids: npt.NDArray[np.int64]
+    vectors: np.ndarray  # (N, 2d) the stored fused vectors, memory-mapped
+    query_emb: Embeddings  # (nq, d)
+    relevance: Relevance
+    unmatched: int  # captions whose relevant ids are not in the index
+
+    def fused_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """w e(x1) + (1 - w) e(x2) of the kept items, a block of the stored vectors at a time (for the θ report)."""
+        d, w = self.index.store.manifest.dim, self.weight
+        return ((start, w * block[:, :d] + (1 - w) * block[:, d:])
+                for start, block in _kept_blocks(self.vectors, self.keep, THRESHOLD_BLOCK_ROWS))
+
+
+def labelled_queries(index_path: str | Path, pairs: Sequence[Pair], target: str, weight: float) -> LabelledQueries:
+    """Open the index and embed the pairs' captions as queries; their relevant items are the indexed items with
+    the pair's id (or the ids in its `relevant` field)."""
+    index = Index.open(index_path)
+    fids, ids, has_image, has_text = index.store.id_table()
+    keep = {"image": has_image, "text": has_text}.get(target, np.ones(len(fids), dtype=bool))
+    vector_fids, vectors = index.store.vectors
+    if not np.array_equal(vector_fids, fids):
+        raise RetrievalError(f"{index_path} changed while it was being read; run the evaluation again")
+    texts, relevance, unmatched = index_queries(pairs, np.asarray(ids, dtype=object)[keep])
+    if not texts:
+        raise RetrievalError(f"none of the queries' relevant ids is in {index_path} (for target {target}); "
+                             "check that the manifest's ids are the index's item ids")
+    return LabelledQueries(index, target, {"image": 1.0, "text": 0.0}.get(target, weight), keep, fids[keep], vectors,
+                           index.embed_texts(texts), relevance, unmatched)
+
+
 def evaluate_index(
     index_path: str | Path, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS, target: str = "image",
     weight: float = 0.5, thresholds: bool = False, target_precision: float | None = None, curves: bool = False,
     depth: int = EVAL_DEPTH, ef_search: int | None = None, nprobe: int | None = None,
 ) -> dict[str, Any]:
-    """Text queries against an existing index: each pair's captions are queries, and its relevant items are
-    the indexed items with the pair's id (or the ids listed in its `relevant` field).
+    """Text queries against an existing index (see labelled_queries).
 
     The task figures (text_to_<target>) are those of what the index returns: its FAISS search with its
     knobs (ef_search, nprobe: the manifest's unless given), so ivf and ivfpq, or two nprobe, can be compared.
@@ -243,47 +281,31 @@ def evaluate_index(
     max(ks)) long: a relevant item beyond them is not found (rank K + 1, adding 0 to AP).
     The threshold report needs every (query, item) score: it is exact, streamed over the stored vectors too.
     """
-    from .query import Index, query_vectors, ranked
+    from .query import query_vectors, ranked
 
-    index = Index.open(index_path)
-    index.tune(ef_search, nprobe)
-    store, d = index.store, index.store.manifest.dim
-    fids, ids, has_image, has_text = store.id_table()
-    w = {"image": 1.0, "text": 0.0}.get(target, weight)
-    keep = {"image": has_image, "text": has_text}.get(target, np.ones(len(fids), dtype=bool))
-    vector_fids, vectors = store.vectors
-    if not np.array_equal(vector_fids, fids):
-        raise RetrievalError(f"{index_path} changed while it was being read; run the evaluation again")
-    kept_fids = fids[keep]
-    texts, relevance, unmatched = index_queries(pairs, np.asarray(ids, dtype=object)[keep])
-    if not texts:
-        raise RetrievalError(f"none of the queries' relevant ids is in {index_path} (for target {target}); "
-                             "check that the manifest's ids are the index's item ids")
+    q = labelled_queries(index_path, pairs, target, weight)
+    store = q.index.store
+    q.index.tune(ef_search, nprobe)
     k = max(depth, *ks)
-    query_emb = index.embed_texts(texts)
-    qv = query_vectors(query_emb, target, w)  # (nq, 2d): scores the fused stored vectors as the index does
+    qv = query_vectors(q.query_emb, target, q.weight)  # (nq, 2d): scores the fused stored vectors as the index does
     searcher, params = store.searcher({"image": "image_key", "text": "text_key"}.get(target))
     found_fids = _padded(ranked(searcher, qv, k, None, params), k)  # (nq, K) fids, -1 past the end
-    found = np.where(found_fids >= 0, np.searchsorted(kept_fids, found_fids), -1)  # positions among kept items
-    exact_scores, exact = top_k_streamed(qv, _kept_blocks(vectors, keep), k)
-    ranks, ap = list_ranks(found, relevance)
-    exact_ranks, exact_ap = list_ranks(exact, relevance)
+    found = np.where(found_fids >= 0, np.searchsorted(q.kept_fids, found_fids), -1)  # positions among kept items
+    exact_scores, exact = top_k_streamed(qv, _kept_blocks(q.vectors, q.keep), k)
+    ranks, ap = list_ranks(found, q.relevance)
+    exact_ranks, exact_ap = list_ranks(exact, q.relevance)
     direction = f"text_to_{target}"
     report: dict[str, Any] = {
-        "n_items": int(keep.sum()), "n_texts": len(texts), "target": target, "weight": w, "unmatched_queries": unmatched,
-        "index_type": store.manifest.index_type, "search_params": _search_knobs(params), "depth": k,
-        direction: summarise(ranks, ks, ap),
+        "n_items": int(q.keep.sum()), "n_texts": len(q.query_emb), "target": target, "weight": q.weight,
+        "unmatched_queries": q.unmatched, "index_type": store.manifest.index_type, "search_params": _search_knobs(params),
+        "depth": k, direction: summarise(ranks, ks, ap),
         "exact": {direction: summarise(exact_ranks, ks, exact_ap)},
         "index_recall": recall_against_exact(_exact_scores(store, qv, found_fids), exact_scores, ks),
     }
     if curves:
         report["curves"] = {direction: recall_curve(ranks, min(100, k))}
-    if thresholds:  # every (query, item) score, the fused item vectors read a block of the stored ones at a time
-        def fused_blocks() -> Iterator[tuple[int, np.ndarray]]:
-            return ((start, w * block[:, :d] + (1 - w) * block[:, d:]) for start, block in
-                    _kept_blocks(vectors, keep, THRESHOLD_BLOCK_ROWS))
-
-        report["threshold"] = threshold_report(query_emb, fused_blocks, relevance, target_precision)
+    if thresholds:
+        report["threshold"] = threshold_report(q.query_emb, q.fused_blocks, q.relevance, target_precision)
     return report
 
 
@@ -346,8 +368,8 @@ def calibrate_index(index_path: str | Path, pairs: Sequence[Pair], target: str =
     target_precision); `top_relative` stores a margin below each query's top score (F1-best)."""
     from .index import IndexStore
 
-    report = evaluate_index(index_path, pairs, (1,), target, weight, thresholds=True, target_precision=target_precision)
-    t = report["threshold"]
+    q = labelled_queries(index_path, pairs, target, weight)  # the θ report alone: no index search, no top-k
+    t = threshold_report(q.query_emb, q.fused_blocks, q.relevance, target_precision)
     if rule == "flat":
         theta = t["best_f1_theta"] if target_precision is None else t.get("target_precision_theta")
         if theta is None:
@@ -357,7 +379,7 @@ def calibrate_index(index_path: str | Path, pairs: Sequence[Pair], target: str =
         chosen = {"margin": -t["rules"]["top_relative"]["theta"]}
     else:
         raise RetrievalError(f"rule must be flat or top_relative, got {rule!r}")
-    entry = {"rule": rule, **chosen, "weight": report["weight"], "n_queries": report["n_texts"],
+    entry = {"rule": rule, **chosen, "weight": q.weight, "n_queries": len(q.query_emb),
              "best_f1": t["best_f1"], "heldout_f1": t["rules"][rule]["heldout_f1"], "target_precision": target_precision}
     store = IndexStore.open(index_path)
     with store.writer():

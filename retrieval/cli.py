@@ -11,7 +11,7 @@ import click
 
 from .classify import DEFAULT_TEMPLATE
 from .config import IMAGE_TOWERS, LOSSES, PRETRAINED_IMAGE_SIZES, PRESETS, TEXT_TOWERS, ZEROSHOT_TEMPERATURE
-from .index import INDEX_TYPES, check_params
+from .index import INDEX_TYPES, MAX_MEMORY_LIMIT, check_params
 from .modeldir import HF_PREFIX
 from .errors import RetrievalError, shown
 from .query import TARGETS
@@ -45,7 +45,7 @@ class BytesParam(click.ParamType):
             size = float(text[: len(text) - len(unit)]) * self.units[unit]
         except ValueError:
             self.fail(f"{value!r} is not a size; write it like 512M or 8G", param, ctx)
-        if not math.isfinite(size) or size >= 2**63:  # nan, inf, 1e300G: int() would raise, or no machine has it
+        if not math.isfinite(size) or size >= MAX_MEMORY_LIMIT:  # nan, inf, 1e300G: int() would raise, or no machine has it
             self.fail(f"{value!r} is not a size a machine has; write it like 512M or 8G", param, ctx)
         if size <= 0:
             self.fail(f"{value!r} must be more than zero", param, ctx)

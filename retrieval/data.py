@@ -66,15 +66,27 @@ def read_pairs(source: str | Path, skipped: list[str] | None = None, exclude: Se
     return pairs
 
 
+class Skipped(str):
+    """Why an item was left out (one line), with its id where that is known: an item already in an index is kept
+    there, not removed, when its row or sidecar turns unreadable (re-saved in another encoding, a NaN added)."""
+
+    id: str | None
+
+    def __new__(cls, reason: str, item_id: str | None = None) -> Skipped:
+        skipped = super().__new__(cls, reason)
+        skipped.id = item_id
+        return skipped
+
+
 @contextmanager
-def _or_skip(skipped: list[str] | None) -> Iterator[None]:
+def _or_skip(skipped: list[str] | None, item_id: str | None = None) -> Iterator[None]:
     """Around one row: its RetrievalError is raised, or, when collecting into `skipped`, noted there instead."""
     try:
         yield
     except RetrievalError as e:
         if skipped is None:
             raise
-        skipped.append(str(e))
+        skipped.append(Skipped(str(e), item_id))
 
 
 def _excluded(item_id: str, exclude: Sequence[str]) -> bool:
@@ -127,7 +139,7 @@ def _read_jsonl(path: Path, skipped: list[str] | None, exclude: Sequence[str]) -
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
+            where, row = f"{path}:{line_no}", None
             with _or_skip(skipped):
                 try:
                     row = json.loads(line)
@@ -135,7 +147,9 @@ def _read_jsonl(path: Path, skipped: list[str] | None, exclude: Sequence[str]) -
                     raise RetrievalError(f"{where}: not valid JSON ({e})") from e
                 if not isinstance(row, dict):
                     raise RetrievalError(f"{where}: each line must be a JSON object")
-                pairs.append(_pair(row, root, where, default_id=str(line_no)))
+            if isinstance(row, dict):
+                with _or_skip(skipped, _row_id(row, str(line_no))):
+                    pairs.append(_pair(row, root, where, default_id=str(line_no)))
     return [p for p in pairs if not _excluded(p.id, exclude)]
 
 
@@ -148,6 +162,7 @@ def _read_csv(path: Path, skipped: list[str] | None, exclude: Sequence[str]) -> 
             raise RetrievalError(f"{path}:1: the header needs an 'image' and/or a 'caption' column")
         while True:
             # reader.line_num is the physical line the row ended on: right after blank lines and multi-line quotes
+            row = None
             with _or_skip(skipped):
                 try:
                     row = next(reader)
@@ -155,7 +170,9 @@ def _read_csv(path: Path, skipped: list[str] | None, exclude: Sequence[str]) -> 
                     break
                 except csv.Error as e:  # raised before line_num counts the line it failed on
                     raise RetrievalError(f"{path}:{reader.line_num + 1}: not a valid CSV row ({e})") from e
-                pairs.append(_pair(row, root, f"{path}:{reader.line_num}", str(reader.line_num)))
+            if row is not None:
+                with _or_skip(skipped, _row_id(row, str(reader.line_num))):
+                    pairs.append(_pair(row, root, f"{path}:{reader.line_num}", str(reader.line_num)))
     return [p for p in pairs if not _excluded(p.id, exclude)]
 
 
@@ -168,8 +185,13 @@ def _pair(row: dict[str, Any], root: Path, where: str, default_id: str) -> Pair:
     if image is None and not captions:
         raise RetrievalError(f"{where}: a row needs an 'image', a caption, or both")
     extra = {k: v for k, v in row.items() if k not in ("id", "image", "captions", "caption")}
+    return Pair(_row_id(row, default_id), root / image if image else None, captions, extra)
+
+
+def _row_id(row: dict[str, Any], default_id: str) -> str:
+    """The row's 'id', or default_id (its line number) without one."""
     row_id = row.get("id")
-    return Pair(default_id if row_id in (None, "") else str(row_id), root / image if image else None, captions, extra)
+    return default_id if row_id in (None, "") else str(row_id)
 
 
 def _read_folder(folder: Path, skipped: list[str] | None, exclude: Sequence[str]) -> list[Pair]:
@@ -184,7 +206,7 @@ def _read_folder(folder: Path, skipped: list[str] | None, exclude: Sequence[str]
         item_id = path.relative_to(root).as_posix()
         if _excluded(item_id, exclude):
             continue
-        with _or_skip(skipped):
+        with _or_skip(skipped, item_id):
             if not _is_utf8(str(path)):
                 raise RetrievalError(f"{shown(path)}: the file name is not UTF-8, which the index cannot store; rename it")
             pairs.append(Pair(item_id, path, _sidecar_captions(path.with_suffix(".txt"))))

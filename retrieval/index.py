@@ -18,7 +18,9 @@ import array
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
+import math
 import mmap
 import os
 import shutil
@@ -26,7 +28,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
@@ -36,16 +38,19 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from .errors import IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError
+from .errors import IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError, shown
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest gains image_precision and faiss_digest (a format 1 index is read as it is, and
+# written as 2 on its next change: a version that knows only 1 then says to upgrade rather than failing on the fields)
 DB_FILE, FAISS_FILE, MANIFEST_FILE, LOCK_FILE = "items.sqlite", "vectors.faiss", "manifest.json", ".lock"
 FIDS_FILE, VECTORS_FILE = "fids.npy", "vectors.npy"  # fused vectors in fid order, memory-mapped for result scores
 RECORDS_FILE, OFFSETS_FILE = "records.jsonl", "records.npy"  # what a result shows, a line per item in fid order
 IVFDATA_SUFFIX = ".ivfdata"  # a merged on-disk IVF index's inverted lists (faiss OnDiskInvertedLists)
 TMP_SUFFIX = ".tmp"  # a derived file being written (atomic_write); one left by a killed writer is removed by the next
 C_INT_MAX = 2**31 - 1  # FAISS's efSearch and nprobe are C ints
-MAX_MEMORY_LIMIT = 2**63  # bytes: --max-memory at or above this is no budget a machine has
+MAX_MEMORY_LIMIT = 2**63  # bytes (8 EiB): --max-memory at or above this is no budget a machine has; the CLI's bound too
+DIGEST_SPAN = 2**20  # bytes of the FAISS file's head and tail that faiss_digest hashes
+CALIBRATION_CUTOFFS = {"flat": "theta", "top_relative": "margin"}  # a calibration rule -> the cutoff stored with it
 RESULT_COLUMNS = "i.id, i.path, json(i.captions), i.image_key IS NOT NULL, i.text_key IS NOT NULL, json(i.extra)"
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 FLAT_MAX_ITEMS = 200_000  # auto: exact search stays fast (< ~15 ms at d = 2 x 128) up to about here
@@ -100,6 +105,7 @@ class Manifest:
     counts: dict[str, int] = field(default_factory=dict)
     build_seconds: float = 0.0
     faiss_bytes: int = 0
+    faiss_digest: str = ""  # faiss_digest of the FAISS file published with this generation ("" before there was one)
     calibration: dict[str, Any] = field(default_factory=dict)  # per target: the cutoff `retrieval calibrate` chose
     image_precision: str = ""  # what its images were encoded in (fp32, bf16; "" before any): image queries match it
 
@@ -177,8 +183,9 @@ def check_max_memory(max_memory: int | None) -> None:
     """None (no budget) or a whole number of bytes a machine can have: NaN, infinity or 1e300G is a typo."""
     if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
                                    or not 0 < max_memory < MAX_MEMORY_LIMIT):
-        shown = repr(max_memory) if len(repr(max_memory)) <= 24 else repr(max_memory)[:20] + "..."
-        raise RetrievalError(f"--max-memory must be a size from 1 byte to 8 EiB, like 512M or 8G; got {shown}")
+        given = repr(max_memory) if len(repr(max_memory)) <= 24 else repr(max_memory)[:20] + "..."
+        raise RetrievalError(f"--max-memory must be a size from 1 byte to {MAX_MEMORY_LIMIT // 2**60} EiB, like 512M or 8G; "
+                             f"got {given}")
 
 
 def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any) -> faiss.SearchParameters | None:
@@ -233,10 +240,13 @@ class IndexStore:
         return store
 
     @classmethod
-    def open_writer(cls, path: str | Path, new_manifest: Callable[[], Manifest]) -> IndexStore:
+    def open_writer(cls, path: str | Path, new_manifest: Callable[[], Manifest],
+                    check: Callable[[Manifest], None] | None = None) -> IndexStore:
         """Lock the folder, then open its index for writing, or create one from new_manifest() in a new or empty
-        folder. The lock comes first: two runs never both create the index, and the manifest the caller checks
-        (its model) is the one it writes under. The store holds the lock until `writer()`'s block ends or unlock().
+        folder. The lock comes first: two runs never both create the index, and the manifest `check` is given (it
+        raises to refuse one built with another model) is the one this writer writes under. The check runs before
+        anything is written, so a refused writer leaves the folder as it was. The store holds the lock until
+        `writer()`'s block ends or unlock().
 
         A folder that holds anything but an index is refused: nothing is written into a folder that is not ours.
         """
@@ -246,21 +256,21 @@ class IndexStore:
             path.mkdir(parents=True, exist_ok=True)
         lock = _take_lock(path)
         try:
-            if (path / MANIFEST_FILE).is_file():
-                manifest = read_manifest(path)
-                if manifest.generation and not (path / DB_FILE).is_file():
-                    raise RetrievalError(f"{path}/{DB_FILE} is missing, and with it the index's items: "
-                                         f"delete {path} and run `retrieval index` to build it again")
-            else:
-                manifest = new_manifest()
+            exists = (path / MANIFEST_FILE).is_file()
+            manifest = read_manifest(path) if exists else new_manifest()
+            if check is not None:
+                check(manifest)
+            if exists and manifest.generation and not (path / DB_FILE).is_file():
+                raise RetrievalError(f"{path}/{DB_FILE} is missing, and with it the index's items: "
+                                     f"delete {path} and run `retrieval index` to build it again")
+            if not exists:
                 with disk_writes(path):  # first: from here on the folder is an index, even if this run is killed
                     _write_json(path / MANIFEST_FILE, asdict(manifest))
-            store = cls(path, manifest, _connect(path / DB_FILE, write=True))
-            store._lock = lock
-            store._repair()
+            store = cls(path, manifest, _writer_connection(path, manifest))
         except BaseException:
             lock.close()
             raise
+        store._lock = lock
         return store
 
     @classmethod
@@ -279,23 +289,38 @@ class IndexStore:
         """Hold the folder's lock for the block, and release it at its end; a second writer is refused, not queued.
 
         Taken here unless open_writer took it already. Under the lock the manifest is read again (another writer
-        may have changed it since this store opened) and the database reopened for writing."""
+        may have changed it since this store opened) and the database reopened for writing. However the block
+        ends, the write connection is closed, the lock released and the database open for reading again."""
         if self._lock is None:
-            lock = _take_lock(self.path)
-            try:
-                self.manifest = read_manifest(self.path)
-                reader, self.db = self.db, _connect(self.path / DB_FILE, write=True)
-                reader.close()
-                self._repair()
-            except BaseException:
-                lock.close()
-                raise
-            self._lock = lock
+            self._start_writing()
         try:
             yield self
+        except BaseException:
+            with suppress(RetrievalError):  # the block's error is the one to report (the store is left closed)
+                self._stop_writing()
+            raise
+        self._stop_writing()
+
+    def _start_writing(self) -> None:
+        """Lock, read the manifest again, open for writing; on failure the store is as it was (reading, unlocked)."""
+        lock = _take_lock(self.path)
+        try:
+            manifest = read_manifest(self.path)
+            db = _writer_connection(self.path, manifest)
+        except BaseException:
+            lock.close()
+            raise
+        self.db.close()
+        self.db, self.manifest, self._lock = db, manifest, lock
+
+    def _stop_writing(self) -> None:
+        """Close the write connection, release the lock, reopen for reading. The last connection out checkpoints
+        the WAL into the database file and deletes it, so a copy of the folder or a read-only mount of it needs no
+        -wal or -shm file."""
+        try:
+            self.db.close()
         finally:
-            self.db.close()  # the last connection out checkpoints the WAL into the database file and deletes it,
-            self.unlock()  # so a copy of the folder or a read-only mount of it needs no -wal or -shm file
+            self.unlock()
         self.db = _connect(self.path / DB_FILE)
 
     def unlock(self) -> None:
@@ -303,21 +328,9 @@ class IndexStore:
             self._lock.close()
             self._lock = None
 
-    def _repair(self) -> None:
-        """What a writer finds and mends under the lock: half-written derived files of a writer killed mid-write
-        (the database is the truth; they are not), and extra fields an older version stored with a NaN in them,
-        which SQLite's json() refuses, failing every read: they are emptied and the item marked changed, so the
-        next `index` of the corrected source stores them again (its vectors are reused by content)."""
-        with disk_writes(self.path):
-            for tmp in self.path.glob(f"*{TMP_SUFFIX}"):
-                tmp.unlink(missing_ok=True)
-            if self.manifest.generation != self.generation():  # a NaN fails publish, so only then is the scan worth it
-                with self.db:
-                    self.db.execute("UPDATE items SET extra = '{}', mtime_ns = NULL WHERE NOT json_valid(extra)")
-
     # --- writing -------------------------------------------------------------------------------
     def known_vectors(self, keys: Sequence[str]) -> set[str]:
-        rows = self.db.execute("SELECT key FROM vectors WHERE key IN (SELECT value FROM json_each(?))", (json.dumps(list(keys)),))
+        rows = _fetch(self.db, "SELECT key FROM vectors WHERE key IN (SELECT value FROM json_each(?))", (json.dumps(list(keys)),))
         return {r[0] for r in rows}
 
     def commit(self, items: Sequence[Item], new_vectors: dict[str, np.ndarray], removed_ids: Sequence[str] = ()) -> None:
@@ -382,6 +395,7 @@ class IndexStore:
             self.manifest.calibration = read_manifest(self.path).calibration
         self.manifest.build_seconds = time.perf_counter() - t0
         self.manifest.faiss_bytes = (self.path / FAISS_FILE).stat().st_size
+        self.manifest.faiss_digest = faiss_digest(self.path / FAISS_FILE)
         self._write_manifest()  # last: until it names the new generation, readers rebuild from the database
         for stale in self.path.glob(f"*{IVFDATA_SUFFIX}"):  # on-disk lists of an earlier merge, no longer named
             if stale.name != ivfdata_name(self.manifest.generation):
@@ -389,16 +403,16 @@ class IndexStore:
         self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
 
     def _write_manifest(self) -> None:
+        self.manifest.format_version = FORMAT_VERSION
         with disk_writes(self.path):
             _write_json(self.path / MANIFEST_FILE, asdict(self.manifest))
 
     # --- reading -------------------------------------------------------------------------------
     def generation(self) -> int:
-        return int(self.get_meta("generation") or 0)
+        return _generation(self.db)
 
     def get_meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+        return _meta(self.db, key)
 
     def set_meta(self, key: str, value: str) -> None:
         """Bookkeeping beside the items (a merge's shard set); it does not change the generation."""
@@ -407,17 +421,13 @@ class IndexStore:
                             (key, value))
 
     def counts(self) -> dict[str, int]:
-        n, n_image, n_text = self.db.execute(
-            "SELECT COUNT(*), COUNT(image_key), COUNT(text_key) FROM items"
-        ).fetchone()
-        n_vectors = self.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+        [(n, n_image, n_text, n_vectors)] = _fetch(
+            self.db, "SELECT COUNT(*), COUNT(image_key), COUNT(text_key), (SELECT COUNT(*) FROM vectors) FROM items")
         return {"items": n, "with_image": n_image, "with_text": n_text, "stored_vectors": n_vectors}
 
     def all_vectors(self) -> tuple[npt.NDArray[np.int64], Vectors]:
-        rows = self.db.execute(
-            "SELECT i.fid, vi.vec, vt.vec FROM items i LEFT JOIN vectors vi ON vi.key = i.image_key "
-            "LEFT JOIN vectors vt ON vt.key = i.text_key ORDER BY i.fid"
-        ).fetchall()
+        rows = _fetch(self.db, "SELECT i.fid, vi.vec, vt.vec FROM items i LEFT JOIN vectors vi ON vi.key = i.image_key "
+                               "LEFT JOIN vectors vt ON vt.key = i.text_key ORDER BY i.fid")
         fids = np.array([r[0] for r in rows], dtype=np.int64)
         vectors = np.empty((len(rows), 2 * self.manifest.dim), dtype=np.float32)
         for row, (_, vi, vt) in enumerate(rows):
@@ -429,11 +439,23 @@ class IndexStore:
         return self.manifest.generation == self.generation()
 
     def derived_files_current(self) -> bool:
-        """Does the manifest name the database's generation, with a FAISS file that holds the database's items?
-        A writer rewrites the derived files when not: after a run killed while writing them, or over a FAISS
-        file copied from another index."""
-        self._faiss = None
-        return self._files_current() and self._faiss_file() is not None
+        """Does the manifest name the database's generation, with the FAISS file published with it? A writer
+        rewrites the derived files when not: after a run killed while writing them, or over a FAISS file copied
+        from another index. Cheap (2 MiB read, see faiss_digest) on every no-op `index`, `remove` and merge; a
+        manifest from before the digest has the file read and checked, and kept for searching."""
+        if not self._files_current():
+            return False
+        if self.manifest.faiss_digest:
+            return self._faiss_file_published()
+        self._faiss = self._faiss_file()
+        return self._faiss is not None
+
+    def _faiss_file_published(self) -> bool:
+        """Is the FAISS file the one the manifest was published with (not stale, damaged or another index's)?"""
+        try:
+            return faiss_digest(self.path / FAISS_FILE) == self.manifest.faiss_digest
+        except OSError:
+            return False  # missing or unreadable: the database still holds every vector
 
     @property
     def vectors(self) -> tuple[npt.NDArray[np.int64], Vectors]:
@@ -473,18 +495,20 @@ class IndexStore:
         """
         if self._faiss is None:
             self._faiss = self._faiss_file()
-            if self._faiss is None:
-                fids, vectors = self.vectors
-                self._check_budget(vectors.nbytes, "rebuilding the FAISS index in memory (its file is stale or missing)")
-                self._faiss = build_faiss(np.ascontiguousarray(vectors), fids, self.manifest.index_type, self.manifest.params)
-            set_search_params(self._faiss, self.manifest.params)
+        if self._faiss is None:
+            fids, vectors = self.vectors
+            self._check_budget(vectors.nbytes, "rebuilding the FAISS index in memory (its file is stale or missing)")
+            self._faiss = build_faiss(np.ascontiguousarray(vectors), fids, self.manifest.index_type, self.manifest.params)
         return self._faiss
 
     def _faiss_file(self) -> faiss.Index | None:
-        """The FAISS file when it reflects the database as it is now, else None (stale, missing, damaged, or another
-        index's): the database still holds every vector."""
+        """The FAISS file, its search knobs set, when it reflects the database as it is now, else None (stale,
+        missing, damaged, or another index's): the database still holds every vector. The manifest's digest
+        names the file it was published with; a manifest from before the digest has the file checked instead."""
         file = self.path / FAISS_FILE
         if not (file.is_file() and self._files_current()):
+            return None
+        if self.manifest.faiss_digest and not self._faiss_file_published():
             return None
         size = file.stat().st_size
         if self.manifest.index_type not in ("ivf", "ivfpq"):
@@ -494,12 +518,15 @@ class IndexStore:
             index = read_faiss(file, mmap=self._over_budget(size) and not on_disk)
         except RuntimeError:
             return None  # truncated or not a FAISS file
-        return index if self._holds_database(index) else None
+        if not (self.manifest.faiss_digest or self._holds_database(index)):
+            return None
+        set_search_params(index, self.manifest.params)
+        return index
 
     def _holds_database(self, index: faiss.Index) -> bool:
-        """Cheap checks that a FAISS index holds this database's vectors, not another index's (a copied file): its
-        dimension, count and ids, and for an exact store its first and last vectors (same ids is not enough:
-        two indexes of 600 items both have ids 1..600)."""
+        """For a manifest from before the digest: checks that a FAISS index holds this database's vectors, not
+        another index's (a copied file): its dimension, count and ids, and for an exact store its first and last
+        vectors (same ids is not enough: two indexes of 600 items both have ids 1..600; an IVF copy passes)."""
         fids, vectors = self.vectors
         if index.d != vectors.shape[1] or index.ntotal != len(fids):
             return False
@@ -564,8 +591,8 @@ class IndexStore:
     def _selector(self, column: str | None) -> Any:
         if column is None:
             return None
-        fids = np.array([r[0] for r in self.db.execute(f"SELECT fid FROM items WHERE {column} IS NOT NULL")], dtype=np.int64)
-        total = self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        fids = np.array([r[0] for r in _fetch(self.db, f"SELECT fid FROM items WHERE {column} IS NOT NULL")], dtype=np.int64)
+        total = _fetch(self.db, "SELECT COUNT(*) FROM items")[0][0]
         return None if len(fids) == total else faiss.IDSelectorBatch(fids)
 
     def items(self, fids: Sequence[int]) -> dict[int, Item]:
@@ -599,22 +626,22 @@ class IndexStore:
         return found
 
     def _json_rows(self, columns: str, fids: Sequence[int]) -> list[list[Any]]:
-        row = self.db.execute(
-            f"SELECT json_group_array(json_array({columns})) FROM json_each(?) j JOIN items i ON i.fid = j.value",
+        [(document,)] = _fetch(
+            self.db, f"SELECT json_group_array(json_array({columns})) FROM json_each(?) j JOIN items i ON i.fid = j.value",
             (json.dumps(sorted(int(f) for f in fids)),),  # in key order: B-tree pages are read once, 2x faster
-        ).fetchone()
-        return json.loads(row[0])
+        )
+        return json.loads(document)
 
     def items_by_id(self, ids: Sequence[str]) -> dict[str, Item]:
-        rows = self.db.execute("SELECT fid FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),))
+        rows = _fetch(self.db, "SELECT fid FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),))
         return {it.id: it for it in self.items([r[0] for r in rows]).values()}
 
     def all_items(self) -> dict[str, Item]:
-        return {it.id: it for it in self.items([r[0] for r in self.db.execute("SELECT fid FROM items")]).values()}
+        return {it.id: it for it in self.items([r[0] for r in _fetch(self.db, "SELECT fid FROM items")]).values()}
 
     def id_table(self) -> tuple[npt.NDArray[np.int64], list[str], np.ndarray, np.ndarray]:
         """(fids ascending, ids, has image, has caption): every item, in the order of `vectors`."""
-        rows = self.db.execute("SELECT fid, id, image_key IS NOT NULL, text_key IS NOT NULL FROM items ORDER BY fid").fetchall()
+        rows = _fetch(self.db, "SELECT fid, id, image_key IS NOT NULL, text_key IS NOT NULL FROM items ORDER BY fid")
         return (np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows],
                 np.array([bool(r[2]) for r in rows]), np.array([bool(r[3]) for r in rows]))
 
@@ -668,7 +695,7 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """Write to a temporary name beside `path` (`write` writes the path it is given), flush it to the disk, then
     rename it over `path`: readers see the old or the new file, never a part, and a crash right after the rename
     cannot leave the new name pointing at data still in the page cache. A write that fails (a full disk)
-    removes its temporary file; one left by a kill is removed by the next writer (IndexStore._remove_tmp_files)."""
+    removes its temporary file; one left by a kill is removed by the next writer (`_repair`)."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         write(tmp)
@@ -695,13 +722,27 @@ def write_faiss(index: faiss.Index, path: Path) -> None:
         faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
 
 
+def faiss_digest(file: Path) -> str:
+    """sha256 of a FAISS file's size, first and last MiB: cheap on any size, and another index's file differs
+    there for every type (flat: its first vectors; IVF: its trained centroids, in the header; HNSW: graph and
+    vectors), even one with the same count and ids."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest.update(size.to_bytes(8, "little") + f.read(DIGEST_SPAN))
+        f.seek(max(0, size - DIGEST_SPAN))
+        digest.update(f.read(DIGEST_SPAN))
+    return digest.hexdigest()
+
+
 def _write_json(path: Path, value: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
 
 
 def _take_lock(path: Path) -> IO[str]:
     """The folder's writer lock, held while the returned file is open. flock belongs to the open file
-    description, so a second open() conflicts even in one process."""
+    description, so a second open() conflicts even in one process. A filesystem without locks (NFS without a
+    lock daemon: ENOLCK) is refused: two writers there could not be kept apart."""
     with disk_writes(path):
         lock = open(path / LOCK_FILE, "a+")
     try:
@@ -709,6 +750,10 @@ def _take_lock(path: Path) -> IO[str]:
     except BlockingIOError:
         lock.close()
         raise RetrievalError(f"another process is writing {path}; wait for it to finish (or end it) and retry") from None
+    except OSError as e:
+        lock.close()
+        raise RetrievalError(f"cannot lock {path / LOCK_FILE} ({e.strerror or e}): writing an index needs a filesystem "
+                             "with file locks; put the index on a local disk") from e
     return lock
 
 
@@ -727,8 +772,8 @@ def refuse_foreign(path: Path) -> None:
     except OSError as e:
         raise RetrievalError(f"cannot list {path} ({e.strerror}): choose a folder you can read for --index") from e
     if names:
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise RetrievalError(f"{path} is not empty and is not an index (it holds {shown}): "
+        listed = ", ".join(shown(name) for name in names[:5]) + (", ..." if len(names) > 5 else "")
+        raise RetrievalError(f"{path} is not empty and is not an index (it holds {listed}): "
                              "choose an empty or new folder for --index")
 
 
@@ -786,6 +831,63 @@ def _vec(blob: bytes | None) -> np.ndarray | None:
     return None if blob is None else np.frombuffer(blob, dtype=np.float32)
 
 
+def _writer_connection(path: Path, manifest: Manifest) -> sqlite3.Connection:
+    """The folder's database opened for writing (hold the lock), with what a writer mends mended; closed again
+    if that fails, so a failed writer leaves no connection (and no -wal file) behind."""
+    db = _connect(path / DB_FILE, write=True)
+    try:
+        _repair(path, db, manifest)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _repair(path: Path, db: sqlite3.Connection, manifest: Manifest) -> None:
+    """What a writer finds and mends under the lock: half-written derived files of a writer killed mid-write
+    (the database is the truth; they are not), and extra fields an older version stored with a NaN in them,
+    which SQLite's json() refuses, failing every read: they are emptied and the item marked changed, so the
+    next `index` of the corrected source stores them again (its vectors are reused by content)."""
+    with disk_writes(path):
+        for tmp in path.glob(f"*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+        if manifest.generation != _generation(db):  # a NaN fails publish, so only then is the scan worth it
+            with db:
+                db.execute("UPDATE items SET extra = '{}', mtime_ns = NULL WHERE NOT json_valid(extra)")
+
+
+def _generation(db: sqlite3.Connection) -> int:
+    return int(_meta(db, "generation") or 0)
+
+
+def _meta(db: sqlite3.Connection, key: str) -> str | None:
+    rows = _fetch(db, "SELECT value FROM meta WHERE key = ?", (key,))
+    return rows[0][0] if rows else None
+
+
+def _fetch(db: sqlite3.Connection, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+    """Every row of a read. A connection opened immutable cannot see a writer, so a page it reads torn
+    ("malformed") means the file changed under it, not that the index is damaged: it says so."""
+    try:
+        return db.execute(sql, args).fetchall()
+    except sqlite3.DatabaseError as e:
+        if isinstance(db, ImmutableConnection):
+            raise db.changed(e) from e
+        raise
+
+
+class ImmutableConnection(sqlite3.Connection):
+    """A read-only connection opened with immutable=1, where the -shm file a WAL reader needs cannot be made (a
+    read-only folder, a full disk): SQLite then takes no locks and assumes the file never changes, so a writer
+    that changes it later (the folder made writable again) can show this connection torn pages."""
+
+    path: Path
+
+    def changed(self, e: sqlite3.DatabaseError) -> IndexChanged:
+        return IndexChanged(f"cannot read {self.path} ({e}) in immutable mode (its folder could not be written): a writer "
+                            "may have changed it while it was read; open the index again, or make the folder writable")
+
+
 def _connect(path: Path, write: bool = False) -> sqlite3.Connection:
     """The index database: for writing (WAL, the schema), or read-only, so a reader needs no write access."""
     try:
@@ -804,16 +906,32 @@ def _connect(path: Path, write: bool = False) -> sqlite3.Connection:
 def _connect_reader(path: Path) -> sqlite3.Connection:
     """mode=ro reads a WAL database while a writer commits, but it must open (or create) the -shm file beside it.
     Where it cannot (a read-only folder the last writer closed cleanly, a full disk) the file is opened immutable:
-    nothing can be writing it there, and the last checkpoint holds every commit."""
+    nothing can be writing it there, and the last checkpoint holds every commit. Any other failure (a database
+    locked by a writer in a writable folder) is reported, never read around without locks."""
     uri = "file:" + quote(str(path.absolute()))
     try:
         return _query_ready(sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False))
     except sqlite3.OperationalError as e:
+        if not _needs_immutable(path, e):
+            raise
         wal = path.with_name(path.name + "-wal")
         if wal.is_file() and wal.stat().st_size:  # commits an immutable open would not see
             raise RetrievalError(f"cannot read {path} ({e}): {wal.name} beside it holds commits that only a writer can "
                                  "fold in; make the folder writable and run `retrieval index` or `remove` once") from e
-        return _query_ready(sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False))
+    db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False, factory=ImmutableConnection)
+    db.path = path
+    try:
+        return _query_ready(db)
+    except sqlite3.DatabaseError as e:
+        raise db.changed(e) from e
+
+
+def _needs_immutable(path: Path, e: sqlite3.OperationalError) -> bool:
+    """Did mode=ro fail only for want of the -shm file: a read-only folder or file, or a full disk (SQLite calls
+    that an I/O error)?"""
+    name = getattr(e, "sqlite_errorname", None) or ""
+    no_shm = name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY"))
+    return no_shm or (name.startswith("SQLITE_IOERR") and _disk_full(path.parent))
 
 
 def _query_ready(db: sqlite3.Connection) -> sqlite3.Connection:
@@ -827,7 +945,11 @@ def _query_ready(db: sqlite3.Connection) -> sqlite3.Connection:
 
 
 def _database_error(path: Path, e: sqlite3.DatabaseError) -> RetrievalError:
-    """Advise a rebuild only when the file really is not a database: a disk problem does not damage an index."""
+    """Advise a rebuild only when the file really is not a database: a disk problem does not damage an index,
+    and a database another process holds locked is only busy."""
+    if (getattr(e, "sqlite_errorname", None) or "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return RetrievalError(f"cannot read {path} ({e}): another process holds it locked; wait for it to finish, "
+                              "then retry")
     if "file is not a database" in str(e) or "malformed" in str(e):
         return RetrievalError(f"{path} is not a readable index database ({e}); rebuild the index")
     return RetrievalError(f"cannot read {path} ({e}): check the disk, and that the file and its folder can be read")
@@ -836,6 +958,9 @@ def _database_error(path: Path, e: sqlite3.DatabaseError) -> RetrievalError:
 def read_manifest(path: Path) -> Manifest:
     try:
         d = json.loads((path / MANIFEST_FILE).read_text())
+    except OSError as e:
+        raise RetrievalError(f"cannot read {path}/{MANIFEST_FILE} ({e.strerror or e}): check the disk, and that the file "
+                             "and its folder can be read") from e
     except ValueError as e:
         raise RetrievalError(f"{path}/{MANIFEST_FILE} is damaged ({e}); rebuild the index with `retrieval index`") from e
     if not isinstance(d, dict):
@@ -872,4 +997,21 @@ def _manifest_value_problem(name: str, value: Any) -> str | None:
         return f"not one of {', '.join(INDEX_TYPES[1:])}"
     if name == "image_precision" and value not in ("", "fp32", "bf16"):
         return "not fp32 or bf16"
+    if name == "calibration":
+        return next(filter(None, (_calibration_problem(target, entry) for target, entry in value.items())), None)
     return None
+
+
+def _calibration_problem(target: str, entry: Any) -> str | None:
+    """What is wrong with the cutoff stored for one target, or None: search reads an object as `retrieval calibrate`
+    writes it, naming its rule, with that rule's cutoff (theta or margin) and the fusion weight as numbers."""
+    rule = entry.get("rule") if isinstance(entry, dict) else None
+    cutoff = CALIBRATION_CUTOFFS.get(rule) if isinstance(rule, str) else None
+    if cutoff is None or not all(_is_number(entry.get(key)) for key in (cutoff, "weight")):
+        return (f"its {json.dumps(target)} entry is not a cutoff as `retrieval calibrate` stores it (rule flat with theta, "
+                "or top_relative with margin, and weight)")
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -93,7 +93,7 @@ def build_index(
 ) -> IndexReport:
     """Create the index at index_path, or bring it up to date with the source.
 
-    precision: the image encoder's (Encoder.image_precision); "auto" keeps the one the index was built in. prefetch: decode the next batch while this one
+    precision: the image encoder's (Encoder.image_precision: "auto" keeps the index's own where it is native). prefetch: decode the next batch while this one
     is encoded (off only to measure what the overlap gains)."""
     from .model import load_model  # torch: only the commands that encode pay for it
 
@@ -113,21 +113,20 @@ def build_index(
                 report.unchanged += 1
             else:
                 todo.append(pair)
-        source_ids = {p.id for p in pairs}
-        removed = [i for i in existing if i not in source_ids]
+        listed = {p.id for p in pairs} | {getattr(s, "id", None) for s in skipped}  # a skipped item stays as it was
+        removed = [i for i in existing if i not in listed]
         model = load_model(model_dir) if todo else None
         if model is not None:
-            if precision == "auto" and store.manifest.image_precision:
-                precision = store.manifest.image_precision  # one precision per index: a copy of an indexed image scores 1
-            report.precision = precision = store.manifest.image_precision = model.image_precision(precision)
+            precision = model.image_precision(precision, store.manifest.image_precision)
+            report.precision = store.manifest.image_precision = precision
         desc = f"indexing, images in {report.precision}" if report.precision else "indexing"
         bar = progress_bar(total=len(todo), desc=desc, unit="item", disable=not progress)
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         with ThreadPoolExecutor(2) as pool:
             for batch, decoding in decode_ahead(model, batches, pool, ahead=1 if prefetch else 0):
-                items, vectors, skipped = encode_batch(model, batch, pool, store.known_vectors, precision, decoding)
+                items, vectors, unreadable = encode_batch(model, batch, pool, store.known_vectors, precision, decoding)
                 store.commit(items, vectors)
-                report.skipped += skipped
+                report.skipped += unreadable
                 report.added += sum(1 for it in items if it.id not in existing)
                 report.updated += sum(1 for it in items if it.id in existing)
                 bar.update(len(batch))
@@ -146,8 +145,9 @@ def prepare_store(index_path: Path, model_dir: ModelRef, index_type: str | None,
     """Lock the index folder, open the index (refusing another model's) or create it, and apply a new type or
     params: shared by the local and the Ray engine. The lock is taken before the manifest is read or written, so
     two runs with different models never both create one index, and the model is checked against the manifest
-    this run writes under. Returns the store, holding the lock (the caller's `with store.writer():` releases
-    it), and whether its type or params changed."""
+    this run writes under, before anything is written: a refused run leaves the folder as it was. Returns the
+    store, holding the lock (the caller's `with store.writer():` releases it), and whether its type or params
+    changed."""
     if index_type is not None and index_type not in INDEX_TYPES:
         raise RetrievalError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     if index_type is not None and n_items < min_items(index_type):
@@ -162,12 +162,7 @@ def prepare_store(index_path: Path, model_dir: ModelRef, index_type: str | None,
         chosen = index_type if index_type not in (None, "auto") else choose_index_type(n_items, dim, memory_budget)
         return Manifest(canonical(model_dir), model_fp, dim, chosen)
 
-    store = IndexStore.open_writer(index_path, new_manifest)
-    try:
-        check_model(store.manifest, model_fp, model_dir)
-    except RetrievalError:
-        store.unlock()
-        raise
+    store = IndexStore.open_writer(index_path, new_manifest, lambda manifest: check_model(manifest, model_fp, model_dir))
     settings = (store.manifest.index_type, dict(store.manifest.params))
     if index_type not in (None, "auto"):
         store.manifest.index_type = index_type

@@ -157,16 +157,21 @@ class Encoder(nn.Module):
 
     PRECISIONS = ("auto", "fp32", "bf16")
 
-    def image_precision(self, requested: str = "auto") -> str:
+    def image_precision(self, requested: str = "auto", recorded: str = "") -> str:
         """What encode_image runs in for `requested`: "fp32", or "bf16" (autocast). "auto" is bf16 only for our
         pretrained EfficientNet tower on a CPU with bf16 kernels: 2-3x fp32 there, and on Flickr8k the zero-shot
         model's vectors kept cosine 0.993-1 to fp32 (mean 0.9993) and R@1/5/10 within half a point. Our small
         from-scratch towers are fast and stay exact in fp32, HF towers were not measured, and on an AVX2 CPU bf16
-        is emulated and slower (use_bf16)."""
+        is emulated and slower (use_bf16).
+
+        recorded: what an index's images were encoded in. "auto" keeps it where this CPU runs it natively, so one
+        index holds one precision and a copy of an indexed image scores 1.0 against it (0.9997 across the two)."""
         if requested not in self.PRECISIONS:
             raise RetrievalError(f"unknown precision {requested!r}; choose one of {', '.join(self.PRECISIONS)}")
         if requested != "auto":
             return requested
+        if recorded == "fp32" or (recorded == "bf16" and use_bf16(True)):
+            return recorded
         return "bf16" if getattr(self, "image_cacheable", False) and use_bf16(True) else "fp32"
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import RetrievalError
-from .index import IndexStore
+from .index import IndexStore, check_params
 from .modeldir import ModelRef, fingerprint, numpy_text
 
 TARGETS = ("item", "image", "text")
@@ -180,7 +180,7 @@ class Index:
         the index's images were: a JPEG opened with `Image.open` gives the vector its path, its upload and its
         indexed copy give."""
         model = self.model()
-        precision = model.image_precision(self.store.manifest.image_precision or "auto")  # as the index's images were
+        precision = model.image_precision("auto", self.store.manifest.image_precision)  # as the index's images were
         return model.encode_image([model.transform.decode(image) if isinstance(image, Image.Image) else image],
                                   precision=precision)[0]
 
@@ -266,10 +266,9 @@ class Index:
 
     def tune(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
         """Trade speed for recall on ANN indexes: HNSW's efSearch, IVF's nprobe (no effect on flat)."""
-        for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
-            if value is not None and value < 1:
-                raise RetrievalError(f"{name} must be at least 1, got {value}")
-        self.store.tune({k: v for k, v in (("ef_search", ef_search), ("nprobe", nprobe)) if v is not None})
+        knobs = {k: v for k, v in (("ef_search", ef_search), ("nprobe", nprobe)) if v is not None}
+        check_params(knobs)
+        self.store.tune(knobs)
 
     def info(self) -> dict[str, Any]:
         return self.store.info()

@@ -2,8 +2,9 @@
 
 The model and index load once, in `create_app`, and are warmed with one query of each kind, so no request
 waits for a load. A re-index, `remove` or `calibrate` by another process is picked up with no restart: the
-app holds a `LiveIndex`, which reopens the index when manifest.json (written last, atomically) changes,
-keeping the loaded model, and each request takes one generation at its start and answers from it throughout.
+app holds a `LiveIndex`, which loads the new generation on a thread of its own when manifest.json (written
+last, atomically) changes, keeping the loaded model, and swaps it in once warm; each request takes one
+generation at its start and answers from it throughout, and none waits for a load.
 
 Security is by construction: a file is only ever opened through an item's stored path, looked up by id, so
 no part of a request reaches the filesystem; the page's own files are read into memory at start-up. CORS is
@@ -11,7 +12,8 @@ off unless origins are given, and a loopback bind answers only loopback Host nam
 page cannot read a localhost server). No client holds the server for long or makes it allocate much: a
 request's head must arrive within HEAD_TIMEOUT_S and MAX_HEAD_BYTES (`HeadDeadline`), its body within
 `body_timeout_s` and `max_upload_bytes` (`BodyLimit`); an uploaded image is bounded in pixels from its header
-before it is decoded, and uploads decode a few at a time whatever the number of threads (`PixelBudget`).
+before it is decoded, and uploads decode a few at a time whatever the number of threads, in the order they
+came, and one that waits too long is told to retry (`PixelBudget`).
 
 The work of a request (embedding, FAISS, SQLite, decoding) runs on a pool of one thread per core, each
 single-threaded inside; the event loop only parses and answers. The threads share each `Index` with no lock:
@@ -32,10 +34,11 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -53,7 +56,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from threadpoolctl import threadpool_limits
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .errors import ImageError, IndexChanged, RetrievalError
+from .errors import ImageError, IndexChanged, RetrievalError, shown
 from .images import load_image, read_image
 from .index import MANIFEST_FILE, Item
 from .query import MAX_QUERY_CHARS, Hit, Index
@@ -68,12 +71,16 @@ THUMB_SIDE = 384  # pixels on the longer side: sharp in the grid and in the item
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20  # a large phone photo is under 15 MB
 DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000  # refused from the header, before decoding: 40 MP decodes to 160 MB of RGB
 DECODES_AT_ONCE = 2  # full-size uploads decoding at once: the pixel budget is this many times max_upload_pixels
+DECODE_WAIT_S = 30.0  # an upload that waits longer for the pixel budget gets 503: a queue of about 20 full-size ones
+DECODE_RETRY_AFTER_S = 5  # what that 503 tells the client to wait
 BODY_TIMEOUT_S = 120.0  # a whole upload: 20 MB at 1.4 Mbit/s; a client trickling a body is cut off after it
 HEAD_TIMEOUT_S = 10.0  # a request line and its headers (serve): uvicorn itself times only idle keep-alives
 MAX_HEAD_BYTES = 1 << 20  # and their size: browsers send a few KB; counted by the chunk (see HeadDeadline)
 RELOAD_CHECK_S = 0.5  # a request looks at manifest.json's stat at most this often
+RELOAD_RETRY_S = 5.0  # a generation that failed to load is tried again after this, or when the manifest next changes
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost"]
 Target = Literal["item", "image", "text"]
+Stamp = tuple[int, int, int] | None  # manifest.json's (inode, mtime, size); None: no manifest
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # The search parameters both search endpoints take; their ranges are check_search_args', here for the spec.
@@ -126,13 +133,20 @@ class Health(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error, "description": what} for code, what in (
     (400, "Malformed request"), (404, "Unknown item, or no image"), (413, "Upload too large"),
-    (422, "Invalid parameter or unreadable image"), (503, "The index is being updated: retry"))}
+    (422, "Invalid parameter or unreadable image"),
+    (503, "The index is being updated, or too many uploads are waiting: retry after Retry-After"))}
 
 
 class TooLarge(HTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"the upload is over the limit of {limit / 2**20:.3g} MB; send a smaller image "
                               "(or start the server with a larger --max-upload-mb)")
+
+
+class Busy(HTTPException):
+    def __init__(self, seconds: float):
+        super().__init__(503, f"too many images are being decoded: this upload waited {seconds:g} s for its turn; "
+                              f"retry in a moment", headers={"Retry-After": str(DECODE_RETRY_AFTER_S)})
 
 
 class TooSlow(HTTPException):
@@ -175,33 +189,85 @@ class BodyLimit:
 class Settings:
     max_upload_bytes: int
     max_upload_pixels: int
-    thumb_cache: Path | None  # None: thumbnails are made on every request
+    thumb_cache: ThumbCache | None  # None: thumbnails are made on every request
+
+
+class ThumbCache:
+    """Thumbnails kept under the index folder, each named by its image's content hash. Best effort: where it
+    cannot be written (a read-only mount, a full disk) a thumbnail is served uncached, no temporary file is left
+    behind, and the server says so once, not on every request."""
+
+    def __init__(self, folder: Path):
+        self.folder, self._warned = folder, False
+
+    def file(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(f'{key}:{THUMB_SIDE}'.encode()).hexdigest()}.jpg"
+
+    def get(self, key: str) -> bytes | None:
+        file = self.file(key)
+        return file.read_bytes() if file.is_file() else None
+
+    def put(self, key: str, data: bytes) -> None:
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")  # own name: two requests may write at once
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.file(key))
+        except OSError as e:
+            if tmp is not None:
+                with suppress(OSError):
+                    os.unlink(tmp)
+            if not self._warned:
+                self._warned = True
+                logger.warning("thumbnails are served uncached: writing one to %s failed (%s); free space there if "
+                               "the disk is full", self.folder, e.strerror or e)
 
 
 class PixelBudget:
-    """At most `limit` pixels of uploaded images decoding at once; a request over the rest waits its turn.
+    """At most `limit` pixels of uploaded images decoding at once; uploads take their turns in the order they
+    came, and one that has waited `max_wait_s` is refused (503 with Retry-After).
 
     The request threads bound how many decodes run, but one per core is many 40-megapixel images on a big
     machine (each about 7 bytes a pixel at its peak), so hostile uploads queue here instead of multiplying
-    memory. The wait is on the event loop, so text searches keep every thread. It polls rather than queues:
-    a cancelled request (the client went away) then never holds or leaks a share.
+    memory. In order, because admitting whatever fits let a stream of small uploads keep a large one waiting
+    for as long as they kept coming. The wait is on the event loop, so text searches keep every thread. It
+    polls rather than awaits a wake-up because test clients run each request on its own event loop; a request
+    refused or cancelled while it waits (the client went away) leaves the queue, so it never blocks the rest.
     """
 
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+    def __init__(self, limit: int, max_wait_s: float = DECODE_WAIT_S):
+        self.limit, self.max_wait_s, self.used = limit, max_wait_s, 0
+        self._waiting: deque[object] = deque()  # one ticket per waiting request, first come first
         self._lock = threading.Lock()  # test clients run each request on its own event loop
 
-    def _take(self, pixels: int) -> bool:
+    def _take(self, ticket: object, pixels: int) -> bool:
+        """Admit the first in the queue if it fits beside the images decoding (alone, any image fits)."""
         with self._lock:
-            if self.used and self.used + pixels > self.limit:  # alone, any image may decode
+            if self._waiting[0] is not ticket or (self.used and self.used + pixels > self.limit):
                 return False
+            self._waiting.popleft()
             self.used += pixels
             return True
 
+    async def _wait_for(self, pixels: int) -> None:
+        ticket, deadline = object(), time.monotonic() + self.max_wait_s
+        with self._lock:
+            self._waiting.append(ticket)
+        try:
+            while not self._take(ticket, pixels):
+                if time.monotonic() >= deadline:
+                    raise Busy(self.max_wait_s)
+                await asyncio.sleep(0.01)
+        except BaseException:  # refused, or cancelled: the ones behind it move up
+            with self._lock:
+                self._waiting.remove(ticket)
+            raise
+
     @asynccontextmanager
     async def hold(self, pixels: int) -> AsyncIterator[None]:
-        while not self._take(pixels):
-            await asyncio.sleep(0.01)
+        if pixels:  # none: refused from its header, it decodes nothing, so it need not wait
+            await self._wait_for(pixels)
         try:
             yield
         finally:
@@ -209,47 +275,102 @@ class PixelBudget:
                 self.used -= pixels
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A loaded generation of the index and its counts, swapped in as one reference, so /api/health and /api/info
+    count the index the request searches."""
+
+    index: Index
+    counts: dict[str, int]
+
+
+def load(index: Index) -> Generation:
+    """A freshly opened index, warmed and counted before any request sees it."""
+    warm(index)
+    return Generation(index, loaded_counts(index))
+
+
+def loaded_counts(index: Index) -> dict[str, int]:
+    """The counts of the generation loaded: its manifest's, written with the files loaded, and not the database's
+    now, which a writer changes batch by batch until it publishes (hours on a big run). A store that rebuilt its
+    FAISS index from a database ahead of the manifest (a writer was part way through as it opened) counts that
+    database, here, once."""
+    counts = index.store.manifest.counts
+    return dict(counts) if counts.get("items") == index.store.faiss.ntotal else index.store.counts()
+
+
 class LiveIndex:
-    """The index a server answers from, reopened by itself when another process publishes a new generation.
+    """The index a server answers from, reloaded by itself when another process publishes a new generation.
 
     `index`, `remove`, `merge` and `calibrate` end by replacing manifest.json atomically, so a new (inode,
-    mtime, size) of it means a complete new generation. At most every `check_s` a request looks; the one that
-    sees the change reopens the index (its loaded model kept: see Index.reopen) and warms it before swapping
-    the reference, and others that see it wait for that. A reopening that fails (the manifest now names
-    another model, ...) keeps the old generation, logs why, and is tried again when the manifest next changes.
+    mtime, size) of it means a complete new generation. At most every `check_s` a request looks (one stat); the
+    one that sees a change starts a thread that opens the new generation (its loaded model kept: see
+    Index.reopen), warms it and swaps it in. Until then every request, that one too, answers from the old
+    generation, so none waits for a load (seconds for a big FAISS file) or holds a request thread for one.
+    A load that fails, whatever the reason (the manifest names another model, a second writer committed while
+    it warmed, a FAISS read error, no memory), keeps the old generation, logs one line, and is tried again
+    after `retry_s`, or as soon as the manifest changes again.
     """
 
-    def __init__(self, index: Index, check_s: float = RELOAD_CHECK_S):
-        self.index, self.check_s = index, check_s
-        self._manifest = index.store.path / MANIFEST_FILE
-        self._stamp, self._checked = _stamp(self._manifest), time.monotonic()
-        self._lock = threading.Lock()
+    retry_s = RELOAD_RETRY_S
 
-    def changed(self) -> bool:
-        """Has the manifest changed since the index was opened? Cheap: one stat, at most every check_s."""
+    def __init__(self, current: Generation, stamp: Stamp, check_s: float = RELOAD_CHECK_S):
+        self.current, self.check_s = current, check_s
+        self._manifest = current.index.store.path / MANIFEST_FILE
+        self._stamp = stamp  # the manifest's, taken before the current generation was opened
+        self._failed: tuple[Stamp, float] | None = None  # a stamp that failed to load, and when to try it again
+        self._checked = time.monotonic()
+        self._loading = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str | Path, model: str | Path | None = None, check_s: float = RELOAD_CHECK_S) -> LiveIndex:
+        """Open and warm the index. The manifest's stamp is taken first, so a generation published while the
+        index opens and warms (seconds on a big one) is not taken for the one loaded, and loads next."""
+        stamp = _stamp(Path(path) / MANIFEST_FILE)
+        return cls(load(Index.open(path, model)), stamp, check_s)
+
+    def poll(self) -> Generation:
+        """The generation a request answers from; never waits (it runs on the event loop). A new one on disk
+        starts loading in the background, unless a load is under way."""
+        if self._due() and self._loading.acquire(blocking=False):
+            threading.Thread(target=self._reload, name="reload", daemon=True).start()
+        return self.current
+
+    def _due(self) -> bool:
+        """Is there a generation on disk to load? Cheap: one stat, at most every check_s."""
         now = time.monotonic()
         if now - self._checked < self.check_s:
             return False
         self._checked = now
-        return _stamp(self._manifest) != self._stamp
+        stamp = _stamp(self._manifest)
+        return stamp != self._stamp and not (self._failed is not None and self._failed[0] == stamp
+                                             and now < self._failed[1])
 
-    def reopen(self) -> None:
-        """Open and warm the generation on disk now, then swap it in (blocking: run it on a request thread)."""
-        with self._lock:
-            stamp = _stamp(self._manifest)
-            if stamp == self._stamp:
-                return  # another request reopened it while this one waited
-            self._stamp = stamp
+    def _reload(self) -> None:
+        """Load the generation on disk and swap it in (on its own thread; holds `_loading` until done)."""
+        try:
+            _single_threaded()
+            stamp = _stamp(self._manifest)  # before opening: one published meanwhile is loaded after
             try:
-                fresh = self.index.reopen()
-                warm(fresh)
-            except (RetrievalError, OSError, sqlite3.Error) as e:
-                logger.warning("still serving the index as it was: reopening %s failed: %s", self._manifest.parent, e)
+                fresh = load(self.current.index.reopen())
+            except Exception as e:  # whatever failed, the loaded generation still answers correctly
+                self._failed_to_load(stamp, e)
                 return
-            self.index = fresh
+            self._stamp, self._failed, self.current = stamp, None, fresh
+        finally:
+            self._loading.release()
+
+    def _failed_to_load(self, stamp: Stamp, e: Exception) -> None:
+        """Try it again after retry_s; say so once for each manifest, not on every try."""
+        again = self._failed is not None and self._failed[0] == stamp
+        self._failed = (stamp, time.monotonic() + self.retry_s)
+        logger.log(logging.DEBUG if again else logging.WARNING,
+                   "still serving generation %d of %s: loading the new one failed (%s); trying again every %g s",
+                   self.current.index.store.manifest.generation, self._manifest.parent,
+                   shown(e) or type(e).__name__, self.retry_s)
 
 
-def _stamp(file: Path) -> tuple[int, int, int] | None:
+def _stamp(file: Path) -> Stamp:
     try:
         st = file.stat()
     except OSError:
@@ -274,19 +395,11 @@ def create_app(index_path: str | Path, cors_origins: list[str] | None = None, mo
     if sqlite3.threadsafety != 3:
         raise RetrievalError("this Python's sqlite3 is not built serialized (threadsafety 3); the server shares one "
                              "connection between threads, so use a Python built with a threadsafe SQLite")
-    index = Index.open(index_path, model)
-    warm(index)
-    live = LiveIndex(index, reload_check_s)
+    live = LiveIndex.open(index_path, model, reload_check_s)
     budget = PixelBudget(decode_pixels or DECODES_AT_ONCE * max_upload_pixels)
-    cache = Path(index_path) / "thumbs" if thumb_cache else None
-    if cache is not None:
-        try:
-            cache.mkdir(exist_ok=True)
-        except OSError:
-            cache = None  # a read-only index folder: thumbnails are still served, just not kept
-    settings = Settings(max_upload_bytes, max_upload_pixels, cache)
+    settings = Settings(max_upload_bytes, max_upload_pixels, thumb_folder(Path(index_path)) if thumb_cache else None)
     pages = {route: ((STATIC_DIR / name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
-    defaults = search_defaults(index)  # the parameters' defaults in the spec; /api/info gives the current ones
+    defaults = search_defaults(live.current.index)  # the parameters' defaults in the spec; /api/info: the current
     # Idle pool threads cost nothing and exit with the process; an app's lifespan may run more than once
     # (test clients start and stop it per use), so the pool is not tied to it.
     pool = ThreadPoolExecutor(threads or os.cpu_count() or 1, "request", initializer=_single_threaded)
@@ -296,7 +409,7 @@ def create_app(index_path: str | Path, cors_origins: list[str] | None = None, mo
 
     app = FastAPI(title="retrieval", version="1", summary="Cross-modal (text <-> image) search over one index.",
                   docs_url=None, redoc_url=None)  # the docs pages load their scripts from a CDN
-    app.state.live, app.state.work = live, work
+    app.state.live, app.state.work, app.state.budget = live, work, budget
     app.add_middleware(BodyLimit, limit=max_upload_bytes, timeout=body_timeout_s)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"])
@@ -308,35 +421,36 @@ def create_app(index_path: str | Path, cors_origins: list[str] | None = None, mo
     app.add_exception_handler(IndexChanged, _on_index_changed)
 
     @app.get("/api/search", response_model=SearchOut, responses=ERRORS)
-    async def search(index: Current, q: TextQ = None, like: LikeQ = None, k: K = defaults["k"], theta: Theta = None,
+    async def search(gen: Current, q: TextQ = None, like: LikeQ = None, k: K = defaults["k"], theta: Theta = None,
                      weight: Weight = defaults["weight"], target: TargetQ = defaults["target"]) -> dict[str, Any]:
         """Text search (`q`), or "more like this" (`like`): R(q, D), best first."""
         query = {"q": q, "like": like, "k": k, "theta": theta, "weight": weight, "target": target}
-        return await work(run_search, index, query, text=q, like=like, k=k, theta=theta, weight=weight, target=target)
+        return await work(run_search, gen.index, query, text=q, like=like, k=k, theta=theta, weight=weight,
+                          target=target)
 
     @app.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
-    async def search_image(index: Current, file: UploadQ, k: K = defaults["k"], theta: Theta = None,
+    async def search_image(gen: Current, file: UploadQ, k: K = defaults["k"], theta: Theta = None,
                            weight: Weight = defaults["weight"], target: TargetQ = defaults["target"]) -> dict[str, Any]:
         """Search by an uploaded image."""
         query = {"image": file.filename, "k": k, "theta": theta, "weight": weight, "target": target}
         pixels = await work(upload_pixels, file, settings)
         async with budget.hold(min(pixels, budget.limit)):  # decoded and searched in one go, so no image waits
-            return await work(search_upload, index, file, settings, query, k=k, theta=theta, weight=weight,
+            return await work(search_upload, gen.index, file, settings, query, k=k, theta=theta, weight=weight,
                               target=target)
 
     @app.get("/api/items/{item_id:path}", response_model=ItemOut, responses=ERRORS)
-    async def item(index: Current, item_id: str) -> dict[str, Any]:
+    async def item(gen: Current, item_id: str) -> dict[str, Any]:
         """One item's metadata: all its captions and extra fields."""
-        it = await work(item_or_404, index, item_id)
+        it = await work(item_or_404, gen.index, item_id)
         return {"id": it.id, "path": it.path, "captions": it.captions, "extra": it.extra,
                 "has_image": it.image_key is not None, "has_text": it.text_key is not None,
                 "thumb": thumb_url(it.id) if it.path else None}
 
     @app.get("/api/thumb/{item_id:path}", responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
              response_class=Response)
-    async def thumb(index: Current, item_id: str) -> Response:
+    async def thumb(gen: Current, item_id: str) -> Response:
         """A JPEG thumbnail of an indexed image, made on first request and cached under the index folder."""
-        it = await work(item_or_404, index, item_id)
+        it = await work(item_or_404, gen.index, item_id)
         if it.path is None:
             raise HTTPException(404, f"item {it.id!r} has no image (it is text only)")
         jpeg = await work(thumbnail, it.path, it.image_key or it.path, settings.thumb_cache)
@@ -344,14 +458,18 @@ def create_app(index_path: str | Path, cors_origins: list[str] | None = None, mo
                         headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
     @app.get("/api/health", response_model=Health)
-    async def health(index: Current) -> dict[str, Any]:
-        """Answered on the event loop, so it stays quick while every request thread is busy."""
-        return {"status": "ok", "items": int(index.store.faiss.ntotal)}
+    async def health(gen: Current) -> dict[str, Any]:
+        """The items of the generation answering, as /api/info counts them. Answered on the event loop (nothing
+        in it waits: not for a thread, nor for a new generation loading), so it stays quick while all are busy."""
+        return {"status": "ok", "items": gen.counts["items"]}
 
     @app.get("/api/info")
-    async def info(index: Current) -> dict[str, Any]:
-        """The index's manifest and counts, the defaults the page starts with, and the upload limits."""
-        return {**await work(index.info), "defaults": search_defaults(index), "max_k": MAX_K,
+    async def info(gen: Current) -> dict[str, Any]:
+        """The manifest and counts of the generation answering (not of the database now: a writer may be part way
+        through the next), the defaults the page starts with, and the upload limits. On the event loop."""
+        store = gen.index.store
+        return {"path": str(store.path), **asdict(store.manifest), "counts": gen.counts,
+                "defaults": search_defaults(gen.index), "max_k": MAX_K,
                 "max_upload_bytes": settings.max_upload_bytes, "max_upload_pixels": settings.max_upload_pixels}
 
     for route, (body, media) in pages.items():
@@ -359,15 +477,24 @@ def create_app(index_path: str | Path, cors_origins: list[str] | None = None, mo
     return app
 
 
-async def current_index(request: Request) -> Index:
+async def current_generation(request: Request) -> Generation:
     """The generation a request answers from, taken once at its start: every route's dependency."""
     live: LiveIndex = request.app.state.live
-    if live.changed():
-        await request.app.state.work(live.reopen)
-    return live.index
+    return live.poll()
 
 
-Current = Annotated[Index, Depends(current_index)]
+Current = Annotated[Generation, Depends(current_generation)]
+
+
+def thumb_folder(index_path: Path) -> ThumbCache | None:
+    """The thumbnail cache under the index folder; None where the folder cannot be made (a read-only index):
+    thumbnails are still served, just not kept."""
+    folder = index_path / "thumbs"
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError:
+        return None
+    return ThumbCache(folder)
 
 
 def warm(index: Index) -> None:
@@ -421,11 +548,11 @@ def search_upload(index: Index, file: UploadFile, settings: Settings, query: dic
     return run_search(index, query, image=image, **search_args)
 
 
-def thumbnail(path: str, key: str, cache: Path | None) -> bytes:
-    """JPEG bytes, from the cache when made before; the cache file is named by the image's content hash."""
-    file = cache / f"{hashlib.sha256(f'{key}:{THUMB_SIDE}'.encode()).hexdigest()}.jpg" if cache else None
-    if file is not None and file.is_file():
-        return file.read_bytes()
+def thumbnail(path: str, key: str, cache: ThumbCache | None) -> bytes:
+    """JPEG bytes, from the cache when made before (`key`: the image's content hash)."""
+    cached = cache.get(key) if cache is not None else None
+    if cached is not None:
+        return cached
     try:
         img = load_image(path, size_hint=THUMB_SIDE)
     except ImageError as e:
@@ -434,11 +561,8 @@ def thumbnail(path: str, key: str, cache: Path | None) -> bytes:
     out = io.BytesIO()
     img.save(out, "JPEG", quality=85, optimize=True)
     data = out.getvalue()
-    if file is not None:
-        fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")  # own name: two requests may write at once
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, file)
+    if cache is not None:
+        cache.put(key, data)
     return data
 
 
@@ -535,13 +659,13 @@ def _page(body: bytes, media: str) -> Any:
     return page
 
 
-def _error(status: int, message: Any) -> JSONResponse:
-    return JSONResponse({"error": str(message)}, status_code=status)
+def _error(status: int, message: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": str(message)}, status_code=status, headers=headers)
 
 
 async def _on_http_error(_: Request, e: Exception) -> JSONResponse:
     assert isinstance(e, HTTPException)
-    return _error(e.status_code, e.detail)
+    return _error(e.status_code, e.detail, dict(e.headers or {}))
 
 
 async def _on_invalid_request(_: Request, e: Exception) -> JSONResponse:
@@ -555,10 +679,8 @@ async def _on_retrieval_error(_: Request, e: Exception) -> JSONResponse:
 
 async def _on_index_changed(_: Request, e: Exception) -> JSONResponse:
     """A request that met a generation being published (between its commit and its manifest): LiveIndex
-    swaps the new one in on a later request, so the client only has to ask again."""
-    response = _error(503, "the index is being updated; retry in a moment")
-    response.headers["Retry-After"] = "1"
-    return response
+    swaps the new one in once it has loaded it, so the client only has to ask again."""
+    return _error(503, "the index is being updated; retry in a moment", {"Retry-After": "1"})
 
 
 def _validation_message(e: RequestValidationError) -> str:

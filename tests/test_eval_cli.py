@@ -218,9 +218,13 @@ def test_a_flat_index_returns_the_exact_top_k(typed_indexes: dict[str, Path], sy
 
 
 def test_an_hnsw_index_reports_its_ef_search(typed_indexes: dict[str, Path], synth_data: Path) -> None:
+    """The knob reaches the search: with 600 candidates (every item) HNSW is exact, and 7 finds no more."""
     report = eval_index(typed_indexes["hnsw"], synth_data, "--ef-search", "7")
+    wide = eval_index(typed_indexes["hnsw"], synth_data, "--ef-search", "600")
     assert report["index_type"] == "hnsw" and report["search_params"] == {"ef_search": 7}
-    assert 0 < report["index_recall"]["R@10"] <= 1.0
+    assert wide["search_params"] == {"ef_search": 600} and wide["index_recall"]["R@10"] == 1.0
+    assert wide["text_to_image"] == wide["exact"]["text_to_image"]
+    assert report["index_recall"]["R@10"] <= wide["index_recall"]["R@10"]
 
 
 def test_ivfpq_with_one_list_probed_is_not_exact(typed_indexes: dict[str, Path], synth_data: Path) -> None:

@@ -129,6 +129,26 @@ def test_an_index_an_older_version_broke_with_a_nan_is_mended_by_the_next_index(
     assert_intact(idx, {r["id"] for r in rows})
 
 
+def test_an_indexed_item_whose_row_or_sidecar_turns_bad_is_kept_not_removed(synth_data, tiny_model, photos,
+                                                                           tmp_path) -> None:
+    """A row that gains a NaN, or a sidecar re-saved as Latin-1, is skipped this time; the item indexed before
+    stays as it was (it used to be removed, while the output said only "skipped")."""
+    rows = synth_rows(synth_data)
+    manifest = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    index_ok(manifest, tiny_model, tmp_path / "a")
+    write_jsonl(manifest, [{**rows[0], "score": float("nan")}, *rows[1:]])
+    result = index_ok(manifest, tiny_model, tmp_path / "a")
+    assert "0 removed" in result.output and len(skipped_lines(result)) == 1, result.output
+    assert set(IndexStore.open(tmp_path / "a").all_items()) == {r["id"] for r in rows}
+
+    index_ok(photos, tiny_model, tmp_path / "b")
+    sidecar = sorted(photos.glob("*.txt"))[0]
+    sidecar.write_bytes(sidecar.read_text().encode() + "café\n".encode("latin-1"))
+    result = index_ok(photos, tiny_model, tmp_path / "b")
+    assert "0 removed" in result.output and len(skipped_lines(result)) == 1, result.output
+    assert len(IndexStore.open(tmp_path / "b").all_items()) == N
+
+
 def test_a_manifest_with_no_readable_row_is_refused_not_emptied_into_the_index(synth_data, tiny_model, tmp_path) -> None:
     manifest = write_jsonl(tmp_path / "pairs.jsonl", synth_rows(synth_data))
     idx = tmp_path / "idx"

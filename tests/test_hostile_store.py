@@ -1,8 +1,9 @@
 """Issue 14, the index store: what a careless or hostile user does to an index folder must never break it.
 
-Each test reproduces one case (a second writer with another model, a full or read-only disk, a folder that
-is not ours, a copied FAISS file, a damaged manifest, a kill while `remove` writes, knobs out of range),
-then checks the one-line message and that the index is intact and searchable afterwards.
+Each test reproduces one case (a second writer with another model, a full or read-only disk, a database another
+process holds locked, a folder that is not ours, a copied FAISS file, a damaged or unreadable manifest, a
+filesystem without file locks, a kill while `remove` writes, knobs out of range), then checks the one-line
+message and that the index is intact and searchable afterwards.
 
 A full or read-only disk is tested on a real small tmpfs where this process may mount one (root with
 CAP_SYS_ADMIN), and always by simulation: SQLite's own "database or disk is full" (PRAGMA max_page_count),
@@ -17,6 +18,7 @@ import fcntl
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -33,8 +35,8 @@ from click.testing import CliRunner
 
 import retrieval.index as index_module
 from retrieval.cli import main
-from retrieval.errors import NoSpaceError, ReadOnlyError, RetrievalError
-from retrieval.index import IndexStore, read_manifest, set_search_params
+from retrieval.errors import IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError
+from retrieval.index import IndexStore, Manifest, read_manifest, set_search_params
 from retrieval.indexing import build_index, remove_items
 from retrieval.modeldir import fingerprint
 from retrieval.query import Index
@@ -97,6 +99,17 @@ def assert_current(index_path: Path, n_items: int) -> None:
     assert len(results(index_path)[0]) == n_items
 
 
+def sqlite_error(message: str, name: str) -> sqlite3.OperationalError:
+    """An error as SQLite raises it, with the code name the store decides by (sqlite_errorname)."""
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorname = name  # type: ignore[attr-defined]
+    return error
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
 @contextmanager
 def lock_held(index_path: Path) -> Iterator[None]:
     """Another process writing the index: its lock, taken as IndexStore does (flock on .lock)."""
@@ -141,6 +154,67 @@ def test_a_refused_writer_with_another_model_writes_nothing(source, tiny_model, 
     assert read_manifest(idx).fingerprint == fingerprint(tiny_model)
     assert results(idx) == before
     assert build(source, idx, tiny_model).unchanged == N
+
+
+def test_a_run_with_another_model_is_refused_before_it_writes_anything(source, tiny_model, other_model, tmp_path,
+                                                                        monkeypatch) -> None:
+    """Before: the model was checked after the refused run had opened the database for writing (a -wal and a -shm
+    file, the schema, a repair that deletes *.tmp files and may update items), and that connection stayed open."""
+    idx = tmp_path / "idx"
+    build(source, idx, tiny_model)
+    before = results(idx)
+    close_cleanly(idx)
+    unchanged = files(idx)
+    real_connect, opened_for_writing = index_module._connect, []
+
+    def connect(path: Path, write: bool = False) -> sqlite3.Connection:
+        if write:
+            opened_for_writing.append(path)
+        return real_connect(path, write)
+
+    monkeypatch.setattr(index_module, "_connect", connect)
+    with pytest.raises(RetrievalError, match="model mismatch") as refused:  # held: its frames keep what it opened
+        build(source, idx, other_model)
+    assert files(idx) == unchanged and not opened_for_writing  # byte for byte, and no -wal or -shm file
+    assert_one_error_line(run_cli("index", source, "--model", other_model, "--index", idx), "model mismatch")
+    assert files(idx) == unchanged and not opened_for_writing
+    del refused
+    assert results(idx) == before
+
+
+def test_a_writer_that_fails_closes_its_connection_and_the_store_reads_again(source, tiny_model, tmp_path, monkeypatch) -> None:
+    """Before: a writer failing while it opened (its repair, on a disk that refused it) left its write connection
+    open, and an error inside `writer()`'s block left the store with a closed connection."""
+    idx = tmp_path / "idx"
+    build(source, idx, tiny_model)
+    close_cleanly(idx)
+    (idx / "vectors.npy.tmp").write_bytes(b"left by a killed writer")
+    real_unlink = Path.unlink
+
+    def full_disk_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.name.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_unlink(self, missing_ok)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", full_disk_unlink)
+        with pytest.raises(NoSpaceError) as failed:  # held: its frames keep what it opened
+            build(source, idx, tiny_model)
+        assert not (idx / "items.sqlite-wal").exists()  # the last connection out closed: no write connection left
+        del failed
+        store = IndexStore.open(idx)
+        with pytest.raises(NoSpaceError):
+            with store.writer():
+                pass
+        assert store.counts()["items"] == N  # still reading, and the lock released:
+    with pytest.raises(ValueError, match="the block failed"):
+        with store.writer():
+            raise ValueError("the block failed")
+    assert store.counts()["items"] == N and len(store.items_by_id(["synth-000001"])) == 1
+    with store.writer():
+        assert store.derived_files_current()
+    assert build(source, idx, tiny_model).unchanged == N
+    assert_current(idx, N)
 
 
 # --- 7. a full disk -------------------------------------------------------------------------------------
@@ -312,8 +386,10 @@ def read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     def connect(target: Any, *args: Any, uri: bool = False, **kwargs: Any) -> sqlite3.Connection:
         shm_missing = not (folder / "items.sqlite-shm").exists()
-        if inside in str(target) and (not uri or ("immutable=1" not in str(target) and shm_missing)):
-            raise sqlite3.OperationalError("attempt to write a readonly database")
+        if inside in str(target) and not uri:  # a writer
+            raise sqlite_error("attempt to write a readonly database", "SQLITE_READONLY")
+        if inside in str(target) and "immutable=1" not in str(target) and shm_missing:  # what mode=ro meets on a ro mount
+            raise sqlite_error("unable to open database file", "SQLITE_CANTOPEN")
         return real_connect(target, *args, uri=uri, **kwargs)
 
     def ro_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
@@ -373,6 +449,48 @@ def test_rebuild_is_advised_only_for_a_file_that_is_not_a_database(source, tiny_
     assert_one_error_line(run_cli("info", "--index", idx), "is not a readable index database")
 
 
+def test_a_database_another_process_holds_locked_is_reported_not_read_without_locks(source, tiny_model, tmp_path) -> None:
+    """Before: any failure of the read-only open, a writer's lock on a writable folder too, fell back to reading
+    the file immutable, without locks, where a writer's changes show as torn pages."""
+    idx = tmp_path / "idx"
+    build(source, idx, tiny_model)
+    before = results(idx)
+    close_cleanly(idx)
+    holder = sqlite3.connect(idx / "items.sqlite")
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")  # no shared memory: readers cannot get in at all
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(RetrievalError, match="another process holds it locked; wait for it to finish, then retry"):
+            IndexStore.open(idx)
+        line = assert_one_error_line(run_cli("info", "--index", idx), "(database is locked): another process holds it")
+        assert "rebuild" not in line and "immutable" not in line
+    finally:
+        holder.rollback()
+        holder.close()
+    assert results(idx) == before
+
+
+def test_an_immutable_reader_that_meets_a_changed_file_never_advises_a_rebuild(source, tiny_model, tmp_path, monkeypatch) -> None:
+    """A reader of a read-only folder opens the database immutable (no locks: nothing can write there). If the
+    folder becomes writable and the file changes under it, it reads torn pages. Before: a raw DatabaseError
+    ("malformed"), which the open-time check words as "rebuild the index", advice that destroys an intact index."""
+    idx = tmp_path / "idx"
+    build(source, idx, tiny_model)
+    before = results(idx)
+    with read_only(idx, monkeypatch):
+        store = IndexStore.open(idx)
+    assert isinstance(store.db, index_module.ImmutableConnection)
+    database = idx / "items.sqlite"
+    intact = database.read_bytes()
+    database.write_bytes(intact[:4096] + np.random.default_rng(0).bytes(len(intact) - 4096))  # all but its first page
+    with pytest.raises(IndexChanged) as changed:
+        store.counts()
+    assert "in immutable mode" in str(changed.value) and "open the index again, or make the folder writable" in str(changed.value)
+    assert "rebuild" not in str(changed.value)
+    database.write_bytes(intact)
+    assert results(idx) == before
+
+
 # --- 9. a folder that is not an index ---------------------------------------------------------------------
 def test_a_folder_that_is_not_an_index_is_refused_and_left_alone(source, tiny_model, tmp_path) -> None:
     """Before: a user's records.jsonl was overwritten, and a foreign items.sqlite got our tables and WAL mode."""
@@ -403,6 +521,14 @@ def test_a_folder_that_is_not_an_index_is_refused_and_left_alone(source, tiny_mo
     with pytest.raises(RetrievalError, match="is a file, not a folder"):
         build(source, tmp_path / "a-file", tiny_model)
 
+    escape = tmp_path / "escape"
+    escape.mkdir()
+    (escape / "a\x1b[2Jb.jpg").write_bytes(b"x")  # would clear the screen of whoever reads the message
+    with pytest.raises(RetrievalError) as refused:
+        IndexStore.open_writer(escape, lambda: Manifest("no-model", "0" * 16, 4))
+    assert "it holds a\\x1b[2Jb.jpg" in str(refused.value) and "\x1b" not in str(refused.value)
+    assert sorted(p.name for p in escape.iterdir()) == ["a\x1b[2Jb.jpg"]
+
     empty = tmp_path / "empty"
     empty.mkdir()
     assert build(source, empty, tiny_model).added == N  # an empty folder is fine
@@ -411,27 +537,61 @@ def test_a_folder_that_is_not_an_index_is_refused_and_left_alone(source, tiny_mo
 
 
 # --- minor: a copied FAISS file, a damaged manifest, a killed remove, stale .tmp files, knobs --------------
-def test_a_faiss_file_copied_from_another_index_is_not_trusted_and_index_repairs_it(synth_data, source, tiny_model, tmp_path) -> None:
-    """Before: searches answered from the other index's vectors (same ids 1..20), or failed with "restart the
-    server"; `index` said "20 unchanged" and kept the file."""
+@pytest.mark.parametrize("index_type, n", [("flat", N), ("hnsw", N), ("ivf", 40)])  # ivf trains on >= 39 items
+def test_a_faiss_file_copied_from_another_index_is_not_trusted_and_index_repairs_it(synth_data, tiny_model, tmp_path,
+                                                                                   index_type, n) -> None:
+    """Before: searches answered from the other index's vectors (same ids 1..n), or failed with "restart the
+    server"; `index` said "n unchanged" and kept the file. Flat and HNSW copies were caught by comparing two
+    vectors; an IVF copy (the same count and ids) was trusted."""
     a, b = tmp_path / "a", tmp_path / "b"
-    build(source, a, tiny_model)
-    build(write_source(synth_data, tmp_path / "other.jsonl", range(N, 2 * N)), b, tiny_model)
+    source = write_source(synth_data, tmp_path / "pairs.jsonl", range(n))
+    build(source, a, tiny_model, index_type=index_type)
+    build(write_source(synth_data, tmp_path / "other.jsonl", range(n, 2 * n)), b, tiny_model, index_type=index_type)
     before = results(a)
     shutil.copy(b / "vectors.faiss", a / "vectors.faiss")
     assert results(a) == before  # rebuilt in memory from the database
     assert not IndexStore.open(a).derived_files_current()
     result = run_cli("index", source, "--model", tiny_model, "--index", a)
-    assert result.exit_code == 0 and f"0 added, 0 updated, 0 removed, {N} unchanged" in result.output, result.output
+    assert result.exit_code == 0 and f"0 added, 0 updated, 0 removed, {n} unchanged" in result.output, result.output
     assert (a / "vectors.faiss").read_bytes() != (b / "vectors.faiss").read_bytes()
-    assert_current(a, N)
+    assert_current(a, n)
     assert results(a) == before
+
+
+def test_a_no_op_index_or_remove_does_not_read_the_faiss_file(source, tiny_model, tmp_path, monkeypatch) -> None:
+    """Before: deciding that the derived files were current read the whole FAISS file and threw it away, on every
+    no-op `index`, `remove` and merge (a flat index of 1M items: about 1 GB read to say "unchanged")."""
+    idx = tmp_path / "idx"
+    build(source, idx, tiny_model)
+    real_read, reads = index_module.read_faiss, []
+
+    def read_faiss(file: Path, mmap: bool = False) -> Any:
+        reads.append(file)
+        return real_read(file, mmap)
+
+    monkeypatch.setattr(index_module, "read_faiss", read_faiss)
+    assert build(source, idx, tiny_model).unchanged == N
+    assert remove_items(idx, ["no-such-item"]) == ["no-such-item"]
+    assert reads == []
+    # a manifest from before the digest: the file is read and checked once, and what was read is kept for searching
+    manifest = json.loads((idx / "manifest.json").read_text())
+    del manifest["faiss_digest"]
+    (idx / "manifest.json").write_text(json.dumps(manifest))
+    store = IndexStore.open(idx)
+    assert store.derived_files_current() and len(reads) == 1
+    assert store.faiss.ntotal == N and len(reads) == 1
 
 
 @pytest.mark.parametrize("key, value, words", [("dim", "abc", 'dim is "abc", not a whole number'),
                                                ("params", [], "params is [], not an object"),
                                                ("generation", "x", 'generation is "x", not a whole number'),
-                                               ("index_type", "bogus", 'index_type is "bogus", not one of flat')])
+                                               ("index_type", "bogus", 'index_type is "bogus", not one of flat'),
+                                               ("calibration", {"item": 5}, 'calibration is {"item": 5}, its "item" entry is '
+                                                "not a cutoff as `retrieval calibrate` stores it"),
+                                               ("calibration", {"item": {"rule": "flat"}},
+                                                'calibration is {"item": {"rule": "flat"}}, its "item" entry is not a cutoff'),
+                                               ("calibration", {"text": {"rule": "flat", "theta": "0.3", "weight": 0.5}},
+                                                'calibration is {"text": {"rule": "flat", "theta": "0.3", its "text" entry is')])
 def test_a_manifest_value_of_the_wrong_type_is_one_line(source, tiny_model, tmp_path, key, value, words) -> None:
     idx = tmp_path / "idx"
     build(source, idx, tiny_model)
@@ -443,6 +603,72 @@ def test_a_manifest_value_of_the_wrong_type_is_one_line(source, tiny_model, tmp_
         assert_one_error_line(run_cli(*args), f"manifest.json is damaged: {words}")
     (idx / "manifest.json").write_text(good)
     assert results(idx) == before
+
+
+def test_calibration_entries_as_calibrate_stores_them_are_read(source, tiny_model, tmp_path) -> None:
+    idx = tmp_path / "idx"
+    build(source, idx, tiny_model)
+    entries = {"item": {"rule": "flat", "theta": 0.25, "weight": 0.5, "n_queries": 30, "best_f1": 0.8, "heldout_f1": 0.75,
+                        "target_precision": None},
+               "text": {"rule": "top_relative", "margin": 0.05, "weight": 0.0, "n_queries": 30, "best_f1": 0.7,
+                        "heldout_f1": 0.6, "target_precision": 0.9}}
+    store = IndexStore.open(idx)
+    with store.writer():
+        for target, entry in entries.items():
+            store.set_calibration(target, entry)
+    assert read_manifest(idx).calibration == entries
+    index = Index.open(idx)
+    assert index.calibrated("item", 0.5) == (0.25, None) and index.calibrated("text", 0.0) == (None, 0.05)
+
+
+def test_an_unreadable_manifest_is_one_line(source, tiny_model, tmp_path, monkeypatch) -> None:
+    """Before: an I/O or permission error reading manifest.json was a traceback."""
+    idx = tmp_path / "idx"
+    build(source, idx, tiny_model)
+    before = results(idx)
+    real_read_text = Path.read_text
+
+    def read_text(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == idx / "manifest.json":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_read_text(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "read_text", read_text)
+        for args in (["info", "--index", idx], ["search", "--index", idx, "--text", "a red circle"],
+                     ["index", source, "--model", tiny_model, "--index", idx], ["remove", "--index", idx, "synth-000001"]):
+            line = assert_one_error_line(run_cli(*args), f"cannot read {idx}/manifest.json ({os.strerror(errno.EIO)}): "
+                                                         "check the disk")
+            assert "rebuild" not in line
+    assert results(idx) == before
+
+
+def test_a_filesystem_without_file_locks_is_one_line_and_leaks_no_file(source, tiny_model, tmp_path, monkeypatch) -> None:
+    """Before: flock's ENOLCK (NFS without a lock daemon) was a traceback, and the lock file stayed open."""
+    idx = tmp_path / "idx"
+    build(source, idx, tiny_model)
+    before = results(idx)
+    opened: list[Any] = []
+
+    def tracked_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = open(file, mode, *args, **kwargs)
+        opened.append(f)
+        return f
+
+    def no_locks(fd: Any, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    with monkeypatch.context() as m:
+        m.setattr(index_module, "open", tracked_open, raising=False)
+        m.setattr(fcntl, "flock", no_locks)
+        reason = f"cannot lock {idx}/.lock ({os.strerror(errno.ENOLCK)}): writing an index needs a filesystem with file locks"
+        with pytest.raises(RetrievalError, match=re.escape(reason)):
+            build(source, idx, tiny_model)
+        assert_one_error_line(run_cli("index", source, "--model", tiny_model, "--index", idx), reason)
+        assert_one_error_line(run_cli("remove", "--index", idx, "synth-000001"), reason)
+    assert opened and all(f.closed for f in opened)
+    assert results(idx) == before
+    assert_current(idx, N)
 
 
 KILLED_REMOVE = """

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 import retrieval.indexing as indexing
 from retrieval.cli import main
 from retrieval.errors import RetrievalError
-from retrieval.index import FLAT_MAX_ITEMS, IndexStore, Item, Manifest, choose_index_type, read_manifest
+from retrieval.index import FLAT_MAX_ITEMS, FORMAT_VERSION, IndexStore, Item, Manifest, choose_index_type, read_manifest
 from retrieval.indexing import build_index, remove_items
 from retrieval.modeldir import fingerprint
 from retrieval.query import Index
@@ -366,6 +366,19 @@ def test_newer_format_asks_to_upgrade(folder, tiny_model, tmp_path) -> None:
     assert_one_error_line(run_cli("info", "--index", idx), "upgrade retrieval")
 
 
+def test_a_format_1_index_is_read_and_written_as_the_current_format(folder, tiny_model, tmp_path) -> None:
+    """Format 2 adds manifest fields a format 1 reader would fail on; a format 1 index (without them) is read as
+    it is, and its next change writes the current format, so an older retrieval says to upgrade."""
+    idx = tmp_path / "idx"
+    build(folder, idx, tiny_model)
+    manifest = json.loads((idx / "manifest.json").read_text())
+    old = {k: v for k, v in manifest.items() if k not in ("image_precision", "faiss_digest")} | {"format_version": 1}
+    (idx / "manifest.json").write_text(json.dumps(old))
+    assert Index.open(idx).search(text="a red circle", k=3)
+    remove_items(idx, [next(iter(IndexStore.open(idx).all_items()))])
+    assert json.loads((idx / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 2
+
+
 def test_folder_that_is_not_an_index(tmp_path) -> None:
     (tmp_path / "photos").mkdir()
     for open_it in (IndexStore.open, Index.open):
@@ -457,7 +470,7 @@ def test_tuning_the_search_knob_trades_recall(tmp_path, index_type: str, knob: s
     low_recall = recall()
     ann.tune(**{knob: high})
     assert recall() == 1.0 and low_recall < 0.9, low_recall
-    with pytest.raises(RetrievalError, match=f"{knob} must be at least 1"):
+    with pytest.raises(RetrievalError, match=f"{knob} must be a whole number from 1 to 2147483647, got 0"):
         ann.tune(**{knob: 0})
 
 
@@ -491,7 +504,7 @@ def test_cli_index_info_remove(folder, tiny_model, tmp_path) -> None:
     info = json.loads(result.stdout)
     assert info["counts"]["items"] == N_FILES and info["counts"]["with_text"] == N_FILES // 2
     assert info["index_type"] == "flat" and info["fingerprint"] == fingerprint(tiny_model)
-    assert info["dim"] == 64 and info["format_version"] == 1
+    assert info["dim"] == 64 and info["format_version"] == FORMAT_VERSION
 
     result = run_cli("remove", "--index", idx, "synth-000003.png", "nope.png")
     assert result.exit_code == 0, result.output

@@ -159,6 +159,21 @@ def test_auto_precision_is_bf16_only_for_the_pretrained_tower_on_a_bf16_cpu(tiny
         tiny.encode_image(np.zeros((1, 3, 32, 32), np.float32), precision="fp16")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_keeps_the_index_own_where_it_is_native(tiny_model: Path, zeroshot_model: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """An index records what its images were encoded in; "auto" keeps that, so the index holds one precision and
+    queries match it, except bf16 on a CPU that would emulate it (8x slower), which falls back to fp32."""
+    import retrieval.model
+
+    monkeypatch.setattr(retrieval.model, "use_bf16", lambda requested: requested and native)
+    tiny, pretrained = load_model(tiny_model), load_model(zeroshot_model)
+    assert tiny.image_precision("auto", "bf16") == ("bf16" if native else "fp32")
+    assert pretrained.image_precision("auto", "fp32") == "fp32"  # on a bf16 CPU too: the index stays fp32
+    assert pretrained.image_precision("auto", "") == ("bf16" if native else "fp32")  # a new index: this CPU's choice
+    assert pretrained.image_precision("fp32", "bf16") == "fp32"  # asked for: as asked
+
+
 def test_index_command_says_which_precision_ran(folder: Path, tiny_model: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["index", str(folder), "--model", str(tiny_model), "--index", str(tmp_path / "i")])
     assert result.exit_code == 0, result.output
