@@ -436,7 +436,7 @@ def classify_pairs(
         kept.append(p)
     if not kept:
         raise RetrievalError("none of the items could be classified (no readable image or caption)")
-    probs = probabilities(label_emb, np.stack(vectors), float(model.temperature().detach()))
+    probs = probabilities(label_emb, np.stack(vectors), float(model.inverse_temperature().detach()))
     return _classification(probs, kept, pairs, labels, label_field, {"template": template, "weight": weight})
 
 

@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RetrievalError
+from .choices import DEFAULT_TEMPLATE
+from .errors import InvalidArgument
 from .evaluate import Embeddings
 
-DEFAULT_TEMPLATE = "a photo of a {label}"
 
-
-class TemplateError(RetrievalError, ValueError):
+class TemplateError(InvalidArgument):
     """A prompt template str.format cannot fill with the label alone."""
 
 

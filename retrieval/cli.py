@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .classify import DEFAULT_TEMPLATE
+from .choices import DEFAULT_TEMPLATE, INDEX_TYPES, MAX_MEMORY_LIMIT, TARGETS, check_params
 from .config import IMAGE_TOWERS, LOSSES, PRETRAINED_IMAGE_SIZES, PRESETS, TEXT_TOWERS, ZEROSHOT_TEMPERATURE
-from .index import INDEX_TYPES, MAX_MEMORY_LIMIT, check_params
+from .errors import RetrievalError, shown, user_error
 from .modeldir import HF_PREFIX
-from .errors import RetrievalError, shown
-from .query import TARGETS
 
 
 class ModelParam(click.ParamType):
@@ -47,12 +48,40 @@ class BytesParam(click.ParamType):
             self.fail(f"{value!r} is not a size; write it like 512M or 8G", param, ctx)
         if not math.isfinite(size) or size >= MAX_MEMORY_LIMIT:  # nan, inf, 1e300G: int() would raise, or no machine has it
             self.fail(f"{value!r} is not a size a machine has; write it like 512M or 8G", param, ctx)
-        if size <= 0:
-            self.fail(f"{value!r} must be more than zero", param, ctx)
+        if int(size) <= 0:  # 0.0001 is no whole byte
+            self.fail(f"{value!r} must be at least one byte", param, ctx)
         return int(size)
 
 
 BYTES = BytesParam()
+
+
+def check_writable(path: str | None, option: str, folder: bool = False) -> None:
+    """An output path checked before the work, so an unwritable one fails in a second, not after an hour: it (a file,
+    or a folder when `folder`) must be writable where it is, or creatable in the nearest folder above it that exists.
+    Nothing is created here; what slips past (a full disk, a race) still ends as one line at the error boundary."""
+    if path is None:
+        return
+    target = Path(path).absolute()
+    if target.exists() and target.is_dir() != folder:
+        want, got = ("folder", "file") if folder else ("file", "folder")
+        raise RetrievalError(f"{option} {path} is a {got}; give a {want} path")
+    existing = target if target.exists() else next(p for p in target.parents if p.exists())
+    if not existing.is_dir() and existing != target:
+        raise RetrievalError(f"{option} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        why = "is read-only" if os.statvfs(existing).f_flag & os.ST_RDONLY else "cannot be written (no permission)"
+        raise RetrievalError(f"{option} {path}: {existing} {why}; choose another path")
+
+
+def write_report(out: str, text: str) -> None:
+    """--out's file, its folder made if missing. A failed write (a full disk: the error names no file) names --out."""
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    except OSError as e:
+        e.filename = e.filename or out
+        raise
 
 
 def check_knobs(ef_search: int | None, nprobe: int | None) -> dict[str, int]:
@@ -63,13 +92,24 @@ def check_knobs(ef_search: int | None, nprobe: int | None) -> dict[str, int]:
 
 
 class Group(click.Group):
-    """Turns our own errors into a one-line `Error: ...` and exit code 1, never a traceback."""
+    """The CLI's error boundary: whatever a user, a file or the disk can cause (our RetrievalError; an OSError such
+    as an unwritable --out or a full disk; a SQLite or FAISS error) becomes one line `Error: ...` and exit code 1;
+    click's own usage errors exit 2. Anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):  # Exit and Abort are RuntimeErrors
+            raise
         except RetrievalError as e:
             raise click.ClickException(shown(str(e))) from e  # one line, whatever a path or id in it holds
+        except (OSError, sqlite3.Error, RuntimeError) as e:
+            if isinstance(e, OSError) and e.errno == errno.EPIPE:
+                raise  # a closed pipe (| head): click's main ends quietly
+            error = user_error(e)
+            if error is None:
+                raise  # a RuntimeError that is not FAISS's: a bug
+            raise click.ClickException(shown(str(error))) from e
 
 
 @click.group(cls=Group)
@@ -89,6 +129,7 @@ def synth(out: str, n: int, seed: int, size: int) -> None:
     """Generate a synthetic collection: coloured shapes with compositional captions."""
     from .synth import generate
 
+    check_writable(out, "--out", folder=True)
     manifest = generate(out, n, seed=seed, size=size)
     click.echo(f"wrote {n} scenes: {manifest}")
 
@@ -129,10 +170,13 @@ def train(data: str, out: str, preset_name: str, split_file: str | None, train_s
     """Train a dual encoder on image-caption pairs; the best epoch by held-out recall is kept."""
     from .api import train_model
 
+    check_writable(out, "--out", folder=True)
+
     def report(entry: dict[str, Any]) -> None:
         val = entry["val"]
         recall = f"  val t2i R@1/5/10 {_recalls(val['text_to_image'])}" if val else ""
-        click.echo(f"epoch {entry['epoch']}: loss {entry['loss']:.3f}  {entry['pairs_per_s']:.0f} pairs/s{recall}"
+        loss = "-" if entry["loss"] is None else f"{entry['loss']:.3f}"  # None: the budget ran out before a step
+        click.echo(f"epoch {entry['epoch']}: loss {loss}  {entry['pairs_per_s'] or 0:.0f} pairs/s{recall}"
                    + ("  *best" if entry["best"] else ""), err=True)
 
     summary = train_model(data, out, preset_name, split_file, train_split, val_split, max_minutes, resume,
@@ -156,6 +200,7 @@ def zeroshot(out: str, image_tower: str, top: int, template: str, temperature: f
     """Write a model that needs no training pairs (ConSE): ImageNet classes + MiniLM. Use it with index, search, eval, classify, serve."""
     from .zeroshot import build_zeroshot
 
+    check_writable(out, "--out", folder=True)
     build_zeroshot(out, image_tower, top, template, temperature)
     click.echo(f"model: {out}  (zero-shot: {image_tower} ImageNet classes -> MiniLM; no training)\n"
                f"index a folder with it: retrieval index PHOTOS --model {out} --index index_data/photos")
@@ -192,6 +237,8 @@ def eval_(model_dir: str | None, index_path: str | None, data: str, split_file: 
 
     if (model_dir is None) == (index_path is None):
         raise RetrievalError("give --model (evaluate a model on the pairs) or --index (evaluate an index), not both")
+    check_writable(out, "--out")
+    check_writable(plot_dir, "--plot", folder=True)
     pairs = load_split_pairs(data, split_file, split)
     curves = plot_dir is not None or out is not None
     if model_dir:
@@ -205,8 +252,7 @@ def eval_(model_dir: str | None, index_path: str | None, data: str, split_file: 
         report = evaluate_index(index_path, pairs, _parse_ks(ks), target, weight, thresholds, target_precision, curves,
                                 depth, **knobs)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=1))
+        write_report(out, json.dumps(report, indent=1))
     if plot_dir:
         from .plots import report_plots
 
@@ -266,6 +312,8 @@ def classify(files: tuple[str, ...], model_dir: str, labels: str | None, data: s
         raise RetrievalError("give image FILES or --data MANIFEST (not both)")
     if label_field and not data:
         raise RetrievalError("--label-field needs --data")
+    check_writable(out, "--out")
+    check_writable(plot_dir, "--plot", folder=True)
     pairs = load_split_pairs(data, split_file, split) if data else [Pair(f, Path(f), ()) for f in files]
     label_list = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
     result = classify_pairs(model_dir, pairs, label_list, label_field, template, weight)
@@ -274,8 +322,7 @@ def classify(files: tuple[str, ...], model_dir: str, labels: str | None, data: s
     result["top"] = {i: [[names[j], float(p[j])] for j in o] for i, p, o in zip(result.pop("ids"), probs, order)}
     report = result.get("report")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        write_report(out, json.dumps(result, indent=1))
     if plot_dir and report:
         from .plots import confusion
         import numpy as np
@@ -306,6 +353,7 @@ def demo(root: str, minutes: float) -> None:
     """The main job on the embedded default: sample data, train (or reuse) a model, evaluate, query."""
     from .api import run_demo
 
+    check_writable(root, "--root", folder=True)
     result = run_demo(root, minutes=minutes)
     how = f"trained in {result.train_minutes:.1f} min" if result.trained else "reused; delete it to retrain"
     click.echo(f"data:  {result.data}\nmodel: {result.model} ({how})\nindex: {result.index}\n")

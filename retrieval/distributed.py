@@ -29,7 +29,7 @@ from .indexing import DEFAULT_MEMORY_BUDGET, list_source, prepare_store
 from .merge import MergeReport, merge_shards
 from .modeldir import ModelRef, canonical
 from .progress import progress_bar
-from .shards import DISTRIBUTED_INSTALL_HINT, encode_shard, is_done, plan_shards, read_skipped
+from .shards import DISTRIBUTED_INSTALL_HINT, clear_partial, encode_shard, is_done, plan_shards, read_skipped
 
 DEFAULT_SHARD_SIZE = 10_000  # items per shard: a few minutes of one worker's encoding, the unit lost to a kill
 MERGED_TYPES = ("ivf", "ivfpq")  # the types built by training once and merging per-shard copies
@@ -68,6 +68,7 @@ def build_index_ray(
         with store.writer():  # prepare_store took the lock; this block releases it, whatever fails
             plan = plan_shards(pairs, shard_size, store.manifest.fingerprint)  # checked to be model_dir's
             pending = [(name, part) for name, part in plan if not is_done(shard_dir, name)]
+            clear_partial(shard_dir, [name for name, _ in pending])  # a killed run's temporary files
             if pending:
                 run_shards(ray, pending, model_dir, shard_dir, batch_size, workers, progress)
             merged = merge_shards(store, shard_dir, [name for name, _ in plan], max_memory,

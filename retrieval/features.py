@@ -14,7 +14,8 @@ import torch
 
 from .augment import augment_batch
 from .config import Augment
-from .model import DualEncoder, Encoder
+from .encoder import Encoder
+from .model import DualEncoder
 from .progress import progress_bar
 
 

@@ -38,6 +38,10 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from .atomic import atomic_write
+from .atomic import atomic_write_json as _write_json
+from .atomic import save_npy as _save_npy
+from .choices import INDEX_TYPES, check_max_memory, search_knob
 from .errors import IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError, shown
 
 FORMAT_VERSION = 2  # 2: the manifest gains image_precision and faiss_digest (a format 1 index is read as it is, and
@@ -47,12 +51,9 @@ FIDS_FILE, VECTORS_FILE = "fids.npy", "vectors.npy"  # fused vectors in fid orde
 RECORDS_FILE, OFFSETS_FILE = "records.jsonl", "records.npy"  # what a result shows, a line per item in fid order
 IVFDATA_SUFFIX = ".ivfdata"  # a merged on-disk IVF index's inverted lists (faiss OnDiskInvertedLists)
 TMP_SUFFIX = ".tmp"  # a derived file being written (atomic_write); one left by a killed writer is removed by the next
-C_INT_MAX = 2**31 - 1  # FAISS's efSearch and nprobe are C ints
-MAX_MEMORY_LIMIT = 2**63  # bytes (8 EiB): --max-memory at or above this is no budget a machine has; the CLI's bound too
 DIGEST_SPAN = 2**20  # bytes of the FAISS file's head and tail that faiss_digest hashes
 CALIBRATION_CUTOFFS = {"flat": "theta", "top_relative": "margin"}  # a calibration rule -> the cutoff stored with it
 RESULT_COLUMNS = "i.id, i.path, json(i.captions), i.image_key IS NOT NULL, i.text_key IS NOT NULL, json(i.extra)"
-INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 FLAT_MAX_ITEMS = 200_000  # auto: exact search stays fast (< ~15 ms at d = 2 x 128) up to about here
 Vectors = npt.NDArray[np.float32]
 
@@ -160,32 +161,6 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
         inner.hnsw.efSearch = search_knob(params, "ef_search", 128)
     if isinstance(inner, faiss.IndexIVF):
         inner.nprobe = search_knob(params, "nprobe", 16)
-
-
-def search_knob(params: dict[str, Any], name: str, default: int) -> int:
-    """An HNSW or IVF knob as FAISS takes it: a C int, at least 1. Checked here, where every value arrives (the
-    command line, a server request, manifest.json), because SWIG answers a bad one with a traceback."""
-    value = params.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= C_INT_MAX:
-        raise RetrievalError(f"{name} must be a whole number from 1 to {C_INT_MAX}, got {value!r}; "
-                             f"give --{name.replace('_', '-')} a value in that range")
-    return int(value)
-
-
-def check_params(params: dict[str, Any]) -> None:
-    """The knobs among an index's params (--ef-search, --nprobe), checked before they are stored."""
-    for name in ("ef_search", "nprobe", "ef_construction"):
-        if name in params:
-            search_knob(params, name, 1)
-
-
-def check_max_memory(max_memory: int | None) -> None:
-    """None (no budget) or a whole number of bytes a machine can have: NaN, infinity or 1e300G is a typo."""
-    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
-                                   or not 0 < max_memory < MAX_MEMORY_LIMIT):
-        given = repr(max_memory) if len(repr(max_memory)) <= 24 else repr(max_memory)[:20] + "..."
-        raise RetrievalError(f"--max-memory must be a size from 1 byte to {MAX_MEMORY_LIMIT // 2**60} EiB, like 512M or 8G; "
-                             f"got {given}")
 
 
 def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any) -> faiss.SearchParameters | None:
@@ -691,30 +666,6 @@ def ivfdata_name(generation: int) -> str:
     return f"vectors.{generation}{IVFDATA_SUFFIX}"
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write to a temporary name beside `path` (`write` writes the path it is given), flush it to the disk, then
-    rename it over `path`: readers see the old or the new file, never a part, and a crash right after the rename
-    cannot leave the new name pointing at data still in the page cache. A write that fails (a full disk)
-    removes its temporary file; one left by a kill is removed by the next writer (`_repair`)."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)  # the rename itself
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_faiss(index: faiss.Index, path: Path) -> None:
     """faiss.write_index through a Python file: a full disk raises OSError here. FAISS's own file writer reports a
     failed write as a RuntimeError and ignores a failed close, which can leave a truncated file without an error."""
@@ -733,10 +684,6 @@ def faiss_digest(file: Path) -> str:
         f.seek(max(0, size - DIGEST_SPAN))
         digest.update(f.read(DIGEST_SPAN))
     return digest.hexdigest()
-
-
-def _write_json(path: Path, value: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
 
 
 def _take_lock(path: Path) -> IO[str]:
@@ -820,11 +767,6 @@ def _disk_full(path: Path) -> bool:
         return shutil.disk_usage(path).free < 64 * 1024
     except OSError:
         return False
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object, so numpy does not append .npy to the temporary name
-        np.save(f, array)
 
 
 def _vec(blob: bytes | None) -> np.ndarray | None:

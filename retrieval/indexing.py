@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .choices import INDEX_TYPES, check_params
 from .data import Pair, read_pairs
 from .errors import ImageError, RetrievalError
-from .index import INDEX_TYPES, IndexStore, Item, Manifest, check_params, choose_index_type, min_items
+from .index import IndexStore, Item, Manifest, choose_index_type, min_items
 from .modeldir import ModelRef, canonical, embed_dim, fingerprint
 from .progress import progress_bar
 

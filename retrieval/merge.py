@@ -27,7 +27,8 @@ import numpy.typing as npt
 from faiss.contrib.ondisk import merge_ondisk
 
 from .errors import RetrievalError
-from .index import IndexStore, Vectors, check_max_memory, factory_string, ivfdata_name, quiet_faiss, set_search_params
+from .choices import check_max_memory
+from .index import IndexStore, Vectors, factory_string, ivfdata_name, quiet_faiss, set_search_params
 from .indexing import IndexReport
 from .shards import read_shard
 
@@ -88,7 +89,10 @@ def merge_shards(store: IndexStore, directory: Path, names: Sequence[str], max_m
     report.phases["metadata"] = time.perf_counter() - t0
     fids = np.concatenate(shard_fids) if shard_fids else np.zeros(0, np.int64)
     report.added = len(fids) - report.updated
-    assert store.counts()["items"] == len(fids) and np.all(np.diff(fids) > 0), "the store holds the shards' items in order"
+    if store.counts()["items"] != len(fids) or not np.all(np.diff(fids) > 0):  # an id in two shards, or a shard edited
+        raise RetrievalError(f"the shards in {directory} hold {len(fids)} items but the index now holds "
+                             f"{store.counts()['items']} (an item id is in two shards, or a shard was changed after it "
+                             f"was written); delete {directory} and re-run to encode them again")
 
     dim2, n = 2 * store.manifest.dim, len(fids)
     index_type = store.manifest.index_type

@@ -8,30 +8,27 @@ A model directory holds config.json, model.safetensors and tokenizer.json; nothi
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write, atomic_write_json
 from .config import HeadConfig, ImageTowerConfig, ModelConfig, TextTowerConfig, model_config_to_dict
 from .efficientnet import PretrainedImageTower, pretrained_transform
+from .encoder import Embeddings, Encoder
+from .encoder import use_bf16 as use_bf16  # re-exported: callers ask this module which precision trains
 from .errors import RetrievalError
 from .images import Transform
 from .modeldir import ARCHITECTURE, FORMAT_VERSION, TEXT_TOWER_FILE, ModelRef, hf_name, read_model_config
+from .pretrained import load_hf, saved_text_tower
 from .tokenizer import PAD, Tokenizer
-
-Embeddings = npt.NDArray[np.float32]
-ImageLike = Image.Image | str | Path
 
 
 class BasicBlock(nn.Module):
@@ -88,10 +85,27 @@ def build_image_head(cfg: HeadConfig, tower: nn.Module, embed_dim: int) -> nn.Mo
         return nn.Sequential(nn.Dropout(cfg.input_dropout), nn.Linear(tower.out_dim, cfg.hidden), nn.GELU(),
                              nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, embed_dim))
     if cfg.image == "conse":
-        from .zeroshot import ConseHead
-
         return ConseHead(tower, embed_dim, cfg.top, cfg.temperature)
     return nn.Linear(tower.out_dim, embed_dim, bias=False)
+
+
+class ConseHead(nn.Module):
+    """ConSE (Norouzi et al. 2014; the zero-shot model, zeroshot.py): pooled image features (B, C) -> the
+    weighted mean of the top classes' text embeddings (B, D).
+
+    The classifier is the tower's own (reached through a bound method, not a submodule, so its weights are
+    stored once, with the tower); the class embeddings are a buffer saved with the model."""
+
+    def __init__(self, tower: nn.Module, embed_dim: int, top: int, temperature: float = 1.0):
+        super().__init__()
+        self.logits = tower.net.logits
+        self.top, self.temperature = top, temperature
+        self.register_buffer("class_embeddings", torch.zeros(tower.net.classifier.out_features, embed_dim))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        probs = (self.logits(pooled).float() / self.temperature).softmax(-1)  # (B, K)
+        p, classes = probs.topk(min(self.top, probs.shape[-1]), dim=-1)  # (B, T)
+        return (p.unsqueeze(-1) * self.class_embeddings[classes]).sum(1)  # (B, D)
 
 
 class TextTower(nn.Module):
@@ -114,113 +128,6 @@ class TextTower(nn.Module):
         h = self.ln_final(self.encoder(h, src_key_padding_mask=pad))  # (B, L, W)
         keep = (~pad).unsqueeze(-1).to(h.dtype)  # (B, L, 1)
         return (h * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, W)
-
-
-class Encoder(nn.Module):
-    """What the engine asks of any model: encode_image / encode_text, and for training forward and temperature.
-
-    A subclass supplies image_features and text_features (normalised (B, D), differentiable), text_outputs
-    (what a locked text side computes before text_features takes over, so it can be cached), tokenize,
-    temperature, text_parameters, and the attributes transform (images.Transform), embed_dim, text_width.
-    """
-
-    transform: Transform
-    embed_dim: int
-    text_width: int  # width of text_outputs' rows
-
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def text_features(self, text: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) run the whole text side; float rows (B, W) are text_outputs already (a cache)."""
-        raise NotImplementedError
-
-    def text_outputs(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
-        raise NotImplementedError
-
-    def temperature(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def text_parameters(self) -> Iterator[nn.Parameter]:
-        raise NotImplementedError
-
-    @property
-    def text_locked(self) -> bool:
-        """True when nothing before text_outputs' end trains, so its outputs can be computed once and cached."""
-        return not any(p.requires_grad for p in self.text_parameters())
-
-    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.image_features(pixels), self.text_features(text), self.temperature()
-
-    PRECISIONS = ("auto", "fp32", "bf16")
-
-    def image_precision(self, requested: str = "auto", recorded: str = "") -> str:
-        """What encode_image runs in for `requested`: "fp32", or "bf16" (autocast). "auto" is bf16 only for our
-        pretrained EfficientNet tower on a CPU with bf16 kernels: 2-3x fp32 there, and on Flickr8k the zero-shot
-        model's vectors kept cosine 0.993-1 to fp32 (mean 0.9993) and R@1/5/10 within half a point. Our small
-        from-scratch towers are fast and stay exact in fp32, HF towers were not measured, and on an AVX2 CPU bf16
-        is emulated and slower (use_bf16).
-
-        recorded: what an index's images were encoded in. "auto" keeps it where this CPU runs it natively, so one
-        index holds one precision and a copy of an indexed image scores 1.0 against it (0.9997 across the two)."""
-        if requested not in self.PRECISIONS:
-            raise RetrievalError(f"unknown precision {requested!r}; choose one of {', '.join(self.PRECISIONS)}")
-        if requested != "auto":
-            return requested
-        if recorded == "fp32" or (recorded == "bf16" and use_bf16(True)):
-            return recorded
-        return "bf16" if getattr(self, "image_cacheable", False) and use_bf16(True) else "fp32"
-
-    @torch.no_grad()
-    def encode_image(self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 128,
-                     precision: str = "fp32") -> Embeddings:
-        """Images (PIL, paths, or an already preprocessed (n, 3, S, S) array) -> (n, D) float32, unit norm.
-        fp32 by default, so evaluation and image queries give the same numbers on every CPU; indexing, where
-        throughput counts, asks for "auto" (image_precision)."""
-        bf16 = self.image_precision(precision) == "bf16"
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            if not isinstance(chunk, np.ndarray):
-                chunk = np.stack([self.transform.preprocess(_as_image(x, self.transform)) for x in chunk])
-            # (B, 3, S, S) stored as NHWC: oneDNN's fast convolution layout, the same maths
-            pixels = torch.from_numpy(chunk).contiguous(memory_format=torch.channels_last)
-            out.append(self._run(self.image_features, pixels, bf16))
-        return _concat(out, self.embed_dim)
-
-    @torch.no_grad()
-    def encode_text(self, texts: Sequence[str], batch_size: int = 512) -> Embeddings:
-        """Texts -> (n, D) float32, unit norm. An empty text embeds as [BOS][EOS]; callers reject it earlier."""
-        return self.project_text_outputs(self.text_tower_outputs(texts, batch_size))
-
-    @torch.no_grad()
-    def text_tower_outputs(self, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
-        """(n, W) float32 text_outputs. Texts run shortest first, so that a tokenizer padding to the longest
-        text of a batch pads little."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.zeros(len(texts), self.text_width)
-        for s in range(0, len(order), batch_size):
-            rows = order[s : s + batch_size]
-            tokens = torch.from_numpy(self.tokenize([texts[i] for i in rows]))
-            out[rows] = torch.from_numpy(self._run(self.text_outputs, tokens))
-        return out
-
-    @torch.no_grad()
-    def project_text_outputs(self, outputs: torch.Tensor) -> Embeddings:
-        """(n, W) text_outputs -> (n, D) float32, unit norm: the rest of encode_text."""
-        return self._run(self.text_features, outputs) if len(outputs) else _concat([], self.embed_dim)
-
-    def _run(self, features, batch: torch.Tensor, bf16: bool = False) -> np.ndarray:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return features(batch).float().numpy()
-        finally:
-            self.train(was_training)
 
 
 class DualEncoder(Encoder):
@@ -276,8 +183,8 @@ class DualEncoder(Encoder):
     def text_parameters(self) -> Iterator[nn.Parameter]:
         return self.text_tower.parameters()
 
-    def temperature(self) -> torch.Tensor:
-        """exp(logit_scale), clamped at 100 as in CLIP so training cannot make the softmax one-hot."""
+    def inverse_temperature(self) -> torch.Tensor:
+        """exp(logit_scale) = 1 / temperature, clamped at 100 as in CLIP so training cannot make the softmax one-hot."""
         return self.logit_scale.exp().clamp(max=100.0)
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
@@ -287,22 +194,8 @@ class DualEncoder(Encoder):
         return save_model(self, path)
 
 
-def use_bf16(requested: bool) -> bool:
-    """bf16 autocast only where oneDNN has bf16 kernels (AVX-512 and up). On an AVX2 CPU they are emulated:
-    a ResNet step measured 8x slower than fp32 there, so training falls back to fp32."""
-    return requested and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def _as_image(x: ImageLike, transform: Transform) -> Image.Image:
-    return x if isinstance(x, Image.Image) else transform.load_image(x)
-
-
-def _concat(parts: list[np.ndarray], dim: int) -> Embeddings:
-    return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
-
-
 def save_model(model: DualEncoder, path: str | Path) -> Path:
-    """Write the model directory; each file goes to a temporary name first, then is renamed into place."""
+    """Write the model directory; each file is replaced atomically (atomic.py), config.json last."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = {
@@ -313,28 +206,22 @@ def save_model(model: DualEncoder, path: str | Path) -> Path:
     }
     model.tokenizer.save(path / "tokenizer.json")
     if model.config.text.kind != "own":  # the pretrained tower's architecture; its weights go with ours below
-        (path / TEXT_TOWER_FILE).write_text(json.dumps(model.text_tower.hf_config, indent=2))
+        atomic_write_json(path / TEXT_TOWER_FILE, model.text_tower.hf_config)
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, path / "model.safetensors.tmp")
-    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
-    (path / "config.json.tmp").write_text(json.dumps(config, indent=2))
-    os.replace(path / "config.json.tmp", path / "config.json")
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(weights, tmp))
+    atomic_write_json(path / "config.json", config)
     return path
 
 
 def load_model(ref: ModelRef) -> Encoder:
     """Load a model directory written by save_model, or an `hf:` checkpoint (pretrained.py), in eval mode."""
     if hf_name(ref) is not None:
-        from .pretrained import load_hf
-
         return load_hf(ref)
     path = Path(ref)
     config = read_model_config(path)
     if config.text.kind == "own":
         model = DualEncoder(config, Tokenizer.load(path / "tokenizer.json"))
     else:
-        from .pretrained import saved_text_tower
-
         tower, tokenizer = saved_text_tower(path, config.text)
         model = DualEncoder(config, tokenizer, tower)
     try:

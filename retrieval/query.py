@@ -21,11 +21,11 @@ import faiss
 import numpy as np
 from PIL import Image
 
+from .choices import TARGETS, check_params
 from .errors import RetrievalError
-from .index import IndexStore, check_params
+from .index import IndexStore
 from .modeldir import ModelRef, fingerprint, numpy_text
 
-TARGETS = ("item", "image", "text")
 FEW_QUERIES = 8  # up to this many queries in one call, FAISS runs on one thread (see faiss_threads)
 MAX_QUERY_CHARS = 10_000  # beyond this a "query" is a document; the tokenizer would cut it anyway
 

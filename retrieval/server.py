@@ -31,12 +31,11 @@ import io
 import logging
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -56,7 +55,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from threadpoolctl import threadpool_limits
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .errors import ImageError, IndexChanged, RetrievalError, shown
+from .atomic import atomic_write_bytes
+from .errors import (ImageError, IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError, StorageError, faiss_message,
+                     shown, user_error)
 from .images import load_image, read_image
 from .index import MANIFEST_FILE, Item
 from .query import MAX_QUERY_CHARS, Hit, Index
@@ -134,7 +135,7 @@ class Health(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error, "description": what} for code, what in (
     (400, "Malformed request"), (404, "Unknown item, or no image"), (413, "Upload too large"),
     (422, "Invalid parameter or unreadable image"),
-    (503, "The index is being updated, or too many uploads are waiting: retry after Retry-After"))}
+    (503, "The index is being updated or cannot be read, or too many uploads are waiting: retry (after Retry-After)"))}
 
 
 class TooLarge(HTTPException):
@@ -208,16 +209,9 @@ class ThumbCache:
         return file.read_bytes() if file.is_file() else None
 
     def put(self, key: str, data: bytes) -> None:
-        tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")  # own name: two requests may write at once
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.file(key))
+            atomic_write_bytes(self.file(key), data, unique=True)  # own temporary name: two requests may write at once
         except OSError as e:
-            if tmp is not None:
-                with suppress(OSError):
-                    os.unlink(tmp)
             if not self._warned:
                 self._warned = True
                 logger.warning("thumbnails are served uncached: writing one to %s failed (%s); free space there if "
@@ -417,8 +411,9 @@ def create_app(index_path: str | Path, cors_origins: list[str] | None = None, mo
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_invalid_request)
-    app.add_exception_handler(RetrievalError, _on_retrieval_error)
-    app.add_exception_handler(IndexChanged, _on_index_changed)
+    app.add_exception_handler(RetrievalError, _on_retrieval_error)  # and its subclasses, each to its status
+    for unreadable in (OSError, sqlite3.Error, RuntimeError):  # what the disk, SQLite or FAISS raise: 503, never 500
+        app.add_exception_handler(unreadable, _on_unreadable_index)
 
     @app.get("/api/search", response_model=SearchOut, responses=ERRORS)
     async def search(gen: Current, q: TextQ = None, like: LikeQ = None, k: K = defaults["k"], theta: Theta = None,
@@ -674,13 +669,32 @@ async def _on_invalid_request(_: Request, e: Exception) -> JSONResponse:
 
 
 async def _on_retrieval_error(_: Request, e: Exception) -> JSONResponse:
-    return _error(422, str(e))
+    """Our errors, each to its status: the request's fault (a bad parameter, an unreadable upload) is 422; the
+    index's state (being updated, its disk full or read-only, a file it cannot read) is 503, which a client
+    may retry, and is logged for whoever runs the server."""
+    if isinstance(e, IndexChanged):  # met a generation being published (between its commit and its manifest):
+        # LiveIndex swaps the new one in once it has loaded it, so the client only has to ask again
+        return _error(503, "the index is being updated; retry in a moment", {"Retry-After": "1"})
+    if isinstance(e, (NoSpaceError, ReadOnlyError, StorageError)):
+        logger.warning("%s", shown(e))
+        return _error(503, _first_line(e))
+    return _error(422, _first_line(e))  # ImageError and every other RetrievalError
 
 
-async def _on_index_changed(_: Request, e: Exception) -> JSONResponse:
-    """A request that met a generation being published (between its commit and its manifest): LiveIndex
-    swaps the new one in once it has loaded it, so the client only has to ask again."""
-    return _error(503, "the index is being updated; retry in a moment", {"Retry-After": "1"})
+async def _on_unreadable_index(_: Request, e: Exception) -> JSONResponse:
+    """An OSError, SQLite error or FAISS RuntimeError from a route: the index's files, not the request, so 503 with
+    what failed (no file paths: those are for the log). Any other RuntimeError is a bug and stays a 500."""
+    error = user_error(e)
+    if error is None:
+        raise e
+    logger.warning("a request could not read the index: %s", shown(error))
+    cause = e.strerror if isinstance(e, OSError) and e.strerror else faiss_message(e) or _first_line(e)
+    return _error(503, f"the index could not be read: {cause}")
+
+
+def _first_line(e: Exception) -> str:
+    """An error as one line for a response (its later lines, if any, go to the log)."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def _validation_message(e: RequestValidationError) -> str:

@@ -21,14 +21,16 @@ import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import TMP_SUFFIX, atomic_write_stream
 from .data import Pair
 from .errors import RetrievalError
-from .index import Item, Vectors, atomic_write, fused
+from .index import Item, Vectors, fused
 from .indexing import encode_batch, file_state
 
 DISTRIBUTED_INSTALL_HINT = "pip install 'retrieval[distributed]'"
@@ -60,6 +62,14 @@ def plan_shards(pairs: Sequence[Pair], shard_size: int, model_fingerprint: str) 
 
 def is_done(directory: Path, name: str) -> bool:
     return (directory / f"{name}.json").is_file()
+
+
+def clear_partial(directory: Path, names: Sequence[str]) -> None:
+    """Remove what writers of these shards killed mid-write left (temporary files, named per attempt): call it
+    with the pending shards before any worker starts on them."""
+    for name in names:
+        for tmp in directory.glob(f"{glob_escape(name)}.*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
 
 
 def encode_shard(model: Any, pairs: Sequence[Pair], directory: Path, name: str, batch_size: int = 256) -> dict[str, Any]:
@@ -95,9 +105,11 @@ def write_shard(directory: Path, name: str, items: Sequence[Item], vectors: Vect
         "extra": pa.array([json.dumps(it.extra) for it in items], pa.string()),
     })
     summary = {"items": len(items), "skipped": list(skipped)}
-    _write_then_rename(directory / f"{name}.npy", lambda f: np.save(f, np.asarray(vectors, np.float32)))
-    _write_then_rename(directory / f"{name}.parquet", lambda f: pq.write_table(table, f))
-    _write_then_rename(directory / f"{name}.json", lambda f: f.write(json.dumps(summary).encode()))
+    # each under a temporary name of its own (a retried task may write the shard while the first attempt still
+    # runs), fsynced: on shared storage the rename must not land before the data
+    atomic_write_stream(directory / f"{name}.npy", lambda f: np.save(f, np.asarray(vectors, np.float32)), unique=True)
+    atomic_write_stream(directory / f"{name}.parquet", lambda f: pq.write_table(table, f), unique=True)
+    atomic_write_stream(directory / f"{name}.json", lambda f: f.write(json.dumps(summary).encode()), unique=True)
     return summary
 
 
@@ -122,17 +134,6 @@ def read_shard(directory: Path, name: str) -> Shard:
 def read_skipped(directory: Path, name: str) -> list[str]:
     """The unreadable-file messages of a finished shard, without reading its vectors."""
     return json.loads((directory / f"{name}.json").read_text())["skipped"]
-
-
-def _write_then_rename(path: Path, write: Any) -> None:
-    """atomic_write (fsynced: on shared storage the rename must not land before the data) with a file object,
-    so numpy does not append .npy to the temporary name."""
-
-    def to_file(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            write(f)
-
-    atomic_write(path, to_file)
 
 
 def _pyarrow() -> tuple[Any, Any]:

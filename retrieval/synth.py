@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from retrieval.errors import RetrievalError
+from .atomic import atomic_write_text
+from .errors import RetrievalError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -193,13 +192,6 @@ def captions(scene: Scene) -> list[str]:
     ]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write text so readers see the old file or the whole new one, never a half-written one."""
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
 def generate(out: str | Path, n: int, seed: int = 0, size: int = 96, test_fraction: float = 0.2) -> Path:
     """Write n scenes under out (images/, pairs.jsonl, split.json); the same seed gives the same files."""
     if n < 1:
@@ -225,6 +217,6 @@ def generate(out: str | Path, n: int, seed: int = 0, size: int = 96, test_fracti
         lines.append(json.dumps(record) + "\n")
     test = {ids[j] for j in rng.permutation(n)[: round(n * test_fraction)]}
     split = {"train": [i for i in ids if i not in test], "test": [i for i in ids if i in test]}
-    _write_atomic(out / "split.json", json.dumps(split) + "\n")
-    _write_atomic(out / "pairs.jsonl", "".join(lines))
+    atomic_write_text(out / "split.json", json.dumps(split) + "\n", unique=True)  # two runs may write one folder
+    atomic_write_text(out / "pairs.jsonl", "".join(lines), unique=True)
     return out / "pairs.jsonl"

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidArgument
 from .evaluate import Embeddings, Relevance, positive_mask
 
 RULES = ("flat", "top_relative", "zscore")
@@ -32,7 +33,7 @@ def normalise(sims: np.ndarray, rule: str, stats: RowStats | None = None) -> np.
     """(c, N) cosines -> (c, N) scores that a single θ cuts, per the rule. `stats`: each query's max, mean and
     standard deviation over all candidates, when `sims` holds only a block of them (default: from `sims`)."""
     if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+        raise InvalidArgument(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     if rule == "flat":
         return sims
     top, mean, std = stats or (sims.max(axis=1, keepdims=True), sims.mean(axis=1, keepdims=True),

@@ -7,7 +7,6 @@ rare in training maps to [UNK]. Token ids: 0 [PAD], 1 [UNK], 2 [BOS], 3 [EOS], t
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from .atomic import atomic_write_text
 from .errors import RetrievalError
 
 FORMAT_VERSION = 1
@@ -60,10 +60,7 @@ class Tokenizer:
         return " ".join(self.vocab[i] for i in ids if i >= len(SPECIALS))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "type": "word", "vocab": self.vocab}))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"format_version": FORMAT_VERSION, "type": "word", "vocab": self.vocab}))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

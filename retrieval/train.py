@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import atomic_write, atomic_write_text
 from .config import ModelConfig, TrainConfig, loss_init, model_config_from_dict, model_config_to_dict
 from .data import Pair, image_caption_pairs
 from .errors import ImageError, RetrievalError
@@ -36,7 +36,8 @@ from .augment import augment_batch
 from .features import ImageCache, TextCache
 from .images import Transform, load_image
 from .loss import clip_loss, siglip_loss
-from .model import DualEncoder, Encoder, use_bf16
+from .encoder import Encoder, use_bf16
+from .model import DualEncoder
 from .progress import progress_bar
 from .tokenizer import Tokenizer
 
@@ -44,6 +45,7 @@ STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 MAX_EVAL_IMAGES = 1000  # held-out recall after each epoch on at most this many images, to keep epochs cheap
 LOAD_MARGIN = 8 / 7  # images are banked a little larger than the model input, room for random crops
+STREAMS = ("batch order", "draws", "cached views")  # a run's random streams, each seeded apart (stream_seed)
 
 
 @dataclass
@@ -77,10 +79,19 @@ def bank_images(pairs: Sequence[Pair], transform: Transform, progress: bool = Tr
     return bank
 
 
+def stream_seed(seed: int, stream: str, epoch: int = 0) -> int:
+    """The torch seed of one random stream of a run (STREAMS) in one epoch: a function of (seed, stream, epoch)
+    alone, so a resumed run draws what the uninterrupted one would have, and hashed by numpy's SeedSequence, so
+    no two (stream, epoch) share a seed. (An arithmetic rule such as seed*1000 + epoch (+1) made one epoch's
+    augmentation draws the next epoch's batch order.)"""
+    entropy = [seed, STREAMS.index(stream), epoch]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
 def epoch_batches(n_images: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """Image rows for each step of an epoch: a random order seeded by (seed, epoch), so a resumed run sees
     the same batches; the last partial batch is dropped."""
-    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(stream_seed(seed, "batch order", epoch)))
     return [order[s : s + batch_size] for s in range(0, n_images - batch_size + 1, batch_size)]
 
 
@@ -135,6 +146,14 @@ def selection_score(report: dict[str, Any]) -> float:
     return sum(v for d in ("text_to_image", "image_to_text") for k, v in report[d].items() if k.startswith("R@"))
 
 
+def is_best(score: float, best: float) -> bool:
+    """Whether an epoch scoring `score` replaces the kept model, the best so far scoring `best`: only a higher
+    score does. On a tie the earlier epoch stays: the later one has no better held-out evidence, and keeping the
+    first saves a write. The epoch's log line says `best` by this same rule, so it is true exactly when the
+    epoch's model was saved."""
+    return score > best
+
+
 def train(
     train_pairs: Sequence[Pair],
     val_pairs: Sequence[Pair],
@@ -185,12 +204,13 @@ def train(
     t0 = time.monotonic() - elapsed_before
     image_cache = val_cache = None
     if getattr(model, "image_cacheable", False):
-        image_cache = ImageCache(model, images, train_cfg.views, augmentation, train_cfg.seed, bf16, progress)
+        views_seed = stream_seed(train_cfg.seed, "cached views")
+        image_cache = ImageCache(model, images, train_cfg.views, augmentation, views_seed, bf16, progress)
         if val_bank.images:
-            val_cache = ImageCache(model, _as_tensor(val_bank.images), 1, None, train_cfg.seed, bf16, progress)
+            val_cache = ImageCache(model, _as_tensor(val_bank.images), 1, None, views_seed, bf16, progress)
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, train_cfg.epochs):
-        generator = torch.Generator().manual_seed(train_cfg.seed * 1000 + epoch + 1)  # augmentation and caption draws
+        generator = torch.Generator().manual_seed(stream_seed(train_cfg.seed, "draws", epoch))  # augmentation, captions
         model.train()
         losses, n_pairs, t_epoch = [], 0, time.monotonic()
         bar = progress_bar(epoch_batches(len(images), batch_size, train_cfg.seed, epoch), desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
@@ -217,7 +237,8 @@ def train(
         bar.close()
         report = evaluate_bank(model, val_bank, train_cfg.eval_batch_size, text_cache, val_cache) if val_bank.images else None
         score = selection_score(report) if report else float(epoch)
-        if score > best:
+        saved = is_best(score, best)
+        if saved:
             best = score
             model.save(out)
         entry = {
@@ -225,13 +246,13 @@ def train(
             "step": step,
             "loss": float(np.mean(losses)) if losses else None,
             "lr": opt.param_groups[0]["lr"],
-            "temperature": model.temperature().item(),
+            "inverse_temperature": model.inverse_temperature().item(),
             "pairs_per_s": n_pairs / max(1e-9, time.monotonic() - t_epoch),
             "bf16": bf16,
             "elapsed_s": time.monotonic() - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "val": report,
-            "best": score >= best,
+            "best": saved,  # this epoch's model is the one in `out` (is_best)
             "skipped_images": len(train_bank.skipped) + len(val_bank.skipped),
         }
         _append_log(out, entry)
@@ -294,7 +315,7 @@ def _step(model: Encoder, opt: torch.optim.Optimizer, image_features: Callable[[
     if image_input.ndim == 4:
         image_input = image_input.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        image_emb, text_emb, scale = image_features(image_input), model.text_features(text), model.temperature()
+        image_emb, text_emb, scale = image_features(image_input), model.text_features(text), model.inverse_temperature()
     if cfg.loss == "siglip":
         loss = siglip_loss(image_emb, text_emb, scale, model.logit_bias, owner)
     else:
@@ -319,8 +340,7 @@ def _save_state(out: Path, model: Encoder, opt, epoch, best, elapsed, train_cfg)
         "model_config": json.dumps(model_config_to_dict(model.config)) if isinstance(model, DualEncoder) else "",
         "train_config": json.dumps(dataclasses.asdict(train_cfg)),
     }
-    torch.save(state, out / (STATE_FILE + ".tmp"))
-    os.replace(out / (STATE_FILE + ".tmp"), out / STATE_FILE)
+    atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def _load_state(out: Path) -> dict[str, Any]:
@@ -351,9 +371,7 @@ def _trim_log(out: Path, epochs_done: int) -> None:
             continue
         if isinstance(entry, dict) and isinstance(entry.get("epoch"), int) and entry["epoch"] <= epochs_done:
             kept.append(line + "\n")
-    tmp = log.with_name(LOG_FILE + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, log)
+    atomic_write_text(log, "".join(kept))
 
 
 def _append_log(out: Path, entry: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 An image embeds as the probability-weighted mean of the MiniLM embeddings of its top ImageNet classes
 ("a photo of a {label}"); a text embeds as MiniLM's own sentence embedding. Both land in MiniLM's space,
 so text->image search works on a fresh machine with no training. The result is an ordinary model
-directory (config.json, model.safetensors, tokenizer.json), usable wherever a model goes.
+directory (config.json, model.safetensors, tokenizer.json), usable wherever a model goes. Its image
+head (model.ConseHead) sits with the other heads, so the model classes never import this module.
 """
 
 from __future__ import annotations
@@ -22,26 +23,10 @@ from .classify import DEFAULT_TEMPLATE, prompts
 from .config import (PRETRAINED_IMAGE_SIZES, ZEROSHOT_TEMPERATURE, HeadConfig, ModelConfig, with_image_tower,
                      with_text_tower)
 from .errors import RetrievalError
+from .model import DualEncoder, save_model
+from .pretrained import load_pretrained_text_tower
 
 INSTALL_HINT = "pip install 'retrieval[zeroshot]'"
-
-
-class ConseHead(nn.Module):
-    """Pooled image features (B, C) -> the weighted mean of the top classes' text embeddings (B, D).
-
-    The classifier is the tower's own (reached through a bound method, not a submodule, so its weights are
-    stored once, with the tower); the class embeddings are a buffer saved with the model."""
-
-    def __init__(self, tower: nn.Module, embed_dim: int, top: int, temperature: float = 1.0):
-        super().__init__()
-        self.logits = tower.net.logits
-        self.top, self.temperature = top, temperature
-        self.register_buffer("class_embeddings", torch.zeros(tower.net.classifier.out_features, embed_dim))
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        probs = (self.logits(pooled).float() / self.temperature).softmax(-1)  # (B, K)
-        p, classes = probs.topk(min(self.top, probs.shape[-1]), dim=-1)  # (B, T)
-        return (p.unsqueeze(-1) * self.class_embeddings[classes]).sum(1)  # (B, D)
 
 
 def imagenet_class_names() -> list[str]:
@@ -59,9 +44,6 @@ def imagenet_class_names() -> list[str]:
 def build_zeroshot(out: str | Path, image_tower: str = "efficientnet-lite0", top: int = 10,
                    template: str = DEFAULT_TEMPLATE, temperature: float = ZEROSHOT_TEMPERATURE) -> Path:
     """Write the zero-shot model directory `out` and return it."""
-    from .model import DualEncoder, save_model
-    from .pretrained import load_pretrained_text_tower
-
     if image_tower not in PRETRAINED_IMAGE_SIZES:
         raise RetrievalError(f"unknown image tower {image_tower!r}; choose one of {', '.join(PRETRAINED_IMAGE_SIZES)}")
     if "{label}" not in template:

@@ -1,4 +1,10 @@
-"""Shared fixtures: one small synthetic collection and one tiny model trained on it, made once per session."""
+"""Shared fixtures: one small synthetic collection and one tiny model trained on it, made once per session.
+
+Tests come in two tiers (pyproject.toml registers the marker): `pytest -m "not slow"` runs the fast unit tier,
+plain `pytest` runs everything. Mark a test `slow` when it trains a model, builds an index with one, or starts
+a server, Ray, a browser or a subprocess. A test that asks for a trained model (TRAINED_FIXTURES) is marked
+slow here too, so a new test cannot pull a training run into the fast tier by accident.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,16 @@ from click.testing import CliRunner
 
 from retrieval.cli import main
 from retrieval.synth import generate
+
+
+TRAINED_FIXTURES = frozenset({"tiny_model", "served_index"})  # each trains the tiny model (about 10 s on 2 cores)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINED_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the scripts run in subprocesses
 ROOT = Path(__file__).resolve().parents[1]
 
 

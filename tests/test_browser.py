@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a server subprocess and a browser
 pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[dev,serve]'")
 
 CHROMIUM = Path("/usr/bin/chromium")

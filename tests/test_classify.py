@@ -60,6 +60,7 @@ def labelled(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
+@pytest.mark.slow
 def test_cli_report_equals_the_models_own_probabilities(labelled: Path, tiny_model: Path, tmp_path: Path) -> None:
     from retrieval.model import load_model
 
@@ -74,7 +75,7 @@ def test_cli_report_equals_the_models_own_probabilities(labelled: Path, tiny_mod
     model = load_model(tiny_model)
     label_emb = model.encode_text([f"a {label} shape" for label in labels])
     image_emb = model.encode_image([r["image"] for r in rows])
-    logits = float(model.temperature().detach()) * image_emb @ label_emb.T
+    logits = float(model.inverse_temperature().detach()) * image_emb @ label_emb.T
     predicted = logits.argmax(1)
     truth = np.array([labels.index(r["colour"]) for r in rows])
     assert report["top1"] == pytest.approx(np.mean(predicted == truth))
@@ -84,6 +85,35 @@ def test_cli_report_equals_the_models_own_probabilities(labelled: Path, tiny_mod
     assert "top-1" in result.output and "chance" in result.output
 
 
+@pytest.mark.slow
+def test_a_weight_below_one_fuses_image_and_caption(labelled: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """--weight 0.3: each item is 0.3 e(image) + 0.7 e(captions), the captions' normalised mean; its labels'
+    probabilities are the scaled softmax of the prompts' cosines with that vector, computed here by hand."""
+    from retrieval.model import load_model
+
+    result = CliRunner().invoke(main, ["classify", "--model", str(tiny_model), "--data", str(labelled),
+                                       "--label-field", "colour", "--template", "a {label} shape", "--weight", "0.3",
+                                       "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["weight"] == 0.3 and saved["template"] == "a {label} shape" and saved["skipped"] == 0
+    labels, rows = saved["labels"], [json.loads(line) for line in labelled.read_text().splitlines()]
+    model = load_model(tiny_model)
+    label_emb = model.encode_text([f"a {label} shape" for label in labels]).astype(np.float64)  # (L, D)
+    image_emb = model.encode_image([r["image"] for r in rows]).astype(np.float64)  # (N, D)
+    caption_emb = np.stack([model.encode_text(r["captions"]).astype(np.float64).mean(0) for r in rows])
+    caption_emb /= np.linalg.norm(caption_emb, axis=1, keepdims=True)
+    logits = float(model.inverse_temperature().detach()) * (0.3 * image_emb + 0.7 * caption_emb) @ label_emb.T  # (N, L)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    truth = np.array([labels.index(r["colour"]) for r in rows])
+    assert saved["report"]["top1"] == pytest.approx(np.mean(probs.argmax(1) == truth), abs=1.5 / len(rows))
+    for row, p in zip(rows, probs):
+        top = saved["top"][row["id"]]
+        assert top[0][0] == labels[int(p.argmax())] and top[0][1] == pytest.approx(p.max(), abs=1e-4), row["id"]
+
+
+@pytest.mark.slow
 def test_cli_files_print_their_top_labels(synth_data: Path, tiny_model: Path) -> None:
     files = sorted((synth_data.parent / "images").iterdir())[:2]
     result = CliRunner().invoke(main, ["classify", "--model", str(tiny_model), "--labels", "circle,square,star",
@@ -98,6 +128,7 @@ def test_cli_files_print_their_top_labels(synth_data: Path, tiny_model: Path) ->
     (["--labels", "a"], "at least two labels"),
     (["--labels", "a,b", "--template", "nothing"], "must contain {label}"),
 ])
+@pytest.mark.slow
 def test_bad_classify_options(args, message, synth_data: Path, tiny_model: Path) -> None:
     files = [] if not args else [str(sorted((synth_data.parent / "images").iterdir())[0])]
     result = CliRunner().invoke(main, ["classify", "--model", str(tiny_model), *args, *files])

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from retrieval.api import run_demo
 from retrieval.cli import main
+
+pytestmark = pytest.mark.slow  # trains a model
 
 
 def test_demo_trains_evaluates_indexes_and_reuses(tmp_path: Path) -> None:

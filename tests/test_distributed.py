@@ -189,6 +189,7 @@ def built(ray_local, source: Path, tiny_model: Path, tmp_path_factory: pytest.Te
     return root / "local", root / "ray", result.output
 
 
+@pytest.mark.slow
 def test_ray_gives_the_content_of_the_single_machine_path(built) -> None:
     local, ray_index, output = built
     assert "300 added" in output and "(ivf," in output
@@ -218,6 +219,7 @@ def test_ray_gives_the_content_of_the_single_machine_path(built) -> None:
                [{h.id for h in hits} for hits in one.search_vectors(queries, k=None, theta=theta, target=target)]
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_shards_and_redoes_a_half_written_one(built, source: Path, tiny_model: Path, tmp_path: Path) -> None:
     """As if a worker was killed while writing shard 1, before the merge: its files lack the marker."""
     from retrieval.distributed import build_index_ray
@@ -244,6 +246,7 @@ def test_a_rerun_skips_finished_shards_and_redoes_a_half_written_one(built, sour
     assert (again.added, again.unchanged, len(again.skipped)) == (0, 300, 1)
 
 
+@pytest.mark.slow
 def test_an_index_over_max_memory_is_merged_on_disk_and_searched_from_it(built, source: Path, tiny_model: Path,
                                                                          tmp_path: Path) -> None:
     """--max-memory at build time puts the lists on disk; `search --json` stays clean JSON on stdout
@@ -263,6 +266,7 @@ def test_an_index_over_max_memory_is_merged_on_disk_and_searched_from_it(built, 
     assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == [h.id for h in want.search(text="a red circle", k=10)]
 
 # --- errors --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_without_ray_the_error_says_what_to_install(source: Path, tiny_model: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
@@ -271,6 +275,7 @@ def test_without_ray_the_error_says_what_to_install(source: Path, tiny_model: Pa
     assert not (tmp_path / "idx").exists()
 
 
+@pytest.mark.slow
 def test_option_mistakes_are_one_line_errors(source: Path, tiny_model: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray")
     result = run_cli("index", source, "--model", tiny_model, "--index", tmp_path / "i", "--engine", "ray", "--index-type", "hnsw")
@@ -281,6 +286,7 @@ def test_option_mistakes_are_one_line_errors(source: Path, tiny_model: Path, tmp
     assert result.exit_code == 2 and "write it like 512M or 8G" in result.output
 
 
+@pytest.mark.slow
 def test_a_failing_worker_is_an_error_line_that_names_the_cause(ray_local, source: Path, tiny_model: Path, tmp_path: Path) -> None:
     broken = tmp_path / "model"
     shutil.copytree(tiny_model, broken)

@@ -14,7 +14,7 @@ from retrieval.cli import main
 from retrieval.index import IndexStore
 from retrieval.indexing import build_index
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_single_thread")]  # integration: a trained model, indexes
 
 
 def run(*args) -> tuple[int, str]:
@@ -60,8 +60,13 @@ def test_report_keeps_the_core_schema_and_adds_thresholds(full_report) -> None:
         assert len(report["curves"][direction]) == 100
     t = report["threshold"]
     assert {"best_f1_theta", "best_f1", "adaptive_rule", "adaptive_f1"} <= set(t)
-    assert -1 <= t["best_f1_theta"] <= 1 and 0 < t["best_f1"] <= 1
-    assert t["adaptive_rule"] in ("top_relative", "zscore") and 0 <= t["adaptive_f1"] <= 1
+    p, r = t["precision_at_best_f1"], t["recall_at_best_f1"]
+    assert t["best_f1"] == pytest.approx(2 * p * r / (p + r)) and t["best_f1"] > 0
+    # the adaptive rule is the non-flat rule with the best held-out F1, and its figures are that rule's
+    adaptive = max(("top_relative", "zscore"), key=lambda rule: t["rules"][rule]["heldout_f1"])
+    assert t["adaptive_rule"] == adaptive
+    assert (t["adaptive_theta"], t["adaptive_f1"]) == (t["rules"][adaptive]["theta"], t["rules"][adaptive]["heldout_f1"])
+    assert t["flat_heldout_f1"] == t["rules"]["flat"]["heldout_f1"]
     # the F1-best θ is on the curve, and no point of the curve beats it
     assert max(t["curve"]["f1"]) <= t["best_f1"] + 1e-12
     assert sum(t["histogram"]["relevant"]) == report["n_texts"]
@@ -110,7 +115,11 @@ def test_calibrate_then_search_uses_the_stored_theta(test_split: Path, test_inde
     code, out = run("calibrate", "--index", test_index, "--data", test_split, "--target", "image")
     assert code == 0, out
     entry = IndexStore.open(test_index).manifest.calibration["image"]
-    assert entry["rule"] == "flat" and -1 <= entry["theta"] <= 1
+    code, out = run("eval", "--index", test_index, "--data", test_split, "--json", "--target", "image")
+    threshold = json.loads(out)["threshold"]  # the same queries' θ report, as `eval --index` prints it
+    assert entry["rule"] == "flat" and entry["weight"] == 1.0  # an image search scores the image alone
+    assert entry["theta"] == threshold["best_f1_theta"] and entry["best_f1"] == threshold["best_f1"]
+    assert entry["heldout_f1"] == threshold["rules"]["flat"]["heldout_f1"]
     code, out = run("search", "--index", test_index, "--text", "a red circle", "--target", "image", "--json", "--k", "0")
     assert code == 0, out
     scores = [json.loads(line)["score"] for line in out.splitlines()]
@@ -129,10 +138,65 @@ def test_calibrate_a_margin(test_split: Path, test_index: Path) -> None:
     code, out = run("calibrate", "--index", test_index, "--data", test_split, "--target", "text", "--rule", "top_relative")
     assert code == 0, out
     entry = IndexStore.open(test_index).manifest.calibration["text"]
-    assert entry["margin"] >= 0 and "theta" not in entry
+    code, out = run("eval", "--index", test_index, "--data", test_split, "--json", "--target", "text")
+    top_relative = json.loads(out)["threshold"]["rules"]["top_relative"]  # θ on scores minus each query's top
+    assert entry["rule"] == "top_relative" and "theta" not in entry
+    assert entry["margin"] == -top_relative["theta"] and entry["heldout_f1"] == top_relative["heldout_f1"]
     code, out = run("search", "--index", test_index, "--text", "a red circle", "--target", "text", "--json", "--k", "0")
     scores = [json.loads(line)["score"] for line in out.splitlines()]
     assert scores and all(s > scores[0] - entry["margin"] for s in scores)
+
+
+def test_calibrating_item_search_at_another_weight(test_split: Path, test_index: Path) -> None:
+    """--target item --weight 0.3 stores w = 0.3 beside its θ; `search --target item` applies that θ at w 0.3
+    and not at another weight, whose scores the θ was not chosen for."""
+    code, out = run("calibrate", "--index", test_index, "--data", test_split, "--target", "item", "--weight", "0.3")
+    assert code == 0, out
+    entry = IndexStore.open(test_index).manifest.calibration["item"]
+    assert entry["rule"] == "flat" and entry["weight"] == 0.3
+    code, out = run("eval", "--index", test_index, "--data", test_split, "--json", "--target", "item", "--weight", "0.3")
+    assert entry["theta"] == json.loads(out)["threshold"]["best_f1_theta"]
+    search = ("search", "--index", test_index, "--text", "a red circle", "--target", "item")
+    code, out = run(*search, "--weight", "0.3")
+    assert code == 0 and out.startswith(f"(calibrated cutoff: theta {entry['theta']:.3f}"), out
+    code, out = run(*search, "--weight", "0.3", "--json", "--k", "0")
+    scores = [json.loads(line)["score"] for line in out.splitlines()]
+    code, out_all = run(*search, "--weight", "0.3", "--json", "--k", "0", "--theta", "-1")
+    every = [json.loads(line)["score"] for line in out_all.splitlines()]
+    assert len(every) == 60 and scores == pytest.approx([s for s in every if s > entry["theta"]])
+    code, out = run(*search, "--weight", "0.5", "--json")  # not calibrated at 0.5: the plain top 10
+    assert code == 0 and len(out.splitlines()) == 10
+    code, out = run(*search, "--weight", "0.5")
+    assert "calibrated cutoff" not in out
+
+
+def test_a_relevant_list_counts_any_of_its_ids_as_found(test_split: Path, test_index: Path, tmp_path: Path) -> None:
+    """A query pair whose `relevant` field lists two indexed ids: its rank is the better of theirs, and its AP
+    averages over both. The ids are chosen at ranks 3 and 7 of the query's own ranking (from `search`)."""
+    caption = json.loads(test_split.read_text().splitlines()[0])["captions"][0]
+    code, out = run("search", "--index", test_index, "--text", caption, "--target", "image", "--json", "--k", "10",
+                    "--theta", "-1")
+    ranked = [json.loads(line)["id"] for line in out.splitlines()]
+    assert code == 0 and len(ranked) == 10, out
+
+    def evaluate(relevant: list[str]) -> dict:
+        manifest = tmp_path / "queries.jsonl"
+        manifest.write_text(json.dumps({"id": "query-0", "captions": [caption], "relevant": relevant}) + "\n")
+        code, out = run("eval", "--index", test_index, "--data", manifest, "--json", "--target", "image",
+                        "--no-thresholds")
+        assert code == 0, out
+        report = json.loads(out)
+        assert report["n_texts"] == 1 and report["unmatched_queries"] == 0
+        return report["text_to_image"]
+
+    both = evaluate([ranked[6], ranked[2]])  # either found counts: the query's rank is 3
+    assert (both["R@1"], both["R@5"], both["R@10"], both["median_rank"]) == (0.0, 1.0, 1.0, 3.0)
+    assert both["mAP"] == pytest.approx((1 / 3 + 2 / 7) / 2)  # positives at ranks 3 and 7
+    second = evaluate([ranked[6], "not-indexed"])  # an id the index lacks is no positive; rank 7 alone
+    assert (second["R@5"], second["R@10"], second["median_rank"]) == (0.0, 1.0, 7.0)
+    assert second["mAP"] == pytest.approx(1 / 7)
+    top = evaluate([ranked[0], ranked[9]])
+    assert top["R@1"] == 1.0 and top["mAP"] == pytest.approx((1 + 2 / 10) / 2)
 
 
 @pytest.mark.parametrize("args, message", [

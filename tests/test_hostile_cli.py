@@ -111,6 +111,7 @@ def test_shown_escapes_only_what_a_terminal_would_act_on() -> None:
     assert shown("café 東京 - ok [1]") == "café 東京 - ok [1]"
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_log_and_the_state_never_logs_an_epoch_twice(synth_data: Path, tmp_path: Path) -> None:
     """Each epoch appends its log line, then saves the state. A kill -9 between the two left a line for an epoch
     the state does not have; --resume ran that epoch again and logged it twice ([1, 2, 3, 3])."""

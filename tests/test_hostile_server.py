@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from retrieval import server  # noqa: E402
+from retrieval import atomic, server  # noqa: E402
 from retrieval.errors import IndexChanged  # noqa: E402
 from retrieval.index import IndexStore, read_manifest  # noqa: E402
 from retrieval.indexing import build_index, remove_items  # noqa: E402
@@ -286,7 +285,7 @@ def test_health_and_info_count_the_generation_being_served(synth_data: Path, tin
     assert counted(client) == (7, 7)
 
 
-@pytest.mark.parametrize("fails, code", [("mkstemp", errno.EROFS), ("replace", errno.ENOSPC)])
+@pytest.mark.parametrize("fails, code", [("create", errno.EROFS), ("replace", errno.ENOSPC)])
 def test_a_thumbnail_cache_that_cannot_be_written_serves_thumbnails_uncached(
         fails: str, code: int, jpeg_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -299,7 +298,10 @@ def test_a_thumbnail_cache_that_cannot_be_written_serves_thumbnails_uncached(
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(tempfile if fails == "mkstemp" else os, fails, fail)
+    if fails == "create":  # the temporary file cannot be made (a read-only mount)
+        monkeypatch.setattr(atomic, "_unique_tmp", fail)
+    else:
+        monkeypatch.setattr(os, fails, fail)
     with caplog.at_level(logging.WARNING, logger="retrieval.server"):
         for item in ("synth-000001.jpg", "synth-000002.jpg"):
             answer = client.get(f"/api/thumb/{item}")

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import retrieval.atomic as atomic_module
 import retrieval.index as index_module
 from retrieval.cli import main
 from retrieval.errors import IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError
@@ -261,6 +262,7 @@ def fill_disk_at(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
         return FullDiskFile(f, room=100) if Path(file).name == where + ".tmp" else f
 
     monkeypatch.setattr(index_module, "open", full_open, raising=False)
+    monkeypatch.setattr(atomic_module, "open", full_open, raising=False)  # save_npy (vectors.npy) writes there
 
 
 @pytest.mark.parametrize("where", ["database", "vectors.faiss", "vectors.npy", "records.jsonl"])

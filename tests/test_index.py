@@ -108,6 +108,7 @@ def assert_one_error_line(result, message: str) -> None:
 
 
 # --- incremental updates -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_second_build_reports_all_unchanged_and_encodes_nothing(folder, tiny_model, tmp_path, encoded) -> None:
     idx = tmp_path / "idx"
     r = build(folder, idx, tiny_model)
@@ -122,6 +123,7 @@ def test_second_build_reports_all_unchanged_and_encodes_nothing(folder, tiny_mod
     assert (idx / "vectors.faiss").stat().st_mtime_ns == faiss_mtime
 
 
+@pytest.mark.slow
 def test_add_change_delete(folder, synth_data, tiny_model, tmp_path, encoded, model_calls) -> None:
     idx = tmp_path / "idx"
     build(folder, idx, tiny_model)
@@ -166,6 +168,7 @@ def test_add_change_delete(folder, synth_data, tiny_model, tmp_path, encoded, mo
     assert len(search_ids(idx, q)) == N_FILES
 
 
+@pytest.mark.slow
 def test_identical_files_store_one_image_vector(folder, tiny_model, tmp_path, model_calls) -> None:
     idx = tmp_path / "idx"
     build(folder, idx, tiny_model)
@@ -185,6 +188,7 @@ def test_identical_files_store_one_image_vector(folder, tiny_model, tmp_path, mo
     assert items["synth-000003.png"].image_key == items["copy-of-3.png"].image_key
 
 
+@pytest.mark.slow
 def test_exclude_glob(folder, tiny_model, tmp_path) -> None:
     idx = tmp_path / "idx"
     r = build(folder, idx, tiny_model, exclude=["synth-00000[0-4].png", "*-000019.*"])
@@ -214,6 +218,7 @@ def other_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return save_model(model, tmp_path_factory.mktemp("other") / "model")
 
 
+@pytest.mark.slow
 def test_model_mismatch_is_refused_naming_both_fingerprints(folder, tiny_model, other_model, tmp_path) -> None:
     idx = tmp_path / "idx"
     build(folder, idx, tiny_model)
@@ -228,6 +233,7 @@ def test_model_mismatch_is_refused_naming_both_fingerprints(folder, tiny_model, 
     assert Index.open(idx, model=tiny_model).store.counts()["items"] == N_FILES
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused(folder, tiny_model, tmp_path) -> None:
     """flock belongs to the open file description, so a second open() conflicts even in one process."""
     idx = tmp_path / "idx"
@@ -268,6 +274,7 @@ def committed_items(db: Path) -> int:
         return 0  # not created yet
 
 
+@pytest.mark.slow
 def test_killed_build_leaves_a_readable_index_and_resumes(tiny_model, tmp_path) -> None:
     from retrieval.synth import generate
 
@@ -316,6 +323,7 @@ def test_killed_build_leaves_a_readable_index_and_resumes(tiny_model, tmp_path) 
     *[(f, d) for f in ("vectors.faiss", "fids.npy", "vectors.npy", "records.npy", "records.jsonl")
       for d in ("truncated", "garbage", "empty")],
 ])
+@pytest.mark.slow
 def test_damaged_derived_file_is_rebuilt_from_sqlite(folder, tiny_model, tmp_path, file: str, damage: str) -> None:
     idx = tmp_path / "idx"
     build(folder, idx, tiny_model)
@@ -355,6 +363,7 @@ def test_result_records_file_equals_the_database(tmp_path) -> None:
     assert from_file[3][3:5] == [True, False]
 
 
+@pytest.mark.slow
 def test_newer_format_asks_to_upgrade(folder, tiny_model, tmp_path) -> None:
     idx = tmp_path / "idx"
     build(folder, idx, tiny_model)
@@ -366,6 +375,7 @@ def test_newer_format_asks_to_upgrade(folder, tiny_model, tmp_path) -> None:
     assert_one_error_line(run_cli("info", "--index", idx), "upgrade retrieval")
 
 
+@pytest.mark.slow
 def test_a_format_1_index_is_read_and_written_as_the_current_format(folder, tiny_model, tmp_path) -> None:
     """Format 2 adds manifest fields a format 1 reader would fail on; a format 1 index (without them) is read as
     it is, and its next change writes the current format, so an older retrieval says to upgrade."""
@@ -388,6 +398,7 @@ def test_folder_that_is_not_an_index(tmp_path) -> None:
     assert_one_error_line(run_cli("remove", "--index", tmp_path / "photos", "x.png"), "not an index")
 
 
+@pytest.mark.slow
 def test_unreadable_source_files_are_skipped_and_listed(folder, tiny_model, tmp_path) -> None:
     data = (folder / "synth-000001.png").read_bytes()
     (folder / "truncated.png").write_bytes(data[: len(data) // 3])
@@ -403,6 +414,7 @@ def test_unreadable_source_files_are_skipped_and_listed(folder, tiny_model, tmp_
     assert "skipped 2 item(s), each with its reason:" in result.output and "notes.jpg" in result.output
 
 
+@pytest.mark.slow
 def test_empty_source_folder(tiny_model, tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(RetrievalError, match="no images found"):
@@ -493,6 +505,7 @@ def test_exact_on_an_ann_index_equals_flat(tmp_path, index_type: str, target: st
 
 
 # --- CLI ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_index_info_remove(folder, tiny_model, tmp_path) -> None:
     idx = tmp_path / "idx"
     result = run_cli("index", folder, "--model", tiny_model, "--index", idx)
@@ -522,6 +535,7 @@ def test_cli_index_info_remove(folder, tiny_model, tmp_path) -> None:
 # --- regressions: bugs found and fixed -----------------------------------------------------------
 @pytest.mark.parametrize("kwargs, field, value", [({"index_type": "hnsw"}, "index_type", "hnsw"),
                                                   ({"params": {"ef_search": 7}}, "params", {"ef_search": 7})])
+@pytest.mark.slow
 def test_changing_type_or_params_of_an_unchanged_index_is_applied(folder, tiny_model, tmp_path, kwargs, field, value) -> None:
     idx = tmp_path / "idx"
     build(folder, idx, tiny_model)
@@ -530,23 +544,30 @@ def test_changing_type_or_params_of_an_unchanged_index_is_applied(folder, tiny_m
     assert getattr(read_manifest(idx), field) == value
 
 
+@pytest.mark.slow
 def test_unknown_index_type_is_refused_before_anything_is_written(folder, tiny_model, tmp_path) -> None:
     with pytest.raises(RetrievalError, match="unknown index type"):
         build(folder, tmp_path / "idx", tiny_model, index_type="bogus")
     assert not (tmp_path / "idx" / "manifest.json").exists()
 
 
-def test_ivfpq_on_a_small_collection_is_a_clear_error_or_works(folder, tiny_model, tmp_path) -> None:
+@pytest.mark.slow
+def test_ivfpq_on_a_small_collection_is_refused_with_the_fix(folder, tiny_model, tmp_path) -> None:
+    """ivfpq trains 256 centroids per sub-quantizer: 20 items are refused before anything is written."""
     result = run_cli("index", folder, "--model", tiny_model, "--index", tmp_path / "idx", "--index-type", "ivfpq")
-    assert result.exit_code == 0 or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 1, result.output
+    assert f"ivfpq needs at least 256 items to train on, the source has {N_FILES}; use flat" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "idx" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_ivf_on_too_few_items_is_refused_before_anything_is_written(folder, tiny_model, tmp_path) -> None:
     result = run_cli("index", folder, "--model", tiny_model, "--index", tmp_path / "idx", "--index-type", "ivf")
     assert result.exit_code == 1 and "needs at least 39 items" in result.output and "use flat" in result.output
     assert not (tmp_path / "idx" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_removing_every_item_of_an_ivf_index(synth_data, tiny_model, tmp_path) -> None:
     """The index shrinks below what IVF can train on: it falls back to exact search, never a traceback."""
     idx = tmp_path / "idx"
@@ -559,6 +580,7 @@ def test_removing_every_item_of_an_ivf_index(synth_data, tiny_model, tmp_path) -
     assert IndexStore.open(idx).counts()["items"] == 0
 
 
+@pytest.mark.slow
 def test_sub_second_mtimes_survive_the_round_trip(folder, tiny_model, tmp_path) -> None:
     for path in folder.iterdir():
         os.utime(path, ns=(path.stat().st_mtime_ns, 1_700_000_000_123_456_789))
@@ -569,6 +591,7 @@ def test_sub_second_mtimes_survive_the_round_trip(folder, tiny_model, tmp_path) 
     assert summary(build(folder, idx, tiny_model)) == (0, 0, 0, N_FILES)
 
 
+@pytest.mark.slow
 def test_manifest_rows_with_extra_fields_are_unchanged_on_a_rerun(synth_data, tiny_model, tmp_path) -> None:
     """Extra fields (floats included) come back from the database exactly, so unchanged rows stay unchanged."""
     rows = [json.loads(line) for line in synth_data.read_text().splitlines()][:5]

@@ -99,6 +99,7 @@ def test_decoding_runs_one_batch_ahead() -> None:
         assert order == [["a0", "a1"], ["b0", "b1"], ["c0", "c1"]] and len(submitted) == 6
 
 
+@pytest.mark.slow
 def test_prefetching_build_equals_the_sequential_build_and_direct_encoding(folder: Path, tiny_model: Path,
                                                                             tmp_path: Path) -> None:
     reports = {p: build_index(folder, tiny_model, tmp_path / str(p), batch_size=3, progress=False, prefetch=p)
@@ -113,6 +114,7 @@ def test_prefetching_build_equals_the_sequential_build_and_direct_encoding(folde
         np.testing.assert_allclose(v, model.encode_image([folder / i])[0], atol=1e-6, rtol=0, err_msg=i)
 
 
+@pytest.mark.slow
 def test_pretrained_tower_indexes_in_fp32_as_encoded_directly_and_in_auto_within_bf16(
         folder: Path, zeroshot_model: Path, tmp_path: Path) -> None:
     """precision="fp32" gives encode_image's vectors; "auto" runs bf16 where the CPU has bf16 kernels."""
@@ -128,6 +130,7 @@ def test_pretrained_tower_indexes_in_fp32_as_encoded_directly_and_in_auto_within
 
 
 @pytest.mark.parametrize("which", ["tiny", "pretrained"])
+@pytest.mark.slow
 def test_fp32_encode_image_equals_the_plain_fp32_forward(which: str, folder: Path, tiny_model: Path,
                                                          zeroshot_model: Path) -> None:
     """channels_last changes the memory layout, not the maths."""
@@ -140,6 +143,7 @@ def test_fp32_encode_image_equals_the_plain_fp32_forward(which: str, folder: Pat
 
 
 @pytest.mark.skipif(not BF16, reason="this CPU has no bf16 kernels (AVX2 only): bf16 would be emulated")
+@pytest.mark.slow
 def test_bf16_stays_close_to_fp32(folder: Path, zeroshot_model: Path) -> None:
     model = load_model(zeroshot_model)
     pixels = pixels_of(model, folder, 10)
@@ -149,6 +153,7 @@ def test_bf16_stays_close_to_fp32(folder: Path, zeroshot_model: Path) -> None:
     assert cos.min() > BF16_MIN_COSINE and cos.mean() > BF16_MEAN_COSINE, cos
 
 
+@pytest.mark.slow
 def test_auto_precision_is_bf16_only_for_the_pretrained_tower_on_a_bf16_cpu(tiny_model: Path,
                                                                              zeroshot_model: Path) -> None:
     tiny, pretrained = load_model(tiny_model), load_model(zeroshot_model)
@@ -160,13 +165,14 @@ def test_auto_precision_is_bf16_only_for_the_pretrained_tower_on_a_bf16_cpu(tiny
 
 
 @pytest.mark.parametrize("native", [True, False])
+@pytest.mark.slow
 def test_auto_precision_keeps_the_index_own_where_it_is_native(tiny_model: Path, zeroshot_model: Path,
                                                                monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     """An index records what its images were encoded in; "auto" keeps that, so the index holds one precision and
     queries match it, except bf16 on a CPU that would emulate it (8x slower), which falls back to fp32."""
-    import retrieval.model
+    import retrieval.encoder
 
-    monkeypatch.setattr(retrieval.model, "use_bf16", lambda requested: requested and native)
+    monkeypatch.setattr(retrieval.encoder, "use_bf16", lambda requested: requested and native)
     tiny, pretrained = load_model(tiny_model), load_model(zeroshot_model)
     assert tiny.image_precision("auto", "bf16") == ("bf16" if native else "fp32")
     assert pretrained.image_precision("auto", "fp32") == "fp32"  # on a bf16 CPU too: the index stays fp32
@@ -174,12 +180,14 @@ def test_auto_precision_keeps_the_index_own_where_it_is_native(tiny_model: Path,
     assert pretrained.image_precision("fp32", "bf16") == "fp32"  # asked for: as asked
 
 
+@pytest.mark.slow
 def test_index_command_says_which_precision_ran(folder: Path, tiny_model: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["index", str(folder), "--model", str(tiny_model), "--index", str(tmp_path / "i")])
     assert result.exit_code == 0, result.output
     assert "11 added, 0 updated, 0 removed, 0 unchanged (flat, images in fp32, " in result.output
 
 
+@pytest.mark.slow
 def test_bench_index_runs_and_writes_its_rows(folder: Path, tiny_model: Path, tmp_path: Path) -> None:
     """The benchmark at a tiny size (our ResNet at 32 px, 10 images, one thread); the lead runs the real one."""
     out = tmp_path / "bench.json"

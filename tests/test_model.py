@@ -95,10 +95,10 @@ def test_fingerprint_changes_with_weights(model: DualEncoder, tmp_path: Path) ->
     assert fingerprint(save_model(model, tmp_path / "b")) != before
 
 
-def test_temperature_is_clamped_at_100(model: DualEncoder) -> None:
+def test_inverse_temperature_is_clamped_at_100(model: DualEncoder) -> None:
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
-    assert model.temperature().item() == 100.0
+    assert model.inverse_temperature().item() == 100.0
 
 
 def test_load_errors_say_what_to_do(model: DualEncoder, tmp_path: Path) -> None:

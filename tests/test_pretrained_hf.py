@@ -62,6 +62,7 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+@pytest.mark.slow
 def test_embeddings_equal_the_checkpoints_own_features(checkpoint: Path) -> None:
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
@@ -80,6 +81,7 @@ def test_embeddings_equal_the_checkpoints_own_features(checkpoint: Path) -> None
     assert ours.encode_text(TEXTS).dtype == np.float32 and ours.encode_image(pictures()).shape[1] == ours.embed_dim
 
 
+@pytest.mark.slow
 def test_index_search_and_eval_through_the_cli(checkpoint: Path, small_data: Path, tmp_path: Path) -> None:
     index = tmp_path / "index"
     code, out = run("index", str(small_data), "--model", f"hf:{checkpoint}", "--index", str(index))
@@ -92,6 +94,7 @@ def test_index_search_and_eval_through_the_cli(checkpoint: Path, small_data: Pat
     assert code == 0 and json.loads(out)["n_images"] == 40, out
 
 
+@pytest.mark.slow
 def test_index_refuses_another_checkpoint(clip: Path, small_data: Path, tmp_path: Path) -> None:
     assert run("index", str(small_data), "--model", f"hf:{clip}", "--index", str(tmp_path / "i"))[0] == 0
     other = tiny_checkpoint(tmp_path / "other", "clip", seed=1)
@@ -100,6 +103,7 @@ def test_index_refuses_another_checkpoint(clip: Path, small_data: Path, tmp_path
         Index.open(tmp_path / "i", f"hf:{other}")
 
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_the_best_epoch_and_loads_as_a_checkpoint(clip: Path, small_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "tuned"
     code, text = run("train", "--data", str(small_data), "--out", str(out), "--init", f"hf:{clip}", "--epochs", "2",
@@ -118,6 +122,7 @@ def test_fine_tuning_keeps_the_best_epoch_and_loads_as_a_checkpoint(clip: Path, 
 
 @pytest.mark.parametrize("freeze, locked", [("text", ("text_model.", "text_projection.")),
                                             ("image", ("vision_model.", "visual_projection."))])
+@pytest.mark.slow
 def test_a_frozen_side_does_not_change(clip: Path, small_data: Path, tmp_path: Path, freeze: str, locked: tuple[str, ...]) -> None:
     out = tmp_path / "tuned"
     code, text = run("train", "--data", str(small_data), "--out", str(out), "--init", f"hf:{clip}", "--epochs", "1",
@@ -128,6 +133,7 @@ def test_a_frozen_side_does_not_change(clip: Path, small_data: Path, tmp_path: P
     assert any(not torch.equal(tuned[k], original[k]) for k in original if not k.startswith(locked))
 
 
+@pytest.mark.slow
 def test_siglip_fine_tunes_with_its_own_loss_and_resumes(small_data: Path, tmp_path: Path) -> None:
     siglip = tiny_checkpoint(tmp_path / "siglip", "siglip")
     args = ["train", "--data", str(small_data), "--out", str(tmp_path / "t"), "--batch-size", "16"]
@@ -150,6 +156,7 @@ def test_processor_settings_old_and_unsupported() -> None:
         processor_transform({"size": {"height": 32, "width": 48}}, Path("p.json"))
 
 
+@pytest.mark.slow
 def test_errors_say_what_to_do(clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RetrievalError, match="no such directory"):
         load_model(f"hf:{tmp_path / 'missing'}")

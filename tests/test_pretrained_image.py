@@ -51,6 +51,7 @@ def tower_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in load_file(model_dir / "model.safetensors").items() if k.startswith(prefix)}
 
 
+@pytest.mark.slow
 def test_locked_tower_keeps_the_package_weights_and_the_heads_learn(locked_model: Path) -> None:
     config = json.loads((locked_model / "config.json").read_text())["model"]
     assert config["image"]["kind"] == "efficientnet-lite0" and config["head"]["image"] == "mlp"
@@ -63,6 +64,7 @@ def test_locked_tower_keeps_the_package_weights_and_the_heads_learn(locked_model
     assert log[-1]["val"]["text_to_image"]["R@10"] > 0.3  # 60 held-out images: chance R@10 is 1/6
 
 
+@pytest.mark.slow
 def test_cached_path_equals_the_whole_tower(locked_model: Path, synth_data: Path) -> None:
     """Training runs the head on cached tower outputs; indexing runs the whole model: the same function."""
     model = load_model(locked_model)
@@ -73,6 +75,7 @@ def test_cached_path_equals_the_whole_tower(locked_model: Path, synth_data: Path
     np.testing.assert_allclose(cached, model.encode_image(images), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_unlocked_blocks_train_and_the_rest_stays(synth_data: Path, tmp_path: Path) -> None:
     train(synth_data, tmp_path / "m", "--image-trainable-blocks", "2", "--epochs", "1")
     saved, packaged = tower_weights(tmp_path / "m"), packaged_state_dict("efficientnet-lite0")
@@ -83,12 +86,14 @@ def test_unlocked_blocks_train_and_the_rest_stays(synth_data: Path, tmp_path: Pa
     assert all(torch.equal(saved[k], packaged[k]) for k in running_stats)  # BatchNorm stays in eval mode
 
 
+@pytest.mark.slow
 def test_trained_pretrained_model_resumes(synth_data: Path, tmp_path: Path) -> None:
     train(synth_data, tmp_path / "m", "--epochs", "1")
     train(synth_data, tmp_path / "m", "--epochs", "2", "--resume")
     assert [e["epoch"] for e in read_log(tmp_path / "m")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_bad_tower_choices_are_one_line(synth_data: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     base = ["train", "--data", str(synth_data), "--out", str(tmp_path / "m")]
@@ -116,6 +121,7 @@ def zeroshot_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_zeroshot_image_embedding_is_conse(zeroshot_model: Path, synth_data: Path) -> None:
     """The image vector is the probability-weighted mean of its top-10 classes' prompt embeddings (softmax at
     the default temperature 2)."""
@@ -133,6 +139,7 @@ def test_zeroshot_image_embedding_is_conse(zeroshot_model: Path, synth_data: Pat
     np.testing.assert_allclose(model.encode_image([image])[0], want / np.linalg.norm(want), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_zeroshot_model_indexes_and_searches_a_folder(zeroshot_model: Path, tmp_path: Path) -> None:
     """A fresh machine, no pairs: index a folder, search it with text; the scores are the model's cosines."""
     folder = tmp_path / "photos"
@@ -156,6 +163,7 @@ def test_zeroshot_bad_template_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "{label}" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_zeroshot_classify_over_imagenet_labels_is_its_own_classifier(zeroshot_model: Path, synth_data: Path) -> None:
     from retrieval.api import classify_pairs
     from retrieval.data import read_pairs

@@ -64,6 +64,7 @@ def package_weights() -> dict[str, torch.Tensor]:
     return load_file(minilm_dir() / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_tower_gives_the_published_sentence_embedding() -> None:
     """Mean pooling + L2 normalisation of our tower equals sentence-transformers' encode, long texts cut alike."""
     st = pytest.importorskip("sentence_transformers")
@@ -75,6 +76,7 @@ def test_tower_gives_the_published_sentence_embedding() -> None:
     np.testing.assert_allclose(ours, reference.encode(TEXTS, normalize_embeddings=True), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_locked_training_caches_the_tower_resumes_and_leaves_it_unchanged(synth_data: Path, tmp_path: Path, tower_calls) -> None:
     out = tmp_path / "m"
     train(synth_data, out, "--epochs", "1")
@@ -88,6 +90,7 @@ def test_locked_training_caches_the_tower_resumes_and_leaves_it_unchanged(synth_
             assert torch.equal(saved[f"text_tower.bert.{name}"], weight), name
 
 
+@pytest.mark.slow
 def test_tuned_layers_train_and_the_rest_stay_locked(synth_data: Path, tmp_path: Path, tower_calls) -> None:
     out = tmp_path / "m"
     train(synth_data, out, "--epochs", "1", "--text-trainable-layers", "1")
@@ -99,6 +102,7 @@ def test_tuned_layers_train_and_the_rest_stay_locked(synth_data: Path, tmp_path:
     assert load_model(out).config.text.trainable_layers == 1
 
 
+@pytest.mark.slow
 def test_model_dir_round_trips_and_fingerprints_its_weights(minilm_model: Path, tmp_path: Path) -> None:
     model = load_model(minilm_model)
     assert model.config.text.kind == "minilm" and model.config.text.width == 384
@@ -111,6 +115,7 @@ def test_model_dir_round_trips_and_fingerprints_its_weights(minilm_model: Path, 
     assert fingerprint(save_model(again, tmp_path / "changed")) != fingerprint(minilm_model)
 
 
+@pytest.mark.slow
 def test_index_answers_text_queries_with_the_numpy_tower(minilm_model: Path, synth_data: Path, tmp_path: Path) -> None:
     build_index(synth_data, minilm_model, tmp_path / "idx", progress=False)
     index = Index.open(tmp_path / "idx")

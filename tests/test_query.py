@@ -62,6 +62,7 @@ def parts(index: Index) -> Parts:
     return {it.id: by_fid[it.fid] for it in items.values()}
 
 
+@pytest.mark.slow
 def test_mixed_fixture_has_all_three_kinds(parts: Parts) -> None:
     kinds = {(vi is not None, vt is not None) for vi, vt in parts.values()}
     assert kinds == {(True, True), (False, True), (True, False)}
@@ -120,6 +121,7 @@ def queries(parts: Parts, d: int) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.slow
 def test_flat_search_equals_brute_force(index: Index, parts: Parts, target: str, weight: float) -> None:
     assert index.store.manifest.index_type == "flat"
     for q in queries(parts, index.store.manifest.dim):
@@ -133,6 +135,7 @@ def test_flat_search_equals_brute_force(index: Index, parts: Parts, target: str,
 
 
 @pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.slow
 def test_margin_below_the_top_score_equals_brute_force(index: Index, parts: Parts, target: str) -> None:
     for q in queries(parts, index.store.manifest.dim):
         scores = brute_force(parts, q, target, 0.4)
@@ -145,6 +148,7 @@ def test_margin_below_the_top_score_equals_brute_force(index: Index, parts: Part
 
 
 @pytest.mark.parametrize("k, theta_rank", [(10, None), (None, 30), (5, 30), (10, 0)])
+@pytest.mark.slow
 def test_batch_search_equals_one_query_at_a_time(index: Index, parts: Parts, k: int | None, theta_rank: int | None) -> None:
     qs = np.stack(queries(parts, index.store.manifest.dim))
     scores = brute_force(parts, qs[0], "item", 0.5)
@@ -155,10 +159,12 @@ def test_batch_search_equals_one_query_at_a_time(index: Index, parts: Parts, k: 
     assert len(batch) == len(qs) and (theta_rank != 0 or batch[0] == [])
 
 
+@pytest.mark.slow
 def test_an_empty_batch_has_no_results(index: Index) -> None:
     assert index.search_vectors(np.zeros((0, index.store.manifest.dim), np.float32), k=5) == []
 
 
+@pytest.mark.slow
 def test_per_modality_scores_are_the_part_cosines(index: Index, parts: Parts) -> None:
     q = queries(parts, index.store.manifest.dim)[0]
     hits = index.search_vector(q, k=300, weight=0.3)
@@ -238,6 +244,7 @@ def test_query_vector_of_the_wrong_dimension_is_refused(exact: Index) -> None:
 
 
 # --- embedding queries -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_text_search_uses_the_models_text_embedding(index: Index, parts: Parts, tiny_model: Path) -> None:
     from retrieval.model import load_model
 
@@ -247,6 +254,7 @@ def test_text_search_uses_the_models_text_embedding(index: Index, parts: Parts, 
     assert_same_ranking(index.search(text=text, k=10), expected(scores, 10, None), scores)
 
 
+@pytest.mark.slow
 def test_image_query_finds_its_own_image(index: Index, parts: Parts, synth_data: Path) -> None:
     image_id = next(i for i, (vi, _) in parts.items() if vi is not None and _unique_image(parts, i))
     path = synth_data.parent / "images" / f"{image_id}.png"
@@ -259,6 +267,7 @@ def _unique_image(parts: Parts, item_id: str) -> bool:
     return sum(1 for other, _ in parts.values() if other is not None and float(other @ vi) > 0.9999) == 1
 
 
+@pytest.mark.slow
 def test_cold_text_search_does_not_import_torch_or_transformers(mixed_index: Path) -> None:
     code = (
         "import sys; from retrieval.query import Index\n"
@@ -289,11 +298,13 @@ def test_cold_text_search_does_not_import_torch_or_transformers(mixed_index: Pat
     ({"text": "a red circle", "like": "synth-000000"}, "exactly one query"),
     ({"like": "no-such-id"}, "no item with id 'no-such-id'"),
 ])
+@pytest.mark.slow
 def test_bad_api_query_raises_retrieval_error(index: Index, kwargs: dict, message: str) -> None:
     with pytest.raises(RetrievalError, match=message):
         index.search(**kwargs)
 
 
+@pytest.mark.slow
 def test_image_query_that_is_not_an_image(index: Index, tmp_path: Path) -> None:
     fake = tmp_path / "notes.jpg"
     fake.write_text("this is text, not a JPEG")
@@ -320,6 +331,7 @@ def run_cli(*args: str):
     (["--like", "no-such-id"], "no-such-id"),
     (["--image", "NOT_AN_IMAGE"], "cannot read image"),
 ])
+@pytest.mark.slow
 def test_bad_cli_query_is_one_error_line(mixed_index: Path, tmp_path: Path, args: list[str], message: str) -> None:
     fake = tmp_path / "notes.txt"
     fake.write_text("plain text\n")
@@ -332,6 +344,7 @@ def test_bad_cli_query_is_one_error_line(mixed_index: Path, tmp_path: Path, args
     assert message in lines[0] and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_cli_search_json_lines(mixed_index: Path, index: Index) -> None:
     result = run_cli("search", "--index", mixed_index, "--text", "a large green star", "--k", "7", "--json")
     assert result.exit_code == 0, result.output
@@ -344,6 +357,7 @@ def test_cli_search_json_lines(mixed_index: Path, index: Index) -> None:
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
 
 
+@pytest.mark.slow
 def test_cli_more_like_this_returns_the_item_first(mixed_index: Path, parts: Parts) -> None:
     item_id = next(i for i, (vi, _) in parts.items() if vi is not None and _unique_image(parts, i))
     result = run_cli("search", "--index", mixed_index, "--like", item_id, "--target", "image", "--k", "3", "--json")
@@ -353,11 +367,13 @@ def test_cli_more_like_this_returns_the_item_first(mixed_index: Path, parts: Par
     assert rows[1]["score"] < rows[0]["score"]
 
 
+@pytest.mark.slow
 def test_cli_search_knobs_are_refused_below_one(mixed_index: Path) -> None:
     result = run_cli("search", "--index", mixed_index, "--text", "a red circle", "--nprobe", "0")
     assert result.exit_code == 1 and "nprobe must be a whole number from 1 to 2147483647, got 0" in result.output
 
 
+@pytest.mark.slow
 def test_cli_theta_with_no_results_says_so(mixed_index: Path) -> None:
     result = run_cli("search", "--index", mixed_index, "--text", "a red circle", "--theta", "1", "--k", "0")
     assert result.exit_code == 0, result.output

@@ -27,7 +27,7 @@ from retrieval.indexing import build_index  # noqa: E402
 from retrieval.query import MAX_QUERY_CHARS, Index  # noqa: E402
 from retrieval.server import THUMB_SIDE, create_app  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_single_thread")]  # integration: a trained model, indexes
 UPLOAD_LIMIT = 256 * 1024  # small, so the over-the-limit uploads are cheap to make
 
 

@@ -54,6 +54,7 @@ def encoders(request: pytest.FixtureRequest):
 
 
 @pytest.mark.parametrize("kind", list(TEXTS))
+@pytest.mark.slow
 def test_numpy_text_tower_equals_torch(encoders, kind: str) -> None:
     numpy_encoder, model = encoders
     got, want = numpy_encoder.encode_text(TEXTS[kind]), model.encode_text(TEXTS[kind])
@@ -62,6 +63,7 @@ def test_numpy_text_tower_equals_torch(encoders, kind: str) -> None:
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mixed_batch_equals_one_at_a_time(encoders) -> None:
     """Padding differs with the batch: each text's embedding must not."""
     numpy_encoder, model = encoders
@@ -72,6 +74,7 @@ def test_mixed_batch_equals_one_at_a_time(encoders) -> None:
     np.testing.assert_allclose(batch, model.encode_text(texts), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_the_texts_exercise_distinct_inputs(encoders) -> None:
     """Guard the cases above: the long text is cut, made-up words are [UNK] (ours) or split into word pieces
     (MiniLM), and MiniLM's special tokens typed in a caption leave a [PAD] before real tokens."""
@@ -122,6 +125,7 @@ def minilm_index(minilm_model: Path, synth_data: Path, tmp_path_factory: pytest.
     return path
 
 
+@pytest.mark.slow
 def test_minilm_text_query_imports_neither_torch_nor_transformers(minilm_index: Path, minilm_model: Path) -> None:
     """In a fresh interpreter, as a cold `retrieval search --text` runs; its vectors are the torch model's."""
     from retrieval.model import load_model

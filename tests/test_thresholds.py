@@ -125,6 +125,16 @@ def relevance_from_owner_queries(owner: np.ndarray):
 
 
 def test_relevance_helpers_agree() -> None:
-    # relevance_from_owner is the other direction (candidates owned by queries); both are CSR lists
-    indptr, indices = relevance_from_owner(np.array([1, 0]), 2)
-    assert indices[indptr[0] : indptr[1]].tolist() == [1] and indices[indptr[1] : indptr[2]].tolist() == [0]
+    """relevance_from_owner lists, per query, the candidates it owns (image -> its captions);
+    relevance_from_owner_queries lists, per query, the one candidate that owns it (caption -> its image).
+    Over the same owner array one is the transpose of the other."""
+    owner = np.array([2, 0, 2, 4, 0, 2])  # candidate c belongs to query owner[c]; queries 1 and 3 own nothing
+    indptr, indices = relevance_from_owner(owner, 5)
+    lists = [indices[indptr[q] : indptr[q + 1]].tolist() for q in range(5)]
+    assert lists == [[1, 4], [], [0, 2, 5], [], [3]]  # in candidate order within each query
+    by_owner = np.zeros((5, 6), dtype=bool)
+    by_owner[np.repeat(np.arange(5), np.diff(indptr)), indices] = True  # (queries, candidates)
+    q_indptr, q_indices = relevance_from_owner_queries(owner)
+    by_query = np.zeros((6, 5), dtype=bool)
+    by_query[np.repeat(np.arange(6), np.diff(q_indptr)), q_indices] = True  # (candidates as queries, owners)
+    np.testing.assert_array_equal(by_owner, by_query.T)
