@@ -8,12 +8,23 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "DualEncoder": "model", "Encoder": "model", "load_model": "model", "save_model": "model",
-    "Index": "query", "Hit": "query",
-    "build_index": "indexing", "remove_items": "indexing",
-    "Pair": "data", "read_pairs": "data", "read_split": "data",
-    "ImageError": "errors", "RetrievalError": "errors",
-    "encode_pairs": "api", "evaluate_model": "api", "run_demo": "api", "train_model": "api",
+    "DualEncoder": "model",
+    "Encoder": "model",
+    "load_model": "model",
+    "save_model": "model",
+    "Index": "query",
+    "Hit": "query",
+    "build_index": "indexing",
+    "remove_items": "indexing",
+    "Pair": "data",
+    "read_pairs": "data",
+    "read_split": "data",
+    "ImageError": "errors",
+    "RetrievalError": "errors",
+    "encode_pairs": "api",
+    "evaluate_model": "api",
+    "run_demo": "api",
+    "train_model": "api",
 }
 __all__ = sorted(_EXPORTS)
 

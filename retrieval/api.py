@@ -22,8 +22,18 @@ from .classify import DEFAULT_TEMPLATE, check_template, classification_report, p
 from .config import FINETUNE_LR, ModelConfig, preset, with_heads, with_image_tower, with_text_tower
 from .data import Pair, image_caption_pairs, read_pairs, read_split, select
 from .errors import ImageError, RetrievalError
-from .evaluate import (DEFAULT_KS, Embeddings, Relevance, fusion_sweep, list_ranks, recall_against_exact, recall_curve,
-                       retrieval_report, summarise, top_k_streamed)
+from .evaluate import (
+    DEFAULT_KS,
+    Embeddings,
+    Relevance,
+    fusion_sweep,
+    list_ranks,
+    recall_against_exact,
+    recall_curve,
+    retrieval_report,
+    summarise,
+    top_k_streamed,
+)
 from .indexing import caption_vector
 from .modeldir import ModelRef, hf_config, hf_name
 from .query import Hit, Index
@@ -95,10 +105,20 @@ def train_model(
 
     p = preset(preset_name)
     if init is not None and (image_size is not None or image_tower is not None or image_head is not None):
-        raise RetrievalError("--image-size, --image-tower and --image-head are for our own model; "
-                             "a checkpoint given to --init keeps its own")
-    model_cfg = model_config(p.model, text_tower, text_trainable_layers, image_tower, image_trainable_blocks,
-                             image_size, image_head, head_dropout)
+        raise RetrievalError(
+            "--image-size, --image-tower and --image-head are for our own model; "
+            "a checkpoint given to --init keeps its own"
+        )
+    model_cfg = model_config(
+        p.model,
+        text_tower,
+        text_trainable_layers,
+        image_tower,
+        image_trainable_blocks,
+        image_size,
+        image_head,
+        head_dropout,
+    )
     defaults = finetune_defaults(init, freeze, text_tower, overrides.get("loss"))
     train_cfg = dataclasses.replace(p.train, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
     has_split = split_file is not None or _default_split_file(data) is not None
@@ -111,9 +131,16 @@ def train_model(
     return summary
 
 
-def model_config(base: ModelConfig, text_tower: str | None, text_trainable_layers: int, image_tower: str | None,
-                 image_trainable_blocks: int, image_size: int | None, image_head: str | None,
-                 head_dropout: float | None) -> ModelConfig:
+def model_config(
+    base: ModelConfig,
+    text_tower: str | None,
+    text_trainable_layers: int,
+    image_tower: str | None,
+    image_trainable_blocks: int,
+    image_size: int | None,
+    image_head: str | None,
+    head_dropout: float | None,
+) -> ModelConfig:
     """A preset's model config with the towers, input side and head the user chose (None: the preset's)."""
     config = base
     if text_tower is not None or text_trainable_layers:
@@ -129,7 +156,9 @@ def finetune_defaults(init: str | None, freeze: str | None, text_tower: str | No
     """TrainConfig fields that fine-tuning a checkpoint changes: a low learning rate, and its own loss."""
     if init is None:
         if freeze:
-            raise RetrievalError("--freeze is for fine-tuning (--init hf:...); our own text tower locks with --text-tower minilm")
+            raise RetrievalError(
+                "--freeze is for fine-tuning (--init hf:...); our own text tower locks with --text-tower minilm"
+            )
         return {}
     if hf_name(init) is None:
         raise RetrievalError(f"--init takes a Hugging Face checkpoint, hf:<dir or name>; got {init!r}")
@@ -161,8 +190,12 @@ def _load(model: Encoder | ModelRef) -> Encoder:
     return load_model(model) if isinstance(model, (str, Path)) else model
 
 
-def encode_pairs(model: Encoder, pairs: Sequence[Pair], batch_size: int = 128,
-                 encode: Callable[[np.ndarray], np.ndarray] | None = None) -> Encoded:
+def encode_pairs(
+    model: Encoder,
+    pairs: Sequence[Pair],
+    batch_size: int = 128,
+    encode: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Encoded:
     """Load, preprocess and encode (model.encode_image unless `encode` is given) the images of `pairs` a batch at
     a time; unreadable ones are skipped."""
     kept, chunks, skipped = [], [], []
@@ -181,8 +214,13 @@ def encode_pairs(model: Encoder, pairs: Sequence[Pair], batch_size: int = 128,
 
 
 def evaluate_model(
-    model: Encoder | ModelRef, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS, thresholds: bool = False,
-    target_precision: float | None = None, fusion: bool = False, curves: bool = False,
+    model: Encoder | ModelRef,
+    pairs: Sequence[Pair],
+    ks: Sequence[int] = DEFAULT_KS,
+    thresholds: bool = False,
+    target_precision: float | None = None,
+    fusion: bool = False,
+    curves: bool = False,
 ) -> dict[str, Any]:
     """Recall@k, ranks and mAP in both directions over `pairs` (each image against every caption).
 
@@ -210,17 +248,27 @@ def evaluate_model(
     return report
 
 
-def fusion_report(image_emb: Embeddings, text_emb: Embeddings, text_image: np.ndarray, ks: Sequence[int]) -> dict[str, Any]:
+def fusion_report(
+    image_emb: Embeddings, text_emb: Embeddings, text_image: np.ndarray, ks: Sequence[int]
+) -> dict[str, Any]:
     """Each image indexed with its first caption; its other captions are the queries (images need 2+ captions)."""
     first = np.searchsorted(text_image, np.arange(len(image_emb)))  # captions are grouped by image, in order
     is_first = np.zeros(len(text_image), dtype=bool)
     is_first[first[first < len(text_image)]] = True
     queries = ~is_first
     if not queries.any():
-        raise RetrievalError("the fusion sweep needs images with at least two captions (one indexed, others as queries)")
-    sweep = fusion_sweep(image_emb, text_emb[np.minimum(first, len(text_emb) - 1)], text_emb[queries],
-                         text_image[queries], np.round(np.linspace(0, 1, 11), 2).tolist(), ks)
-    return {"n_items": int(len(image_emb)), "n_queries": int(queries.sum()), **sweep}
+        raise RetrievalError(
+            "the fusion sweep needs images with at least two captions (one indexed, others as queries)"
+        )
+    sweep = fusion_sweep(
+        image_emb,
+        text_emb[np.minimum(first, len(text_emb) - 1)],
+        text_emb[queries],
+        text_image[queries],
+        np.round(np.linspace(0, 1, 11), 2).tolist(),
+        ks,
+    )
+    return {"n_items": len(image_emb), "n_queries": int(queries.sum()), **sweep}
 
 
 EVAL_DEPTH = 100  # eval --index: results asked of the index (and of exact search) per query
@@ -246,8 +294,10 @@ class LabelledQueries:
     def fused_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """w e(x1) + (1 - w) e(x2) of the kept items, a block of the stored vectors at a time (for the θ report)."""
         d, w = self.index.store.manifest.dim, self.weight
-        return ((start, w * block[:, :d] + (1 - w) * block[:, d:])
-                for start, block in _kept_blocks(self.vectors, self.keep, THRESHOLD_BLOCK_ROWS))
+        return (
+            (start, w * block[:, :d] + (1 - w) * block[:, d:])
+            for start, block in _kept_blocks(self.vectors, self.keep, THRESHOLD_BLOCK_ROWS)
+        )
 
 
 def labelled_queries(index_path: str | Path, pairs: Sequence[Pair], target: str, weight: float) -> LabelledQueries:
@@ -261,16 +311,35 @@ def labelled_queries(index_path: str | Path, pairs: Sequence[Pair], target: str,
         raise RetrievalError(f"{index_path} changed while it was being read; run the evaluation again")
     texts, relevance, unmatched = index_queries(pairs, np.asarray(ids, dtype=object)[keep])
     if not texts:
-        raise RetrievalError(f"none of the queries' relevant ids is in {index_path} (for target {target}); "
-                             "check that the manifest's ids are the index's item ids")
-    return LabelledQueries(index, target, {"image": 1.0, "text": 0.0}.get(target, weight), keep, fids[keep], vectors,
-                           index.embed_texts(texts), relevance, unmatched)
+        raise RetrievalError(
+            f"none of the queries' relevant ids is in {index_path} (for target {target}); "
+            "check that the manifest's ids are the index's item ids"
+        )
+    return LabelledQueries(
+        index,
+        target,
+        {"image": 1.0, "text": 0.0}.get(target, weight),
+        keep,
+        fids[keep],
+        vectors,
+        index.embed_texts(texts),
+        relevance,
+        unmatched,
+    )
 
 
 def evaluate_index(
-    index_path: str | Path, pairs: Sequence[Pair], ks: Sequence[int] = DEFAULT_KS, target: str = "image",
-    weight: float = 0.5, thresholds: bool = False, target_precision: float | None = None, curves: bool = False,
-    depth: int = EVAL_DEPTH, ef_search: int | None = None, nprobe: int | None = None,
+    index_path: str | Path,
+    pairs: Sequence[Pair],
+    ks: Sequence[int] = DEFAULT_KS,
+    target: str = "image",
+    weight: float = 0.5,
+    thresholds: bool = False,
+    target_precision: float | None = None,
+    curves: bool = False,
+    depth: int = EVAL_DEPTH,
+    ef_search: int | None = None,
+    nprobe: int | None = None,
 ) -> dict[str, Any]:
     """Text queries against an existing index (see labelled_queries).
 
@@ -296,9 +365,15 @@ def evaluate_index(
     exact_ranks, exact_ap = list_ranks(exact, q.relevance)
     direction = f"text_to_{target}"
     report: dict[str, Any] = {
-        "n_items": int(q.keep.sum()), "n_texts": len(q.query_emb), "target": target, "weight": q.weight,
-        "unmatched_queries": q.unmatched, "index_type": store.manifest.index_type, "search_params": _search_knobs(params),
-        "depth": k, direction: summarise(ranks, ks, ap),
+        "n_items": int(q.keep.sum()),
+        "n_texts": len(q.query_emb),
+        "target": target,
+        "weight": q.weight,
+        "unmatched_queries": q.unmatched,
+        "index_type": store.manifest.index_type,
+        "search_params": _search_knobs(params),
+        "depth": k,
+        direction: summarise(ranks, ks, ap),
         "exact": {direction: summarise(exact_ranks, ks, exact_ap)},
         "index_recall": recall_against_exact(_exact_scores(store, qv, found_fids), exact_scores, ks),
     }
@@ -334,7 +409,9 @@ def _padded(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> npt.NDA
     return out
 
 
-def _kept_blocks(vectors: np.ndarray, keep: np.ndarray, rows: int = EXACT_BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+def _kept_blocks(
+    vectors: np.ndarray, keep: np.ndarray, rows: int = EXACT_BLOCK_ROWS
+) -> Iterator[tuple[int, np.ndarray]]:
     """The stored fused vectors of the kept items, a block of the memory-mapped matrix at a time, with the
     position of each block's first kept item."""
     start = 0
@@ -357,12 +434,21 @@ def _exact_scores(store: IndexStore, qv: np.ndarray, found_fids: npt.NDArray[np.
 
 def _search_knobs(params: Any) -> dict[str, int]:
     """The ANN knobs the search ran with, read back from its FAISS parameters (none for flat)."""
-    return {name: int(getattr(params, attr)) for name, attr in (("ef_search", "efSearch"), ("nprobe", "nprobe"))
-            if hasattr(params, attr)}
+    return {
+        name: int(getattr(params, attr))
+        for name, attr in (("ef_search", "efSearch"), ("nprobe", "nprobe"))
+        if hasattr(params, attr)
+    }
 
 
-def calibrate_index(index_path: str | Path, pairs: Sequence[Pair], target: str = "image", weight: float = 0.5,
-                    target_precision: float | None = None, rule: str = "flat") -> dict[str, Any]:
+def calibrate_index(
+    index_path: str | Path,
+    pairs: Sequence[Pair],
+    target: str = "image",
+    weight: float = 0.5,
+    target_precision: float | None = None,
+    rule: str = "flat",
+) -> dict[str, Any]:
     """Choose a cutoff for R(q, D) on labelled queries and store it in the index's manifest, so that
     `search` applies it when no θ is given. rule `flat` stores a θ (F1-best, or the lowest reaching
     target_precision); `top_relative` stores a margin below each query's top score (F1-best)."""
@@ -379,8 +465,15 @@ def calibrate_index(index_path: str | Path, pairs: Sequence[Pair], target: str =
         chosen = {"margin": -t["rules"]["top_relative"]["theta"]}
     else:
         raise RetrievalError(f"rule must be flat or top_relative, got {rule!r}")
-    entry = {"rule": rule, **chosen, "weight": q.weight, "n_queries": len(q.query_emb),
-             "best_f1": t["best_f1"], "heldout_f1": t["rules"][rule]["heldout_f1"], "target_precision": target_precision}
+    entry = {
+        "rule": rule,
+        **chosen,
+        "weight": q.weight,
+        "n_queries": len(q.query_emb),
+        "best_f1": t["best_f1"],
+        "heldout_f1": t["rules"][rule]["heldout_f1"],
+        "target_precision": target_precision,
+    }
     store = IndexStore.open(index_path)
     with store.writer():
         store.set_calibration(target, entry)
@@ -388,8 +481,12 @@ def calibrate_index(index_path: str | Path, pairs: Sequence[Pair], target: str =
 
 
 def classify_pairs(
-    model: Encoder | ModelRef, pairs: Sequence[Pair], labels: Sequence[str] | None = None,
-    label_field: str | None = None, template: str = DEFAULT_TEMPLATE, weight: float = 1.0,
+    model: Encoder | ModelRef,
+    pairs: Sequence[Pair],
+    labels: Sequence[str] | None = None,
+    label_field: str | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    weight: float = 1.0,
 ) -> dict[str, Any]:
     """Zero-shot P(y | x1, x2) for each item (see classify.py); with label_field, also accuracy against the truth.
 
@@ -409,10 +506,19 @@ def classify_pairs(
 
     classes = own_classes(model, labels) if weight == 1 else None
     if classes is not None:
-        enc = encode_pairs(model, [p for p in pairs if p.image is not None],
-                           encode=lambda pixels: class_probabilities(model, pixels, classes))
-        return _classification(enc.image_emb, enc.pairs, pairs, labels, label_field,
-                               {"template": None, "weight": weight, "classifier": "imagenet"})
+        enc = encode_pairs(
+            model,
+            [p for p in pairs if p.image is not None],
+            encode=lambda pixels: class_probabilities(model, pixels, classes),
+        )
+        return _classification(
+            enc.image_emb,
+            enc.pairs,
+            pairs,
+            labels,
+            label_field,
+            {"template": None, "weight": weight, "classifier": "imagenet"},
+        )
     try:
         label_emb = model.encode_text(prompts(labels, template))
     except ValueError as e:
@@ -440,11 +546,22 @@ def classify_pairs(
     return _classification(probs, kept, pairs, labels, label_field, {"template": template, "weight": weight})
 
 
-def _classification(probs: np.ndarray, kept: Sequence[Pair], pairs: Sequence[Pair], labels: Sequence[str],
-                    label_field: str | None, how: dict[str, Any]) -> dict[str, Any]:
+def _classification(
+    probs: np.ndarray,
+    kept: Sequence[Pair],
+    pairs: Sequence[Pair],
+    labels: Sequence[str],
+    label_field: str | None,
+    how: dict[str, Any],
+) -> dict[str, Any]:
     """The classify result for the `kept` items' (n, L) probabilities, with accuracy when label_field is given."""
-    result: dict[str, Any] = {"labels": list(labels), **how, "skipped": len(pairs) - len(kept),
-                              "ids": [p.id for p in kept], "probabilities": probs}
+    result: dict[str, Any] = {
+        "labels": list(labels),
+        **how,
+        "skipped": len(pairs) - len(kept),
+        "ids": [p.id for p in kept],
+        "probabilities": probs,
+    }
     if label_field is not None:
         index = {label: i for i, label in enumerate(labels)}
         has = np.array([str(p.extra.get(label_field)) in index for p in kept])

@@ -32,6 +32,7 @@ def crop_thetas(n: int, min_area: float, flip: bool, generator: torch.Generator)
 
 def jitter_colours(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """Scale brightness, then contrast about each image's mean, then saturation about its grey; x in [0, 1]."""
+
     def factor() -> torch.Tensor:
         return 1 + (torch.rand(x.shape[0], 1, 1, 1, generator=generator) * 2 - 1) * strength  # (B, 1, 1, 1)
 
@@ -42,16 +43,26 @@ def jitter_colours(x: torch.Tensor, strength: float, generator: torch.Generator)
     return ((x - grey) * factor() + grey).clamp(0, 1)
 
 
-def augment_batch(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float], aug: Augment | None,
-                  generator: torch.Generator) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    aug: Augment | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """uint8 (B, 3, H, W) banked images -> float32 (B, 3, size, size) model input, normalised; augmented as
     `aug` says, or only resized when it is None."""
     x = images.float() / 255
     if aug is None:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     else:
-        grid = F.affine_grid(crop_thetas(len(x), aug.min_area, aug.flip, generator), [len(x), 3, size, size], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)  # (B, 3, size, size)
+        grid = F.affine_grid(
+            crop_thetas(len(x), aug.min_area, aug.flip, generator), [len(x), 3, size, size], align_corners=False
+        )
+        x = F.grid_sample(
+            x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+        )  # (B, 3, size, size)
         if aug.jitter:
             x = jitter_colours(x, aug.jitter, generator)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)

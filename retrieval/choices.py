@@ -24,8 +24,10 @@ def search_knob(params: dict[str, Any], name: str, default: int) -> int:
     command line, a server request, manifest.json), because SWIG answers a bad one with a traceback."""
     value = params.get(name, default)
     if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= value <= C_INT_MAX:  # np.int64 too
-        raise RetrievalError(f"{name} must be a whole number from 1 to {C_INT_MAX}, got {value!r}; "
-                             f"give --{name.replace('_', '-')} a value in that range")
+        raise RetrievalError(
+            f"{name} must be a whole number from 1 to {C_INT_MAX}, got {value!r}; "
+            f"give --{name.replace('_', '-')} a value in that range"
+        )
     return int(value)
 
 
@@ -38,8 +40,10 @@ def check_params(params: dict[str, Any]) -> None:
 
 def check_max_memory(max_memory: int | None) -> None:
     """None (no budget) or a whole number of bytes a machine can have: NaN, infinity or 1e300G is a typo."""
-    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
-                                   or not 0 < max_memory < MAX_MEMORY_LIMIT):
+    if max_memory is not None and (
+        isinstance(max_memory, bool) or not isinstance(max_memory, int) or not 0 < max_memory < MAX_MEMORY_LIMIT
+    ):
         given = repr(max_memory) if len(repr(max_memory)) <= 24 else repr(max_memory)[:20] + "..."
-        raise RetrievalError(f"--max-memory must be a size from 1 byte to {MAX_MEMORY_LIMIT // 2**60} EiB, like 512M "
-                             f"or 8G; got {given}")
+        raise RetrievalError(
+            f"--max-memory must be a size from 1 byte to {MAX_MEMORY_LIMIT // 2**60} EiB, like 512M or 8G; got {given}"
+        )

@@ -27,13 +27,18 @@ def check_template(template: str) -> None:
     """The template must hold {label} and no other field: '{label}{0}', '{nope}' or a lone '{' would make
     str.format raise IndexError, KeyError or ValueError from deep inside a run."""
     try:
-        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
-                  if name is not None]
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
     except ValueError:  # an unmatched brace
         fields = []
     if not fields or any(field != ("label", "", None) for field in fields):
-        raise TemplateError(f"the template must contain {{label}} and nothing else in braces "
-                            f"(write {{{{ or }}}} for a literal brace), got {template!r}")
+        raise TemplateError(
+            f"the template must contain {{label}} and nothing else in braces "
+            f"(write {{{{ or }}}} for a literal brace), got {template!r}"
+        )
 
 
 def prompts(labels: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[str]:
@@ -69,15 +74,17 @@ def classification_report(probs: np.ndarray, truth: np.ndarray, labels: Sequence
     counts = np.bincount(truth, minlength=len(labels))
     matrix = confusion_matrix(truth, predicted, len(labels))
     return {
-        "n_items": int(len(truth)),
+        "n_items": len(truth),
         "n_labels": len(labels),
         "top1": top_k_accuracy(probs, truth, 1),
         "top5": top_k_accuracy(probs, truth, min(5, len(labels))),
         "chance_top1": 1.0 / len(labels),
         "chance_top5": min(5, len(labels)) / len(labels),
         "majority_top1": float(counts.max() / max(counts.sum(), 1)),
-        "per_label": {label: {"n": int(counts[i]), "top1": float(matrix[i, i] / counts[i]) if counts[i] else None}
-                      for i, label in enumerate(labels)},
+        "per_label": {
+            label: {"n": int(counts[i]), "top1": float(matrix[i, i] / counts[i]) if counts[i] else None}
+            for i, label in enumerate(labels)
+        },
         "labels": list(labels),
         "confusion": matrix.tolist(),
     }

@@ -20,7 +20,9 @@ PRETRAINED_IMAGE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, 
 ENSEMBLE = "efficientnet-lite0+efficientnet-lite2"  # both networks' pooled features side by side
 IMAGE_TOWERS = ("resnet", *PRETRAINED_IMAGE_SIZES, ENSEMBLE)
 IMAGE_HEADS = ("linear", "mlp", "conse")  # conse: the zero-shot head (zeroshot.py), never trained
-ZEROSHOT_TEMPERATURE = 2.0  # ConSE's softmax temperature; Flickr8k test t2i R@10: 21.6% at 1, 23.7% at 2 (Lite0, top 10)
+ZEROSHOT_TEMPERATURE = (
+    2.0  # ConSE's softmax temperature; Flickr8k test t2i R@10: 21.6% at 1, 23.7% at 2 (Lite0, top 10)
+)
 TEXT_HEADS = ("linear", "identity")  # identity: the text tower's own space (the zero-shot model's)
 FINETUNE_LR = 1e-5  # peak learning rate when fine-tuning a pretrained CLIP/SigLIP (--init): it must not forget
 PRETRAINED_CONTEXT = 128  # wordpiece tokens per caption for a pretrained text tower (its tokenizer's own cut)
@@ -52,13 +54,17 @@ class TextTowerConfig:
 class HeadConfig:
     """The projections from each tower into the shared space."""
 
-    image: str = "linear"  # "linear", "mlp" (Linear-GELU-Dropout-Linear: room to adapt a locked tower's features), "conse"
+    image: str = (
+        "linear"  # "linear", "mlp" (Linear-GELU-Dropout-Linear: room to adapt a locked tower's features), "conse"
+    )
     text: str = "linear"  # "linear" or "identity"
     hidden: int = 1024  # mlp: hidden width
     dropout: float = 0.0  # mlp: dropout after the hidden layer
     input_dropout: float = 0.0  # mlp: dropout on the tower's features, before the first layer
     top: int = 10  # conse: the image embeds as the probability-weighted mean of its top classes' text embeddings
-    temperature: float = 1.0  # conse: the classifier's softmax temperature (> 1 spreads the weight over the top classes)
+    temperature: float = (
+        1.0  # conse: the classifier's softmax temperature (> 1 spreads the weight over the top classes)
+    )
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,9 @@ class Augment:
 
     min_area: float = 0.35  # a random crop keeps at least this share of the image's area
     flip: bool = True  # mirror half the images: 0.4% of Flickr8k captions say "left" or "right"
-    jitter: float = 0.4  # brightness, contrast, saturation scale by factors in [1-x, 1+x]; no hue: captions name colours
+    jitter: float = (
+        0.4  # brightness, contrast, saturation scale by factors in [1-x, 1+x]; no hue: captions name colours
+    )
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,9 @@ class TrainConfig:
     augment: bool = True  # random resized crop, flip and colour jitter on training images, as `augmentation` says
     augmentation: Augment = field(default_factory=Augment)
     all_captions: bool = True  # a step trains on every caption of its images (a locked text tower makes them cheap)
-    views: int = 4  # a locked pretrained image tower: outputs cached per image for the centre and views-1 augmented crops
+    views: int = (
+        4  # a locked pretrained image tower: outputs cached per image for the centre and views-1 augmented crops
+    )
     eval_batch_size: int = 256
 
 
@@ -156,7 +166,9 @@ def with_text_tower(config: ModelConfig, kind: str, trainable_layers: int = 0) -
     if kind not in TEXT_TOWERS:
         raise RetrievalError(f"unknown text tower {kind!r}; choose one of {', '.join(TEXT_TOWERS)}")
     if trainable_layers < 0 or (kind == "own" and trainable_layers):
-        raise RetrievalError("--text-trainable-layers is for a pretrained text tower (--text-tower minilm), and at least 0")
+        raise RetrievalError(
+            "--text-trainable-layers is for a pretrained text tower (--text-tower minilm), and at least 0"
+        )
     if kind == "own":
         return config if config.text.kind == "own" else dataclasses.replace(config, text=TextTowerConfig())
     text = TextTowerConfig(kind=kind, trainable_layers=trainable_layers, context_length=PRETRAINED_CONTEXT)
@@ -168,7 +180,9 @@ def with_image_tower(config: ModelConfig, kind: str, trainable_blocks: int = 0) 
     if kind not in IMAGE_TOWERS:
         raise RetrievalError(f"unknown image tower {kind!r}; choose one of {', '.join(IMAGE_TOWERS)}")
     if trainable_blocks < 0 or (kind == "resnet" and trainable_blocks):
-        raise RetrievalError("--image-trainable-blocks is for a pretrained image tower (--image-tower efficientnet-lite0), and at least 0")
+        raise RetrievalError(
+            "--image-trainable-blocks is for a pretrained image tower (--image-tower efficientnet-lite0), and at least 0"
+        )
     if kind == "resnet":
         return config if config.image.kind == "resnet" else dataclasses.replace(config, image=ImageTowerConfig())
     image = ImageTowerConfig(kind=kind, trainable_blocks=trainable_blocks, image_size=pretrained_image_size(kind))
@@ -186,8 +200,9 @@ def with_heads(config: ModelConfig, image_head: str | None = None, dropout: floa
         raise RetrievalError(f"--image-head takes linear or mlp, got {image_head!r}")
     if dropout is not None and not 0 <= dropout < 1:
         raise RetrievalError(f"--head-dropout must be in [0, 1), got {dropout}")
-    head = dataclasses.replace(config.head, image=image_head or config.head.image,
-                               dropout=config.head.dropout if dropout is None else dropout)
+    head = dataclasses.replace(
+        config.head, image=image_head or config.head.image, dropout=config.head.dropout if dropout is None else dropout
+    )
     return dataclasses.replace(config, head=head)
 
 
@@ -207,8 +222,12 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
         raise RetrievalError(f"model config does not match this version of retrieval ({e}); retrain or upgrade") from e
     if config.text.width % config.text.heads or not math.isfinite(config.logit_scale_init):
         raise RetrievalError("model config is inconsistent: text width must divide by heads")
-    for part, known in ((config.text.kind, TEXT_TOWERS), (config.image.kind, IMAGE_TOWERS),
-                        (config.head.image, IMAGE_HEADS), (config.head.text, TEXT_HEADS)):
+    for part, known in (
+        (config.text.kind, TEXT_TOWERS),
+        (config.image.kind, IMAGE_TOWERS),
+        (config.head.image, IMAGE_HEADS),
+        (config.head.text, TEXT_HEADS),
+    ):
         if part not in known:
             raise RetrievalError(f"model has a part {part!r} unknown to this version of retrieval: upgrade retrieval")
     return config

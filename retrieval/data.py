@@ -53,7 +53,9 @@ def read_pairs(source: str | Path, skipped: list[str] | None = None, exclude: Se
     else:
         raise RetrievalError(f"{source}: unknown manifest type; use .jsonl, .csv or a folder of images")
     if not _is_utf8(str(source.absolute())):
-        raise RetrievalError(f"{shown(source.absolute())}: the path is not UTF-8, which the index cannot store; rename it")
+        raise RetrievalError(
+            f"{shown(source.absolute())}: the path is not UTF-8, which the index cannot store; rename it"
+        )
     bad: list[str] | None = None if skipped is None else []
     try:
         pairs = _unique_ids(reader(source, bad, exclude), source, bad)
@@ -110,10 +112,14 @@ def _check_storable(row: dict[str, Any], where: str) -> None:
     while todo:
         name, value = todo.popleft()
         if isinstance(value, float) and not math.isfinite(value):
-            raise RetrievalError(f"{where}: field {shown(name)} is {json.dumps(value)}, which JSON and the index cannot hold; "
-                                 "use null or a string")
+            raise RetrievalError(
+                f"{where}: field {shown(name)} is {json.dumps(value)}, which JSON and the index cannot hold; "
+                "use null or a string"
+            )
         if isinstance(value, str) and not _is_utf8(value):
-            raise RetrievalError(f"{where}: field {shown(name)} holds text that is not UTF-8; save the manifest as UTF-8")
+            raise RetrievalError(
+                f"{where}: field {shown(name)} holds text that is not UTF-8; save the manifest as UTF-8"
+            )
         if isinstance(value, dict):
             for k, v in value.items():
                 key = f"{name}.{k}" if name else str(k)
@@ -208,7 +214,9 @@ def _read_folder(folder: Path, skipped: list[str] | None, exclude: Sequence[str]
             continue
         with _or_skip(skipped, item_id):
             if not _is_utf8(str(path)):
-                raise RetrievalError(f"{shown(path)}: the file name is not UTF-8, which the index cannot store; rename it")
+                raise RetrievalError(
+                    f"{shown(path)}: the file name is not UTF-8, which the index cannot store; rename it"
+                )
             pairs.append(Pair(item_id, path, _sidecar_captions(path.with_suffix(".txt"))))
     if not found:
         raise RetrievalError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -219,8 +227,11 @@ def _folder_files(root: Path) -> Iterator[Path]:
     """The files below root, not descending into hidden folders or indexes (os.walk: symlinked folders are
     not followed, as Path.rglob does not follow them)."""
     for parent, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not all(os.path.isfile(os.path.join(parent, d, f))
-                                                                      for f in INDEX_FILES)]
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".") and not all(os.path.isfile(os.path.join(parent, d, f)) for f in INDEX_FILES)
+        ]
         yield from (Path(parent, f) for f in files if not f.startswith(".") and os.path.isfile(os.path.join(parent, f)))
 
 
@@ -232,10 +243,14 @@ def _sidecar_captions(sidecar: Path) -> tuple[str, ...]:
     try:
         lines = sidecar.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise RetrievalError(f"{shown(sidecar)}: captions are not UTF-8 (byte {e.object[e.start]:#04x} at offset "
-                             f"{e.start}); save it as UTF-8") from e
+        raise RetrievalError(
+            f"{shown(sidecar)}: captions are not UTF-8 (byte {e.object[e.start]:#04x} at offset "
+            f"{e.start}); save it as UTF-8"
+        ) from e
     except OSError as e:
-        raise RetrievalError(f"{shown(sidecar)}: cannot read captions: {e.strerror or e} (check its permissions)") from e
+        raise RetrievalError(
+            f"{shown(sidecar)}: cannot read captions: {e.strerror or e} (check its permissions)"
+        ) from e
     return _captions(lines, shown(sidecar))
 
 

@@ -64,16 +64,26 @@ def build_index_ray(
     pairs = list_source(source, exclude, unlisted)
     chosen = merged_index_type(index_path, index_type, len(pairs))
     with connected(ray, address):  # a wrong --address fails here, before anything is written
-        store, settings_changed = prepare_store(index_path, model_dir, chosen, len(pairs), params, DEFAULT_MEMORY_BUDGET)
+        store, settings_changed = prepare_store(
+            index_path, model_dir, chosen, len(pairs), params, DEFAULT_MEMORY_BUDGET
+        )
         with store.writer():  # prepare_store took the lock; this block releases it, whatever fails
             plan = plan_shards(pairs, shard_size, store.manifest.fingerprint)  # checked to be model_dir's
             pending = [(name, part) for name, part in plan if not is_done(shard_dir, name)]
             clear_partial(shard_dir, [name for name, _ in pending])  # a killed run's temporary files
             if pending:
                 run_shards(ray, pending, model_dir, shard_dir, batch_size, workers, progress)
-            merged = merge_shards(store, shard_dir, [name for name, _ in plan], max_memory,
-                                  workers=os.cpu_count() or 1, force=settings_changed)
-    merged.skipped = unlisted + [message for name, _ in plan for message in read_skipped(shard_dir, name)]  # resumed ones too
+            merged = merge_shards(
+                store,
+                shard_dir,
+                [name for name, _ in plan],
+                max_memory,
+                workers=os.cpu_count() or 1,
+                force=settings_changed,
+            )
+    merged.skipped = unlisted + [
+        message for name, _ in plan for message in read_skipped(shard_dir, name)
+    ]  # resumed ones too
     merged.seconds = time.perf_counter() - t0
     merged.index_type += " (on disk)" if merged.on_disk else ""
     return merged
@@ -87,15 +97,24 @@ def merged_index_type(index_path: Path, index_type: str | None, n: int) -> str:
     if index_type in MERGED_TYPES:
         return index_type
     if index_type not in (None, "auto"):
-        raise RetrievalError(f"--engine ray builds a merged IVF index: use --index-type ivf or ivfpq "
-                             f"(or --engine local for {index_type})")
+        raise RetrievalError(
+            f"--engine ray builds a merged IVF index: use --index-type ivf or ivfpq "
+            f"(or --engine local for {index_type})"
+        )
     if (index_path / MANIFEST_FILE).exists() and read_manifest(index_path).index_type in MERGED_TYPES:
         return read_manifest(index_path).index_type
     return "ivf"
 
 
-def run_shards(ray: Any, pending: Sequence[tuple[str, list[Pair]]], model_dir: ModelRef, shard_dir: Path,
-               batch_size: int, workers: int | None, progress: bool) -> None:
+def run_shards(
+    ray: Any,
+    pending: Sequence[tuple[str, list[Pair]]],
+    model_dir: ModelRef,
+    shard_dir: Path,
+    batch_size: int,
+    workers: int | None,
+    progress: bool,
+) -> None:
     """Encode the pending shards on Ray Data's actor pool, one model per actor; returns when all are written."""
     from ray.data import DataContext
 
@@ -105,8 +124,11 @@ def run_shards(ray: Any, pending: Sequence[tuple[str, list[Pair]]], model_dir: M
     size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows = [{"name": name, "pairs": pairs_to_json(part)} for name, part in pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        ShardEncoder, fn_constructor_args=(canonical(model_dir), str(shard_dir.resolve()), batch_size), batch_size=1,
-        concurrency=min(size, len(rows)), num_cpus=1,
+        ShardEncoder,
+        fn_constructor_args=(canonical(model_dir), str(shard_dir.resolve()), batch_size),
+        batch_size=1,
+        concurrency=min(size, len(rows)),
+        num_cpus=1,
     )
     with progress_bar(total=len(pending), desc="shards", unit="shard", disable=not progress) as bar:
         try:
@@ -114,8 +136,10 @@ def run_shards(ray: Any, pending: Sequence[tuple[str, list[Pair]]], model_dir: M
                 bar.update(1)
         except ray.exceptions.RayError as e:  # a worker's own error arrives wrapped in Ray's traceback
             cause = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
-            raise RetrievalError(f"a Ray worker failed: {cause[0].strip()[:300]}; the shards it finished are "
-                                 "kept, so re-running resumes after the cause is fixed") from e
+            raise RetrievalError(
+                f"a Ray worker failed: {cause[0].strip()[:300]}; the shards it finished are "
+                "kept, so re-running resumes after the cause is fixed"
+            ) from e
 
 
 class ShardEncoder:
@@ -127,10 +151,15 @@ class ShardEncoder:
         self.model, self.shard_dir, self.batch_size = load_model(model_dir), Path(shard_dir), batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        done = [encode_shard(self.model, pairs_from_json(p), self.shard_dir, str(name), self.batch_size)
-                for name, p in zip(batch["name"], batch["pairs"])]
-        return {"name": [str(n) for n in batch["name"]], "items": [d["items"] for d in done],
-                "skipped": [len(d["skipped"]) for d in done]}
+        done = [
+            encode_shard(self.model, pairs_from_json(p), self.shard_dir, str(name), self.batch_size)
+            for name, p in zip(batch["name"], batch["pairs"])
+        ]
+        return {
+            "name": [str(n) for n in batch["name"]],
+            "items": [d["items"] for d in done],
+            "skipped": [len(d["skipped"]) for d in done],
+        }
 
 
 def pairs_to_json(pairs: Sequence[Pair]) -> str:
@@ -138,13 +167,16 @@ def pairs_to_json(pairs: Sequence[Pair]) -> str:
 
 
 def pairs_from_json(text: str) -> list[Pair]:
-    return [Pair(i, Path(image) if image else None, tuple(captions), extra) for i, image, captions, extra in json.loads(text)]
+    return [
+        Pair(i, Path(image) if image else None, tuple(captions), extra)
+        for i, image, captions, extra in json.loads(text)
+    ]
 
 
 def import_ray() -> Any:
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise RetrievalError(f"--engine ray needs Ray: {DISTRIBUTED_INSTALL_HINT}") from None
     return ray
@@ -157,11 +189,18 @@ def connected(ray: Any, address: str | None) -> Iterator[None]:
         yield
         return
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **({} if address else {"num_cpus": os.cpu_count()}))
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            **({} if address else {"num_cpus": os.cpu_count()}),
+        )
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise RetrievalError(f"cannot connect to Ray at {address or 'a new local cluster'} ({' '.join(str(e).split())[:200]}); "
-                             "check --address (auto, or ray://HOST:10001) and that the cluster is up") from e
+        raise RetrievalError(
+            f"cannot connect to Ray at {address or 'a new local cluster'} ({' '.join(str(e).split())[:200]}); "
+            "check --address (auto, or ray://HOST:10001) and that the cluster is up"
+        ) from e
     try:
         yield
     finally:

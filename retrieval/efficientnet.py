@@ -48,8 +48,15 @@ LITE_VARIANTS: dict[str, LiteSpec] = {
 STEM_CHANNELS, HEAD_CHANNELS = 32, 1280  # not width-scaled in Lite ("fix_head_stem")
 # (repeats, kernel, stride, expand ratio, out channels) per stage, from TF's block strings r1_k3_s11_e1_i32_o16,
 # r2_k3_s22_e6_i16_o24, ...; each stage's input is the previous stage's output (the stem's for the first).
-STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
 
 
 def round_filters(channels: int, width: float, divisor: int = 8) -> int:
@@ -78,8 +85,11 @@ class SameConv2d(nn.Conv2d):
 def conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
     """Conv (no bias), BatchNorm with TF's eps and momentum, then ReLU6 unless `act` is False.
     At stride 1 an odd kernel's "SAME" padding is symmetric, so plain `padding` does it."""
-    conv = (SameConv2d(c_in, c_out, kernel, stride, groups=groups, bias=False) if stride > 1
-            else nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, groups=groups, bias=False))
+    conv = (
+        SameConv2d(c_in, c_out, kernel, stride, groups=groups, bias=False)
+        if stride > 1
+        else nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, groups=groups, bias=False)
+    )
     layers = [conv, nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01)]  # torch momentum 0.01 = TF decay 0.99
     return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if act else nn.Sequential(*layers)
 
@@ -150,8 +160,14 @@ class EfficientNetLite(nn.Module):
 
 
 TOP_KEYS = {"_conv_stem": "stem.0", "_bn0": "stem.1", "_conv_head": "head.0", "_bn1": "head.1", "_fc": "classifier"}
-BLOCK_KEYS = {"_expand_conv": "expand.0", "_bn0": "expand.1", "_depthwise_conv": "depthwise.0",
-              "_bn1": "depthwise.1", "_project_conv": "project.0", "_bn2": "project.1"}
+BLOCK_KEYS = {
+    "_expand_conv": "expand.0",
+    "_bn0": "expand.1",
+    "_depthwise_conv": "depthwise.0",
+    "_bn1": "depthwise.1",
+    "_project_conv": "project.0",
+    "_bn2": "project.1",
+}
 
 
 def our_key(reference_key: str) -> str:
@@ -184,15 +200,20 @@ def load_weights(model: EfficientNetLite, state: dict[str, torch.Tensor], source
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state:
-            raise RetrievalError(f"{source} has no tensor {key} {tuple(tensor.shape)}: "
-                                 f"is it a {model.name} checkpoint?")
+            raise RetrievalError(
+                f"{source} has no tensor {key} {tuple(tensor.shape)}: is it a {model.name} checkpoint?"
+            )
         if state[key].shape != tensor.shape:
-            raise RetrievalError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, {model.name} "
-                                 f"needs {tuple(tensor.shape)}: is it a {model.name} checkpoint?")
+            raise RetrievalError(
+                f"{source}: tensor {key} has shape {tuple(state[key].shape)}, {model.name} "
+                f"needs {tuple(tensor.shape)}: is it a {model.name} checkpoint?"
+            )
     unexpected = [key for key in state if key not in expected]
     if unexpected:
-        raise RetrievalError(f"{source} has an unexpected tensor {unexpected[0]} {tuple(state[unexpected[0]].shape)}: "
-                             f"is it a {model.name} checkpoint?")
+        raise RetrievalError(
+            f"{source} has an unexpected tensor {unexpected[0]} {tuple(state[unexpected[0]].shape)}: "
+            f"is it a {model.name} checkpoint?"
+        )
     model.load_state_dict(state)
 
 

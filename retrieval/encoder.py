@@ -85,8 +85,9 @@ class Encoder(nn.Module):
         return "bf16" if getattr(self, "image_cacheable", False) and use_bf16(True) else "fp32"
 
     @torch.no_grad()
-    def encode_image(self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 128,
-                     precision: str = "fp32") -> Embeddings:
+    def encode_image(
+        self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 128, precision: str = "fp32"
+    ) -> Embeddings:
         """Images (PIL, paths, or an already preprocessed (n, 3, S, S) array) -> (n, D) float32, unit norm.
         fp32 by default, so evaluation and image queries give the same numbers on every CPU; indexing, where
         throughput counts, asks for "auto" (image_precision)."""
@@ -131,7 +132,6 @@ class Encoder(nn.Module):
                 return features(batch).float().numpy()
         finally:
             self.train(was_training)
-
 
 
 def use_bf16(requested: bool) -> bool:

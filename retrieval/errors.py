@@ -42,8 +42,14 @@ def shown(text: object) -> str:
     text = str(text)
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
-                   else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+    return "".join(
+        c
+        if c.isprintable()
+        else f"\\x{ord(c) - 0xDC00:02x}"
+        if 0xDC80 <= ord(c) <= 0xDCFF
+        else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for c in text
+    )
 
 
 class StorageError(RetrievalError):
@@ -56,12 +62,16 @@ class StorageError(RetrievalError):
 
 
 OS_HINTS = {  # errno -> what to do
-    errno.ENOENT: "check the path", errno.ENOTDIR: "a part of the path is a file, not a folder",
-    errno.EISDIR: "give a file, not a folder", errno.EEXIST: "it exists and is not a folder: choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "give a file, not a folder",
+    errno.EEXIST: "it exists and is not a folder: choose another path",
     errno.EACCES: "check its permissions or choose another path",
     errno.EPERM: "check its permissions or choose another path",
-    errno.EROFS: "the disk is read-only: choose another path", errno.ENOSPC: "the disk is full: free space and re-run",
-    errno.EDQUOT: "the disk quota is used up: free space and re-run", errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EROFS: "the disk is read-only: choose another path",
+    errno.ENOSPC: "the disk is full: free space and re-run",
+    errno.EDQUOT: "the disk quota is used up: free space and re-run",
+    errno.ENAMETOOLONG: "choose a shorter path",
 }
 FAISS_ERROR = re.compile(r"Error in .*? at \S+:\d+: (?:Error: )?(?:'[^']*' failed(?:: |$))?(.*)")
 
@@ -75,11 +85,17 @@ def user_error(e: BaseException) -> StorageError | None:
         files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         return StorageError(f"{files + ': ' if files else ''}{what}{'; ' + hint if hint else ''}", e)
     if isinstance(e, sqlite3.Error):
-        return StorageError(f"the index database (SQLite) failed: {_first_line(e)}; check that the index folder can "
-                            "be read and that no other process is writing it, then re-run", e)
+        return StorageError(
+            f"the index database (SQLite) failed: {_first_line(e)}; check that the index folder can "
+            "be read and that no other process is writing it, then re-run",
+            e,
+        )
     if isinstance(e, RuntimeError) and (faiss := faiss_message(e)) is not None:
-        return StorageError(f"FAISS failed: {faiss}; if an index's files were changed or damaged, re-running "
-                            "`retrieval index` on its source rebuilds them", e)
+        return StorageError(
+            f"FAISS failed: {faiss}; if an index's files were changed or damaged, re-running "
+            "`retrieval index` on its source rebuilds them",
+            e,
+        )
     return None
 
 

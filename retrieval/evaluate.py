@@ -25,7 +25,9 @@ Embeddings = npt.NDArray[np.float32]
 DEFAULT_KS = (1, 5, 10)
 
 
-def positive_ranks(queries: Embeddings, candidates: Embeddings, positive: npt.NDArray[np.int64], chunk: int = 1024) -> np.ndarray:
+def positive_ranks(
+    queries: Embeddings, candidates: Embeddings, positive: npt.NDArray[np.int64], chunk: int = 1024
+) -> np.ndarray:
     """1-based rank of candidate positive[i] among all candidates for query i, ties broken by index."""
     ranks = np.empty(len(queries), dtype=np.int64)
     idx = np.arange(len(candidates))
@@ -38,7 +40,9 @@ def positive_ranks(queries: Embeddings, candidates: Embeddings, positive: npt.ND
     return ranks
 
 
-Relevance = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]  # CSR: query i's positives are indices[indptr[i]:indptr[i+1]]
+Relevance = tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64]
+]  # CSR: query i's positives are indices[indptr[i]:indptr[i+1]]
 
 
 def relevance_from_owner(candidate_owner: npt.NDArray[np.int64], n_queries: int) -> Relevance:
@@ -61,8 +65,9 @@ def positive_mask(relevance: Relevance, rows: npt.NDArray[np.int64], n_candidate
     return mask
 
 
-def relevant_ranks(queries: Embeddings, candidates: Embeddings, relevance: Relevance,
-                   chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def relevant_ranks(
+    queries: Embeddings, candidates: Embeddings, relevance: Relevance, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """Per query: the best 1-based rank of its positives, and its average precision (AP).
 
     A query without positives gets rank len(candidates) + 1 (never retrieved) and AP 0.
@@ -92,11 +97,14 @@ def best_positive_ranks(
     This is image->text: queries are images, candidates are captions, candidate_owner maps a caption
     to its image. An image without captions gets rank len(candidates) + 1 (never retrieved).
     """
-    return relevant_ranks(queries, candidates, relevance_from_owner(np.asarray(candidate_owner), len(queries)), chunk)[0]
+    return relevant_ranks(queries, candidates, relevance_from_owner(np.asarray(candidate_owner), len(queries)), chunk)[
+        0
+    ]
 
 
-def top_k_streamed(queries: Embeddings, blocks: Iterable[tuple[int, Embeddings]], k: int,
-                   chunk: int = 256) -> tuple[np.ndarray, npt.NDArray[np.int64]]:
+def top_k_streamed(
+    queries: Embeddings, blocks: Iterable[tuple[int, Embeddings]], k: int, chunk: int = 256
+) -> tuple[np.ndarray, npt.NDArray[np.int64]]:
     """(scores, positions), each (nq, k), best first: the exact top k of each query over candidates that
     arrive as (position of the block's first row, block) in position order, so only one block is held.
 
@@ -152,8 +160,9 @@ def list_ranks(found: npt.NDArray[np.int64], relevance: Relevance) -> tuple[np.n
     return best, ap
 
 
-def recall_against_exact(found_scores: np.ndarray, exact_scores: np.ndarray, ks: Sequence[int],
-                         tolerance: float = 1e-5) -> dict[str, float]:
+def recall_against_exact(
+    found_scores: np.ndarray, exact_scores: np.ndarray, ks: Sequence[int], tolerance: float = 1e-5
+) -> dict[str, float]:
     """Recall@k of an approximate top-k against the exact one: the fraction of the exact top k the index
     returned in its own top k, averaged over queries.
 
@@ -177,7 +186,7 @@ def summarise(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS, ap: np.ndarray 
     out["median_rank"] = float(np.median(ranks))
     out["mean_rank"] = float(np.mean(ranks))
     out["mAP"] = float(np.mean(1.0 / ranks if ap is None else ap))
-    out["n_queries"] = int(len(ranks))
+    out["n_queries"] = len(ranks)
     return out
 
 
@@ -187,7 +196,10 @@ def recall_curve(ranks: np.ndarray, k_max: int = 100) -> list[float]:
 
 
 def retrieval_report(
-    image_emb: Embeddings, text_emb: Embeddings, text_image: npt.NDArray[np.int64], ks: Sequence[int] = DEFAULT_KS,
+    image_emb: Embeddings,
+    text_emb: Embeddings,
+    text_image: npt.NDArray[np.int64],
+    ks: Sequence[int] = DEFAULT_KS,
     curves: bool = False,
 ) -> dict[str, Any]:
     """The eval JSON: text_image[t] is the row in image_emb of caption t's image.
@@ -197,8 +209,8 @@ def retrieval_report(
     t2i = positive_ranks(text_emb, image_emb, text_image)
     i2t, i2t_ap = relevant_ranks(image_emb, text_emb, relevance_from_owner(text_image, len(image_emb)))
     report: dict[str, Any] = {
-        "n_images": int(len(image_emb)),
-        "n_texts": int(len(text_emb)),
+        "n_images": len(image_emb),
+        "n_texts": len(text_emb),
         "text_to_image": summarise(t2i, ks),
         "image_to_text": summarise(i2t, ks, i2t_ap),
     }
@@ -207,8 +219,14 @@ def retrieval_report(
     return report
 
 
-def fusion_sweep(image_emb: Embeddings, caption_emb: Embeddings, query_emb: Embeddings, query_item: npt.NDArray[np.int64],
-                 weights: Sequence[float], ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+def fusion_sweep(
+    image_emb: Embeddings,
+    caption_emb: Embeddings,
+    query_emb: Embeddings,
+    query_item: npt.NDArray[np.int64],
+    weights: Sequence[float],
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, Any]:
     """Text->item recall as the fusion weight w of sim(q, x1, x2) = w cos(q, x1) + (1 - w) cos(q, x2) varies.
 
     Item i is its image image_emb[i] with one caption caption_emb[i]; query t's item is query_item[t]. The
@@ -224,5 +242,9 @@ def fusion_sweep(image_emb: Embeddings, caption_emb: Embeddings, query_emb: Embe
         curves["mAP"].append(float(np.mean(1.0 / ranks)))
     rsum = np.sum([curves[f"R@{k}"] for k in ks], axis=0)
     best = int(np.argmax(rsum))
-    return {"weights": [float(w) for w in weights], **curves, "best_weight": float(weights[best]),
-            "best": {key: values[best] for key, values in curves.items()}}
+    return {
+        "weights": [float(w) for w in weights],
+        **curves,
+        "best_weight": float(weights[best]),
+        "best": {key: values[best] for key, values in curves.items()},
+    }

@@ -26,8 +26,12 @@ class TextCache:
     def __init__(self, model: Encoder, captions: Iterable[str], progress: bool = True, chunk: int = 4096):
         unique = sorted(set(captions), key=lambda c: (len(c), c))  # by length: batches pad little
         self.row = {c: i for i, c in enumerate(unique)}
-        parts = [model.text_tower_outputs(unique[s : s + chunk]) for s in
-                 progress_bar(range(0, len(unique), chunk), desc=f"encode {len(unique)} captions", unit="chunk", disable=not progress)]
+        parts = [
+            model.text_tower_outputs(unique[s : s + chunk])
+            for s in progress_bar(
+                range(0, len(unique), chunk), desc=f"encode {len(unique)} captions", unit="chunk", disable=not progress
+            )
+        ]
         self.outputs = torch.cat(parts) if parts else torch.zeros(0, model.text_width)  # (N, W)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
@@ -39,16 +43,28 @@ class ImageCache:
     resized to the input side (what held-out recall is measured on), the others are augmented as `augmentation` says. Pooled features are kept in float32;
     spatial activations (when the last blocks train) in bfloat16, which halves their memory."""
 
-    def __init__(self, model: DualEncoder, images: torch.Tensor, views: int, augmentation: Augment | None,
-                 seed: int, bf16: bool, progress: bool = True, batch_size: int = 64):
+    def __init__(
+        self,
+        model: DualEncoder,
+        images: torch.Tensor,
+        views: int,
+        augmentation: Augment | None,
+        seed: int,
+        bf16: bool,
+        progress: bool = True,
+        batch_size: int = 64,
+    ):
         generator = torch.Generator().manual_seed(seed)
         t, n = model.transform, len(images)
         self.outputs: torch.Tensor | None = None  # (V, N, ...) once the first batch says the shape
-        bar = progress_bar(total=views * n, desc=f"image tower on {n} images x {views} views", unit="img", disable=not progress)
+        bar = progress_bar(
+            total=views * n, desc=f"image tower on {n} images x {views} views", unit="img", disable=not progress
+        )
         for v in range(views):
             for s in range(0, n, batch_size):
-                pixels = augment_batch(images[s : s + batch_size], t.size, t.mean, t.std,
-                                       augmentation if v else None, generator)  # (B, 3, S, S)
+                pixels = augment_batch(
+                    images[s : s + batch_size], t.size, t.mean, t.std, augmentation if v else None, generator
+                )  # (B, 3, S, S)
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     out = model.image_locked_outputs(pixels.contiguous(memory_format=torch.channels_last))
                 if self.outputs is None:

@@ -30,9 +30,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def load_image(
-    path: str | Path, size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Image.Image:
+def load_image(path: str | Path, size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image file as RGB with EXIF orientation applied (see `read_image`).
 
     Decoding everything here means a corrupt or truncated file fails now, with its
@@ -224,9 +222,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) / 2, (h - side) / 2
-    return img.resize(
-        (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
-    )
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
 
 
 def to_array(img: Image.Image, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> ImageArray:
@@ -287,7 +283,11 @@ class Transform:
 
     def bank(self, img: Image.Image, side: int) -> Image.Image:
         """The small square a training bank keeps: squashed for a squashing model, else the centre."""
-        return img.resize((side, side), Image.Resampling.BICUBIC) if self.resize == "squash" else resize_center_crop(img, side)
+        return (
+            img.resize((side, side), Image.Resampling.BICUBIC)
+            if self.resize == "squash"
+            else resize_center_crop(img, side)
+        )
 
     @property
     def size_hint(self) -> int:

@@ -141,8 +141,9 @@ def min_items(index_type: str) -> int:
 def build_faiss(vectors: Vectors, fids: npt.NDArray[np.int64], index_type: str, params: dict[str, Any]) -> faiss.Index:
     if len(vectors) < min_items(index_type):
         index_type = "flat"  # too few vectors to train on (an index emptied by removals): exact is never worse
-    index = faiss.index_factory(vectors.shape[1], factory_string(index_type, len(vectors), vectors.shape[1]),
-                                faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(
+        vectors.shape[1], factory_string(index_type, len(vectors), vectors.shape[1]), faiss.METRIC_INNER_PRODUCT
+    )
     inner = faiss.downcast_index(index.index)
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efConstruction = search_knob(params, "ef_construction", 80)
@@ -198,7 +199,7 @@ class IndexStore:
         self._lock: IO[str] | None = None  # the writer lock's open file, while this store holds it
         self._faiss: faiss.Index | None = None
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
-        self._records: tuple[npt.NDArray[np.int64], bytes | mmap.mmap] | None | bool = None  # False: damaged
+        self._records: tuple[npt.NDArray[np.int64], bytes | mmap.mmap] | bool | None = None  # False: damaged
         self._exact: faiss.Index | None = None  # a flat copy for exact answers on an ANN index
         self._searchers: dict[tuple[str | None, bool], tuple[faiss.Index, Any]] = {}
 
@@ -215,8 +216,9 @@ class IndexStore:
         return store
 
     @classmethod
-    def open_writer(cls, path: str | Path, new_manifest: Callable[[], Manifest],
-                    check: Callable[[Manifest], None] | None = None) -> IndexStore:
+    def open_writer(
+        cls, path: str | Path, new_manifest: Callable[[], Manifest], check: Callable[[Manifest], None] | None = None
+    ) -> IndexStore:
         """Lock the folder, then open its index for writing, or create one from new_manifest() in a new or empty
         folder. The lock comes first: two runs never both create the index, and the manifest `check` is given (it
         raises to refuse one built with another model) is the one this writer writes under. The check runs before
@@ -236,8 +238,10 @@ class IndexStore:
             if check is not None:
                 check(manifest)
             if exists and manifest.generation and not (path / DB_FILE).is_file():
-                raise RetrievalError(f"{path}/{DB_FILE} is missing, and with it the index's items: "
-                                     f"delete {path} and run `retrieval index` to build it again")
+                raise RetrievalError(
+                    f"{path}/{DB_FILE} is missing, and with it the index's items: "
+                    f"delete {path} and run `retrieval index` to build it again"
+                )
             if not exists:
                 with disk_writes(path):  # first: from here on the folder is an index, even if this run is killed
                     _write_json(path / MANIFEST_FILE, asdict(manifest))
@@ -305,10 +309,14 @@ class IndexStore:
 
     # --- writing -------------------------------------------------------------------------------
     def known_vectors(self, keys: Sequence[str]) -> set[str]:
-        rows = _fetch(self.db, "SELECT key FROM vectors WHERE key IN (SELECT value FROM json_each(?))", (json.dumps(list(keys)),))
+        rows = _fetch(
+            self.db, "SELECT key FROM vectors WHERE key IN (SELECT value FROM json_each(?))", (json.dumps(list(keys)),)
+        )
         return {r[0] for r in rows}
 
-    def commit(self, items: Sequence[Item], new_vectors: dict[str, np.ndarray], removed_ids: Sequence[str] = ()) -> None:
+    def commit(
+        self, items: Sequence[Item], new_vectors: dict[str, np.ndarray], removed_ids: Sequence[str] = ()
+    ) -> None:
         """Insert or replace items (and their new vectors), remove ids: all or nothing, one generation."""
         with disk_writes(self.path), self.db:
             self.db.executemany(
@@ -320,8 +328,19 @@ class IndexStore:
             ).rowcount
             self.db.executemany(
                 "INSERT INTO items (id, path, captions, image_key, text_key, mtime_ns, size, extra) VALUES (?,?,?,?,?,?,?,?)",
-                [(it.id, it.path, json.dumps(it.captions), it.image_key, it.text_key, it.mtime_ns, it.size,
-                  json.dumps(it.extra, allow_nan=False)) for it in items],
+                [
+                    (
+                        it.id,
+                        it.path,
+                        json.dumps(it.captions),
+                        it.image_key,
+                        it.text_key,
+                        it.mtime_ns,
+                        it.size,
+                        json.dumps(it.extra, allow_nan=False),
+                    )
+                    for it in items
+                ],
             )
             if gone:  # vectors no item points to any more
                 self.db.execute(
@@ -342,14 +361,18 @@ class IndexStore:
         self.publish(index, fids, lambda tmp: _save_npy(tmp, vectors), t0)
         self._faiss, self._vectors = index, (fids, vectors)
 
-    def publish(self, index: faiss.Index, fids: npt.NDArray[np.int64], write_vectors: Callable[[Path], Any], t0: float) -> None:
+    def publish(
+        self, index: faiss.Index, fids: npt.NDArray[np.int64], write_vectors: Callable[[Path], Any], t0: float
+    ) -> None:
         """Write the derived files for the database as it is now: the FAISS index (ids = fids), fids, the fused
         vectors in fid order (`write_vectors` writes the .npy to the path it is given), the result records;
         then the manifest naming this generation. A merged index comes in here with its own FAISS index."""
         with disk_writes(self.path):
             self._publish(index, fids, write_vectors, t0)
 
-    def _publish(self, index: faiss.Index, fids: npt.NDArray[np.int64], write_vectors: Callable[[Path], Any], t0: float) -> None:
+    def _publish(
+        self, index: faiss.Index, fids: npt.NDArray[np.int64], write_vectors: Callable[[Path], Any], t0: float
+    ) -> None:
         atomic_write(self.path / FAISS_FILE, lambda tmp: write_faiss(index, tmp))
         atomic_write(self.path / FIDS_FILE, lambda tmp: _save_npy(tmp, fids))
         atomic_write(self.path / VECTORS_FILE, write_vectors)
@@ -392,17 +415,23 @@ class IndexStore:
     def set_meta(self, key: str, value: str) -> None:
         """Bookkeeping beside the items (a merge's shard set); it does not change the generation."""
         with disk_writes(self.path), self.db:
-            self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                            (key, value))
+            self.db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
 
     def counts(self) -> dict[str, int]:
         [(n, n_image, n_text, n_vectors)] = _fetch(
-            self.db, "SELECT COUNT(*), COUNT(image_key), COUNT(text_key), (SELECT COUNT(*) FROM vectors) FROM items")
+            self.db, "SELECT COUNT(*), COUNT(image_key), COUNT(text_key), (SELECT COUNT(*) FROM vectors) FROM items"
+        )
         return {"items": n, "with_image": n_image, "with_text": n_text, "stored_vectors": n_vectors}
 
     def all_vectors(self) -> tuple[npt.NDArray[np.int64], Vectors]:
-        rows = _fetch(self.db, "SELECT i.fid, vi.vec, vt.vec FROM items i LEFT JOIN vectors vi ON vi.key = i.image_key "
-                               "LEFT JOIN vectors vt ON vt.key = i.text_key ORDER BY i.fid")
+        rows = _fetch(
+            self.db,
+            "SELECT i.fid, vi.vec, vt.vec FROM items i LEFT JOIN vectors vi ON vi.key = i.image_key "
+            "LEFT JOIN vectors vt ON vt.key = i.text_key ORDER BY i.fid",
+        )
         fids = np.array([r[0] for r in rows], dtype=np.int64)
         vectors = np.empty((len(rows), 2 * self.manifest.dim), dtype=np.float32)
         for row, (_, vi, vt) in enumerate(rows):
@@ -442,8 +471,11 @@ class IndexStore:
                 except (OSError, ValueError, EOFError):
                     self._vectors = None  # missing, empty or truncated: the database still holds every vector
             n_items = self.manifest.counts.get("items")  # of this generation, written beside it by publish
-            if (self._vectors is None or len(self._vectors[0]) != len(self._vectors[1])
-                    or (n_items is not None and len(self._vectors[0]) != n_items)):
+            if (
+                self._vectors is None
+                or len(self._vectors[0]) != len(self._vectors[1])
+                or (n_items is not None and len(self._vectors[0]) != n_items)
+            ):
                 self._vectors = self.all_vectors()
         return self._vectors
 
@@ -473,7 +505,9 @@ class IndexStore:
         if self._faiss is None:
             fids, vectors = self.vectors
             self._check_budget(vectors.nbytes, "rebuilding the FAISS index in memory (its file is stale or missing)")
-            self._faiss = build_faiss(np.ascontiguousarray(vectors), fids, self.manifest.index_type, self.manifest.params)
+            self._faiss = build_faiss(
+                np.ascontiguousarray(vectors), fids, self.manifest.index_type, self.manifest.params
+            )
         return self._faiss
 
     def _faiss_file(self) -> faiss.Index | None:
@@ -507,7 +541,11 @@ class IndexStore:
             return False
         if isinstance(index, faiss.IndexIDMap) and not np.array_equal(faiss.vector_to_array(index.id_map), fids):
             return False
-        if len(fids) and isinstance(index, faiss.IndexIDMap2) and isinstance(_inner(index), (faiss.IndexFlat, faiss.IndexHNSW)):
+        if (
+            len(fids)
+            and isinstance(index, faiss.IndexIDMap2)
+            and isinstance(_inner(index), (faiss.IndexFlat, faiss.IndexHNSW))
+        ):
             return all(np.array_equal(index.reconstruct(int(fids[row])), vectors[row]) for row in (0, len(fids) - 1))
         return True
 
@@ -516,8 +554,10 @@ class IndexStore:
 
     def _check_budget(self, nbytes: int, what: str) -> None:
         if self._over_budget(nbytes):
-            raise RetrievalError(f"{what} needs {nbytes / 2**30:.2f} GiB, over --max-memory "
-                                 f"{self.max_memory / 2**30:.2f} GiB; raise --max-memory or build an ivf/ivfpq index")
+            raise RetrievalError(
+                f"{what} needs {nbytes / 2**30:.2f} GiB, over --max-memory "
+                f"{self.max_memory / 2**30:.2f} GiB; raise --max-memory or build an ivf/ivfpq index"
+            )
 
     def fused_vectors(self, fids: Sequence[int]) -> Vectors:
         """(n, 2d) fused vectors of the given items, from the memory-mapped matrix."""
@@ -566,7 +606,9 @@ class IndexStore:
     def _selector(self, column: str | None) -> Any:
         if column is None:
             return None
-        fids = np.array([r[0] for r in _fetch(self.db, f"SELECT fid FROM items WHERE {column} IS NOT NULL")], dtype=np.int64)
+        fids = np.array(
+            [r[0] for r in _fetch(self.db, f"SELECT fid FROM items WHERE {column} IS NOT NULL")], dtype=np.int64
+        )
         total = _fetch(self.db, "SELECT COUNT(*) FROM items")[0][0]
         return None if len(fids) == total else faiss.IDSelectorBatch(fids)
 
@@ -575,8 +617,13 @@ class IndexStore:
 
         One json.loads of the whole answer is about 3x faster than decoding each row's JSON columns.
         """
-        return {r[0]: Item(*r) for r in self._json_rows(
-            "i.fid, i.id, i.path, json(i.captions), i.image_key, i.text_key, i.mtime_ns, i.size, json(i.extra)", fids)}
+        return {
+            r[0]: Item(*r)
+            for r in self._json_rows(
+                "i.fid, i.id, i.path, json(i.captions), i.image_key, i.text_key, i.mtime_ns, i.size, json(i.extra)",
+                fids,
+            )
+        }
 
     def result_rows(self, fids: Sequence[int]) -> dict[int, list[Any]]:
         """What a search result shows: [id, path, captions, has image, has caption, extra] per FAISS id.
@@ -602,13 +649,16 @@ class IndexStore:
 
     def _json_rows(self, columns: str, fids: Sequence[int]) -> list[list[Any]]:
         [(document,)] = _fetch(
-            self.db, f"SELECT json_group_array(json_array({columns})) FROM json_each(?) j JOIN items i ON i.fid = j.value",
+            self.db,
+            f"SELECT json_group_array(json_array({columns})) FROM json_each(?) j JOIN items i ON i.fid = j.value",
             (json.dumps(sorted(int(f) for f in fids)),),  # in key order: B-tree pages are read once, 2x faster
         )
         return json.loads(document)
 
     def items_by_id(self, ids: Sequence[str]) -> dict[str, Item]:
-        rows = _fetch(self.db, "SELECT fid FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),))
+        rows = _fetch(
+            self.db, "SELECT fid FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),)
+        )
         return {it.id: it for it in self.items([r[0] for r in rows]).values()}
 
     def all_items(self) -> dict[str, Item]:
@@ -617,8 +667,12 @@ class IndexStore:
     def id_table(self) -> tuple[npt.NDArray[np.int64], list[str], np.ndarray, np.ndarray]:
         """(fids ascending, ids, has image, has caption): every item, in the order of `vectors`."""
         rows = _fetch(self.db, "SELECT fid, id, image_key IS NOT NULL, text_key IS NOT NULL FROM items ORDER BY fid")
-        return (np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows],
-                np.array([bool(r[2]) for r in rows]), np.array([bool(r[3]) for r in rows]))
+        return (
+            np.array([r[0] for r in rows], dtype=np.int64),
+            [r[1] for r in rows],
+            np.array([bool(r[2]) for r in rows]),
+            np.array([bool(r[3]) for r in rows]),
+        )
 
     def set_calibration(self, target: str, entry: dict[str, Any]) -> None:
         """Store the cutoff chosen for a target in manifest.json (written atomically; hold `writer()`)."""
@@ -632,8 +686,11 @@ class IndexStore:
     def part_vectors(self, fids: Sequence[int]) -> dict[int, tuple[np.ndarray | None, np.ndarray | None]]:
         """(image vector, text vector) per item, None for a missing part."""
         d, items = self.manifest.dim, self.items(fids)
-        return {f: (v[:d] if items[f].image_key else None, v[d:] if items[f].text_key else None)
-                for f, v in zip(fids, self.fused_vectors(fids)) if f in items}
+        return {
+            f: (v[:d] if items[f].image_key else None, v[d:] if items[f].text_key else None)
+            for f, v in zip(fids, self.fused_vectors(fids))
+            if f in items
+        }
 
 
 def read_faiss(file: Path, mmap: bool = False) -> faiss.Index:
@@ -696,11 +753,15 @@ def _take_lock(path: Path) -> IO[str]:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise RetrievalError(f"another process is writing {path}; wait for it to finish (or end it) and retry") from None
+        raise RetrievalError(
+            f"another process is writing {path}; wait for it to finish (or end it) and retry"
+        ) from None
     except OSError as e:
         lock.close()
-        raise RetrievalError(f"cannot lock {path / LOCK_FILE} ({e.strerror or e}): writing an index needs a filesystem "
-                             "with file locks; put the index on a local disk") from e
+        raise RetrievalError(
+            f"cannot lock {path / LOCK_FILE} ({e.strerror or e}): writing an index needs a filesystem "
+            "with file locks; put the index on a local disk"
+        ) from e
     return lock
 
 
@@ -720,8 +781,9 @@ def refuse_foreign(path: Path) -> None:
         raise RetrievalError(f"cannot list {path} ({e.strerror}): choose a folder you can read for --index") from e
     if names:
         listed = ", ".join(shown(name) for name in names[:5]) + (", ..." if len(names) > 5 else "")
-        raise RetrievalError(f"{path} is not empty and is not an index (it holds {listed}): "
-                             "choose an empty or new folder for --index")
+        raise RetrievalError(
+            f"{path} is not empty and is not an index (it holds {listed}): choose an empty or new folder for --index"
+        )
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -748,16 +810,26 @@ def disk_writes(path: Path) -> Iterator[None]:
 def storage_error(path: Path, e: OSError | sqlite3.OperationalError) -> RetrievalError | None:
     """Our error for a write the disk refused (OSError by errno; SQLite only says it in words), else None."""
     text, code = str(e), getattr(e, "errno", None)
-    if code in NO_SPACE or any(t in text for t in NO_SPACE_TEXT) or (any(t in text for t in DISK_TEXT) and _disk_full(path)):
-        return NoSpaceError(f"no space left on the disk holding {path}: free some space and run the command again "
-                            "(the index is intact as of its last commit)")
+    if (
+        code in NO_SPACE
+        or any(t in text for t in NO_SPACE_TEXT)
+        or (any(t in text for t in DISK_TEXT) and _disk_full(path))
+    ):
+        return NoSpaceError(
+            f"no space left on the disk holding {path}: free some space and run the command again "
+            "(the index is intact as of its last commit)"
+        )
     if code in READ_ONLY or any(t in text for t in READ_ONLY_TEXT):
         why = e.strerror if isinstance(e, OSError) and e.strerror else "it cannot be written"
-        return ReadOnlyError(f"{path} is read-only ({why}): writing an index needs a writable folder (searching one does "
-                             "not); make it writable, or copy the index to a writable folder and use that")
+        return ReadOnlyError(
+            f"{path} is read-only ({why}): writing an index needs a writable folder (searching one does "
+            "not); make it writable, or copy the index to a writable folder and use that"
+        )
     if any(t in text for t in DISK_TEXT):
-        return RetrievalError(f"writing {path} failed ({text}): check the disk it is on, then run the command again "
-                              "(the index is intact as of its last commit)")
+        return RetrievalError(
+            f"writing {path} failed ({text}): check the disk it is on, then run the command again "
+            "(the index is intact as of its last commit)"
+        )
     return None
 
 
@@ -826,8 +898,10 @@ class ImmutableConnection(sqlite3.Connection):
     path: Path
 
     def changed(self, e: sqlite3.DatabaseError) -> IndexChanged:
-        return IndexChanged(f"cannot read {self.path} ({e}) in immutable mode (its folder could not be written): a writer "
-                            "may have changed it while it was read; open the index again, or make the folder writable")
+        return IndexChanged(
+            f"cannot read {self.path} ({e}) in immutable mode (its folder could not be written): a writer "
+            "may have changed it while it was read; open the index again, or make the folder writable"
+        )
 
 
 def _connect(path: Path, write: bool = False) -> sqlite3.Connection:
@@ -858,8 +932,10 @@ def _connect_reader(path: Path) -> sqlite3.Connection:
             raise
         wal = path.with_name(path.name + "-wal")
         if wal.is_file() and wal.stat().st_size:  # commits an immutable open would not see
-            raise RetrievalError(f"cannot read {path} ({e}): {wal.name} beside it holds commits that only a writer can "
-                                 "fold in; make the folder writable and run `retrieval index` or `remove` once") from e
+            raise RetrievalError(
+                f"cannot read {path} ({e}): {wal.name} beside it holds commits that only a writer can "
+                "fold in; make the folder writable and run `retrieval index` or `remove` once"
+            ) from e
     db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False, factory=ImmutableConnection)
     db.path = path
     try:
@@ -890,8 +966,9 @@ def _database_error(path: Path, e: sqlite3.DatabaseError) -> RetrievalError:
     """Advise a rebuild only when the file really is not a database: a disk problem does not damage an index,
     and a database another process holds locked is only busy."""
     if (getattr(e, "sqlite_errorname", None) or "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return RetrievalError(f"cannot read {path} ({e}): another process holds it locked; wait for it to finish, "
-                              "then retry")
+        return RetrievalError(
+            f"cannot read {path} ({e}): another process holds it locked; wait for it to finish, then retry"
+        )
     if "file is not a database" in str(e) or "malformed" in str(e):
         return RetrievalError(f"{path} is not a readable index database ({e}); rebuild the index")
     return RetrievalError(f"cannot read {path} ({e}): check the disk, and that the file and its folder can be read")
@@ -901,29 +978,42 @@ def read_manifest(path: Path) -> Manifest:
     try:
         d = json.loads((path / MANIFEST_FILE).read_text())
     except OSError as e:
-        raise RetrievalError(f"cannot read {path}/{MANIFEST_FILE} ({e.strerror or e}): check the disk, and that the file "
-                             "and its folder can be read") from e
+        raise RetrievalError(
+            f"cannot read {path}/{MANIFEST_FILE} ({e.strerror or e}): check the disk, and that the file "
+            "and its folder can be read"
+        ) from e
     except ValueError as e:
-        raise RetrievalError(f"{path}/{MANIFEST_FILE} is damaged ({e}); rebuild the index with `retrieval index`") from e
+        raise RetrievalError(
+            f"{path}/{MANIFEST_FILE} is damaged ({e}); rebuild the index with `retrieval index`"
+        ) from e
     if not isinstance(d, dict):
         raise RetrievalError(f"{path}/{MANIFEST_FILE} is not a JSON object; rebuild the index with `retrieval index`")
     version = d.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise RetrievalError(f"{path} is index format {version}, newer than this retrieval reads ({FORMAT_VERSION}): upgrade retrieval")
+        raise RetrievalError(
+            f"{path} is index format {version}, newer than this retrieval reads ({FORMAT_VERSION}): upgrade retrieval"
+        )
     try:
         manifest = Manifest(**d)
     except TypeError as e:
-        raise RetrievalError(f"{path}/{MANIFEST_FILE} does not match format {FORMAT_VERSION} ({e}); rebuild the index") from e
+        raise RetrievalError(
+            f"{path}/{MANIFEST_FILE} does not match format {FORMAT_VERSION} ({e}); rebuild the index"
+        ) from e
     for name, value in asdict(manifest).items():
         problem = _manifest_value_problem(name, value)
         if problem:
-            raise RetrievalError(f"{path}/{MANIFEST_FILE} is damaged: {name} is {json.dumps(value)[:40]}, {problem}; "
-                                 f"correct it, or delete {path} and run `retrieval index` to build it again")
+            raise RetrievalError(
+                f"{path}/{MANIFEST_FILE} is damaged: {name} is {json.dumps(value)[:40]}, {problem}; "
+                f"correct it, or delete {path} and run `retrieval index` to build it again"
+            )
     return manifest
 
 
 MANIFEST_TYPES: dict[str, tuple[tuple[type, ...], str]] = {  # Manifest's annotations: the JSON types and their words
-    "str": ((str,), "a string"), "int": ((int,), "a whole number"), "float": ((int, float), "a number"), "dict": ((dict,), "an object"),
+    "str": ((str,), "a string"),
+    "int": ((int,), "a whole number"),
+    "float": ((int, float), "a number"),
+    "dict": ((dict,), "an object"),
 }
 
 
@@ -933,7 +1023,7 @@ def _manifest_value_problem(name: str, value: Any) -> str | None:
     types, words = MANIFEST_TYPES[str(annotation).split("[")[0]]
     if isinstance(value, bool) or not isinstance(value, types):
         return f"not {words}"
-    if name == "dim" and value < 1 or name in ("generation", "faiss_bytes") and value < 0:
+    if (name == "dim" and value < 1) or (name in ("generation", "faiss_bytes") and value < 0):
         return "out of range"
     if name == "index_type" and value not in INDEX_TYPES[1:]:
         return f"not one of {', '.join(INDEX_TYPES[1:])}"
@@ -950,8 +1040,10 @@ def _calibration_problem(target: str, entry: Any) -> str | None:
     rule = entry.get("rule") if isinstance(entry, dict) else None
     cutoff = CALIBRATION_CUTOFFS.get(rule) if isinstance(rule, str) else None
     if cutoff is None or not all(_is_number(entry.get(key)) for key in (cutoff, "weight")):
-        return (f"its {json.dumps(target)} entry is not a cutoff as `retrieval calibrate` stores it (rule flat with theta, "
-                "or top_relative with margin, and weight)")
+        return (
+            f"its {json.dumps(target)} entry is not a cutoff as `retrieval calibrate` stores it (rule flat with theta, "
+            "or top_relative with margin, and weight)"
+        )
     return None
 
 

@@ -60,8 +60,13 @@ def file_state(path: Path | None) -> tuple[int | None, int | None]:
 
 def is_unchanged(item: Item, pair: Pair) -> bool:
     mtime_ns, size = file_state(pair.image)
-    return (item.path == (str(pair.image) if pair.image else None) and item.mtime_ns == mtime_ns and item.size == size
-            and item.captions == list(pair.captions) and item.extra == pair.extra)
+    return (
+        item.path == (str(pair.image) if pair.image else None)
+        and item.mtime_ns == mtime_ns
+        and item.size == size
+        and item.captions == list(pair.captions)
+        and item.extra == pair.extra
+    )
 
 
 def text_key(captions: Sequence[str]) -> str:
@@ -141,8 +146,9 @@ def build_index(
     return report
 
 
-def prepare_store(index_path: Path, model_dir: ModelRef, index_type: str | None, n_items: int, params: dict | None,
-                  memory_budget: int) -> tuple[IndexStore, bool]:
+def prepare_store(
+    index_path: Path, model_dir: ModelRef, index_type: str | None, n_items: int, params: dict | None, memory_budget: int
+) -> tuple[IndexStore, bool]:
     """Lock the index folder, open the index (refusing another model's) or create it, and apply a new type or
     params: shared by the local and the Ray engine. The lock is taken before the manifest is read or written, so
     two runs with different models never both create one index, and the model is checked against the manifest
@@ -163,7 +169,9 @@ def prepare_store(index_path: Path, model_dir: ModelRef, index_type: str | None,
         chosen = index_type if index_type not in (None, "auto") else choose_index_type(n_items, dim, memory_budget)
         return Manifest(canonical(model_dir), model_fp, dim, chosen)
 
-    store = IndexStore.open_writer(index_path, new_manifest, lambda manifest: check_model(manifest, model_fp, model_dir))
+    store = IndexStore.open_writer(
+        index_path, new_manifest, lambda manifest: check_model(manifest, model_fp, model_dir)
+    )
     settings = (store.manifest.index_type, dict(store.manifest.params))
     if index_type not in (None, "auto"):
         store.manifest.index_type = index_type
@@ -198,8 +206,9 @@ def decode_batch(model, batch: Sequence[Pair], pool: ThreadPoolExecutor) -> list
     return [pool.submit(decode, pair) for pair in batch]
 
 
-def decode_ahead(model, batches: Sequence[Sequence[Pair]], pool: ThreadPoolExecutor, ahead: int
-                 ) -> Iterator[tuple[Sequence[Pair], list[Future[Decoded]]]]:
+def decode_ahead(
+    model, batches: Sequence[Sequence[Pair]], pool: ThreadPoolExecutor, ahead: int
+) -> Iterator[tuple[Sequence[Pair], list[Future[Decoded]]]]:
     """Each batch with its decoding, started `ahead` batches early: with 1, the pool decodes batch i + 1 while
     the caller encodes and commits batch i."""
     started: deque[tuple[Sequence[Pair], list[Future[Decoded]]]] = deque()
@@ -210,9 +219,14 @@ def decode_ahead(model, batches: Sequence[Sequence[Pair]], pool: ThreadPoolExecu
     yield from started
 
 
-def encode_batch(model, batch: Sequence[Pair], pool: ThreadPoolExecutor, known: Callable[[Sequence[str]], set[str]],
-                 precision: str = "auto", decoding: list[Future[Decoded]] | None = None,
-                 ) -> tuple[list[Item], dict[str, np.ndarray], list[str]]:
+def encode_batch(
+    model,
+    batch: Sequence[Pair],
+    pool: ThreadPoolExecutor,
+    known: Callable[[Sequence[str]], set[str]],
+    precision: str = "auto",
+    decoding: list[Future[Decoded]] | None = None,
+) -> tuple[list[Item], dict[str, np.ndarray], list[str]]:
     """Items for one batch with the vectors of content `known` does not have yet; unreadable images are skipped
     with a message. `known` is the index's store on one machine, the shard's vectors so far on a Ray worker.
     `decoding`: the batch's decode_batch, started earlier; without it the batch is decoded now."""
@@ -224,7 +238,9 @@ def encode_batch(model, batch: Sequence[Pair], pool: ThreadPoolExecutor, known: 
     if new_images:
         for k, v in zip(new_images, model.encode_image(np.stack(list(new_images.values())), precision=precision)):
             vectors[k] = v
-    new_texts = {text_key(p.captions): p.captions for p in batch if p.captions and text_key(p.captions) not in known_keys}
+    new_texts = {
+        text_key(p.captions): p.captions for p in batch if p.captions and text_key(p.captions) not in known_keys
+    }
     if new_texts:  # every caption of the batch in one encoder call, then one mean vector per item
         flat = [c for captions in new_texts.values() for c in captions]
         emb, start = model.encode_text(flat), 0
@@ -237,8 +253,19 @@ def encode_batch(model, batch: Sequence[Pair], pool: ThreadPoolExecutor, known: 
             skipped.append(error)
             continue
         mtime_ns, size_bytes = file_state(pair.image)
-        items.append(Item(0, pair.id, str(pair.image) if pair.image else None, list(pair.captions), key,
-                          text_key(pair.captions) if pair.captions else None, mtime_ns, size_bytes, pair.extra))
+        items.append(
+            Item(
+                0,
+                pair.id,
+                str(pair.image) if pair.image else None,
+                list(pair.captions),
+                key,
+                text_key(pair.captions) if pair.captions else None,
+                mtime_ns,
+                size_bytes,
+                pair.extra,
+            )
+        )
     return items, vectors, skipped
 
 

@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 from faiss.contrib.ondisk import merge_ondisk
 
-from .errors import RetrievalError
 from .choices import check_max_memory
+from .errors import RetrievalError
 from .index import IndexStore, Vectors, factory_string, ivfdata_name, quiet_faiss, set_search_params
 from .indexing import IndexReport
 from .shards import read_shard
@@ -47,8 +47,15 @@ def ivf_bytes(n: int, dim2: int, index_type: str) -> int:
     return n * ((dim2 * 4 if index_type == "ivf" else max(1, dim2 // 8)) + 8)
 
 
-def merge_shards(store: IndexStore, directory: Path, names: Sequence[str], max_memory: int | None = None,
-                 on_disk: bool | None = None, workers: int = 2, force: bool = False) -> MergeReport:
+def merge_shards(
+    store: IndexStore,
+    directory: Path,
+    names: Sequence[str],
+    max_memory: int | None = None,
+    on_disk: bool | None = None,
+    workers: int = 2,
+    force: bool = False,
+) -> MergeReport:
     """Merge the finished shards `names` (in this order) into `store`, which the caller holds `writer()` on.
 
     on_disk None chooses by the budget: on disk when the inverted lists would take more than max_memory.
@@ -58,9 +65,16 @@ def merge_shards(store: IndexStore, directory: Path, names: Sequence[str], max_m
     t0 = time.perf_counter()
     digest = hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()
     check_max_memory(max_memory)
-    if not force and _last_merge(store) == {"shards": digest, "generation": store.generation()} and store.derived_files_current():
-        return MergeReport(unchanged=store.counts()["items"], index_type=store.manifest.index_type,
-                           on_disk=(store.path / ivfdata_name(store.generation())).is_file())
+    if (
+        not force
+        and _last_merge(store) == {"shards": digest, "generation": store.generation()}
+        and store.derived_files_current()
+    ):
+        return MergeReport(
+            unchanged=store.counts()["items"],
+            index_type=store.manifest.index_type,
+            on_disk=(store.path / ivfdata_name(store.generation())).is_file(),
+        )
     report, shard_fids, parts = MergeReport(index_type=store.manifest.index_type), [], []
     # a commit re-inserts an item under a new, higher fid: what keeps a fid up to this one is in no shard
     last_fid, n_before = store.db.execute("SELECT COALESCE(MAX(fid), 0), COUNT(*) FROM items").fetchone()
@@ -68,8 +82,10 @@ def merge_shards(store: IndexStore, directory: Path, names: Sequence[str], max_m
         shard = read_shard(directory, name)
         d = store.manifest.dim
         if shard.vectors.shape[1] != 2 * d:
-            raise RetrievalError(f"shard {directory / name} holds {shard.vectors.shape[1] // 2}-d vectors, the index "
-                                 f"{d}-d; it was made with another model: delete the shard folder and re-run")
+            raise RetrievalError(
+                f"shard {directory / name} holds {shard.vectors.shape[1] // 2}-d vectors, the index "
+                f"{d}-d; it was made with another model: delete the shard folder and re-run"
+            )
         known = store.known_vectors([k for it in shard.items for k in (it.image_key, it.text_key) if k])
         new = {}
         for it, v in zip(shard.items, shard.vectors):
@@ -90,13 +106,17 @@ def merge_shards(store: IndexStore, directory: Path, names: Sequence[str], max_m
     fids = np.concatenate(shard_fids) if shard_fids else np.zeros(0, np.int64)
     report.added = len(fids) - report.updated
     if store.counts()["items"] != len(fids) or not np.all(np.diff(fids) > 0):  # an id in two shards, or a shard edited
-        raise RetrievalError(f"the shards in {directory} hold {len(fids)} items but the index now holds "
-                             f"{store.counts()['items']} (an item id is in two shards, or a shard was changed after it "
-                             f"was written); delete {directory} and re-run to encode them again")
+        raise RetrievalError(
+            f"the shards in {directory} hold {len(fids)} items but the index now holds "
+            f"{store.counts()['items']} (an item id is in two shards, or a shard was changed after it "
+            f"was written); delete {directory} and re-run to encode them again"
+        )
 
     dim2, n = 2 * store.manifest.dim, len(fids)
     index_type = store.manifest.index_type
-    report.on_disk = ivf_bytes(n, dim2, index_type) > max_memory if on_disk is None and max_memory is not None else bool(on_disk)
+    report.on_disk = (
+        ivf_bytes(n, dim2, index_type) > max_memory if on_disk is None and max_memory is not None else bool(on_disk)
+    )
     t1 = time.perf_counter()
     trained = train_ivf(parts, index_type, dim2)
     t2 = time.perf_counter()
@@ -121,7 +141,9 @@ def train_ivf(parts: Sequence[Vectors], index_type: str, dim2: int, seed: int = 
     index = faiss.index_factory(dim2, spec, faiss.METRIC_INNER_PRODUCT)
     rows = np.sort(np.random.default_rng(seed).permutation(n)[:TRAIN_SAMPLE])
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    sample = np.concatenate([np.asarray(p[rows[(rows >= a) & (rows < b)] - a]) for p, a, b in zip(parts, starts[:-1], starts[1:])])
+    sample = np.concatenate(
+        [np.asarray(p[rows[(rows >= a) & (rows < b)] - a]) for p, a, b in zip(parts, starts[:-1], starts[1:])]
+    )
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return index
 
@@ -134,7 +156,9 @@ def _fill(trained: faiss.Index, vectors: Vectors, fids: npt.NDArray[np.int64]) -
     return copy
 
 
-def _merge_in_memory(trained: faiss.Index, parts: Sequence[Vectors], shard_fids: Sequence[np.ndarray], workers: int) -> faiss.Index:
+def _merge_in_memory(
+    trained: faiss.Index, parts: Sequence[Vectors], shard_fids: Sequence[np.ndarray], workers: int
+) -> faiss.Index:
     index = faiss.clone_index(trained)
     with ThreadPoolExecutor(workers) as pool:
         for part in pool.map(_fill, [trained] * len(parts), parts, shard_fids):
@@ -142,14 +166,16 @@ def _merge_in_memory(trained: faiss.Index, parts: Sequence[Vectors], shard_fids:
     return index
 
 
-def _merge_on_disk(trained: faiss.Index, parts: Sequence[Vectors], shard_fids: Sequence[np.ndarray], ivfdata: Path,
-                   workers: int) -> faiss.Index:
+def _merge_on_disk(
+    trained: faiss.Index, parts: Sequence[Vectors], shard_fids: Sequence[np.ndarray], ivfdata: Path, workers: int
+) -> faiss.Index:
     """Each filled copy written to a scratch folder (at most `workers` in memory at once), then merged into
     on-disk inverted lists at `ivfdata`; the scratch copies are deleted."""
     scratch = ivfdata.parent / ".merge"
     scratch.mkdir(exist_ok=True)
     files = [scratch / f"part-{j}.faiss" for j in range(len(parts))]
     try:
+
         def fill_and_write(j: int) -> None:
             faiss.write_index(_fill(trained, parts[j], shard_fids[j]), str(files[j]))
 
@@ -175,11 +201,12 @@ def _concat_npy(path: Path, parts: Sequence[Vectors], dim2: int) -> None:
 
 
 def _fids(store: IndexStore, ids: Sequence[str]) -> dict[str, int]:
-    rows = store.db.execute("SELECT id, fid FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),))
+    rows = store.db.execute(
+        "SELECT id, fid FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),)
+    )
     return dict(rows.fetchall())
 
 
 def _last_merge(store: IndexStore) -> dict[str, Any] | None:
     value = store.get_meta(MERGED_KEY)
     return json.loads(value) if value else None
-

@@ -82,8 +82,13 @@ def image_transform(cfg: ImageTowerConfig) -> Transform:
 def build_image_head(cfg: HeadConfig, tower: nn.Module, embed_dim: int) -> nn.Module:
     """tower output (B, C) -> (B, embed_dim), not yet normalised."""
     if cfg.image == "mlp":
-        return nn.Sequential(nn.Dropout(cfg.input_dropout), nn.Linear(tower.out_dim, cfg.hidden), nn.GELU(),
-                             nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, embed_dim))
+        return nn.Sequential(
+            nn.Dropout(cfg.input_dropout),
+            nn.Linear(tower.out_dim, cfg.hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden, embed_dim),
+        )
     if cfg.image == "conse":
         return ConseHead(tower, embed_dim, cfg.top, cfg.temperature)
     return nn.Linear(tower.out_dim, embed_dim, bias=False)
@@ -116,7 +121,13 @@ class TextTower(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=PAD)
         self.position_embedding = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
         layer = nn.TransformerEncoderLayer(
-            cfg.width, cfg.heads, 4 * cfg.width, dropout=cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+            cfg.width,
+            cfg.heads,
+            4 * cfg.width,
+            dropout=cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.ln_final = nn.LayerNorm(cfg.width)
@@ -145,8 +156,11 @@ class DualEncoder(Encoder):
         self.image_proj = build_image_head(config.head, self.image_tower, config.embed_dim)
         if config.head.text == "identity" and self.text_width != config.embed_dim:
             raise RetrievalError(f"an identity text head needs embed_dim {self.text_width}, not {config.embed_dim}")
-        self.text_proj = (nn.Identity() if config.head.text == "identity"
-                          else nn.Linear(self.text_tower.out_dim, config.embed_dim, bias=False))
+        self.text_proj = (
+            nn.Identity()
+            if config.head.text == "identity"
+            else nn.Linear(self.text_tower.out_dim, config.embed_dim, bias=False)
+        )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.logit_bias = nn.Parameter(torch.tensor(config.logit_bias_init))
 
@@ -228,5 +242,7 @@ def load_model(ref: ModelRef) -> Encoder:
         state = load_file(path / "model.safetensors")
         model.load_state_dict(state)
     except (OSError, RuntimeError, SafetensorError) as e:
-        raise RetrievalError(f"cannot load weights from {path}/model.safetensors ({str(e).splitlines()[0]}); retrain") from e
+        raise RetrievalError(
+            f"cannot load weights from {path}/model.safetensors ({str(e).splitlines()[0]}); retrain"
+        ) from e
     return model.eval()

@@ -22,8 +22,16 @@ HF_PREFIX = "hf:"
 HF_FAMILIES = ("clip", "siglip")  # checkpoint model_type values with an image and a text tower we can run
 HF_INSTALL_HINT = "pip install 'retrieval[hf]'"
 # what defines a checkpoint's embeddings: architecture, preprocessing, tokenizer and weights (not our logs)
-HF_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-            "merges.txt", "spiece.model", "special_tokens_map.json")
+HF_FILES = (
+    "config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "special_tokens_map.json",
+)
 HF_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 
 ModelRef = str | Path  # a model directory, or "hf:" + a Hugging Face checkpoint directory or hub name
@@ -71,7 +79,9 @@ def hf_config(ref: ModelRef) -> dict:
     except (OSError, ValueError) as e:
         raise RetrievalError(f"{ref}: cannot read {path} ({e}); is it a Hugging Face checkpoint?") from e
     if d.get("model_type") not in HF_FAMILIES:
-        raise RetrievalError(f"{ref} is a {d.get('model_type')!r} checkpoint; hf: takes {' or '.join(HF_FAMILIES)} models")
+        raise RetrievalError(
+            f"{ref} is a {d.get('model_type')!r} checkpoint; hf: takes {' or '.join(HF_FAMILIES)} models"
+        )
     return d
 
 
@@ -154,7 +164,7 @@ def fingerprint(ref: ModelRef) -> str:
     return h.hexdigest()[:16]
 
 
-def _hash_file(h: "hashlib._Hash", name: str, path: Path, chunk: int = 1 << 22) -> None:
+def _hash_file(h: hashlib._Hash, name: str, path: Path, chunk: int = 1 << 22) -> None:
     """Streams name, NUL, content: the same digest as hashing them joined, without holding a large file."""
     h.update(name.encode() + b"\0")
     with open(path, "rb") as f:

@@ -13,8 +13,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -80,8 +80,12 @@ def fusion(sweep: dict[str, Any], path: Path, title: str) -> Path:
     for key in [k for k in sweep if k.startswith("R@")]:
         ax.plot(sweep["weights"], 100 * np.asarray(sweep[key]), marker="o", label=key)
     ax.axvline(sweep["best_weight"], color="tab:red", linestyle="--", label=f"best w = {sweep['best_weight']:.2f}")
-    ax.set(xlabel="w in sim = w·cos(q, image) + (1 − w)·cos(q, caption)", ylabel="text → item recall (%)",
-           ylim=(0, 100), title=title)
+    ax.set(
+        xlabel="w in sim = w·cos(q, image) + (1 − w)·cos(q, caption)",
+        ylabel="text → item recall (%)",
+        ylim=(0, 100),
+        title=title,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend()
     return _save(fig, path)
@@ -98,8 +102,15 @@ def confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str)
     for i in range(len(labels)):
         for j in range(len(labels)):
             if matrix[i, j]:
-                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if rows[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if rows[i, j] > 0.5 else "black",
+                )
     ax.set(xlabel="predicted label", ylabel="true label", title=title)
     fig.colorbar(image, ax=ax, label="fraction of the true label's items")
     return _save(fig, path)
@@ -115,13 +126,22 @@ def report_plots(report: dict[str, Any], out: Path, name: str = "") -> list[Path
     if "threshold" in report:
         t = report["threshold"]
         direction = next(k for k in report if k.startswith("text_to_")).replace("_to_", " → ")  # the queries' direction
-        files.append(score_histograms(t["histogram"], out / "score_histograms.png",
-                                      f"{prefix}{direction} scores", t["best_f1_theta"]))
+        files.append(
+            score_histograms(
+                t["histogram"], out / "score_histograms.png", f"{prefix}{direction} scores", t["best_f1_theta"]
+            )
+        )
         marks = {"best F1": t["best_f1_theta"]}
         if t.get("target_precision_theta") is not None:
             marks[f"precision ≥ {t['target_precision']}"] = t["target_precision_theta"]
-        files.append(threshold_sweep(t["curve"], out / "threshold_sweep.png",
-                                     f"{prefix}R(q, D) against θ (best F1 {t['best_f1']:.3f})", marks))
+        files.append(
+            threshold_sweep(
+                t["curve"],
+                out / "threshold_sweep.png",
+                f"{prefix}R(q, D) against θ (best F1 {t['best_f1']:.3f})",
+                marks,
+            )
+        )
     if "fusion" in report:
         files.append(fusion(report["fusion"], out / "fusion_weight.png", f"{prefix}recall against fusion weight"))
     return files

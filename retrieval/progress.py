@@ -19,9 +19,17 @@ from tqdm import tqdm
 PLAIN_INTERVAL = 5.0  # seconds between two lines in a log
 
 
-def progress_bar(iterable: Iterable[Any] | None = None, total: int | None = None, desc: str = "", unit: str = "it",
-                 disable: bool = False, leave: bool = True, file: IO[str] | None = None,
-                 interval: float = PLAIN_INTERVAL, clock: Callable[[], float] = time.monotonic) -> Any:
+def progress_bar(
+    iterable: Iterable[Any] | None = None,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    disable: bool = False,
+    leave: bool = True,
+    file: IO[str] | None = None,
+    interval: float = PLAIN_INTERVAL,
+    clock: Callable[[], float] = time.monotonic,
+) -> Any:
     """tqdm(iterable, total=..., desc=..., unit=..., disable=..., leave=...) on a terminal; a PlainProgress
     writing to `file` (default: stderr, looked up now, so a redirected stderr is honoured) anywhere else."""
     file = sys.stderr if file is None else file
@@ -40,8 +48,16 @@ def _is_terminal(file: IO[str]) -> bool:
 class PlainProgress:
     """Counts like tqdm; writes a whole line per report, never \r, at most one per `interval` seconds."""
 
-    def __init__(self, iterable: Iterable[Any] | None, total: int | None, desc: str, unit: str, file: IO[str],
-                 interval: float, clock: Callable[[], float]):
+    def __init__(
+        self,
+        iterable: Iterable[Any] | None,
+        total: int | None,
+        desc: str,
+        unit: str,
+        file: IO[str],
+        interval: float,
+        clock: Callable[[], float],
+    ):
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
         self.iterable, self.total, self.desc, self.unit, self.file = iterable, total, desc, unit, file
@@ -76,9 +92,11 @@ class PlainProgress:
             self._write(self.clock())
 
     def line(self, now: float) -> str:
-        """"desc: n/total units (pct%), rate unit/s[, postfix]"; no rate before any time has passed."""
+        """ "desc: n/total units (pct%), rate unit/s[, postfix]"; no rate before any time has passed."""
         units = self.unit if self.unit == "it" or self.unit.endswith("s") else self.unit + "s"
-        done = f"{self.n}/{self.total} {units} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n} {units}"
+        done = (
+            f"{self.n}/{self.total} {units} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n} {units}"
+        )
         parts = [f"{self.desc}: {done}"]
         if now > self.start:
             rate = self.n / (now - self.start)

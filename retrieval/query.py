@@ -41,11 +41,19 @@ class Hit:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "caption": self.captions[0] if self.captions else None,
-                "score": self.score, "image_score": self.image_score, "text_score": self.text_score}
+        return {
+            "id": self.id,
+            "path": self.path,
+            "caption": self.captions[0] if self.captions else None,
+            "score": self.score,
+            "image_score": self.image_score,
+            "text_score": self.text_score,
+        }
 
 
-def check_search_args(k: int | None, theta: float | None, weight: float, target: str, margin: float | None = None) -> None:
+def check_search_args(
+    k: int | None, theta: float | None, weight: float, target: str, margin: float | None = None
+) -> None:
     if k is None and theta is None and margin is None:
         raise RetrievalError("give k (top-k), theta (threshold), margin (below the top score), or a combination")
     if k is not None and k < 1:
@@ -53,7 +61,9 @@ def check_search_args(k: int | None, theta: float | None, weight: float, target:
     if theta is not None and not -1.0 <= theta <= 1.0:
         raise RetrievalError(f"theta must be in [-1, 1] (a cosine similarity), got {theta}")
     if margin is not None and not 0.0 < margin <= 2.0:
-        raise RetrievalError(f"margin must be in (0, 2] (a cosine difference; results score above top - margin), got {margin}")
+        raise RetrievalError(
+            f"margin must be in (0, 2] (a cosine difference; results score above top - margin), got {margin}"
+        )
     if not 0.0 <= weight <= 1.0:
         raise RetrievalError(f"weight must be in [0, 1], got {weight}")
     if target not in TARGETS:
@@ -63,7 +73,9 @@ def check_search_args(k: int | None, theta: float | None, weight: float, target:
 def query_vectors(queries: np.ndarray, target: str, weight: float) -> np.ndarray:
     """[w q, (1 - w) q] per row: its inner product with [e(x1), e(x2)] is w cos(q, x1) + (1 - w) cos(q, x2)."""
     w = {"image": 1.0, "text": 0.0}.get(target, weight)
-    return np.ascontiguousarray(np.concatenate([w * queries, (1.0 - w) * queries], axis=1), dtype=np.float32)  # (nq, 2d)
+    return np.ascontiguousarray(
+        np.concatenate([w * queries, (1.0 - w) * queries], axis=1), dtype=np.float32
+    )  # (nq, 2d)
 
 
 @contextmanager
@@ -87,8 +99,9 @@ def part_scores(vectors: np.ndarray, q: np.ndarray) -> np.ndarray:
     return vectors @ block
 
 
-def ranked(index: faiss.Index, qv: np.ndarray, k: int | None, theta: float | None,
-           params: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+def ranked(
+    index: faiss.Index, qv: np.ndarray, k: int | None, theta: float | None, params: Any
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per query of qv (nq, 2d): (scores, ids), best first; top-k, everything above θ, or the top k of those."""
     if theta is None or k is not None:
         D, I = index.search(qv, min(k, max(index.ntotal, 1)), params=params)  # (nq, k)
@@ -102,8 +115,9 @@ def ranked(index: faiss.Index, qv: np.ndarray, k: int | None, theta: float | Non
     return out
 
 
-def ranked_with_margin(index: faiss.Index, qv: np.ndarray, k: int | None, theta: float | None, margin: float,
-                       params: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+def ranked_with_margin(
+    index: faiss.Index, qv: np.ndarray, k: int | None, theta: float | None, margin: float, params: Any
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Like `ranked`, with each query's cutoff raised to (its top score - margin)."""
     tops = [scores[0] if len(scores) else np.inf for scores, _ in ranked(index, qv, 1, theta, params)]
     floors = np.maximum(-np.inf if theta is None else theta, np.array(tops) - margin)
@@ -181,8 +195,9 @@ class Index:
         indexed copy give."""
         model = self.model()
         precision = model.image_precision("auto", self.store.manifest.image_precision)  # as the index's images were
-        return model.encode_image([model.transform.decode(image) if isinstance(image, Image.Image) else image],
-                                  precision=precision)[0]
+        return model.encode_image(
+            [model.transform.decode(image) if isinstance(image, Image.Image) else image], precision=precision
+        )[0]
 
     def embed_item(self, item_id: str) -> np.ndarray:
         """'More like this': the stored vector of an indexed item, its image if it has one."""
@@ -215,7 +230,13 @@ class Index:
         if theta is None and margin is None:
             theta, margin = self.calibrated(target, weight)
         check_search_args(k, theta, weight, target, margin)
-        q = self.embed_text(text) if text is not None else self.embed_image(image) if image is not None else self.embed_item(like)
+        q = (
+            self.embed_text(text)
+            if text is not None
+            else self.embed_image(image)
+            if image is not None
+            else self.embed_item(like)
+        )
         return self.search_vector(q, k, theta, weight, target, exact, margin)
 
     def calibrated(self, target: str, weight: float) -> tuple[float | None, float | None]:
@@ -225,13 +246,29 @@ class Index:
             return None, None
         return c.get("theta"), c.get("margin")
 
-    def search_vector(self, q: np.ndarray, k: int | None = 10, theta: float | None = None, weight: float = 0.5,
-                      target: str = "item", exact: bool = False, margin: float | None = None) -> list[Hit]:
+    def search_vector(
+        self,
+        q: np.ndarray,
+        k: int | None = 10,
+        theta: float | None = None,
+        weight: float = 0.5,
+        target: str = "item",
+        exact: bool = False,
+        margin: float | None = None,
+    ) -> list[Hit]:
         """R(q, D) for an embedded query q of shape (d,)."""
         return self.search_vectors(np.asarray(q)[None], k, theta, weight, target, exact, margin)[0]
 
-    def search_vectors(self, queries: np.ndarray, k: int | None = 10, theta: float | None = None, weight: float = 0.5,
-                       target: str = "item", exact: bool = False, margin: float | None = None) -> list[list[Hit]]:
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        k: int | None = 10,
+        theta: float | None = None,
+        weight: float = 0.5,
+        target: str = "item",
+        exact: bool = False,
+        margin: float | None = None,
+    ) -> list[list[Hit]]:
         """R(q, D) for a batch of embedded queries (nq, d): one FAISS call and one metadata fetch for all.
 
         margin keeps only results above (the query's top score - margin): a query-adaptive cutoff.
@@ -254,7 +291,9 @@ class Index:
         rows = self.store.result_rows(np.unique(np.concatenate([ids for _, ids in results])).tolist())
         return [self.hits(q, scores, ids, rows) for q, (scores, ids) in zip(queries, results)]
 
-    def hits(self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray, rows: dict[int, list[Any]] | None = None) -> list[Hit]:
+    def hits(
+        self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray, rows: dict[int, list[Any]] | None = None
+    ) -> list[Hit]:
         """Result records: metadata from the store (or `rows` already fetched), per-modality scores from the vectors."""
         rows = self.store.result_rows(ids.tolist()) if rows is None else rows
         parts = part_scores(self.store.fused_vectors(ids), q).tolist()  # (n, 2): cos(q, x1), cos(q, x2)

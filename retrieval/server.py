@@ -35,8 +35,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -56,17 +56,33 @@ from threadpoolctl import threadpool_limits
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .atomic import atomic_write_bytes
-from .errors import (ImageError, IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError, StorageError, faiss_message,
-                     shown, user_error)
+from .errors import (
+    ImageError,
+    IndexChanged,
+    NoSpaceError,
+    ReadOnlyError,
+    RetrievalError,
+    StorageError,
+    faiss_message,
+    shown,
+    user_error,
+)
 from .images import load_image, read_image
 from .index import MANIFEST_FILE, Item
 from .query import MAX_QUERY_CHARS, Hit, Index
 
 STATIC_DIR = Path(__file__).with_name("server_static")
-PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
-              "/style.css": ("style.css", "text/css; charset=utf-8"), "/favicon.svg": ("favicon.svg", "image/svg+xml")}
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'",
-                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+PAGE_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 MAX_K = 1000  # a page of results a person can look at; range queries past this want the Python API
 THUMB_SIDE = 384  # pixels on the longer side: sharp in the grid and in the item view
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20  # a large phone photo is under 15 MB
@@ -86,7 +102,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # The search parameters both search endpoints take; their ranges are check_search_args', here for the spec.
 K = Annotated[int, Query(ge=1, le=MAX_K, description="At most this many results.")]
-Theta = Annotated[float | None, Query(ge=-1, le=1, description="Only results with similarity above this (none: top k).")]
+Theta = Annotated[
+    float | None, Query(ge=-1, le=1, description="Only results with similarity above this (none: top k).")
+]
 Weight = Annotated[float, Query(ge=0, le=1, description="w in sim = w cos(q, image) + (1-w) cos(q, caption).")]
 TargetQ = Annotated[Target, Query(description="Match whole items (fused), images only, or captions only.")]
 TextQ = Annotated[str | None, Query(max_length=MAX_QUERY_CHARS, description="Text query.")]
@@ -132,28 +150,46 @@ class Health(BaseModel):
     items: int
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error, "description": what} for code, what in (
-    (400, "Malformed request"), (404, "Unknown item, or no image"), (413, "Upload too large"),
-    (422, "Invalid parameter or unreadable image"),
-    (503, "The index is being updated or cannot be read, or too many uploads are waiting: retry (after Retry-After)"))}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Error, "description": what}
+    for code, what in (
+        (400, "Malformed request"),
+        (404, "Unknown item, or no image"),
+        (413, "Upload too large"),
+        (422, "Invalid parameter or unreadable image"),
+        (
+            503,
+            "The index is being updated or cannot be read, or too many uploads are waiting: retry (after Retry-After)",
+        ),
+    )
+}
 
 
 class TooLarge(HTTPException):
     def __init__(self, limit: int):
-        super().__init__(413, f"the upload is over the limit of {limit / 2**20:.3g} MB; send a smaller image "
-                              "(or start the server with a larger --max-upload-mb)")
+        super().__init__(
+            413,
+            f"the upload is over the limit of {limit / 2**20:.3g} MB; send a smaller image "
+            "(or start the server with a larger --max-upload-mb)",
+        )
 
 
 class Busy(HTTPException):
     def __init__(self, seconds: float):
-        super().__init__(503, f"too many images are being decoded: this upload waited {seconds:g} s for its turn; "
-                              f"retry in a moment", headers={"Retry-After": str(DECODE_RETRY_AFTER_S)})
+        super().__init__(
+            503,
+            f"too many images are being decoded: this upload waited {seconds:g} s for its turn; retry in a moment",
+            headers={"Retry-After": str(DECODE_RETRY_AFTER_S)},
+        )
 
 
 class TooSlow(HTTPException):
     def __init__(self, seconds: float):
-        super().__init__(408, f"the request body took over {seconds:g} s to arrive; send it again over a faster "
-                              "connection, or a smaller image")
+        super().__init__(
+            408,
+            f"the request body took over {seconds:g} s to arrive; send it again over a faster "
+            "connection, or a smaller image",
+        )
 
 
 class BodyLimit:
@@ -176,7 +212,7 @@ class BodyLimit:
             nonlocal received
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise TooSlow(self.timeout) from None
             received += len(message.get("body", b""))
             if received > self.limit:  # a chunked body, which carries no Content-Length
@@ -214,8 +250,12 @@ class ThumbCache:
         except OSError as e:
             if not self._warned:
                 self._warned = True
-                logger.warning("thumbnails are served uncached: writing one to %s failed (%s); free space there if "
-                               "the disk is full", self.folder, e.strerror or e)
+                logger.warning(
+                    "thumbnails are served uncached: writing one to %s failed (%s); free space there if "
+                    "the disk is full",
+                    self.folder,
+                    e.strerror or e,
+                )
 
 
 class PixelBudget:
@@ -337,8 +377,9 @@ class LiveIndex:
             return False
         self._checked = now
         stamp = _stamp(self._manifest)
-        return stamp != self._stamp and not (self._failed is not None and self._failed[0] == stamp
-                                             and now < self._failed[1])
+        return stamp != self._stamp and not (
+            self._failed is not None and self._failed[0] == stamp and now < self._failed[1]
+        )
 
     def _reload(self) -> None:
         """Load the generation on disk and swap it in (on its own thread; holds `_loading` until done)."""
@@ -358,10 +399,14 @@ class LiveIndex:
         """Try it again after retry_s; say so once for each manifest, not on every try."""
         again = self._failed is not None and self._failed[0] == stamp
         self._failed = (stamp, time.monotonic() + self.retry_s)
-        logger.log(logging.DEBUG if again else logging.WARNING,
-                   "still serving generation %d of %s: loading the new one failed (%s); trying again every %g s",
-                   self.current.index.store.manifest.generation, self._manifest.parent,
-                   shown(e) or type(e).__name__, self.retry_s)
+        logger.log(
+            logging.DEBUG if again else logging.WARNING,
+            "still serving generation %d of %s: loading the new one failed (%s); trying again every %g s",
+            self.current.index.store.manifest.generation,
+            self._manifest.parent,
+            shown(e) or type(e).__name__,
+            self.retry_s,
+        )
 
 
 def _stamp(file: Path) -> Stamp:
@@ -378,17 +423,27 @@ def search_defaults(index: Index) -> dict[str, Any]:
     return {"k": 10, "theta": index.calibrated("item", 0.5)[0], "weight": 0.5, "target": "item"}
 
 
-def create_app(index_path: str | Path, cors_origins: list[str] | None = None, model: str | Path | None = None,
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
-               allowed_hosts: list[str] | None = None, thumb_cache: bool = True, threads: int | None = None,
-               decode_pixels: int | None = None, body_timeout_s: float = BODY_TIMEOUT_S,
-               reload_check_s: float = RELOAD_CHECK_S) -> FastAPI:
+def create_app(
+    index_path: str | Path,
+    cors_origins: list[str] | None = None,
+    model: str | Path | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
+    allowed_hosts: list[str] | None = None,
+    thumb_cache: bool = True,
+    threads: int | None = None,
+    decode_pixels: int | None = None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    reload_check_s: float = RELOAD_CHECK_S,
+) -> FastAPI:
     """Open and warm the index, then build the app. `allowed_hosts` None answers any Host header; `threads`
     (default: one per CPU core) is how many requests do their work at once, the rest wait their turn;
     `decode_pixels` (default DECODES_AT_ONCE x max_upload_pixels) how many uploaded pixels decode at once."""
     if sqlite3.threadsafety != 3:
-        raise RetrievalError("this Python's sqlite3 is not built serialized (threadsafety 3); the server shares one "
-                             "connection between threads, so use a Python built with a threadsafe SQLite")
+        raise RetrievalError(
+            "this Python's sqlite3 is not built serialized (threadsafety 3); the server shares one "
+            "connection between threads, so use a Python built with a threadsafe SQLite"
+        )
     live = LiveIndex.open(index_path, model, reload_check_s)
     budget = PixelBudget(decode_pixels or DECODES_AT_ONCE * max_upload_pixels)
     settings = Settings(max_upload_bytes, max_upload_pixels, thumb_folder(Path(index_path)) if thumb_cache else None)
@@ -401,8 +456,13 @@ def create_app(index_path: str | Path, cors_origins: list[str] | None = None, mo
     async def work(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args, **kwargs))
 
-    app = FastAPI(title="retrieval", version="1", summary="Cross-modal (text <-> image) search over one index.",
-                  docs_url=None, redoc_url=None)  # the docs pages load their scripts from a CDN
+    app = FastAPI(
+        title="retrieval",
+        version="1",
+        summary="Cross-modal (text <-> image) search over one index.",
+        docs_url=None,
+        redoc_url=None,
+    )  # the docs pages load their scripts from a CDN
     app.state.live, app.state.work, app.state.budget = live, work, budget
     app.add_middleware(BodyLimit, limit=max_upload_bytes, timeout=body_timeout_s)
     if cors_origins:
@@ -416,41 +476,66 @@ def create_app(index_path: str | Path, cors_origins: list[str] | None = None, mo
         app.add_exception_handler(unreadable, _on_unreadable_index)
 
     @app.get("/api/search", response_model=SearchOut, responses=ERRORS)
-    async def search(gen: Current, q: TextQ = None, like: LikeQ = None, k: K = defaults["k"], theta: Theta = None,
-                     weight: Weight = defaults["weight"], target: TargetQ = defaults["target"]) -> dict[str, Any]:
+    async def search(
+        gen: Current,
+        q: TextQ = None,
+        like: LikeQ = None,
+        k: K = defaults["k"],
+        theta: Theta = None,
+        weight: Weight = defaults["weight"],
+        target: TargetQ = defaults["target"],
+    ) -> dict[str, Any]:
         """Text search (`q`), or "more like this" (`like`): R(q, D), best first."""
         query = {"q": q, "like": like, "k": k, "theta": theta, "weight": weight, "target": target}
-        return await work(run_search, gen.index, query, text=q, like=like, k=k, theta=theta, weight=weight,
-                          target=target)
+        return await work(
+            run_search, gen.index, query, text=q, like=like, k=k, theta=theta, weight=weight, target=target
+        )
 
     @app.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
-    async def search_image(gen: Current, file: UploadQ, k: K = defaults["k"], theta: Theta = None,
-                           weight: Weight = defaults["weight"], target: TargetQ = defaults["target"]) -> dict[str, Any]:
+    async def search_image(
+        gen: Current,
+        file: UploadQ,
+        k: K = defaults["k"],
+        theta: Theta = None,
+        weight: Weight = defaults["weight"],
+        target: TargetQ = defaults["target"],
+    ) -> dict[str, Any]:
         """Search by an uploaded image."""
         query = {"image": file.filename, "k": k, "theta": theta, "weight": weight, "target": target}
         pixels = await work(upload_pixels, file, settings)
         async with budget.hold(min(pixels, budget.limit)):  # decoded and searched in one go, so no image waits
-            return await work(search_upload, gen.index, file, settings, query, k=k, theta=theta, weight=weight,
-                              target=target)
+            return await work(
+                search_upload, gen.index, file, settings, query, k=k, theta=theta, weight=weight, target=target
+            )
 
     @app.get("/api/items/{item_id:path}", response_model=ItemOut, responses=ERRORS)
     async def item(gen: Current, item_id: str) -> dict[str, Any]:
         """One item's metadata: all its captions and extra fields."""
         it = await work(item_or_404, gen.index, item_id)
-        return {"id": it.id, "path": it.path, "captions": it.captions, "extra": it.extra,
-                "has_image": it.image_key is not None, "has_text": it.text_key is not None,
-                "thumb": thumb_url(it.id) if it.path else None}
+        return {
+            "id": it.id,
+            "path": it.path,
+            "captions": it.captions,
+            "extra": it.extra,
+            "has_image": it.image_key is not None,
+            "has_text": it.text_key is not None,
+            "thumb": thumb_url(it.id) if it.path else None,
+        }
 
-    @app.get("/api/thumb/{item_id:path}", responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
-             response_class=Response)
+    @app.get(
+        "/api/thumb/{item_id:path}", responses={200: {"content": {"image/jpeg": {}}}, **ERRORS}, response_class=Response
+    )
     async def thumb(gen: Current, item_id: str) -> Response:
         """A JPEG thumbnail of an indexed image, made on first request and cached under the index folder."""
         it = await work(item_or_404, gen.index, item_id)
         if it.path is None:
             raise HTTPException(404, f"item {it.id!r} has no image (it is text only)")
         jpeg = await work(thumbnail, it.path, it.image_key or it.path, settings.thumb_cache)
-        return Response(jpeg, media_type="image/jpeg",
-                        headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
+        return Response(
+            jpeg,
+            media_type="image/jpeg",
+            headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
+        )
 
     @app.get("/api/health", response_model=Health)
     async def health(gen: Current) -> dict[str, Any]:
@@ -463,9 +548,15 @@ def create_app(index_path: str | Path, cors_origins: list[str] | None = None, mo
         """The manifest and counts of the generation answering (not of the database now: a writer may be part way
         through the next), the defaults the page starts with, and the upload limits. On the event loop."""
         store = gen.index.store
-        return {"path": str(store.path), **asdict(store.manifest), "counts": gen.counts,
-                "defaults": search_defaults(gen.index), "max_k": MAX_K,
-                "max_upload_bytes": settings.max_upload_bytes, "max_upload_pixels": settings.max_upload_pixels}
+        return {
+            "path": str(store.path),
+            **asdict(store.manifest),
+            "counts": gen.counts,
+            "defaults": search_defaults(gen.index),
+            "max_k": MAX_K,
+            "max_upload_bytes": settings.max_upload_bytes,
+            "max_upload_pixels": settings.max_upload_pixels,
+        }
 
     for route, (body, media) in pages.items():
         app.add_api_route(route, _page(body, media), methods=["GET"], include_in_schema=False)
@@ -504,8 +595,12 @@ def run_search(index: Index, query: dict[str, Any], **search_args: Any) -> dict[
     if search_args.get("like") is not None:
         item_or_404(index, search_args["like"])  # a 404, where Index.search would say only "bad request"
     hits = index.search(**search_args)
-    return {"query": query, "count": len(hits), "took_ms": 1000 * (time.perf_counter() - t0),
-            "results": [hit_json(rank, hit) for rank, hit in enumerate(hits, 1)]}
+    return {
+        "query": query,
+        "count": len(hits),
+        "took_ms": 1000 * (time.perf_counter() - t0),
+        "results": [hit_json(rank, hit) for rank, hit in enumerate(hits, 1)],
+    }
 
 
 def hit_json(rank: int, hit: Hit) -> dict[str, Any]:
@@ -535,8 +630,9 @@ def upload_pixels(file: UploadFile, settings: Settings) -> int:
     return w * h if w * h <= settings.max_upload_pixels else 0
 
 
-def search_upload(index: Index, file: UploadFile, settings: Settings, query: dict[str, Any], **search_args: Any
-                  ) -> dict[str, Any]:
+def search_upload(
+    index: Index, file: UploadFile, settings: Settings, query: dict[str, Any], **search_args: Any
+) -> dict[str, Any]:
     """Decode an upload as an indexed file is decoded (one path: `read_image`, straight from the upload's bytes,
     the pixel bound read from the header) and search with it; the image is dropped as soon as it is embedded."""
     image = read_image(file.file, "the uploaded image", index.model().transform.size_hint, settings.max_upload_pixels)
@@ -561,8 +657,14 @@ def thumbnail(path: str, key: str, cache: ThumbCache | None) -> bytes:
     return data
 
 
-def serve(index_path: str | Path, host: str = "127.0.0.1", port: int = 8000, cors_origins: list[str] | None = None,
-          allowed_hosts: list[str] | None = None, **app_args: Any) -> None:
+def serve(
+    index_path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    cors_origins: list[str] | None = None,
+    allowed_hosts: list[str] | None = None,
+    **app_args: Any,
+) -> None:
     """Run the app with uvicorn until interrupted. On a loopback bind only loopback Host names are answered."""
     import uvicorn
 
@@ -570,8 +672,9 @@ def serve(index_path: str | Path, host: str = "127.0.0.1", port: int = 8000, cor
         allowed_hosts = LOOPBACK_HOSTS
     hand_back_large_blocks()
     app = create_app(index_path, cors_origins, allowed_hosts=allowed_hosts, **app_args)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="info", http=HeadDeadline,
-                timeout_keep_alive=5)  # an idle keep-alive connection closes after 5 s (uvicorn's default)
+    uvicorn.run(
+        app, host=host, port=port, access_log=False, log_level="info", http=HeadDeadline, timeout_keep_alive=5
+    )  # an idle keep-alive connection closes after 5 s (uvicorn's default)
 
 
 MMAP_THRESHOLD = 4 * 2**20  # bytes: blocks this large come from mmap and go back to the OS when freed
@@ -651,6 +754,7 @@ def _single_threaded() -> None:
 def _page(body: bytes, media: str) -> Any:
     async def page() -> Response:
         return Response(body, media_type=media, headers=PAGE_HEADERS)
+
     return page
 
 

@@ -54,7 +54,9 @@ def plan_shards(pairs: Sequence[Pair], shard_size: int, model_fingerprint: str) 
     plan = []
     for k, start in enumerate(range(0, len(pairs), shard_size)):
         part = list(pairs[start : start + shard_size])
-        content = [[p.id, str(p.image) if p.image else None, file_state(p.image), list(p.captions), p.extra] for p in part]
+        content = [
+            [p.id, str(p.image) if p.image else None, file_state(p.image), list(p.captions), p.extra] for p in part
+        ]
         digest = hashlib.sha256(json.dumps([model_fingerprint, content], sort_keys=True).encode()).hexdigest()
         plan.append((f"shard-{k:06d}-{digest[:16]}", part))
     return plan
@@ -72,15 +74,18 @@ def clear_partial(directory: Path, names: Sequence[str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def encode_shard(model: Any, pairs: Sequence[Pair], directory: Path, name: str, batch_size: int = 256) -> dict[str, Any]:
+def encode_shard(
+    model: Any, pairs: Sequence[Pair], directory: Path, name: str, batch_size: int = 256
+) -> dict[str, Any]:
     """Encode one shard a batch at a time (content repeated inside the shard is encoded once) and write it."""
     vectors: dict[str, np.ndarray] = {}
     items: list[Item] = []
     skipped: list[str] = []
     with ThreadPoolExecutor(2) as pool:
         for start in range(0, len(pairs), batch_size):
-            batch_items, new, batch_skipped = encode_batch(model, pairs[start : start + batch_size], pool,
-                                                           lambda keys: vectors.keys() & set(keys))
+            batch_items, new, batch_skipped = encode_batch(
+                model, pairs[start : start + batch_size], pool, lambda keys: vectors.keys() & set(keys)
+            )
             vectors.update(new)
             items += batch_items
             skipped += batch_skipped
@@ -89,21 +94,25 @@ def encode_shard(model: Any, pairs: Sequence[Pair], directory: Path, name: str, 
     return write_shard(directory, name, items, matrix, skipped)
 
 
-def write_shard(directory: Path, name: str, items: Sequence[Item], vectors: Vectors, skipped: Sequence[str]) -> dict[str, Any]:
+def write_shard(
+    directory: Path, name: str, items: Sequence[Item], vectors: Vectors, skipped: Sequence[str]
+) -> dict[str, Any]:
     """Write a shard's three files, each under a temporary name first; the marker (NAME.json) goes last."""
     pa, pq = _pyarrow()
     assert len(items) == len(vectors), (len(items), len(vectors))
     directory.mkdir(parents=True, exist_ok=True)
-    table = pa.table({
-        "id": pa.array([it.id for it in items], pa.string()),
-        "path": pa.array([it.path for it in items], pa.string()),
-        "captions": pa.array([it.captions for it in items], pa.list_(pa.string())),
-        "image_key": pa.array([it.image_key for it in items], pa.string()),
-        "text_key": pa.array([it.text_key for it in items], pa.string()),
-        "mtime_ns": pa.array([it.mtime_ns for it in items], pa.int64()),
-        "size": pa.array([it.size for it in items], pa.int64()),
-        "extra": pa.array([json.dumps(it.extra) for it in items], pa.string()),
-    })
+    table = pa.table(
+        {
+            "id": pa.array([it.id for it in items], pa.string()),
+            "path": pa.array([it.path for it in items], pa.string()),
+            "captions": pa.array([it.captions for it in items], pa.list_(pa.string())),
+            "image_key": pa.array([it.image_key for it in items], pa.string()),
+            "text_key": pa.array([it.text_key for it in items], pa.string()),
+            "mtime_ns": pa.array([it.mtime_ns for it in items], pa.int64()),
+            "size": pa.array([it.size for it in items], pa.int64()),
+            "extra": pa.array([json.dumps(it.extra) for it in items], pa.string()),
+        }
+    )
     summary = {"items": len(items), "skipped": list(skipped)}
     # each under a temporary name of its own (a retried task may write the shard while the first attempt still
     # runs), fsynced: on shared storage the rename must not land before the data
@@ -121,13 +130,29 @@ def read_shard(directory: Path, name: str) -> Shard:
         vectors = np.load(directory / f"{name}.npy", mmap_mode="r")
         table = pq.read_table(directory / f"{name}.parquet", columns=list(COLUMNS))
     except (OSError, ValueError) as e:
-        raise RetrievalError(f"shard {directory / name} is damaged ({e}); delete its files and re-run to encode it again") from e
+        raise RetrievalError(
+            f"shard {directory / name} is damaged ({e}); delete its files and re-run to encode it again"
+        ) from e
     if not len(vectors) == table.num_rows == summary["items"]:
-        raise RetrievalError(f"shard {directory / name} is damaged (its files disagree on the item count); "
-                             "delete its files and re-run to encode it again")
+        raise RetrievalError(
+            f"shard {directory / name} is damaged (its files disagree on the item count); "
+            "delete its files and re-run to encode it again"
+        )
     c = table.to_pydict()
-    items = [Item(0, c["id"][j], c["path"][j], c["captions"][j], c["image_key"][j], c["text_key"][j],
-                  c["mtime_ns"][j], c["size"][j], json.loads(c["extra"][j])) for j in range(table.num_rows)]
+    items = [
+        Item(
+            0,
+            c["id"][j],
+            c["path"][j],
+            c["captions"][j],
+            c["image_key"][j],
+            c["text_key"][j],
+            c["mtime_ns"][j],
+            c["size"][j],
+            json.loads(c["extra"][j]),
+        )
+        for j in range(table.num_rows)
+    ]
     return Shard(name, items, vectors, summary["skipped"])
 
 
@@ -141,5 +166,7 @@ def _pyarrow() -> tuple[Any, Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise RetrievalError(f"embedding shards are Parquet files and need pyarrow: {DISTRIBUTED_INSTALL_HINT}") from None
+        raise RetrievalError(
+            f"embedding shards are Parquet files and need pyarrow: {DISTRIBUTED_INSTALL_HINT}"
+        ) from None
     return pa, pq

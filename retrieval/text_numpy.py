@@ -50,11 +50,22 @@ class NumpyTextEncoder:
     """What both towers share: tokenize, run the tower (`hidden_states`, per subclass), mean over real tokens,
     project, normalise; attention and the weights' layout are shared too."""
 
-    def __init__(self, weights: dict[str, np.ndarray], tokenizer: Tokenizer | WordPieceTokenizer, layers: int,
-                 heads: int, context_length: int, eps: float):
+    def __init__(
+        self,
+        weights: dict[str, np.ndarray],
+        tokenizer: Tokenizer | WordPieceTokenizer,
+        layers: int,
+        heads: int,
+        context_length: int,
+        eps: float,
+    ):
         # matrices stored transposed and contiguous: `x @ W.T` on a transposed view is ~5x slower here
-        self.w = {k: np.ascontiguousarray(v.T if v.ndim == 2 and k.endswith("weight") and "embedding" not in k else v,
-                                          dtype=np.float32) for k, v in weights.items()}
+        self.w = {
+            k: np.ascontiguousarray(
+                v.T if v.ndim == 2 and k.endswith("weight") and "embedding" not in k else v, dtype=np.float32
+            )
+            for k, v in weights.items()
+        }
         self.tokenizer = tokenizer
         self.layers, self.heads, self.context_length, self.eps = layers, heads, context_length, eps
         self._blas = ThreadpoolController().select(user_api="blas")
@@ -93,8 +104,9 @@ class NumpyTextEncoder:
         """Multi-head self-attention over the real tokens; q, k, v from one (W, 3W) matrix named `qkv`."""
         B, L, W = x.shape
         H = self.heads
-        q, k, v = (t.reshape(B, L, H, W // H).transpose(0, 2, 1, 3)
-                   for t in np.split(self._linear(x, qkv), 3, axis=-1))  # (B, H, L, W/H)
+        q, k, v = (
+            t.reshape(B, L, H, W // H).transpose(0, 2, 1, 3) for t in np.split(self._linear(x, qkv), 3, axis=-1)
+        )  # (B, H, L, W/H)
         scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(W // H)  # (B, H, L, L); a Python float keeps float32
         scores = np.where(real[:, None, None, :], scores, -np.inf)
         scores = np.exp(scores - scores.max(-1, keepdims=True))
@@ -107,10 +119,14 @@ class OwnTextEncoder(NumpyTextEncoder):
 
     def hidden_states(self, tokens: np.ndarray, real: np.ndarray) -> np.ndarray:
         w = self.w
-        x = w["text_tower.token_embedding.weight"][tokens] + w["text_tower.position_embedding"][: tokens.shape[1]]  # (B, L, W)
+        x = (
+            w["text_tower.token_embedding.weight"][tokens] + w["text_tower.position_embedding"][: tokens.shape[1]]
+        )  # (B, L, W)
         for i in range(self.layers):
             p = f"text_tower.encoder.layers.{i}."
-            x = x + self._attention(self._norm(x, p + "norm1."), real, p + "self_attn.in_proj_", p + "self_attn.out_proj.")
+            x = x + self._attention(
+                self._norm(x, p + "norm1."), real, p + "self_attn.in_proj_", p + "self_attn.out_proj."
+            )
             h = gelu(self._linear(self._norm(x, p + "norm2."), p + "linear1."))  # (B, L, 4W)
             x = x + self._linear(h, p + "linear2.")  # (B, L, W)
         return self._norm(x, "text_tower.ln_final.")
@@ -120,19 +136,31 @@ class BertTextEncoder(NumpyTextEncoder):
     """pretrained.BertTextTower (transformers' BertModel): word + position + token type 0 embeddings, then
     post-norm encoder layers."""
 
-    def __init__(self, weights: dict[str, np.ndarray], tokenizer: WordPieceTokenizer, layers: int, heads: int,
-                 context_length: int, eps: float):
+    def __init__(
+        self,
+        weights: dict[str, np.ndarray],
+        tokenizer: WordPieceTokenizer,
+        layers: int,
+        heads: int,
+        context_length: int,
+        eps: float,
+    ):
         weights = dict(weights)
         for i in range(layers):  # q, k, v as one matrix, laid out as our tower's in_proj: one product, not three
             p = f"{BERT}encoder.layer.{i}.attention.self."
             for part in ("weight", "bias"):  # (3W, W) and (3W,)
-                weights[f"{p}qkv.{part}"] = np.concatenate([weights.pop(f"{p}{n}.{part}") for n in ("query", "key", "value")])
+                weights[f"{p}qkv.{part}"] = np.concatenate(
+                    [weights.pop(f"{p}{n}.{part}") for n in ("query", "key", "value")]
+                )
         super().__init__(weights, tokenizer, layers, heads, context_length, eps)
 
     def hidden_states(self, tokens: np.ndarray, real: np.ndarray) -> np.ndarray:
         w, e = self.w, BERT + "embeddings."
-        x = (w[e + "word_embeddings.weight"][tokens] + w[e + "position_embeddings.weight"][: tokens.shape[1]]
-             + w[e + "token_type_embeddings.weight"][0])  # (B, L, W)
+        x = (
+            w[e + "word_embeddings.weight"][tokens]
+            + w[e + "position_embeddings.weight"][: tokens.shape[1]]
+            + w[e + "token_type_embeddings.weight"][0]
+        )  # (B, L, W)
         x = self._norm(x, e + "LayerNorm.")
         for i in range(self.layers):
             p = f"{BERT}encoder.layer.{i}."
@@ -150,9 +178,17 @@ def load_numpy_text_encoder(path: str | Path) -> NumpyTextEncoder:
     with safe_open(path / "model.safetensors", framework="np") as f:  # the text side only: images need torch anyway
         weights = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("text_tower.", "text_proj."))}
     if cfg.kind == "own":  # nn.LayerNorm's default eps
-        return OwnTextEncoder(weights, Tokenizer.load(path / "tokenizer.json"), cfg.layers, cfg.heads, cfg.context_length, 1e-5)
+        return OwnTextEncoder(
+            weights, Tokenizer.load(path / "tokenizer.json"), cfg.layers, cfg.heads, cfg.context_length, 1e-5
+        )
     if cfg.kind == "minilm":  # the tower's sizes as BertTextTower reads them
         bert = text_tower_config(path)
-        return BertTextEncoder(weights, WordPieceTokenizer.load(path / "tokenizer.json"), bert["num_hidden_layers"],
-                               bert["num_attention_heads"], cfg.context_length, bert["layer_norm_eps"])
+        return BertTextEncoder(
+            weights,
+            WordPieceTokenizer.load(path / "tokenizer.json"),
+            bert["num_hidden_layers"],
+            bert["num_attention_heads"],
+            cfg.context_length,
+            bert["layer_norm_eps"],
+        )
     raise RetrievalError(f"{path}: the {cfg.kind!r} text tower has no numpy version; load the model with torch")

@@ -36,8 +36,11 @@ def normalise(sims: np.ndarray, rule: str, stats: RowStats | None = None) -> np.
         raise InvalidArgument(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     if rule == "flat":
         return sims
-    top, mean, std = stats or (sims.max(axis=1, keepdims=True), sims.mean(axis=1, keepdims=True),
-                               sims.std(axis=1, keepdims=True))
+    top, mean, std = stats or (
+        sims.max(axis=1, keepdims=True),
+        sims.mean(axis=1, keepdims=True),
+        sims.std(axis=1, keepdims=True),
+    )
     return sims - top if rule == "top_relative" else (sims - mean) / (std + 1e-12)
 
 
@@ -69,11 +72,20 @@ class ScoreHistogram:
 
     def coarse(self, factor: int) -> ScoreHistogram:
         """Every `factor` bins summed into one: for plots and the JSON report."""
-        return ScoreHistogram(self.edges[::factor], self.relevant.reshape(-1, factor).sum(1), self.other.reshape(-1, factor).sum(1))
+        return ScoreHistogram(
+            self.edges[::factor], self.relevant.reshape(-1, factor).sum(1), self.other.reshape(-1, factor).sum(1)
+        )
 
 
-def score_histogram(queries: Embeddings, items: Embeddings | Blocks, relevance: Relevance, rule: str = "flat",
-                    query_rows: np.ndarray | None = None, bins: int = BINS, chunk: int = 1024) -> ScoreHistogram:
+def score_histogram(
+    queries: Embeddings,
+    items: Embeddings | Blocks,
+    relevance: Relevance,
+    rule: str = "flat",
+    query_rows: np.ndarray | None = None,
+    bins: int = BINS,
+    chunk: int = 1024,
+) -> ScoreHistogram:
     """Histograms of normalised scores for the queries in query_rows (default: all), a chunk at a time.
 
     items: the candidates (N, d), or `Blocks` for a collection too large to hold: each chunk of queries then
@@ -129,8 +141,13 @@ def at_theta(curve: dict[str, np.ndarray], theta: float) -> dict[str, float]:
     return {key: float(curve[key][i]) for key in ("theta", "f1", "precision", "recall")}
 
 
-def threshold_report(queries: Embeddings, items: Embeddings | Blocks, relevance: Relevance,
-                     target_precision: float | None = None, rules: tuple[str, ...] = RULES) -> dict[str, Any]:
+def threshold_report(
+    queries: Embeddings,
+    items: Embeddings | Blocks,
+    relevance: Relevance,
+    target_precision: float | None = None,
+    rules: tuple[str, ...] = RULES,
+) -> dict[str, Any]:
     """The report's `threshold` object: the F1-best flat θ over all queries, and, per rule, θ chosen on half
     the queries (even rows) and F1 measured on the other half (odd rows), so the rules compare on held-out data.
     items: the candidates, or `Blocks` of them (see score_histogram).
@@ -145,12 +162,19 @@ def threshold_report(queries: Embeddings, items: Embeddings | Blocks, relevance:
     for rule in rules:
         chosen = best_f1(sweep(score_histogram(queries, items, relevance, rule, calibration)))
         test = at_theta(sweep(score_histogram(queries, items, relevance, rule, held_out)), chosen["theta"])
-        per_rule[rule] = {"theta": chosen["theta"], "calibration_f1": chosen["f1"], "heldout_f1": test["f1"],
-                          "heldout_precision": test["precision"], "heldout_recall": test["recall"]}
+        per_rule[rule] = {
+            "theta": chosen["theta"],
+            "calibration_f1": chosen["f1"],
+            "heldout_f1": test["f1"],
+            "heldout_precision": test["precision"],
+            "heldout_recall": test["recall"],
+        }
     adaptive = max((r for r in rules if r != "flat"), key=lambda r: per_rule[r]["heldout_f1"], default=None)
     report: dict[str, Any] = {
-        "best_f1_theta": best["theta"], "best_f1": best["f1"],
-        "precision_at_best_f1": best["precision"], "recall_at_best_f1": best["recall"],
+        "best_f1_theta": best["theta"],
+        "best_f1": best["f1"],
+        "precision_at_best_f1": best["precision"],
+        "recall_at_best_f1": best["recall"],
         "flat_heldout_f1": per_rule.get("flat", {}).get("heldout_f1"),
         "adaptive_rule": adaptive,
         "adaptive_theta": per_rule[adaptive]["theta"] if adaptive else None,

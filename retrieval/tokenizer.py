@@ -32,6 +32,7 @@ def split_words(text: str) -> list[str]:
 
 class Tokenizer:
     pad_id = PAD
+
     def __init__(self, vocab: Sequence[str]):
         if tuple(vocab[: len(SPECIALS)]) != SPECIALS:
             raise RetrievalError(f"tokenizer vocabulary must start with {SPECIALS}")
@@ -71,7 +72,9 @@ class Tokenizer:
         if not isinstance(d, dict) or not isinstance(d.get("vocab"), list):
             raise RetrievalError(f"{path} is not a tokenizer file (no vocab list); retrain the model")
         if d.get("format_version", 0) > FORMAT_VERSION:
-            raise RetrievalError(f"tokenizer {path} is format {d['format_version']}, newer than {FORMAT_VERSION}: upgrade retrieval")
+            raise RetrievalError(
+                f"tokenizer {path} is format {d['format_version']}, newer than {FORMAT_VERSION}: upgrade retrieval"
+            )
         if d.get("type") != "word":
             raise RetrievalError(f"tokenizer {path} has unknown type {d.get('type')!r}")
         return cls(d["vocab"])

@@ -28,15 +28,15 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_write, atomic_write_text
+from .augment import augment_batch
 from .config import ModelConfig, TrainConfig, loss_init, model_config_from_dict, model_config_to_dict
 from .data import Pair, image_caption_pairs
+from .encoder import Encoder, use_bf16
 from .errors import ImageError, RetrievalError
 from .evaluate import retrieval_report
-from .augment import augment_batch
 from .features import ImageCache, TextCache
 from .images import Transform, load_image
 from .loss import clip_loss, siglip_loss
-from .encoder import Encoder, use_bf16
 from .model import DualEncoder
 from .progress import progress_bar
 from .tokenizer import Tokenizer
@@ -68,7 +68,11 @@ def bank_images(pairs: Sequence[Pair], transform: Transform, progress: bool = Tr
             return str(e)
 
     with ThreadPoolExecutor(2) as pool:
-        results = list(progress_bar(pool.map(load, pairs), total=len(pairs), desc="decode images", unit="image", disable=not progress))
+        results = list(
+            progress_bar(
+                pool.map(load, pairs), total=len(pairs), desc="decode images", unit="image", disable=not progress
+            )
+        )
     bank = ImageBank([], [], [])
     for pair, result in zip(pairs, results):
         if isinstance(result, str):
@@ -95,8 +99,9 @@ def epoch_batches(n_images: int, batch_size: int, seed: int, epoch: int) -> list
     return [order[s : s + batch_size] for s in range(0, n_images - batch_size + 1, batch_size)]
 
 
-def batch_captions(pairs: Sequence[Pair], rows: torch.Tensor, all_captions: bool,
-                   generator: torch.Generator) -> tuple[list[str], torch.Tensor]:
+def batch_captions(
+    pairs: Sequence[Pair], rows: torch.Tensor, all_captions: bool, generator: torch.Generator
+) -> tuple[list[str], torch.Tensor]:
     """(captions, owner) for a step: every caption of each image in `rows`, or one drawn at random;
     owner[c] is the batch position of caption c's image."""
     texts, owner = [], []
@@ -127,8 +132,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def evaluate_bank(model: Encoder, bank: ImageBank, batch_size: int, text_cache: TextCache | None = None,
-                  image_cache: ImageCache | None = None) -> dict[str, Any]:
+def evaluate_bank(
+    model: Encoder,
+    bank: ImageBank,
+    batch_size: int,
+    text_cache: TextCache | None = None,
+    image_cache: ImageCache | None = None,
+) -> dict[str, Any]:
     """Held-out recall on banked images (centre crop) and all their captions."""
     texts = [c for p in bank.pairs for c in p.captions]
     text_image = np.array([i for i, p in enumerate(bank.pairs) for _ in p.captions])
@@ -179,7 +189,10 @@ def train(
     torch.manual_seed(train_cfg.seed)
     state = _load_state(out) if resume else None
     model = build_model(model_cfg, train_cfg, train_pairs, state, init, freeze).to(memory_format=torch.channels_last)
-    train_bank, val_bank = bank_images(train_pairs, model.transform, progress), bank_images(val_pairs, model.transform, progress)
+    train_bank, val_bank = (
+        bank_images(train_pairs, model.transform, progress),
+        bank_images(val_pairs, model.transform, progress),
+    )
     if len(train_bank.images) < 2:
         raise RetrievalError(f"only {len(train_bank.images)} readable training image(s); need at least 2")
 
@@ -213,8 +226,12 @@ def train(
         generator = torch.Generator().manual_seed(stream_seed(train_cfg.seed, "draws", epoch))  # augmentation, captions
         model.train()
         losses, n_pairs, t_epoch = [], 0, time.monotonic()
-        bar = progress_bar(epoch_batches(len(images), batch_size, train_cfg.seed, epoch), desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
-                   disable=not progress, leave=False)
+        bar = progress_bar(
+            epoch_batches(len(images), batch_size, train_cfg.seed, epoch),
+            desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+            disable=not progress,
+            leave=False,
+        )
         for rows in bar:
             progress_frac = max(step / total_steps, (time.monotonic() - t0) / budget)
             if progress_frac >= 1:
@@ -224,8 +241,14 @@ def train(
             if image_cache is not None:
                 image_input, image_features = image_cache.sample(rows, generator), model.image_features_from_locked
             else:
-                image_input = augment_batch(images[rows], model.transform.size, model.transform.mean,
-                                            model.transform.std, augmentation, generator)
+                image_input = augment_batch(
+                    images[rows],
+                    model.transform.size,
+                    model.transform.mean,
+                    model.transform.std,
+                    augmentation,
+                    generator,
+                )
                 image_features = model.image_features
             texts, owner = batch_captions(train_bank.pairs, rows, train_cfg.all_captions, generator)
             text = text_cache(texts) if text_cache is not None else torch.from_numpy(model.tokenize(texts))
@@ -235,7 +258,11 @@ def train(
             step += 1
             bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{n_pairs / (time.monotonic() - t_epoch):.0f}")
         bar.close()
-        report = evaluate_bank(model, val_bank, train_cfg.eval_batch_size, text_cache, val_cache) if val_bank.images else None
+        report = (
+            evaluate_bank(model, val_bank, train_cfg.eval_batch_size, text_cache, val_cache)
+            if val_bank.images
+            else None
+        )
         score = selection_score(report) if report else float(epoch)
         saved = is_best(score, best)
         if saved:
@@ -265,8 +292,14 @@ def train(
     return out
 
 
-def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_pairs: Sequence[Pair], state: dict[str, Any] | None,
-                init: str | None, freeze: str | None) -> Encoder:
+def build_model(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_pairs: Sequence[Pair],
+    state: dict[str, Any] | None,
+    init: str | None,
+    freeze: str | None,
+) -> Encoder:
     """Our dual encoder, new or as it was saved for --resume; or the hf: checkpoint `init`, `freeze` side locked."""
     if init is not None:
         from .pretrained import load_hf
@@ -277,7 +310,9 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_pairs: Seq
     else:
         if state is not None and not state["model_config"]:
             raise RetrievalError("this run fine-tunes a Hugging Face checkpoint: resume it with the same --init hf:...")
-        model_cfg = model_config_from_dict(json.loads(state["model_config"])) if state else loss_init(model_cfg, train_cfg.loss)
+        model_cfg = (
+            model_config_from_dict(json.loads(state["model_config"])) if state else loss_init(model_cfg, train_cfg.loss)
+        )
         tokenizer, text_tower, model_cfg = text_side(model_cfg, train_pairs, state)
         model = DualEncoder(model_cfg, tokenizer, text_tower)
         if state is None and model.image_cacheable:  # a pretrained image tower starts from its package's weights
@@ -286,12 +321,16 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_pairs: Seq
         try:
             model.load_state_dict(state["model"])
         except RuntimeError:  # missing or mis-sized weights: the run was started with another --init (or none)
-            raise RetrievalError("the interrupted run was started with another model: resume with the same --init "
-                                 "(or none), or start again without --resume") from None
+            raise RetrievalError(
+                "the interrupted run was started with another model: resume with the same --init "
+                "(or none), or start again without --resume"
+            ) from None
     return model
 
 
-def text_side(cfg: ModelConfig, train_pairs: Sequence[Pair], state: dict[str, Any] | None) -> tuple[Any, Any, ModelConfig]:
+def text_side(
+    cfg: ModelConfig, train_pairs: Sequence[Pair], state: dict[str, Any] | None
+) -> tuple[Any, Any, ModelConfig]:
     """(tokenizer, text tower, config): our tokenizer trained on the captions (or resumed) with our own tower
     (None: DualEncoder builds it), or a pretrained tower with its own tokenizer and its sizes in the config."""
     if cfg.text.kind != "own":
@@ -309,8 +348,16 @@ def _as_tensor(bank: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(bank)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S', S') uint8
 
 
-def _step(model: Encoder, opt: torch.optim.Optimizer, image_features: Callable[[torch.Tensor], torch.Tensor],
-          image_input: torch.Tensor, text, owner, cfg: TrainConfig, bf16: bool) -> float:
+def _step(
+    model: Encoder,
+    opt: torch.optim.Optimizer,
+    image_features: Callable[[torch.Tensor], torch.Tensor],
+    image_input: torch.Tensor,
+    text,
+    owner,
+    cfg: TrainConfig,
+    bf16: bool,
+) -> float:
     """One optimiser step; image_features maps image_input (pixels, or a locked tower's cached outputs) to (B, D)."""
     if image_input.ndim == 4:
         image_input = image_input.contiguous(memory_format=torch.channels_last)

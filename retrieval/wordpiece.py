@@ -42,8 +42,10 @@ class WordPieceTokenizer:
 
     def encode(self, texts: Sequence[str], context_length: int) -> Tokens:
         """(n, L) ids, [CLS] ... [SEP], cut at context_length and padded to the longest text of the call."""
-        rows = [e.ids[: context_length - 1] + e.ids[-1:] if len(e.ids) > context_length else e.ids
-                for e in self.fast.encode_batch(list(texts))]
+        rows = [
+            e.ids[: context_length - 1] + e.ids[-1:] if len(e.ids) > context_length else e.ids
+            for e in self.fast.encode_batch(list(texts))
+        ]
         out = np.full((len(rows), max((len(r) for r in rows), default=0)), self.pad_id, dtype=np.int64)
         for i, r in enumerate(rows):
             out[i, : len(r)] = r

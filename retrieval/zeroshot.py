@@ -20,8 +20,14 @@ import torch
 import torch.nn as nn
 
 from .classify import DEFAULT_TEMPLATE, prompts
-from .config import (PRETRAINED_IMAGE_SIZES, ZEROSHOT_TEMPERATURE, HeadConfig, ModelConfig, with_image_tower,
-                     with_text_tower)
+from .config import (
+    PRETRAINED_IMAGE_SIZES,
+    ZEROSHOT_TEMPERATURE,
+    HeadConfig,
+    ModelConfig,
+    with_image_tower,
+    with_text_tower,
+)
 from .errors import RetrievalError
 from .model import DualEncoder, save_model
 from .pretrained import load_pretrained_text_tower
@@ -41,8 +47,13 @@ def imagenet_class_names() -> list[str]:
     return names
 
 
-def build_zeroshot(out: str | Path, image_tower: str = "efficientnet-lite0", top: int = 10,
-                   template: str = DEFAULT_TEMPLATE, temperature: float = ZEROSHOT_TEMPERATURE) -> Path:
+def build_zeroshot(
+    out: str | Path,
+    image_tower: str = "efficientnet-lite0",
+    top: int = 10,
+    template: str = DEFAULT_TEMPLATE,
+    temperature: float = ZEROSHOT_TEMPERATURE,
+) -> Path:
     """Write the zero-shot model directory `out` and return it."""
     if image_tower not in PRETRAINED_IMAGE_SIZES:
         raise RetrievalError(f"unknown image tower {image_tower!r}; choose one of {', '.join(PRETRAINED_IMAGE_SIZES)}")
@@ -55,8 +66,12 @@ def build_zeroshot(out: str | Path, image_tower: str = "efficientnet-lite0", top
     names = imagenet_class_names()
     base = with_image_tower(with_text_tower(ModelConfig(), "minilm"), image_tower)
     tower, tokenizer, text = load_pretrained_text_tower(base.text)
-    config = dataclasses.replace(base, text=text, embed_dim=text.width,
-                                 head=HeadConfig(image="conse", text="identity", top=top, temperature=temperature))
+    config = dataclasses.replace(
+        base,
+        text=text,
+        embed_dim=text.width,
+        head=HeadConfig(image="conse", text="identity", top=top, temperature=temperature),
+    )
     model = DualEncoder(config, tokenizer, tower)
     model.image_tower.load_packaged()
     texts = prompts(names, template)

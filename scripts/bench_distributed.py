@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrieval.index import IndexStore, Item, Manifest  # noqa: E402
+from retrieval.index import IndexStore, Item, Manifest
 
 
 def throughput(work: Path, images: int, size: int, model: str | None, preset_name: str, shard_size: int) -> dict:
@@ -50,7 +50,11 @@ def throughput(work: Path, images: int, size: int, model: str | None, preset_nam
         from retrieval.train import build_model
 
         p = preset(preset_name)
-        model = str(save_model(build_model(p.model, p.train, list_source(manifest), None, None, None), work / f"model-{preset_name}"))
+        model = str(
+            save_model(
+                build_model(p.model, p.train, list_source(manifest), None, None, None), work / f"model-{preset_name}"
+            )
+        )
     cores = torch.get_num_threads()
     for name in ("local", "ray"):
         shutil.rmtree(work / f"index-{name}", ignore_errors=True)
@@ -66,10 +70,21 @@ def throughput(work: Path, images: int, size: int, model: str | None, preset_nam
         ray.shutdown()
     ray_s = time.perf_counter() - t0
     n = local.added
-    return {"images": n, "size": size, "model": model, "cores": cores, "shard_size": shard_size,
-            "local_s": local_s, "local_images_per_s": n / local_s, "local_index": local.index_type,
-            "ray_startup_s": startup_s, "ray_s": ray_s, "ray_images_per_s": distributed.added / ray_s,
-            "ray_overhead_s": ray_s - local_s, "ray_index": distributed.index_type}
+    return {
+        "images": n,
+        "size": size,
+        "model": model,
+        "cores": cores,
+        "shard_size": shard_size,
+        "local_s": local_s,
+        "local_images_per_s": n / local_s,
+        "local_index": local.index_type,
+        "ray_startup_s": startup_s,
+        "ray_s": ray_s,
+        "ray_images_per_s": distributed.added / ray_s,
+        "ray_overhead_s": ray_s - local_s,
+        "ray_index": distributed.index_type,
+    }
 
 
 def write_random_shards(directory: Path, n: int, shards: int, dim: int) -> list[str]:
@@ -100,10 +115,17 @@ def merge_once(shard_dir: Path, names: list[str], dim: int, on_disk: bool, index
     with store.writer():
         r = merge_shards(store, shard_dir, names, on_disk=on_disk)
     files = sum(p.stat().st_size for p in index.iterdir() if p.is_file())
-    return {"on_disk": on_disk, "seconds": r.seconds, "per_shard_s": r.seconds / len(names), "phases": r.phases,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, "rss_before_mb": rss_before,
-            "faiss_mb": (index / "vectors.faiss").stat().st_size / 2**20,
-            "ivfdata_mb": sum(p.stat().st_size for p in index.glob("*.ivfdata")) / 2**20, "index_folder_mb": files / 2**20}
+    return {
+        "on_disk": on_disk,
+        "seconds": r.seconds,
+        "per_shard_s": r.seconds / len(names),
+        "phases": r.phases,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+        "rss_before_mb": rss_before,
+        "faiss_mb": (index / "vectors.faiss").stat().st_size / 2**20,
+        "ivfdata_mb": sum(p.stat().st_size for p in index.glob("*.ivfdata")) / 2**20,
+        "index_folder_mb": files / 2**20,
+    }
 
 
 def merge(work: Path, n: int, shards: int, dim: int) -> list[dict]:
@@ -113,11 +135,33 @@ def merge(work: Path, n: int, shards: int, dim: int) -> list[dict]:
     write_s = time.perf_counter() - t0
     rows = []
     for on_disk in (False, True):
-        done = subprocess.run([sys.executable, __file__, "--merge-once", str(shard_dir), "--dim", str(dim),
-                               "--shards", str(shards), "--work", str(work)] + (["--on-disk"] if on_disk else []),
-                              capture_output=True, text=True, check=True)
-        rows.append({"vectors": n, "shards": shards, "dim2": 2 * dim, "write_shards_s": write_s,
-                     **json.loads(done.stdout.splitlines()[-1])})
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--merge-once",
+                str(shard_dir),
+                "--dim",
+                str(dim),
+                "--shards",
+                str(shards),
+                "--work",
+                str(work),
+            ]
+            + (["--on-disk"] if on_disk else []),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows.append(
+            {
+                "vectors": n,
+                "shards": shards,
+                "dim2": 2 * dim,
+                "write_shards_s": write_s,
+                **json.loads(done.stdout.splitlines()[-1]),
+            }
+        )
     return rows
 
 
@@ -149,17 +193,21 @@ def main() -> None:
         t = result["throughput"] = throughput(work, a.images, a.size, a.model, a.preset, a.shard_size)
         print(f"throughput, {t['images']} images of {t['size']} px on {t['cores']} cores:")
         print(f"  one process: {t['local_s']:.1f} s, {t['local_images_per_s']:.0f} images/s ({t['local_index']})")
-        print(f"  ray:         {t['ray_s']:.1f} s, {t['ray_images_per_s']:.0f} images/s ({t['ray_index']}; "
-              f"start-up {t['ray_startup_s']:.1f} s; overhead {t['ray_overhead_s']:+.1f} s)")
+        print(
+            f"  ray:         {t['ray_s']:.1f} s, {t['ray_images_per_s']:.0f} images/s ({t['ray_index']}; "
+            f"start-up {t['ray_startup_s']:.1f} s; overhead {t['ray_overhead_s']:+.1f} s)"
+        )
     if "merge" in parts:
         rows = result["merge"] = merge(work, a.vectors, a.shards, a.dim)
         print(f"merge, {a.vectors:,} vectors of {2 * a.dim} dims in {a.shards} shards:")
         print("  where      total s  per shard s  metadata  train  add+merge  files  peak RSS MB  faiss MB  ivfdata MB")
         for r in rows:
             ph = r["phases"]
-            print(f"  {'on disk' if r['on_disk'] else 'in memory':<9} {r['seconds']:8.1f} {r['per_shard_s']:12.2f} "
-                  f"{ph['metadata']:9.1f} {ph['train']:6.1f} {ph['add_and_merge']:10.1f} {ph['files']:6.1f} "
-                  f"{r['peak_rss_mb']:12.0f} {r['faiss_mb']:9.0f} {r['ivfdata_mb']:11.0f}")
+            print(
+                f"  {'on disk' if r['on_disk'] else 'in memory':<9} {r['seconds']:8.1f} {r['per_shard_s']:12.2f} "
+                f"{ph['metadata']:9.1f} {ph['train']:6.1f} {ph['add_and_merge']:10.1f} {ph['files']:6.1f} "
+                f"{r['peak_rss_mb']:12.0f} {r['faiss_mb']:9.0f} {r['ivfdata_mb']:11.0f}"
+            )
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {a.out}")
 

@@ -38,10 +38,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrieval.data import IMAGE_SUFFIXES, Pair  # noqa: E402
-from retrieval.indexing import build_index, decode_batch  # noqa: E402
-from retrieval.model import Encoder, load_model  # noqa: E402
-from retrieval.model import use_bf16  # noqa: E402
+from retrieval.data import IMAGE_SUFFIXES, Pair
+from retrieval.indexing import build_index, decode_batch
+from retrieval.model import (
+    Encoder,
+    load_model,
+    use_bf16,
+)
 
 ENCODE_CHUNK = inspect.signature(Encoder.encode_image).parameters["batch_size"].default  # encode_image's batches
 
@@ -51,8 +54,14 @@ def machine() -> dict:
     first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
     fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu if ":" in line)}
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in fields.get("flags", "").split()]
-    return {"cpu": fields.get("model name") or platform.processor(), "flags": flags, "cores": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16_kernels": use_bf16(True)}
+    return {
+        "cpu": fields.get("model name") or platform.processor(),
+        "flags": flags,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "bf16_kernels": use_bf16(True),
+    }
 
 
 def sized_model(base: Path, size: int, tmp: Path) -> Path:
@@ -111,10 +120,18 @@ def manifest(files: list[Path], path: Path) -> Path:
     return path
 
 
-def row(size: int, path: str, precision: str, batch: int | str, rate: float | None, bound: float | None = None,
-        **extra) -> dict:
-    return {"size": size, "path": path, "precision": precision, "batch": batch, "images_per_s": rate,
-            "vs_bound": rate / bound if rate and bound else None, **extra}
+def row(
+    size: int, path: str, precision: str, batch: int | str, rate: float | None, bound: float | None = None, **extra
+) -> dict:
+    return {
+        "size": size,
+        "path": path,
+        "precision": precision,
+        "batch": batch,
+        "images_per_s": rate,
+        "vs_bound": rate / bound if rate and bound else None,
+        **extra,
+    }
 
 
 def bench_size(size: int, args, sources: dict[str, list[Path]], precisions: list[str], tmp: Path) -> list[dict]:
@@ -132,28 +149,51 @@ def bench_size(size: int, args, sources: dict[str, list[Path]], precisions: list
         rows.append(row(size, f"decode {name}", "-", "-", decode_rate(model, files)))
         work = tmp / f"source{i}-{size}"
         work.mkdir()
-        start = build_index(manifest(files[:1], work / "one.jsonl"), model_dir, work / "one", precision="fp32",
-                            progress=False).seconds
+        start = build_index(
+            manifest(files[:1], work / "one.jsonl"), model_dir, work / "one", precision="fp32", progress=False
+        ).seconds
         rows.append(row(size, f"index {name}: start-up", "fp32", 1, None, seconds=start))
         items = manifest(files, work / "all.jsonl")
         for precision in precisions:
             for prefetch in (True, False):
-                r = build_index(items, model_dir, work / f"{precision}-{prefetch}", batch_size=args.index_batch,
-                                precision=precision, prefetch=prefetch, progress=False)
+                r = build_index(
+                    items,
+                    model_dir,
+                    work / f"{precision}-{prefetch}",
+                    batch_size=args.index_batch,
+                    precision=precision,
+                    prefetch=prefetch,
+                    progress=False,
+                )
                 assert r.added == len(files) and not r.skipped, (r.added, r.skipped[:3])
                 rate = (len(files) - 1) / max(r.seconds - start, 1e-9)
-                rows.append(row(size, f"index {name}" + ("" if prefetch else " (no prefetch)"), r.precision,
-                                args.index_batch, rate, bound[precision, chunk], seconds=r.seconds))
+                rows.append(
+                    row(
+                        size,
+                        f"index {name}" + ("" if prefetch else " (no prefetch)"),
+                        r.precision,
+                        args.index_batch,
+                        rate,
+                        bound[precision, chunk],
+                        seconds=r.seconds,
+                    )
+                )
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="a model folder with a pretrained image tower (default: the zero-shot model)")
+    p.add_argument(
+        "--model", type=Path, help="a model folder with a pretrained image tower (default: the zero-shot model)"
+    )
     p.add_argument("--sizes", default="224,192,160,128", help="comma-separated input sides in pixels")
     p.add_argument("--batches", default="16,32,64", help="forward-bound batch sizes at 224 px")
-    p.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/flickr8k/images",
-                   help="a folder of real photos; its first --n images are indexed")
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared/data/flickr8k/images",
+        help="a folder of real photos; its first --n images are indexed",
+    )
     p.add_argument("--n", type=int, default=512, help="images per build_index run")
     p.add_argument("--synthetic", help="also index --n synthetic JPEGs of this size, e.g. 1024x768")
     p.add_argument("--index-batch", type=int, default=256, help="build_index batch_size (the CLI's default)")
@@ -191,11 +231,14 @@ def main() -> None:
                 f.read_bytes()
         for size in args.sizes:
             rows += bench_size(size, args, sources, precisions, tmp)
-            Path(args.json).write_text(json.dumps({"args": vars(args), "machine": info, "rows": rows}, indent=2,
-                                                  default=str))
+            Path(args.json).write_text(
+                json.dumps({"args": vars(args), "machine": info, "rows": rows}, indent=2, default=str)
+            )
             print(f"done {size} px", file=sys.stderr, flush=True)
-    print(f"{info['cpu']} ({' '.join(info['flags'])}), {info['cores']} cores, torch {info['torch']} on {info['threads']} threads, "
-          f"bf16 kernels: {'yes' if info['bf16_kernels'] else 'no'}")
+    print(
+        f"{info['cpu']} ({' '.join(info['flags'])}), {info['cores']} cores, torch {info['torch']} on {info['threads']} threads, "
+        f"bf16 kernels: {'yes' if info['bf16_kernels'] else 'no'}"
+    )
     print(f"{'size':>5} | {'path':<40} | {'precision':<9} | {'batch':>5} | {'images/s':>8} | {'vs bound':>8}")
     for r in rows:
         rate = f"{r['images_per_s']:>8.1f}" if r["images_per_s"] else f"{r['seconds']:>6.2f} s"

@@ -33,8 +33,8 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrieval.index import IndexStore, Item, Manifest  # noqa: E402
-from retrieval.query import Index, query_vectors  # noqa: E402
+from retrieval.index import IndexStore, Item, Manifest
+from retrieval.query import Index, query_vectors
 
 KNOBS = {"hnsw": ("ef_search", (64, 128, 256)), "ivf": ("nprobe", (16, 64, 256))}
 TEXTS = ["a small red circle", "two blue squares", "a large green star above a triangle", "a yellow heart on the left"]
@@ -62,8 +62,10 @@ def make_store(path: Path, image: np.ndarray, text: np.ndarray, model: str, fing
     for s in range(0, len(image), 50_000):
         rows = range(s, min(s + 50_000, len(image)))
         vectors = {**{f"i{i}": image[i] for i in rows}, **{f"t{i}": text[i] for i in rows}}
-        store.commit([Item(0, f"item-{i}", f"/data/{i}.jpg", [f"caption {i}"], f"i{i}", f"t{i}", extra={"n": i})
-                      for i in rows], vectors)
+        store.commit(
+            [Item(0, f"item-{i}", f"/data/{i}.jpg", [f"caption {i}"], f"i{i}", f"t{i}", extra={"n": i}) for i in rows],
+            vectors,
+        )
     return store
 
 
@@ -86,16 +88,27 @@ def side_by_side(name: str, raw, ours, reps: int) -> list[dict]:
     for _ in range(2):
         raw_ms, ours_ms = timed(raw, reps), timed(ours, reps)
     overhead = float(np.median(ours_ms) - np.median(raw_ms))
-    return [row(f"{name}: raw faiss", raw_ms),
-            row(f"{name}: ours", ours_ms, overhead_ms=overhead, overhead_ratio=float(np.median(ours_ms) / np.median(raw_ms)))]
+    return [
+        row(f"{name}: raw faiss", raw_ms),
+        row(
+            f"{name}: ours", ours_ms, overhead_ms=overhead, overhead_ratio=float(np.median(ours_ms) / np.median(raw_ms))
+        ),
+    ]
 
 
 def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]))
 
 
-def bench_type(index: Index, index_type: str, queries: np.ndarray, truth: np.ndarray, theta: float,
-               exact_counts: np.ndarray, prefix: str) -> list[dict]:
+def bench_type(
+    index: Index,
+    index_type: str,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    theta: float,
+    exact_counts: np.ndarray,
+    prefix: str,
+) -> list[dict]:
     store, reps = index.store, len(queries)
     qv = query_vectors(queries, "item", 0.5)
     rows = []
@@ -106,11 +119,19 @@ def bench_type(index: Index, index_type: str, queries: np.ndarray, truth: np.nda
         raw, _ = store.searcher(None)
         tag = f"{prefix} {index_type}" + (f" {knob}={value}" if knob else "")
         faiss.omp_set_num_threads(1)
-        rows += side_by_side(f"{tag} top-10", lambda r: raw.search(qv[r : r + 1], 10),
-                             lambda r: index.search_vector(queries[r], k=10), reps)
+        rows += side_by_side(
+            f"{tag} top-10",
+            lambda r: raw.search(qv[r : r + 1], 10),
+            lambda r: index.search_vector(queries[r], k=10),
+            reps,
+        )
         rows[-1]["recall_at_10"] = recall_at_10(raw.search(qv, 10)[1], truth)
-        rows += side_by_side(f"{tag} theta (~100 results)", lambda r: raw.range_search(qv[r : r + 1], theta),
-                             lambda r: index.search_vector(queries[r], k=None, theta=theta), reps)
+        rows += side_by_side(
+            f"{tag} theta (~100 results)",
+            lambda r: raw.range_search(qv[r : r + 1], theta),
+            lambda r: index.search_vector(queries[r], k=None, theta=theta),
+            reps,
+        )
         lims = raw.range_search(qv, theta)[0]
         rows[-1]["mean_results"] = float(np.mean(np.diff(lims)))
         rows[-1]["theta_completeness"] = float(np.sum(np.diff(lims)) / max(1, np.sum(exact_counts)))
@@ -122,8 +143,9 @@ def bench_type(index: Index, index_type: str, queries: np.ndarray, truth: np.nda
             t = time.perf_counter()
             index.search_vectors(queries, k=10)
             ours_qps = reps / (time.perf_counter() - t)
-        rows.append(row(f"{tag} batch of {reps}, top-10", raw_qps=raw_qps, ours_qps=ours_qps,
-                        overhead_ratio=raw_qps / ours_qps))
+        rows.append(
+            row(f"{tag} batch of {reps}, top-10", raw_qps=raw_qps, ours_qps=ours_qps, overhead_ratio=raw_qps / ours_qps)
+        )
     return rows
 
 
@@ -146,18 +168,31 @@ def bench_size(n: int, args, tmp: Path) -> list[dict]:
             truth = raw.search(qv, 10)[1]
             theta = float(np.median(raw.search(qv, 100)[0][:, -1]))  # the median query gets about 100 results
             exact_counts = np.diff(raw.range_search(qv, theta)[0])
-        rows.append(row(f"{prefix} {index_type}: build", build_s=store.manifest.build_seconds,
-                        index_mb=store.manifest.faiss_bytes / 2**20,
-                        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+        rows.append(
+            row(
+                f"{prefix} {index_type}: build",
+                build_s=store.manifest.build_seconds,
+                index_mb=store.manifest.faiss_bytes / 2**20,
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            )
+        )
         rows += bench_type(index, index_type, queries, truth, theta, exact_counts, prefix)
         if args.model:
             faiss.omp_set_num_threads(1)
             index.search(text=TEXTS[0], k=10)  # loads the numpy text tower once
-            rows.append(row(f"{prefix} {index_type}: text query incl. encoding, top-10",
-                            timed(lambda r: index.search(text=TEXTS[r % len(TEXTS)], k=10), len(queries))))
+            rows.append(
+                row(
+                    f"{prefix} {index_type}: text query incl. encoding, top-10",
+                    timed(lambda r: index.search(text=TEXTS[r % len(TEXTS)], k=10), len(queries)),
+                )
+            )
     fids = np.random.default_rng(3).choice(n, min(10_000, n), replace=False) + 1
-    rows.append(row(f"{prefix}: {len(fids):,} results to records", timed(
-        lambda r: index.hits(queries[0], np.zeros(len(fids), np.float32), fids), 20)))
+    rows.append(
+        row(
+            f"{prefix}: {len(fids):,} results to records",
+            timed(lambda r: index.hits(queries[0], np.zeros(len(fids), np.float32), fids), 20),
+        )
+    )
     return rows
 
 
@@ -169,8 +204,14 @@ def bench_cold(args, tmp: Path) -> list[dict]:
     data = generate(tmp / "synth10k", 10_000, seed=7, size=32)
     build_index(data, args.model, tmp / "cold", progress=False)
     exe = Path(sys.executable).parent / "retrieval"
-    ms = timed(lambda r: subprocess.run([str(exe), "search", "--index", str(tmp / "cold"), "--text", TEXTS[r % len(TEXTS)]],
-                                        check=True, capture_output=True), 10)
+    ms = timed(
+        lambda r: subprocess.run(
+            [str(exe), "search", "--index", str(tmp / "cold"), "--text", TEXTS[r % len(TEXTS)]],
+            check=True,
+            capture_output=True,
+        ),
+        10,
+    )
     return [row("cold `retrieval search --text`, 10k-item index", ms)]
 
 

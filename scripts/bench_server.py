@@ -42,12 +42,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_search import embeddings, make_store  # noqa: E402
+
 from retrieval.index import IndexStore  # noqa: E402
 from retrieval.modeldir import fingerprint, read_model_config  # noqa: E402
 from retrieval.query import Index  # noqa: E402
-from retrieval.synth import COLOURS, POSITIONS, SHAPES, SIZES  # noqa: E402
+from retrieval.synth import COLOURS, SHAPES, SIZES  # noqa: E402
 
-INDEX_FILES = ("items.sqlite", "vectors.faiss", "fids.npy", "vectors.npy", "records.jsonl", "records.npy", "manifest.json")
+INDEX_FILES = (
+    "items.sqlite",
+    "vectors.faiss",
+    "fids.npy",
+    "vectors.npy",
+    "records.jsonl",
+    "records.npy",
+    "manifest.json",
+)
 
 
 # --- the index ------------------------------------------------------------------------------------
@@ -89,8 +98,9 @@ def start_server(index: Path, port: int, log: Path, started: list[subprocess.Pop
     t0 = time.perf_counter()
     exe = Path(sys.executable).parent / "retrieval"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([str(exe), "serve", "--index", str(index), "--port", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(exe), "serve", "--index", str(index), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
     started.append(proc)
     while True:
         if proc.poll() is not None:
@@ -141,8 +151,13 @@ class Load:
                 t0 = time.perf_counter()
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length")))
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                )
                 await reader.readexactly(length)
                 if t0 >= measure_from:
                     self.records.append((kind, 1000 * (time.perf_counter() - t0), head.startswith(b"HTTP/1.1 200")))
@@ -163,18 +178,31 @@ def summary(records: list[tuple[str, float, bool]], seconds: float) -> list[dict
         if not len(ms):
             continue
         errors = sum(not ok for k, _, ok in records if kind in ("all", k))
-        rows.append({"kind": kind, "requests": int(len(ms)), "qps": len(ms) / seconds, "p50_ms": float(np.percentile(ms, 50)),
-                     "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
-                     "max_ms": float(ms.max()), "errors": errors})
+        rows.append(
+            {
+                "kind": kind,
+                "requests": len(ms),
+                "qps": len(ms) / seconds,
+                "p50_ms": float(np.percentile(ms, 50)),
+                "p90_ms": float(np.percentile(ms, 90)),
+                "p99_ms": float(np.percentile(ms, 99)),
+                "max_ms": float(ms.max()),
+                "errors": errors,
+            }
+        )
     return rows
 
 
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"  {'queries':<8}{'requests':>10}{'QPS':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}")
+    print(
+        f"  {'queries':<8}{'requests':>10}{'QPS':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}"
+    )
     for r in rows:
-        print(f"  {r['kind']:<8}{r['requests']:>10}{r['qps']:>9.1f}{r['p50_ms']:>9.1f}{r['p90_ms']:>9.1f}"
-              f"{r['p99_ms']:>9.1f}{r['max_ms']:>9.1f}{r['errors']:>8}")
+        print(
+            f"  {r['kind']:<8}{r['requests']:>10}{r['qps']:>9.1f}{r['p50_ms']:>9.1f}{r['p90_ms']:>9.1f}"
+            f"{r['p99_ms']:>9.1f}{r['max_ms']:>9.1f}{r['errors']:>8}"
+        )
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -255,11 +283,21 @@ def kill_test(args, load: Load, index_path: Path, port: int, log: Path, started:
     second = summary(after.records, half)
     print_table(f"{half:g} s after the restart ({restart_s:.1f} s to restart)", second)
     ok = same_files and same_counts and same_answers and not any(r["errors"] for r in first + second)
-    print(f"\nkill -9 during load: index files byte-identical: {same_files}; counts {counts} unchanged: {same_counts}; "
-          f"the {len(fixed)} fixed queries give the same answers after the restart: {same_answers}")
-    return {"ok": ok, "files_identical": same_files, "counts_unchanged": same_counts, "same_answers": same_answers,
-            "counts": counts, "connections_cut": in_flight, "restart_s": restart_s, "before_kill": first,
-            "after_restart": second}
+    print(
+        f"\nkill -9 during load: index files byte-identical: {same_files}; counts {counts} unchanged: {same_counts}; "
+        f"the {len(fixed)} fixed queries give the same answers after the restart: {same_answers}"
+    )
+    return {
+        "ok": ok,
+        "files_identical": same_files,
+        "counts_unchanged": same_counts,
+        "same_answers": same_answers,
+        "counts": counts,
+        "connections_cut": in_flight,
+        "restart_s": restart_s,
+        "before_kill": first,
+        "after_restart": second,
+    }
 
 
 if __name__ == "__main__":

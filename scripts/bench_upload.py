@@ -60,10 +60,20 @@ def rss_kb(pid: int, field: str = "VmRSS") -> int:
 
 def upload(port: int, data: bytes, name: str) -> int:
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/search/image?k=5", data=body, method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/search/image?k=5",
+        data=body,
+        method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
             r.read()
@@ -102,9 +112,17 @@ def measure(index: Path, name: str, data: bytes, clients: int, rounds: int, log:
         done.set()
         sampler.join()
         after = rss_kb(server.pid)
-        return {"image": name, "bytes": len(data), "clients": clients, "uploads": clients * rounds,
-                "rss_idle_mb": idle / 1024, "rss_peak_mb": max(peak[0], rss_kb(server.pid, "VmHWM")) / 1024,
-                "rss_after_mb": after / 1024, "seconds": seconds, "statuses": dict(statuses)}
+        return {
+            "image": name,
+            "bytes": len(data),
+            "clients": clients,
+            "uploads": clients * rounds,
+            "rss_idle_mb": idle / 1024,
+            "rss_peak_mb": max(peak[0], rss_kb(server.pid, "VmHWM")) / 1024,
+            "rss_after_mb": after / 1024,
+            "seconds": seconds,
+            "statuses": dict(statuses),
+        }
     finally:
         for proc in started:
             proc.kill()
@@ -119,8 +137,10 @@ def tiny_index(tmp: Path) -> Path:
     from retrieval.synth import generate
 
     data = generate(tmp / "synth", 100, seed=1, size=48)
-    for args in (["train", "--data", str(data), "--out", str(tmp / "model"), "--preset", "tiny"],
-                 ["index", str(data), "--model", str(tmp / "model"), "--index", str(tmp / "index")]):
+    for args in (
+        ["train", "--data", str(data), "--out", str(tmp / "model"), "--preset", "tiny"],
+        ["index", str(data), "--model", str(tmp / "model"), "--index", str(tmp / "index")],
+    ):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
     return tmp / "index"
@@ -138,13 +158,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         index = Path(args.index) if args.index else tiny_index(tmp)
-        rows = [measure(index, name, data, args.clients, args.rounds, tmp / "server.log")
-                for name, data in make_images(args.megapixels).items()]
+        rows = [
+            measure(index, name, data, args.clients, args.rounds, tmp / "server.log")
+            for name, data in make_images(args.megapixels).items()
+        ]
     print(f"\n{args.clients} clients x {args.rounds} uploads each, a fresh server per image")
     print(f"{'image':<22} {'KB':>6} {'RSS idle MB':>12} {'peak MB':>8} {'after MB':>9} {'s':>6}  statuses")
     for r in rows:
-        print(f"{r['image']:<22} {r['bytes'] / 1024:>6.0f} {r['rss_idle_mb']:>12.0f} {r['rss_peak_mb']:>8.0f} "
-              f"{r['rss_after_mb']:>9.0f} {r['seconds']:>6.1f}  {r['statuses']}")
+        print(
+            f"{r['image']:<22} {r['bytes'] / 1024:>6.0f} {r['rss_idle_mb']:>12.0f} {r['rss_peak_mb']:>8.0f} "
+            f"{r['rss_after_mb']:>9.0f} {r['seconds']:>6.1f}  {r['statuses']}"
+        )
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print(f"\nwrote {args.out}")
 

@@ -66,11 +66,13 @@ def imported_names(tree: ast.Module, deferred: bool) -> list[tuple[int, str | No
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
-def resolve(module: str, is_package: bool, level: int, target: str | None, names: list[str],
-            modules: dict[str, Path]) -> set[str]:
+def resolve(
+    module: str, is_package: bool, level: int, target: str | None, names: list[str], modules: dict[str, Path]
+) -> set[str]:
     """The package modules one import statement in `module` reaches."""
     if level:
         base = module.split(".") if is_package else module.split(".")[:-1]

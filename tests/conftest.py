@@ -17,7 +17,6 @@ from click.testing import CliRunner
 from retrieval.cli import main
 from retrieval.synth import generate
 
-
 TRAINED_FIXTURES = frozenset({"tiny_model", "served_index"})  # each trains the tiny model (about 10 s on 2 cores)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = "a an the of on in left right above below small large red green blue yellow circle square star cross dog".split()
+WORDS = (
+    "a an the of on in left right above below small large red green blue yellow circle square star cross dog".split()
+)
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]"]  # [EOS] comes last: CLIP finds the end of a text by its id
 
 
@@ -18,9 +20,16 @@ def tiny_tokenizer(family: str, max_length: int):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     template = "[BOS] $A [EOS]" if family == "clip" else "$A [EOS]"
     tok.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
-                                   unk_token="[UNK]", model_max_length=max_length)
+        single=template, special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        model_max_length=max_length,
+    )
 
 
 def tiny_checkpoint(path: Path, family: str, seed: int = 0) -> Path:
@@ -31,10 +40,20 @@ def tiny_checkpoint(path: Path, family: str, seed: int = 0) -> Path:
     max_length = 16
     tokenizer = tiny_tokenizer(family, max_length)
     eos = tokenizer.convert_tokens_to_ids("[EOS]")
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=2, eos_token_id=eos, pad_token_id=0)
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                  patch_size=8)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_length,
+        bos_token_id=2,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
     torch.manual_seed(seed)
     if family == "clip":
         from transformers import CLIPImageProcessorPil as Processor

@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from retrieval import atomic
-from retrieval.atomic import (TMP_SUFFIX, atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_stream,
-                              atomic_write_text, save_npy)
+from retrieval.atomic import (
+    TMP_SUFFIX,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_stream,
+    atomic_write_text,
+    save_npy,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,8 +66,9 @@ def test_each_helper_writes_what_it_says(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("unique", [False, True])
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()])
-def test_a_write_that_raises_leaves_the_old_file_and_no_temp_file(tmp_path: Path, unique: bool,
-                                                                  error: BaseException) -> None:
+def test_a_write_that_raises_leaves_the_old_file_and_no_temp_file(
+    tmp_path: Path, unique: bool, error: BaseException
+) -> None:
     target = tmp_path / "f"
     target.write_text("old")
     seen: list[Path] = []
@@ -101,7 +109,11 @@ def test_the_file_is_fsynced_before_the_rename_and_the_folder_after(tmp_path: Pa
 def test_a_unique_write_fsyncs_its_own_temp_file(tmp_path: Path, fsynced: list[str]) -> None:
     atomic_write_bytes(tmp_path / "t.jpg", b"jpeg", unique=True)
     assert len(fsynced) == 2 and fsynced[1] == f"dir {tmp_path.name}"
-    assert fsynced[0].startswith("file t.jpg.") and fsynced[0].endswith(TMP_SUFFIX) and fsynced[0] != f"file t.jpg{TMP_SUFFIX}"
+    assert (
+        fsynced[0].startswith("file t.jpg.")
+        and fsynced[0].endswith(TMP_SUFFIX)
+        and fsynced[0] != f"file t.jpg{TMP_SUFFIX}"
+    )
 
 
 def test_unique_temp_names_keep_concurrent_writers_apart(tmp_path: Path) -> None:
@@ -141,17 +153,23 @@ def test_a_unique_temp_file_gets_the_mode_open_would_give(tmp_path: Path) -> Non
 
 @pytest.mark.slow  # a subprocess: a fresh interpreter is the only clean sys.modules
 def test_atomic_is_a_leaf_that_loads_nothing_heavy() -> None:
-    code = ("import sys, retrieval.atomic; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'faiss', 'numpy', 'retrieval')))")
+    code = (
+        "import sys, retrieval.atomic; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'faiss', 'numpy', 'retrieval')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "['retrieval', 'retrieval.atomic']"
 
 
 def test_no_other_module_renames_by_itself() -> None:
     """atomic.py is the one copy: no other module of the package calls os.replace / os.rename / mkstemp."""
-    offenders = [f"{p.name}: {needle}" for p in sorted((ROOT / "retrieval").rglob("*.py")) if p.name != "atomic.py"
-                 for needle in ("os.replace(", "os.rename(", "mkstemp(", "NamedTemporaryFile(", ".rename(")
-                 if needle in p.read_text()]
+    offenders = [
+        f"{p.name}: {needle}"
+        for p in sorted((ROOT / "retrieval").rglob("*.py"))
+        if p.name != "atomic.py"
+        for needle in ("os.replace(", "os.rename(", "mkstemp(", "NamedTemporaryFile(", ".rename(")
+        if needle in p.read_text()
+    ]
     assert offenders == []
 
 

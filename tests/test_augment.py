@@ -1,6 +1,5 @@
 """Batched training augmentation and the per-step batches: shapes, determinism, and what each knob does."""
 
-import numpy as np
 import torch
 
 from retrieval.augment import augment_batch, crop_thetas, jitter_colours

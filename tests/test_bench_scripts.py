@@ -15,8 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_search_runs_and_writes_its_rows(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_search.py"), "--sizes", "3000", "--queries", "5",
-                           "--types", "flat,ivf", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_search.py"),
+            "--sizes",
+            "3000",
+            "--queries",
+            "5",
+            "--types",
+            "flat,ivf",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
     names = [r["name"] for r in rows]
@@ -30,9 +45,27 @@ def test_bench_distributed_merge_runs_and_writes_its_rows(tmp_path: Path) -> Non
     """The merge part only: the throughput part starts Ray and encodes a collection (minutes, run by hand)."""
     pytest.importorskip("pyarrow", reason="shards are Parquet: pip install 'retrieval[distributed]'")
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_distributed.py"), "--parts", "merge", "--vectors", "4000",
-                           "--shards", "3", "--dim", "16", "--work", str(tmp_path / "work"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_distributed.py"),
+            "--parts",
+            "merge",
+            "--vectors",
+            "4000",
+            "--shards",
+            "3",
+            "--dim",
+            "16",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["merge"]
     assert [r["on_disk"] for r in rows] == [False, True] and all(r["peak_rss_mb"] > 0 for r in rows)
@@ -43,9 +76,25 @@ def test_bench_distributed_merge_runs_and_writes_its_rows(tmp_path: Path) -> Non
 def test_bench_upload_runs_and_writes_its_rows(served_index: Path, tmp_path: Path) -> None:
     """Small images and two clients: the real server is started once per image and its RSS sampled."""
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_upload.py"), "--index", str(served_index),
-                           "--clients", "2", "--rounds", "1", "--megapixels", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_upload.py"),
+            "--index",
+            str(served_index),
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--megapixels",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [r["image"].split()[0] for r in rows] == ["png16", "png8", "jpeg"]

@@ -24,8 +24,16 @@ pytestmark = pytest.mark.slow  # a server subprocess and a browser
 pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[dev,serve]'")
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT_DIR = Path(os.environ.get("RETRIEVAL_SCREENSHOT_DIR", "/work/runs"))  # also kept here, if it exists
 SCORE = re.compile(r"^-?\d\.\d{3}$")
 
@@ -50,8 +58,13 @@ def server(served_index: Path) -> Iterator[str]:
     port = free_port()
     exe = Path(sys.executable).parent / "retrieval"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(exe), "serve", "--index", str(served_index), "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--index", str(served_index), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -25,10 +25,14 @@ def test_probabilities_are_the_scaled_softmax() -> None:
 
 
 def test_accuracy_and_confusion_hand_worked() -> None:
-    probs = np.array([[0.7, 0.2, 0.1],   # true 0, predicted 0
-                      [0.5, 0.3, 0.2],   # true 1, predicted 0, second choice 1
-                      [0.1, 0.1, 0.8],   # true 2, predicted 2
-                      [0.4, 0.35, 0.25]])  # true 2, predicted 0, third choice
+    probs = np.array(
+        [
+            [0.7, 0.2, 0.1],  # true 0, predicted 0
+            [0.5, 0.3, 0.2],  # true 1, predicted 0, second choice 1
+            [0.1, 0.1, 0.8],  # true 2, predicted 2
+            [0.4, 0.35, 0.25],
+        ]
+    )  # true 2, predicted 0, third choice
     truth = np.array([0, 1, 2, 2])
     assert top_k_accuracy(probs, truth, 1) == 0.5
     assert top_k_accuracy(probs, truth, 2) == 0.75
@@ -64,9 +68,24 @@ def labelled(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_cli_report_equals_the_models_own_probabilities(labelled: Path, tiny_model: Path, tmp_path: Path) -> None:
     from retrieval.model import load_model
 
-    result = CliRunner().invoke(main, ["classify", "--model", str(tiny_model), "--data", str(labelled),
-                                       "--label-field", "colour", "--template", "a {label} shape",
-                                       "--plot", str(tmp_path), "--out", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "classify",
+            "--model",
+            str(tiny_model),
+            "--data",
+            str(labelled),
+            "--label-field",
+            "colour",
+            "--template",
+            "a {label} shape",
+            "--plot",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "r.json").read_text())
     report, labels = saved["report"], saved["labels"]
@@ -91,9 +110,24 @@ def test_a_weight_below_one_fuses_image_and_caption(labelled: Path, tiny_model: 
     probabilities are the scaled softmax of the prompts' cosines with that vector, computed here by hand."""
     from retrieval.model import load_model
 
-    result = CliRunner().invoke(main, ["classify", "--model", str(tiny_model), "--data", str(labelled),
-                                       "--label-field", "colour", "--template", "a {label} shape", "--weight", "0.3",
-                                       "--out", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "classify",
+            "--model",
+            str(tiny_model),
+            "--data",
+            str(labelled),
+            "--label-field",
+            "colour",
+            "--template",
+            "a {label} shape",
+            "--weight",
+            "0.3",
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["weight"] == 0.3 and saved["template"] == "a {label} shape" and saved["skipped"] == 0
@@ -116,18 +150,22 @@ def test_a_weight_below_one_fuses_image_and_caption(labelled: Path, tiny_model: 
 @pytest.mark.slow
 def test_cli_files_print_their_top_labels(synth_data: Path, tiny_model: Path) -> None:
     files = sorted((synth_data.parent / "images").iterdir())[:2]
-    result = CliRunner().invoke(main, ["classify", "--model", str(tiny_model), "--labels", "circle,square,star",
-                                       *[str(f) for f in files]])
+    result = CliRunner().invoke(
+        main, ["classify", "--model", str(tiny_model), "--labels", "circle,square,star", *[str(f) for f in files]]
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 2 and all(line.count(",") == 2 for line in lines)
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "give image FILES or --data"),
-    (["--labels", "a"], "at least two labels"),
-    (["--labels", "a,b", "--template", "nothing"], "must contain {label}"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give image FILES or --data"),
+        (["--labels", "a"], "at least two labels"),
+        (["--labels", "a,b", "--template", "nothing"], "must contain {label}"),
+    ],
+)
 @pytest.mark.slow
 def test_bad_classify_options(args, message, synth_data: Path, tiny_model: Path) -> None:
     files = [] if not args else [str(sorted((synth_data.parent / "images").iterdir())[0])]

@@ -30,7 +30,14 @@ def test_jsonl_reads_captions_lists_caption_strings_and_keeps_extra_fields(tmp_p
     path = _jsonl(
         tmp_path / "pairs.jsonl",
         [
-            json.dumps({"id": "a", "image": "images/a.png", "captions": ["a red circle", "  a round red thing "], "split": "train"}),
+            json.dumps(
+                {
+                    "id": "a",
+                    "image": "images/a.png",
+                    "captions": ["a red circle", "  a round red thing "],
+                    "split": "train",
+                }
+            ),
             "",
             "   ",
             json.dumps({"id": "b", "image": "b.png", "caption": "a blue square", "objects": [{"shape": "square"}]}),
@@ -99,7 +106,10 @@ def test_a_row_with_neither_image_nor_caption_names_the_line(tmp_path: Path) -> 
     "row, message",
     [
         ({"image": "a.png", "captions": ["ok", 3]}, r"pairs\.jsonl:1: captions must be a string or a list of strings"),
-        ({"image": "a.png", "caption": {"text": "x"}}, r"pairs\.jsonl:1: captions must be a string or a list of strings"),
+        (
+            {"image": "a.png", "caption": {"text": "x"}},
+            r"pairs\.jsonl:1: captions must be a string or a list of strings",
+        ),
         ({"image": ["a.png"], "caption": "x"}, r"pairs\.jsonl:1: 'image' must be a path string"),
     ],
 )
@@ -112,19 +122,27 @@ def test_badly_typed_fields_name_the_line(tmp_path: Path, row: dict, message: st
 def test_duplicate_ids_are_an_error_naming_the_id(tmp_path: Path) -> None:
     path = _jsonl(
         tmp_path / "pairs.jsonl",
-        [json.dumps({"id": "a", "caption": "x"}), json.dumps({"id": "b", "caption": "y"}), json.dumps({"id": "a", "caption": "z"})],
+        [
+            json.dumps({"id": "a", "caption": "x"}),
+            json.dumps({"id": "b", "caption": "y"}),
+            json.dumps({"id": "a", "caption": "z"}),
+        ],
     )
     with pytest.raises(RetrievalError, match=r"pairs\.jsonl: id 'a' appears twice; ids must be unique"):
         read_pairs(path)
 
 
 def test_numeric_ids_become_strings(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "pairs.jsonl", [json.dumps({"id": 17, "caption": "x"}), json.dumps({"id": 5, "caption": "y"})])
+    path = _jsonl(
+        tmp_path / "pairs.jsonl", [json.dumps({"id": 17, "caption": "x"}), json.dumps({"id": 5, "caption": "y"})]
+    )
     assert [p.id for p in read_pairs(path)] == ["17", "5"]
 
 
 def test_an_id_of_zero_is_kept(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "pairs.jsonl", [json.dumps({"id": 0, "caption": "x"}), json.dumps({"id": 1, "caption": "y"})])
+    path = _jsonl(
+        tmp_path / "pairs.jsonl", [json.dumps({"id": 0, "caption": "x"}), json.dumps({"id": 1, "caption": "y"})]
+    )
     assert [p.id for p in read_pairs(path)] == ["0", "1"]
 
 
@@ -133,7 +151,9 @@ def test_an_id_of_zero_is_kept(tmp_path: Path) -> None:
 
 def test_csv_reads_image_and_caption_columns_and_keeps_the_rest(tmp_path: Path) -> None:
     path = tmp_path / "pairs.csv"
-    path.write_text('id,image,caption,source\nx,img/x.png,"a red, round circle",web\n,y.png,a square,\n,,only text,book\n')
+    path.write_text(
+        'id,image,caption,source\nx,img/x.png,"a red, round circle",web\n,y.png,a square,\n,,only text,book\n'
+    )
     x, y, t = read_pairs(path)
     assert x == Pair("x", tmp_path / "img" / "x.png", ("a red, round circle",))
     assert x.extra == {"source": "web"}

@@ -26,8 +26,8 @@ from retrieval.query import Index
 
 pytest.importorskip("pyarrow", reason="shards are Parquet: pip install 'retrieval[distributed]'")
 
-from retrieval.merge import merge_shards  # noqa: E402
-from retrieval.shards import plan_shards, read_shard, write_shard  # noqa: E402
+from retrieval.merge import merge_shards
+from retrieval.shards import plan_shards, read_shard, write_shard
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 SHARD_SIZE = 80
@@ -52,8 +52,18 @@ def random_shards(tmp_path: Path) -> tuple[Path, list[str], list[Item], dict[str
     rng, d, n = np.random.default_rng(0), 16, 900
     images, texts = unit(rng.standard_normal((n, d))), unit(rng.standard_normal((n, d)))
     no_image, no_text = [j % 7 == 3 for j in range(n)], [j % 5 == 2 and j % 7 != 3 for j in range(n)]
-    items = [Item(0, f"item{j}", None if no_image[j] else f"/x/{j}.png", [] if no_text[j] else [f"caption {j}"],
-                  None if no_image[j] else f"i{j}", None if no_text[j] else f"t{j}", extra={"j": j}) for j in range(n)]
+    items = [
+        Item(
+            0,
+            f"item{j}",
+            None if no_image[j] else f"/x/{j}.png",
+            [] if no_text[j] else [f"caption {j}"],
+            None if no_image[j] else f"i{j}",
+            None if no_text[j] else f"t{j}",
+            extra={"j": j},
+        )
+        for j in range(n)
+    ]
     vectors = {**{f"i{j}": v for j, v in enumerate(images)}, **{f"t{j}": v for j, v in enumerate(texts)}}
     names = []
     for k in range(3):
@@ -95,10 +105,12 @@ def test_merged_shards_answer_as_one_flat_index(random_shards, tmp_path: Path, o
     ann = Index(merged, tmp_path)
     qs = unit(np.random.default_rng(1).standard_normal((8, 16)))
     for target in ("item", "image", "text"):
-        assert [ranking(h) for h in ann.search_vectors(qs, k=10, target=target)] == \
-               [ranking(h) for h in flat.search_vectors(qs, k=10, target=target)]
-        assert [ranking(h) for h in ann.search_vectors(qs, k=None, theta=0.3, target=target)] == \
-               [ranking(h) for h in flat.search_vectors(qs, k=None, theta=0.3, target=target)]
+        assert [ranking(h) for h in ann.search_vectors(qs, k=10, target=target)] == [
+            ranking(h) for h in flat.search_vectors(qs, k=10, target=target)
+        ]
+        assert [ranking(h) for h in ann.search_vectors(qs, k=None, theta=0.3, target=target)] == [
+            ranking(h) for h in flat.search_vectors(qs, k=None, theta=0.3, target=target)
+        ]
 
 
 def test_a_repeated_merge_is_skipped_and_a_smaller_one_removes_items(random_shards, tmp_path: Path) -> None:
@@ -144,9 +156,12 @@ def test_an_ivf_index_over_max_memory_is_searched_memory_mapped(random_shards, t
     qs = unit(np.random.default_rng(2).standard_normal((4, 16)))
     in_memory = Index(IndexStore.open(tmp_path / "ivf"), tmp_path)
     mapped = Index(IndexStore.open(tmp_path / "ivf", max_memory=1024), tmp_path)
-    assert isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(mapped.store.faiss).invlists),
-                      faiss.OnDiskInvertedLists)
-    assert [ranking(h) for h in mapped.search_vectors(qs, k=10)] == [ranking(h) for h in in_memory.search_vectors(qs, k=10)]
+    assert isinstance(
+        faiss.downcast_InvertedLists(faiss.extract_index_ivf(mapped.store.faiss).invlists), faiss.OnDiskInvertedLists
+    )
+    assert [ranking(h) for h in mapped.search_vectors(qs, k=10)] == [
+        ranking(h) for h in in_memory.search_vectors(qs, k=10)
+    ]
     with pytest.raises(RetrievalError, match="exact answer .* over --max-memory .*raise --max-memory"):
         mapped.search_vectors(qs, k=10, exact=True)
     flat = flat_store(tmp_path / "flat", items, vectors)
@@ -177,14 +192,17 @@ def source(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(ray_local, source: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+def built(
+    ray_local, source: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, str]:
     """The source indexed on one machine (flat) and with Ray through the CLI (IVF, 4 shards of 80)."""
     from retrieval.indexing import build_index
 
     root = tmp_path_factory.mktemp("built")
     build_index(source, tiny_model, root / "local", progress=False)
-    result = run_cli("index", source, "--model", tiny_model, "--index", root / "ray", "--engine", "ray",
-                     "--shard-size", SHARD_SIZE)
+    result = run_cli(
+        "index", source, "--model", tiny_model, "--index", root / "ray", "--engine", "ray", "--shard-size", SHARD_SIZE
+    )
     assert result.exit_code == 0, result.output
     return root / "local", root / "ray", result.output
 
@@ -201,13 +219,18 @@ def test_ray_gives_the_content_of_the_single_machine_path(built) -> None:
     assert ids_a == ids_b and np.array_equal(img_a, img_b) and np.array_equal(txt_a, txt_b)
     assert np.abs(a.fused_vectors(fa.tolist()) - b.fused_vectors(fb.tolist())).max() < 1e-5
     assert a.all_items().keys() == b.all_items().keys()
-    assert [(i.path, i.captions, i.mtime_ns, i.size) for i in a.all_items().values()] == \
-           [(i.path, i.captions, i.mtime_ns, i.size) for i in b.all_items().values()]
+    assert [(i.path, i.captions, i.mtime_ns, i.size) for i in a.all_items().values()] == [
+        (i.path, i.captions, i.mtime_ns, i.size) for i in b.all_items().values()
+    ]
 
     one, many = Index.open(local), Index.open(ray_index)
     many.tune(nprobe=10_000)  # every list: IVF-Flat is then exact
-    queries = np.concatenate([one.embed_texts(["a red circle", "a small blue square left of a green triangle",
-                                               "two yellow shapes"]), a.fused_vectors([1, 2, 3])[:, : a.manifest.dim]])
+    queries = np.concatenate(
+        [
+            one.embed_texts(["a red circle", "a small blue square left of a green triangle", "two yellow shapes"]),
+            a.fused_vectors([1, 2, 3])[:, : a.manifest.dim],
+        ]
+    )
     for target in ("item", "image", "text"):
         want = one.search_vectors(queries, k=10, target=target)
         got = many.search_vectors(queries, k=10, target=target)
@@ -215,12 +238,15 @@ def test_ray_gives_the_content_of_the_single_machine_path(built) -> None:
             assert [h.id for h in g] == [h.id for h in w]
             assert np.allclose([h.score for h in g], [h.score for h in w], atol=1e-5)
         theta = float(np.median([h.score for hits in want for h in hits]))
-        assert [{h.id for h in hits} for hits in many.search_vectors(queries, k=None, theta=theta, target=target)] == \
-               [{h.id for h in hits} for hits in one.search_vectors(queries, k=None, theta=theta, target=target)]
+        assert [{h.id for h in hits} for hits in many.search_vectors(queries, k=None, theta=theta, target=target)] == [
+            {h.id for h in hits} for hits in one.search_vectors(queries, k=None, theta=theta, target=target)
+        ]
 
 
 @pytest.mark.slow
-def test_a_rerun_skips_finished_shards_and_redoes_a_half_written_one(built, source: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_a_rerun_skips_finished_shards_and_redoes_a_half_written_one(
+    built, source: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     """As if a worker was killed while writing shard 1, before the merge: its files lack the marker."""
     from retrieval.distributed import build_index_ray
 
@@ -247,14 +273,27 @@ def test_a_rerun_skips_finished_shards_and_redoes_a_half_written_one(built, sour
 
 
 @pytest.mark.slow
-def test_an_index_over_max_memory_is_merged_on_disk_and_searched_from_it(built, source: Path, tiny_model: Path,
-                                                                         tmp_path: Path) -> None:
+def test_an_index_over_max_memory_is_merged_on_disk_and_searched_from_it(
+    built, source: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     """--max-memory at build time puts the lists on disk; `search --json` stays clean JSON on stdout
     (FAISS prints notes about on-disk lists with C printf, which a subprocess would show)."""
     _, ray_index, _ = built
     shutil.copytree(ray_index / "shards", tmp_path / "idx" / "shards")
-    result = run_cli("index", source, "--model", tiny_model, "--index", tmp_path / "idx", "--engine", "ray",
-                     "--shard-size", SHARD_SIZE, "--max-memory", "16K")
+    result = run_cli(
+        "index",
+        source,
+        "--model",
+        tiny_model,
+        "--index",
+        tmp_path / "idx",
+        "--engine",
+        "ray",
+        "--shard-size",
+        SHARD_SIZE,
+        "--max-memory",
+        "16K",
+    )
     assert result.exit_code == 0, result.output
     assert "(ivf (on disk)," in result.output and len(list((tmp_path / "idx").glob("*.ivfdata"))) == 1
     cli = Path(sys.executable).parent / "retrieval"
@@ -263,12 +302,16 @@ def test_an_index_over_max_memory_is_merged_on_disk_and_searched_from_it(built, 
     assert done.returncode == 0, done.stderr
     want = Index.open(ray_index)
     want.tune(nprobe=10_000)
-    assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == [h.id for h in want.search(text="a red circle", k=10)]
+    assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == [
+        h.id for h in want.search(text="a red circle", k=10)
+    ]
+
 
 # --- errors --------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_without_ray_the_error_says_what_to_install(source: Path, tiny_model: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_ray_the_error_says_what_to_install(
+    source: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     result = run_cli("index", source, "--model", tiny_model, "--index", tmp_path / "idx", "--engine", "ray")
     assert result.exit_code == 1 and "pip install 'retrieval[distributed]'" in result.output.splitlines()[-1]
@@ -278,7 +321,9 @@ def test_without_ray_the_error_says_what_to_install(source: Path, tiny_model: Pa
 @pytest.mark.slow
 def test_option_mistakes_are_one_line_errors(source: Path, tiny_model: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray")
-    result = run_cli("index", source, "--model", tiny_model, "--index", tmp_path / "i", "--engine", "ray", "--index-type", "hnsw")
+    result = run_cli(
+        "index", source, "--model", tiny_model, "--index", tmp_path / "i", "--engine", "ray", "--index-type", "hnsw"
+    )
     assert result.exit_code == 1 and "--engine ray builds a merged IVF index" in result.output
     result = run_cli("index", source, "--model", tiny_model, "--index", tmp_path / "i", "--address", "auto")
     assert result.exit_code == 1 and "--address only apply with --engine ray" in result.output
@@ -287,12 +332,18 @@ def test_option_mistakes_are_one_line_errors(source: Path, tiny_model: Path, tmp
 
 
 @pytest.mark.slow
-def test_a_failing_worker_is_an_error_line_that_names_the_cause(ray_local, source: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_a_failing_worker_is_an_error_line_that_names_the_cause(
+    ray_local, source: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     broken = tmp_path / "model"
     shutil.copytree(tiny_model, broken)
     (broken / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes()[:1000])
-    result = run_cli("index", source, "--model", broken, "--index", tmp_path / "idx", "--engine", "ray", "--shard-size", SHARD_SIZE)
+    result = run_cli(
+        "index", source, "--model", broken, "--index", tmp_path / "idx", "--engine", "ray", "--shard-size", SHARD_SIZE
+    )
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
     # Ray's raylet may still print the worker's traceback on stderr, asynchronously; our message is one line
     line = next(x for x in result.output.splitlines() if x.startswith("Error:"))
-    assert line.startswith("Error: a Ray worker failed") and "cannot load weights" in line and "re-running resumes" in line
+    assert (
+        line.startswith("Error: a Ray worker failed") and "cannot load weights" in line and "re-running resumes" in line
+    )

@@ -10,6 +10,7 @@ from functools import cache
 import pytest
 import torch
 
+from retrieval.config import PRETRAINED_IMAGE_SIZES
 from retrieval.efficientnet import (
     INSTALL_HINT,
     LITE_VARIANTS,
@@ -18,7 +19,6 @@ from retrieval.efficientnet import (
     packaged_state_dict,
     same_padding,
 )
-from retrieval.config import PRETRAINED_IMAGE_SIZES
 from retrieval.errors import RetrievalError
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -126,8 +126,11 @@ def test_bad_checkpoint_names_the_tensor() -> None:
     before = model.head[0].weight.clone()
 
     misshaped = dict(state, **{"blocks.3.depthwise.0.weight": torch.zeros(144, 1, 3, 3)})
-    with pytest.raises(RetrievalError, match=r"ckpt.pth: tensor blocks\.3\.depthwise\.0\.weight has shape "
-                                             r"\(144, 1, 3, 3\), efficientnet-lite0 needs \(144, 1, 5, 5\)"):
+    with pytest.raises(
+        RetrievalError,
+        match=r"ckpt.pth: tensor blocks\.3\.depthwise\.0\.weight has shape "
+        r"\(144, 1, 3, 3\), efficientnet-lite0 needs \(144, 1, 5, 5\)",
+    ):
         load_weights(model, misshaped, "ckpt.pth")
 
     missing = {key: tensor for key, tensor in state.items() if key != "head.1.running_var"}

@@ -19,8 +19,10 @@ from retrieval.cli import main
 from retrieval.errors import ImageError, IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError, user_error
 
 HEAVY = ("torch", "faiss", "transformers", "ray", "matplotlib")
-FAISS_ERROR = ("Error in faiss::FileIOReader::FileIOReader(const char*) at /project/faiss/impl/io.cpp:69: "
-               "Error: 'f' failed: could not open /gone/vectors.faiss for reading: No such file or directory")
+FAISS_ERROR = (
+    "Error in faiss::FileIOReader::FileIOReader(const char*) at /project/faiss/impl/io.cpp:69: "
+    "Error: 'f' failed: could not open /gone/vectors.faiss for reading: No such file or directory"
+)
 
 
 def run(*args: object) -> Result:
@@ -29,8 +31,10 @@ def run(*args: object) -> Result:
 
 def error_line(result: Result, codes: tuple[int, ...] = (1,)) -> str:
     """The one `Error: ...` line of a failed command, checked to be the only one, with no traceback."""
-    assert result.exit_code in codes and isinstance(result.exception, SystemExit), \
-        (result.output, repr(result.exception))
+    assert result.exit_code in codes and isinstance(result.exception, SystemExit), (
+        result.output,
+        repr(result.exception),
+    )
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     if result.exit_code == 1:  # ours: the error line ends the output (a usage error prints the usage before it)
@@ -48,44 +52,64 @@ def place(tmp_path: Path) -> dict[str, Path]:
     pair = {"id": "a", "image": "a.png", "captions": ["a red circle"]}
     (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
     (tmp_path / "junk.jsonl").write_text("{this is not json\n")
-    return {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "file": tmp_path / "file",
-            "under_file": tmp_path / "file" / "out", "pairs": tmp_path / "pairs.jsonl", "junk": tmp_path / "junk.jsonl"}
+    return {
+        "missing": tmp_path / "missing",
+        "empty": tmp_path / "empty",
+        "file": tmp_path / "file",
+        "under_file": tmp_path / "file" / "out",
+        "pairs": tmp_path / "pairs.jsonl",
+        "junk": tmp_path / "junk.jsonl",
+    }
 
 
 # command -> [(arguments with {placeholders} from `place`, exit code, a piece of the message)]
 BAD_ARGUMENTS: dict[str, list[tuple[list[str], int, str]]] = {
-    "synth": [(["--out", "{under_file}", "--n", "2"], 1, "is a file, not a folder"),
-              (["--out", "{empty}", "--n", "0"], 2, "--n")],
-    "train": [(["--data", "{missing}", "--out", "{empty}"], 2, "does not exist"),
-              (["--data", "{pairs}", "--out", "{under_file}"], 1, "is a file, not a folder"),
-              (["--data", "{junk}", "--out", "{empty}/model"], 1, "junk.jsonl")],
-    "zeroshot": [(["--out", "{under_file}"], 1, "is a file, not a folder"),
-                 (["--out", "{empty}", "--top", "0"], 2, "--top")],
-    "eval": [(["--model", "{empty}", "--data", "{pairs}"], 1, "not a model directory"),
-             (["--index", "{empty}", "--data", "{pairs}"], 1, "not an index"),
-             (["--model", "{empty}", "--data", "{pairs}", "--out", "{under_file}/report.json"], 1,
-              "is a file, not a folder"),
-             (["--model", "{empty}", "--data", "{pairs}", "--out", "{empty}"], 2, "is a directory"),
-             (["--data", "{missing}"], 2, "does not exist")],
-    "calibrate": [(["--index", "{empty}", "--data", "{pairs}"], 1, "not an index"),
-                  (["--index", "{empty}", "--data", "{pairs}", "--weight", "2"], 2, "--weight")],
-    "classify": [(["{pairs}", "--model", "{empty}", "--labels", "a,b"], 1, "not a model directory"),
-                 (["--model", "{empty}"], 1, "give image FILES or --data"),
-                 (["{missing}", "--model", "{empty}"], 2, "does not exist")],
-    "demo": [(["--root", "{under_file}"], 1, "is a file, not a folder"),
-             (["--minutes", "-1"], 2, "--minutes")],
-    "index": [(["{pairs}", "--model", "{empty}", "--index", "{empty}/index"], 1, "not a model directory"),
-              (["{pairs}", "--model", "{empty}", "--index", "{empty}/index", "--index-type", "nope"], 2,
-               "--index-type"),
-              (["{missing}", "--model", "{empty}", "--index", "{empty}/index"], 2, "does not exist")],
-    "search": [(["--index", "{empty}", "--text", "a red circle"], 1, "not an index"),
-               (["--index", "{missing}", "--text", "a red circle"], 2, "does not exist")],
-    "info": [(["--index", "{empty}"], 1, "not an index"),
-             (["--index", "{file}"], 2, "is a file")],
-    "remove": [(["--index", "{empty}", "a"], 1, "not an index"),
-               (["--index", "{empty}"], 2, "Missing argument")],
-    "serve": [(["--index", "{empty}"], 1, "not an index"),
-              (["--index", "{empty}", "--port", "70000"], 2, "--port")],
+    "synth": [
+        (["--out", "{under_file}", "--n", "2"], 1, "is a file, not a folder"),
+        (["--out", "{empty}", "--n", "0"], 2, "--n"),
+    ],
+    "train": [
+        (["--data", "{missing}", "--out", "{empty}"], 2, "does not exist"),
+        (["--data", "{pairs}", "--out", "{under_file}"], 1, "is a file, not a folder"),
+        (["--data", "{junk}", "--out", "{empty}/model"], 1, "junk.jsonl"),
+    ],
+    "zeroshot": [
+        (["--out", "{under_file}"], 1, "is a file, not a folder"),
+        (["--out", "{empty}", "--top", "0"], 2, "--top"),
+    ],
+    "eval": [
+        (["--model", "{empty}", "--data", "{pairs}"], 1, "not a model directory"),
+        (["--index", "{empty}", "--data", "{pairs}"], 1, "not an index"),
+        (
+            ["--model", "{empty}", "--data", "{pairs}", "--out", "{under_file}/report.json"],
+            1,
+            "is a file, not a folder",
+        ),
+        (["--model", "{empty}", "--data", "{pairs}", "--out", "{empty}"], 2, "is a directory"),
+        (["--data", "{missing}"], 2, "does not exist"),
+    ],
+    "calibrate": [
+        (["--index", "{empty}", "--data", "{pairs}"], 1, "not an index"),
+        (["--index", "{empty}", "--data", "{pairs}", "--weight", "2"], 2, "--weight"),
+    ],
+    "classify": [
+        (["{pairs}", "--model", "{empty}", "--labels", "a,b"], 1, "not a model directory"),
+        (["--model", "{empty}"], 1, "give image FILES or --data"),
+        (["{missing}", "--model", "{empty}"], 2, "does not exist"),
+    ],
+    "demo": [(["--root", "{under_file}"], 1, "is a file, not a folder"), (["--minutes", "-1"], 2, "--minutes")],
+    "index": [
+        (["{pairs}", "--model", "{empty}", "--index", "{empty}/index"], 1, "not a model directory"),
+        (["{pairs}", "--model", "{empty}", "--index", "{empty}/index", "--index-type", "nope"], 2, "--index-type"),
+        (["{missing}", "--model", "{empty}", "--index", "{empty}/index"], 2, "does not exist"),
+    ],
+    "search": [
+        (["--index", "{empty}", "--text", "a red circle"], 1, "not an index"),
+        (["--index", "{missing}", "--text", "a red circle"], 2, "does not exist"),
+    ],
+    "info": [(["--index", "{empty}"], 1, "not an index"), (["--index", "{file}"], 2, "is a file")],
+    "remove": [(["--index", "{empty}", "a"], 1, "not an index"), (["--index", "{empty}"], 2, "Missing argument")],
+    "serve": [(["--index", "{empty}"], 1, "not an index"), (["--index", "{empty}", "--port", "70000"], 2, "--port")],
 }
 
 
@@ -94,30 +118,54 @@ def test_every_command_has_bad_arguments_here() -> None:
     assert set(BAD_ARGUMENTS) == set(main.commands)
 
 
-@pytest.mark.parametrize("command, args, code, message", [
-    pytest.param(command, args, code, message, id=f"{command}-{i}")
-    for command, cases in BAD_ARGUMENTS.items() for i, (args, code, message) in enumerate(cases)])
-def test_a_bad_argument_is_one_error_line(command: str, args: list[str], code: int, message: str,
-                                          place: dict[str, Path]) -> None:
+@pytest.mark.parametrize(
+    "command, args, code, message",
+    [
+        pytest.param(command, args, code, message, id=f"{command}-{i}")
+        for command, cases in BAD_ARGUMENTS.items()
+        for i, (args, code, message) in enumerate(cases)
+    ],
+)
+def test_a_bad_argument_is_one_error_line(
+    command: str, args: list[str], code: int, message: str, place: dict[str, Path]
+) -> None:
     line = error_line(run(command, *(a.format(**place) for a in args)), (code,))
     assert message in line, line
 
 
 # --- the boundary itself: OS, SQLite and FAISS errors are one line; a bug keeps its traceback ----------------------
-@pytest.mark.parametrize("raised, message", [
-    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/gone/items.sqlite"),
-     "Error: /gone/items.sqlite: No such file or directory; check the path"),
-    (PermissionError(errno.EACCES, "Permission denied", "/locked/manifest.json"),
-     "Error: /locked/manifest.json: Permission denied; check its permissions or choose another path"),
-    (OSError(errno.ENOSPC, "No space left on device"), "Error: No space left on device; the disk is full: free space"),
-    (sqlite3.DatabaseError("database disk image is malformed\nmore"),
-     "Error: the index database (SQLite) failed: database disk image is malformed; check"),
-    (sqlite3.OperationalError("database is locked"), "Error: the index database (SQLite) failed: database is locked;"),
-    (RuntimeError(FAISS_ERROR),
-     "Error: FAISS failed: could not open /gone/vectors.faiss for reading: No such file or directory; if an index's"),
-])
-def test_os_sqlite_and_faiss_errors_are_one_line(raised: Exception, message: str, place: dict[str, Path],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "raised, message",
+    [
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "/gone/items.sqlite"),
+            "Error: /gone/items.sqlite: No such file or directory; check the path",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/locked/manifest.json"),
+            "Error: /locked/manifest.json: Permission denied; check its permissions or choose another path",
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device"),
+            "Error: No space left on device; the disk is full: free space",
+        ),
+        (
+            sqlite3.DatabaseError("database disk image is malformed\nmore"),
+            "Error: the index database (SQLite) failed: database disk image is malformed; check",
+        ),
+        (
+            sqlite3.OperationalError("database is locked"),
+            "Error: the index database (SQLite) failed: database is locked;",
+        ),
+        (
+            RuntimeError(FAISS_ERROR),
+            "Error: FAISS failed: could not open /gone/vectors.faiss for reading: No such file or directory; if an index's",
+        ),
+    ],
+)
+def test_os_sqlite_and_faiss_errors_are_one_line(
+    raised: Exception, message: str, place: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from retrieval import index
 
     def fail(*_: object, **__: object) -> None:
@@ -128,8 +176,9 @@ def test_os_sqlite_and_faiss_errors_are_one_line(raised: Exception, message: str
 
 
 @pytest.mark.parametrize("bug", [RuntimeError("an invariant broke"), KeyError("k"), TypeError("bad call")])
-def test_a_programming_error_keeps_its_traceback(bug: Exception, place: dict[str, Path],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_programming_error_keeps_its_traceback(
+    bug: Exception, place: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The boundary must not hide a bug as a user error: the exception escapes click (CliRunner keeps it)."""
     from retrieval import index
 
@@ -185,13 +234,18 @@ def test_eval_writes_its_report(evaluated: list[str], tmp_path: Path) -> None:
     assert json.loads((tmp_path / "new" / "report.json").read_text())["n_images"] == 2
 
 
-@pytest.mark.parametrize("out, message", [
-    # a folder that cannot be made: found by the check up front where /proc is not writable (not root), else by mkdir
-    ("/proc/nonexistent/report.json",
-     r"Error: (/proc/nonexistent: No such file or directory; check the path|"
-     r"--out /proc/nonexistent/report.json: /proc cannot be written \(no permission\))"),
-    ("/dev/full", r"Error: /dev/full: No space left on device; the disk is full"),  # a full disk: the write fails
-])
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        # a folder that cannot be made: found by the check up front where /proc is not writable (not root), else by mkdir
+        (
+            "/proc/nonexistent/report.json",
+            r"Error: (/proc/nonexistent: No such file or directory; check the path|"
+            r"--out /proc/nonexistent/report.json: /proc cannot be written \(no permission\))",
+        ),
+        ("/dev/full", r"Error: /dev/full: No space left on device; the disk is full"),  # a full disk: the write fails
+    ],
+)
 def test_an_unwritable_out_is_one_line_naming_the_file(evaluated: list[str], out: str, message: str) -> None:
     top = Path(out).parents[-2]  # /proc, /dev
     if not top.is_dir() or (out == "/dev/full" and not Path(out).exists()):
@@ -215,10 +269,12 @@ def test_an_out_under_a_file_fails_before_the_work(place: dict[str, Path], monke
 # --- imports: --help loads neither torch nor FAISS -------------------------------------------------------------------
 def loaded_after(*argvs: list[str]) -> list[list[str]]:
     """The heavy modules in sys.modules after each `retrieval ARGV` in turn, run in one fresh interpreter."""
-    code = ("import sys\nfrom retrieval.cli import main\n"
-            f"for argv in {list(argvs)!r}:\n"
-            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert not e.code, e.code\n"
-            f"    print('loaded:', *(m for m in {HEAVY!r} if m in sys.modules))\n")
+    code = (
+        "import sys\nfrom retrieval.cli import main\n"
+        f"for argv in {list(argvs)!r}:\n"
+        "    try:\n        main(argv)\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+        f"    print('loaded:', *(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("loaded:")]
@@ -245,21 +301,34 @@ def test_a_text_search_on_our_own_model_imports_no_torch(synth_data: Path, tiny_
 
 # --- the server: 422 for the request's fault, 503 for the index's state, never 500 ---------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("raised, status, message", [
-    (IndexChanged("published"), 503, "the index is being updated; retry in a moment"),
-    (NoSpaceError("the disk of /x is full; free space"), 503, "the disk of /x is full; free space"),
-    (ReadOnlyError("/x is read-only"), 503, "/x is read-only"),
-    (ImageError("not an image"), 422, "not an image"),
-    (RetrievalError("k must be at least 1"), 422, "k must be at least 1"),
-    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/srv/index/records.jsonl"), 503,
-     "the index could not be read: No such file or directory"),
-    (sqlite3.DatabaseError("database disk image is malformed"), 503,
-     "the index could not be read: database disk image is malformed"),
-    (RuntimeError(FAISS_ERROR), 503,
-     "the index could not be read: could not open /gone/vectors.faiss for reading: No such file or directory"),
-])
-def test_the_server_maps_each_error_to_its_status(raised: Exception, status: int, message: str, served_index: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "raised, status, message",
+    [
+        (IndexChanged("published"), 503, "the index is being updated; retry in a moment"),
+        (NoSpaceError("the disk of /x is full; free space"), 503, "the disk of /x is full; free space"),
+        (ReadOnlyError("/x is read-only"), 503, "/x is read-only"),
+        (ImageError("not an image"), 422, "not an image"),
+        (RetrievalError("k must be at least 1"), 422, "k must be at least 1"),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "/srv/index/records.jsonl"),
+            503,
+            "the index could not be read: No such file or directory",
+        ),
+        (
+            sqlite3.DatabaseError("database disk image is malformed"),
+            503,
+            "the index could not be read: database disk image is malformed",
+        ),
+        (
+            RuntimeError(FAISS_ERROR),
+            503,
+            "the index could not be read: could not open /gone/vectors.faiss for reading: No such file or directory",
+        ),
+    ],
+)
+def test_the_server_maps_each_error_to_its_status(
+    raised: Exception, status: int, message: str, served_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 

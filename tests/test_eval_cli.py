@@ -47,8 +47,21 @@ def test_index(test_split: Path, tiny_model: Path, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="module")
 def full_report(tiny_model: Path, test_split: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
     out = tmp_path_factory.mktemp("report")
-    code, printed = run("eval", "--model", tiny_model, "--data", test_split, "--fusion", "--target-precision", "0.5",
-                        "--plot", out / "plots", "--out", out / "report.json", "--markdown")
+    code, printed = run(
+        "eval",
+        "--model",
+        tiny_model,
+        "--data",
+        test_split,
+        "--fusion",
+        "--target-precision",
+        "0.5",
+        "--plot",
+        out / "plots",
+        "--out",
+        out / "report.json",
+        "--markdown",
+    )
     assert code == 0, printed
     return json.loads((out / "report.json").read_text()), out / "plots", printed
 
@@ -65,7 +78,10 @@ def test_report_keeps_the_core_schema_and_adds_thresholds(full_report) -> None:
     # the adaptive rule is the non-flat rule with the best held-out F1, and its figures are that rule's
     adaptive = max(("top_relative", "zscore"), key=lambda rule: t["rules"][rule]["heldout_f1"])
     assert t["adaptive_rule"] == adaptive
-    assert (t["adaptive_theta"], t["adaptive_f1"]) == (t["rules"][adaptive]["theta"], t["rules"][adaptive]["heldout_f1"])
+    assert (t["adaptive_theta"], t["adaptive_f1"]) == (
+        t["rules"][adaptive]["theta"],
+        t["rules"][adaptive]["heldout_f1"],
+    )
     assert t["flat_heldout_f1"] == t["rules"]["flat"]["heldout_f1"]
     # the F1-best θ is on the curve, and no point of the curve beats it
     assert max(t["curve"]["f1"]) <= t["best_f1"] + 1e-12
@@ -107,7 +123,9 @@ def test_index_evaluation_equals_model_evaluation(tiny_model: Path, test_split: 
     index_report = json.loads(out)
     assert index_report["n_items"] == model_report["n_images"] and index_report["unmatched_queries"] == 0
     for k in ("R@1", "R@5", "R@10", "mAP"):
-        assert index_report["text_to_image"][k] == pytest.approx(model_report["text_to_image"][k], abs=1.5 / model_report["n_texts"])
+        assert index_report["text_to_image"][k] == pytest.approx(
+            model_report["text_to_image"][k], abs=1.5 / model_report["n_texts"]
+        )
     assert "threshold" in index_report
 
 
@@ -120,12 +138,26 @@ def test_calibrate_then_search_uses_the_stored_theta(test_split: Path, test_inde
     assert entry["rule"] == "flat" and entry["weight"] == 1.0  # an image search scores the image alone
     assert entry["theta"] == threshold["best_f1_theta"] and entry["best_f1"] == threshold["best_f1"]
     assert entry["heldout_f1"] == threshold["rules"]["flat"]["heldout_f1"]
-    code, out = run("search", "--index", test_index, "--text", "a red circle", "--target", "image", "--json", "--k", "0")
+    code, out = run(
+        "search", "--index", test_index, "--text", "a red circle", "--target", "image", "--json", "--k", "0"
+    )
     assert code == 0, out
     scores = [json.loads(line)["score"] for line in out.splitlines()]
     assert all(s > entry["theta"] for s in scores)
-    code, out_all = run("search", "--index", test_index, "--text", "a red circle", "--target", "image", "--json",
-                        "--k", "0", "--theta", "-1")
+    code, out_all = run(
+        "search",
+        "--index",
+        test_index,
+        "--text",
+        "a red circle",
+        "--target",
+        "image",
+        "--json",
+        "--k",
+        "0",
+        "--theta",
+        "-1",
+    )
     assert len(out_all.splitlines()) == 60 > len(scores)  # an explicit θ overrides the calibrated one
     code, out = run("search", "--index", test_index, "--text", "a red circle", "--target", "image")
     assert out.startswith("(calibrated cutoff: theta")
@@ -135,7 +167,9 @@ def test_calibrate_then_search_uses_the_stored_theta(test_split: Path, test_inde
 
 
 def test_calibrate_a_margin(test_split: Path, test_index: Path) -> None:
-    code, out = run("calibrate", "--index", test_index, "--data", test_split, "--target", "text", "--rule", "top_relative")
+    code, out = run(
+        "calibrate", "--index", test_index, "--data", test_split, "--target", "text", "--rule", "top_relative"
+    )
     assert code == 0, out
     entry = IndexStore.open(test_index).manifest.calibration["text"]
     code, out = run("eval", "--index", test_index, "--data", test_split, "--json", "--target", "text")
@@ -154,7 +188,9 @@ def test_calibrating_item_search_at_another_weight(test_split: Path, test_index:
     assert code == 0, out
     entry = IndexStore.open(test_index).manifest.calibration["item"]
     assert entry["rule"] == "flat" and entry["weight"] == 0.3
-    code, out = run("eval", "--index", test_index, "--data", test_split, "--json", "--target", "item", "--weight", "0.3")
+    code, out = run(
+        "eval", "--index", test_index, "--data", test_split, "--json", "--target", "item", "--weight", "0.3"
+    )
     assert entry["theta"] == json.loads(out)["threshold"]["best_f1_theta"]
     search = ("search", "--index", test_index, "--text", "a red circle", "--target", "item")
     code, out = run(*search, "--weight", "0.3")
@@ -174,16 +210,18 @@ def test_a_relevant_list_counts_any_of_its_ids_as_found(test_split: Path, test_i
     """A query pair whose `relevant` field lists two indexed ids: its rank is the better of theirs, and its AP
     averages over both. The ids are chosen at ranks 3 and 7 of the query's own ranking (from `search`)."""
     caption = json.loads(test_split.read_text().splitlines()[0])["captions"][0]
-    code, out = run("search", "--index", test_index, "--text", caption, "--target", "image", "--json", "--k", "10",
-                    "--theta", "-1")
+    code, out = run(
+        "search", "--index", test_index, "--text", caption, "--target", "image", "--json", "--k", "10", "--theta", "-1"
+    )
     ranked = [json.loads(line)["id"] for line in out.splitlines()]
     assert code == 0 and len(ranked) == 10, out
 
     def evaluate(relevant: list[str]) -> dict:
         manifest = tmp_path / "queries.jsonl"
         manifest.write_text(json.dumps({"id": "query-0", "captions": [caption], "relevant": relevant}) + "\n")
-        code, out = run("eval", "--index", test_index, "--data", manifest, "--json", "--target", "image",
-                        "--no-thresholds")
+        code, out = run(
+            "eval", "--index", test_index, "--data", manifest, "--json", "--target", "image", "--no-thresholds"
+        )
         assert code == 0, out
         report = json.loads(out)
         assert report["n_texts"] == 1 and report["unmatched_queries"] == 0
@@ -199,12 +237,17 @@ def test_a_relevant_list_counts_any_of_its_ids_as_found(test_split: Path, test_i
     assert top["R@1"] == 1.0 and top["mAP"] == pytest.approx((1 + 2 / 10) / 2)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "MODEL", "--index", "INDEX"], "not both"),
-    (["--index", "INDEX", "--fusion"], "--fusion needs --model"),
-    (["--model", "MODEL", "--k", "0"], "--k must be"),
-])
-def test_bad_eval_options_are_one_error_line(args, message, tiny_model: Path, test_index: Path, test_split: Path) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "MODEL", "--index", "INDEX"], "not both"),
+        (["--index", "INDEX", "--fusion"], "--fusion needs --model"),
+        (["--model", "MODEL", "--k", "0"], "--k must be"),
+    ],
+)
+def test_bad_eval_options_are_one_error_line(
+    args, message, tiny_model: Path, test_index: Path, test_split: Path
+) -> None:
     args = [{"MODEL": tiny_model, "INDEX": test_index}.get(a, a) for a in args]
     code, out = run("eval", "--data", test_split, *args)
     assert code == 1 and out.startswith("Error:") and message in out and len(out.strip().splitlines()) == 1, out
@@ -217,8 +260,9 @@ def test_calibrating_with_ids_the_index_lacks(test_index: Path, tmp_path: Path) 
     assert code == 1 and "none of the queries' relevant ids" in out
 
 
-def test_fusion_sweep_equals_searching_an_index_of_one_caption_per_image(test_split: Path, tiny_model: Path,
-                                                                         tmp_path: Path) -> None:
+def test_fusion_sweep_equals_searching_an_index_of_one_caption_per_image(
+    test_split: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     """The sweep's numbers are what `search --target item --weight w` gives on the index the sweep describes."""
     from retrieval.api import evaluate_model
     from retrieval.data import read_pairs
@@ -237,7 +281,9 @@ def test_fusion_sweep_equals_searching_an_index_of_one_caption_per_image(test_sp
         hits = index.search_vectors(queries, k=5, weight=w, target="item")
         r1 = np.mean([h[0].id == o for h, o in zip(hits, owners)])
         r5 = np.mean([o in {x.id for x in h} for h, o in zip(hits, owners)])
-        assert r1 == pytest.approx(fusion["R@1"][i], abs=1.5 / n) and r5 == pytest.approx(fusion["R@5"][i], abs=1.5 / n), w
+        assert r1 == pytest.approx(fusion["R@1"][i], abs=1.5 / n) and r5 == pytest.approx(
+            fusion["R@5"][i], abs=1.5 / n
+        ), w
 
 
 def test_the_api_module_does_not_import_torch() -> None:
@@ -250,6 +296,7 @@ def test_the_api_module_does_not_import_torch() -> None:
 
 
 # --- eval --index evaluates what the index returns, beside exact search --------------------------------------
+
 
 @pytest.fixture(scope="module")
 def typed_indexes(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -304,8 +351,12 @@ def test_ivfpq_with_one_list_probed_is_not_exact(typed_indexes: dict[str, Path],
     assert every["index_recall"]["R@10"] > one["index_recall"]["R@10"]
 
 
-def test_the_index_table_names_the_index_exact_search_and_the_depth(typed_indexes: dict[str, Path], synth_data: Path) -> None:
-    code, out = run("eval", "--index", typed_indexes["ivfpq"], "--data", synth_data, "--target", "image", "--depth", "20")
+def test_the_index_table_names_the_index_exact_search_and_the_depth(
+    typed_indexes: dict[str, Path], synth_data: Path
+) -> None:
+    code, out = run(
+        "eval", "--index", typed_indexes["ivfpq"], "--data", synth_data, "--target", "image", "--depth", "20"
+    )
     assert code == 0, out
     assert "text->image (ivfpq)" in out and "text->image (exact)" in out and "(exact scores)" in out
     assert "ivfpq index, nprobe 1: found" in out and "of the exact top 1 / 5 / 10" in out and "depth 20" in out

@@ -5,8 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.evaluate import (best_positive_ranks, fusion_sweep, list_ranks, positive_mask, positive_ranks, recall_against_exact,
-                                relevance_from_owner, relevant_ranks, retrieval_report, summarise, top_k_streamed)
+from retrieval.evaluate import (
+    best_positive_ranks,
+    fusion_sweep,
+    list_ranks,
+    positive_mask,
+    positive_ranks,
+    recall_against_exact,
+    relevance_from_owner,
+    relevant_ranks,
+    retrieval_report,
+    summarise,
+    top_k_streamed,
+)
 
 # --- a hand-worked case ------------------------------------------------------------------------------------
 # Images are the first three basis vectors of R^4, so caption t's similarity to image j is simply SIMS[t, j];
@@ -48,16 +59,32 @@ def test_hand_worked_report() -> None:
     report = retrieval_report(image_emb, text_emb, TEXT_IMAGE, ks=(1, 2, 5))
     assert report["n_images"] == 3 and report["n_texts"] == 6
     assert report["text_to_image"] == pytest.approx(
-        {"R@1": 3 / 6, "R@2": 5 / 6, "R@5": 1.0, "median_rank": 1.5, "mean_rank": 10 / 6,
-         "mAP": (1 + 1 / 2 + 1 / 3 + 1 + 1 + 1 / 2) / 6, "n_queries": 6}, abs=1e-12
+        {
+            "R@1": 3 / 6,
+            "R@2": 5 / 6,
+            "R@5": 1.0,
+            "median_rank": 1.5,
+            "mean_rank": 10 / 6,
+            "mAP": (1 + 1 / 2 + 1 / 3 + 1 + 1 + 1 / 2) / 6,
+            "n_queries": 6,
+        },
+        abs=1e-12,
     )
     # image->text AP, reading down the columns (ties in caption order):
     #   image 0: t2 .6, t0 .5, t1 .3, t5 .3, ...   its captions t0, t1 at ranks 2, 3   AP = (1/2 + 2/3) / 2
     #   image 1: t3 .7, t1 .4, t4 .3, t2 .2, ...   t3, t2 at ranks 1, 4                AP = (1/1 + 2/4) / 2
     #   image 2: t2 .5, t4 .4, t0 .2, t5 .2, ...   t4, t5 at ranks 2, 4                AP = (1/2 + 2/4) / 2
     assert report["image_to_text"] == pytest.approx(
-        {"R@1": 1 / 3, "R@2": 1.0, "R@5": 1.0, "median_rank": 2.0, "mean_rank": 5 / 3,
-         "mAP": (7 / 12 + 3 / 4 + 1 / 2) / 3, "n_queries": 3}, abs=1e-12
+        {
+            "R@1": 1 / 3,
+            "R@2": 1.0,
+            "R@5": 1.0,
+            "median_rank": 2.0,
+            "mean_rank": 5 / 3,
+            "mAP": (7 / 12 + 3 / 4 + 1 / 2) / 3,
+            "n_queries": 3,
+        },
+        abs=1e-12,
     )
 
 
@@ -67,15 +94,27 @@ def test_report_default_ks() -> None:
     assert set(report["text_to_image"]) == {"R@1", "R@5", "R@10", "median_rank", "mean_rank", "mAP", "n_queries"}
     assert "curves" not in report
     curves = retrieval_report(image_emb, text_emb, TEXT_IMAGE, curves=True)["curves"]
-    assert curves["text_to_image"][:4] == pytest.approx([3 / 6, 5 / 6, 1.0, 1.0]) and len(curves["text_to_image"]) == 100
+    assert (
+        curves["text_to_image"][:4] == pytest.approx([3 / 6, 5 / 6, 1.0, 1.0]) and len(curves["text_to_image"]) == 100
+    )
     assert curves["image_to_text"][:2] == pytest.approx([1 / 3, 1.0])
     assert report["text_to_image"]["R@1"] == pytest.approx(0.5)
 
 
 def test_summarise_exact_numbers() -> None:
     out = summarise(np.array([1, 3, 4, 12]), ks=(1, 3, 10))
-    assert out == pytest.approx({"R@1": 0.25, "R@3": 0.5, "R@10": 0.75, "median_rank": 3.5, "mean_rank": 5.0,
-                                 "mAP": (1 + 1 / 3 + 1 / 4 + 1 / 12) / 4, "n_queries": 4}, abs=1e-12)
+    assert out == pytest.approx(
+        {
+            "R@1": 0.25,
+            "R@3": 0.5,
+            "R@10": 0.75,
+            "median_rank": 3.5,
+            "mean_rank": 5.0,
+            "mAP": (1 + 1 / 3 + 1 / 4 + 1 / 12) / 4,
+            "n_queries": 4,
+        },
+        abs=1e-12,
+    )
 
 
 # --- ties ----------------------------------------------------------------------------------------------------
@@ -83,7 +122,9 @@ def test_summarise_exact_numbers() -> None:
 
 def test_a_tied_candidate_is_above_the_positive_only_if_its_index_is_lower() -> None:
     q = np.array([[1.0, 0.0]], dtype=np.float32)
-    cands = np.array([[0.5, 0.1], [0.9, 0.0], [0.5, 0.2], [0.5, 0.3], [0.1, 0.0]], dtype=np.float32)  # q-scores .5 .9 .5 .5 .1
+    cands = np.array(
+        [[0.5, 0.1], [0.9, 0.0], [0.5, 0.2], [0.5, 0.3], [0.1, 0.0]], dtype=np.float32
+    )  # q-scores .5 .9 .5 .5 .1
     # positive 2: above it are 1 (higher) and 0 (tied, lower index); 3 is tied but later.
     assert positive_ranks(q, cands, np.array([2])).tolist() == [3]
     assert positive_ranks(q, cands, np.array([0])).tolist() == [2]
@@ -185,7 +226,9 @@ def test_average_precision_equals_the_textbook_loop(chunk: int) -> None:
                 hits += 1
                 precisions.append(hits / r)
         assert ap[i] == pytest.approx(np.mean(precisions) if precisions else 0.0, abs=1e-12)
-        assert best[i] == (min(r for r, t in enumerate(ranked, 1) if text_image[t] == i) if precisions else len(text_emb) + 1)
+        assert best[i] == (
+            min(r for r, t in enumerate(ranked, 1) if text_image[t] == i) if precisions else len(text_emb) + 1
+        )
 
 
 def test_relevance_lists_from_owner() -> None:
@@ -221,8 +264,12 @@ def test_report_matches_clip_benchmark_recall(seed: int) -> None:
     positive_pairs = np.zeros_like(scores, dtype=bool)
     positive_pairs[np.arange(len(text_image)), text_image] = True
     for k in ks:
-        assert report["text_to_image"][f"R@{k}"] == pytest.approx(_clip_benchmark_recall(scores, positive_pairs, k), abs=1e-12)
-        assert report["image_to_text"][f"R@{k}"] == pytest.approx(_clip_benchmark_recall(scores.T, positive_pairs.T, k), abs=1e-12)
+        assert report["text_to_image"][f"R@{k}"] == pytest.approx(
+            _clip_benchmark_recall(scores, positive_pairs, k), abs=1e-12
+        )
+        assert report["image_to_text"][f"R@{k}"] == pytest.approx(
+            _clip_benchmark_recall(scores.T, positive_pairs.T, k), abs=1e-12
+        )
     # Neither trivial nor perfect, so the comparison means something.
     assert 0 < report["text_to_image"]["R@1"] < 1 and 0 < report["image_to_text"]["R@1"] < 1
     assert report["text_to_image"]["R@1"] < report["text_to_image"]["R@10"]
@@ -243,6 +290,7 @@ def test_fusion_sweep_hand_worked() -> None:
 
 
 # --- the streamed exact top k, and ranks read from a returned list (eval --index) --------------------------
+
 
 def _blocks(candidates: np.ndarray, rows: int) -> list[tuple[int, np.ndarray]]:
     return [(a, candidates[a : a + rows]) for a in range(0, len(candidates), rows)]

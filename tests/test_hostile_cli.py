@@ -25,7 +25,10 @@ def run(*args: object) -> Result:
 
 def error_line(result: Result, code: int = 1) -> str:
     """The one `Error: ...` line of a failed command, checked to be the only one and no traceback."""
-    assert result.exit_code == code and isinstance(result.exception, SystemExit), (result.output, repr(result.exception))
+    assert result.exit_code == code and isinstance(result.exception, SystemExit), (
+        result.output,
+        repr(result.exception),
+    )
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     return errors[0]
@@ -53,22 +56,39 @@ def hostile_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.T
 
 @pytest.mark.parametrize("command", ["search", "index"])
 @pytest.mark.parametrize("size", ["nan", "inf", "1e300G", "-inf"])
-def test_a_size_no_machine_has_is_one_error_line(command: str, size: str, hostile_index: Path, tiny_model: Path) -> None:
+def test_a_size_no_machine_has_is_one_error_line(
+    command: str, size: str, hostile_index: Path, tiny_model: Path
+) -> None:
     """Before: int(float('nan')) raised ValueError, inf and 1e300G OverflowError, as tracebacks. A bad value of an
     option is click's usage error (exit 2), as `--max-memory lots` already was."""
-    args = (["search", "--index", hostile_index, "--text", "x"] if command == "search" else
-            ["index", hostile_index.parent / "pairs.jsonl", "--model", tiny_model, "--index", hostile_index, "--engine", "ray"])
+    args = (
+        ["search", "--index", hostile_index, "--text", "x"]
+        if command == "search"
+        else [
+            "index",
+            hostile_index.parent / "pairs.jsonl",
+            "--model",
+            tiny_model,
+            "--index",
+            hostile_index,
+            "--engine",
+            "ray",
+        ]
+    )
     line = error_line(run(*args, "--max-memory", size), code=2)
     assert f"'{size}' is not a size a machine has; write it like 512M or 8G" in line
 
 
-@pytest.mark.parametrize("args", [
-    ["search", "--text", "a red circle", "--ef-search", "2147483648"],
-    ["search", "--text", "a red circle", "--nprobe", "2147483648"],
-    ["search", "--text", "a red circle", "--ef-search", "-1"],
-    ["index", "SOURCE", "--model", "MODEL", "--ef-search", "2147483648"],
-    ["eval", "--data", "SOURCE", "--ef-search", "2147483648"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["search", "--text", "a red circle", "--ef-search", "2147483648"],
+        ["search", "--text", "a red circle", "--nprobe", "2147483648"],
+        ["search", "--text", "a red circle", "--ef-search", "-1"],
+        ["index", "SOURCE", "--model", "MODEL", "--ef-search", "2147483648"],
+        ["eval", "--data", "SOURCE", "--ef-search", "2147483648"],
+    ],
+)
 def test_an_ann_knob_past_a_c_int_is_one_error_line(args: list[str], hostile_index: Path, tiny_model: Path) -> None:
     """Before: FAISS raised OverflowError ("argument 2 of type 'int'") as a traceback, and `index` stored the value
     in the manifest, so every later search failed. Now the value is refused and the index stays as it was."""
@@ -76,7 +96,10 @@ def test_an_ann_knob_past_a_c_int_is_one_error_line(args: list[str], hostile_ind
     before = (hostile_index / "manifest.json").read_text()
     line = error_line(run(args[0], "--index", hostile_index, *args[1:]))
     knob, value = args[-2].removeprefix("--").replace("-", "_"), args[-1]
-    assert line == f"Error: {knob} must be a whole number from 1 to 2147483647, got {value}; give {args[-2]} a value in that range"
+    assert (
+        line
+        == f"Error: {knob} must be a whole number from 1 to 2147483647, got {value}; give {args[-2]} a value in that range"
+    )
     assert (hostile_index / "manifest.json").read_text() == before
     assert run("search", "--index", hostile_index, "--text", "a red circle", "--json").exit_code == 0
 
@@ -129,6 +152,7 @@ def test_a_kill_between_the_log_and_the_state_never_logs_an_epoch_twice(synth_da
 
 
 # --- progress in a log --------------------------------------------------------------------------------------
+
 
 class FakeClock:
     def __init__(self) -> None:

@@ -107,7 +107,9 @@ def test_non_finite_numbers_skip_their_row_and_the_rest_is_indexed(synth_data, t
     assert_intact(idx, {r["id"] for r in rows})
 
 
-def test_an_index_an_older_version_broke_with_a_nan_is_mended_by_the_next_index(synth_data, tiny_model, tmp_path) -> None:
+def test_an_index_an_older_version_broke_with_a_nan_is_mended_by_the_next_index(
+    synth_data, tiny_model, tmp_path
+) -> None:
     """Before this fix a NaN reached items.extra, and from then on every read failed with SQLite's 'malformed
     JSON', re-indexing the corrected source included. The next writer now mends the row, and that re-index stores
     the item again (its vectors reused)."""
@@ -129,8 +131,9 @@ def test_an_index_an_older_version_broke_with_a_nan_is_mended_by_the_next_index(
     assert_intact(idx, {r["id"] for r in rows})
 
 
-def test_an_indexed_item_whose_row_or_sidecar_turns_bad_is_kept_not_removed(synth_data, tiny_model, photos,
-                                                                           tmp_path) -> None:
+def test_an_indexed_item_whose_row_or_sidecar_turns_bad_is_kept_not_removed(
+    synth_data, tiny_model, photos, tmp_path
+) -> None:
     """A row that gains a NaN, or a sidecar re-saved as Latin-1, is skipped this time; the item indexed before
     stays as it was (it used to be removed, while the output said only "skipped")."""
     rows = synth_rows(synth_data)
@@ -149,7 +152,9 @@ def test_an_indexed_item_whose_row_or_sidecar_turns_bad_is_kept_not_removed(synt
     assert len(IndexStore.open(tmp_path / "b").all_items()) == N
 
 
-def test_a_manifest_with_no_readable_row_is_refused_not_emptied_into_the_index(synth_data, tiny_model, tmp_path) -> None:
+def test_a_manifest_with_no_readable_row_is_refused_not_emptied_into_the_index(
+    synth_data, tiny_model, tmp_path
+) -> None:
     manifest = write_jsonl(tmp_path / "pairs.jsonl", synth_rows(synth_data))
     idx = tmp_path / "idx"
     index_ok(manifest, tiny_model, idx)
@@ -161,20 +166,37 @@ def test_a_manifest_with_no_readable_row_is_refused_not_emptied_into_the_index(s
 
 
 def test_bad_rows_are_skipped_alike_in_jsonl_and_csv(tmp_path) -> None:
-    jsonl = write_jsonl(tmp_path / "pairs.jsonl", [
-        {"id": "a", "caption": "fine"}, '{"id": "b", "caption": "x", "s": NaN}', {"id": "c", "image": 3},
-        {"id": "a", "caption": "again"}, '{"id": "d", "caption": "lone \\udce9 surrogate"}', "[1, 2]", "{",
-    ])
+    jsonl = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"id": "a", "caption": "fine"},
+            '{"id": "b", "caption": "x", "s": NaN}',
+            {"id": "c", "image": 3},
+            {"id": "a", "caption": "again"},
+            '{"id": "d", "caption": "lone \\udce9 surrogate"}',
+            "[1, 2]",
+            "{",
+        ],
+    )
     skipped: list[str] = []
     assert [p.id for p in read_pairs(jsonl, skipped)] == ["a"]
-    assert [m.split(": ", 1)[0][-len("pairs.jsonl:7"):] for m in skipped[:-1]] == [
-        "pairs.jsonl:2", "pairs.jsonl:3", "pairs.jsonl:5", "pairs.jsonl:6", "pairs.jsonl:7"]
+    assert [m.split(": ", 1)[0][-len("pairs.jsonl:7") :] for m in skipped[:-1]] == [
+        "pairs.jsonl:2",
+        "pairs.jsonl:3",
+        "pairs.jsonl:5",
+        "pairs.jsonl:6",
+        "pairs.jsonl:7",
+    ]
     assert "id 'a' appears twice" in skipped[-1] and all("\n" not in m for m in skipped)
     csv_file = tmp_path / "pairs.csv"
     csv_file.write_bytes(b"id,image,caption\na,,fine\nb,,caf\xe9\nc,,\n" + b"d,," + b"x" * 200_000 + b"\ne,,last\n")
     skipped = []
     assert [p.id for p in read_pairs(csv_file, skipped)] == ["a", "e"]
-    assert [m.split(": ", 1)[0][-len("pairs.csv:3"):] for m in skipped] == ["pairs.csv:3", "pairs.csv:4", "pairs.csv:5"]
+    assert [m.split(": ", 1)[0][-len("pairs.csv:3") :] for m in skipped] == [
+        "pairs.csv:3",
+        "pairs.csv:4",
+        "pairs.csv:5",
+    ]
     assert "not UTF-8" in skipped[0]
     with pytest.raises(RetrievalError, match=r"pairs\.csv:3: .*not UTF-8"):  # training still refuses the file
         read_pairs(csv_file)
@@ -217,15 +239,19 @@ def test_a_huge_non_image_is_refused_from_its_header_without_reading_it(photos, 
     big = photos / "huge.jpg"
     with big.open("wb") as f:
         f.truncate(2 * 2**30)  # sparse: 2 GB of zeros that take no disk
-    probe = ("import resource, sys; from concurrent.futures import ThreadPoolExecutor; from pathlib import Path\n"
-             "from types import SimpleNamespace; from retrieval.data import Pair; from retrieval.images import Transform\n"
-             "from retrieval.indexing import decode_batch\n"
-             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-             "with ThreadPoolExecutor(1) as pool:\n"
-             "    (f,) = decode_batch(SimpleNamespace(transform=Transform(32)), [Pair('x', Path(sys.argv[1]), ())], pool)\n"
-             "    print(f.result()[2])\n"
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
-    out = subprocess.run([sys.executable, "-c", probe, str(big)], capture_output=True, text=True, timeout=120, check=True)
+    probe = (
+        "import resource, sys; from concurrent.futures import ThreadPoolExecutor; from pathlib import Path\n"
+        "from types import SimpleNamespace; from retrieval.data import Pair; from retrieval.images import Transform\n"
+        "from retrieval.indexing import decode_batch\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "with ThreadPoolExecutor(1) as pool:\n"
+        "    (f,) = decode_batch(SimpleNamespace(transform=Transform(32)), [Pair('x', Path(sys.argv[1]), ())], pool)\n"
+        "    print(f.result()[2])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(big)], capture_output=True, text=True, timeout=120, check=True
+    )
     error, grown_kib = out.stdout.splitlines()
     assert "huge.jpg: not a recognised image format" in error, out.stdout
     assert int(grown_kib) < 64 * 1024, f"hashing grew the peak RSS by {int(grown_kib) // 1024} MiB"

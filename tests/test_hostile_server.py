@@ -22,17 +22,17 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[dev,serve]'")
-import uvicorn  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from PIL import Image  # noqa: E402
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+from starlette.exceptions import HTTPException
 
-from retrieval import atomic, server  # noqa: E402
-from retrieval.errors import IndexChanged  # noqa: E402
-from retrieval.index import IndexStore, read_manifest  # noqa: E402
-from retrieval.indexing import build_index, remove_items  # noqa: E402
-from retrieval.query import Index  # noqa: E402
-from retrieval.server import HeadDeadline, LiveIndex, PixelBudget, create_app  # noqa: E402
-from starlette.exceptions import HTTPException  # noqa: E402
+from retrieval import atomic, server
+from retrieval.errors import IndexChanged
+from retrieval.index import IndexStore, read_manifest
+from retrieval.indexing import build_index, remove_items
+from retrieval.query import Index
+from retrieval.server import HeadDeadline, LiveIndex, PixelBudget, create_app
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -84,8 +84,11 @@ def jpeg_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.Temp
 def test_an_uploaded_copy_of_an_indexed_jpeg_scores_itself_1(jpeg_index: Path) -> None:
     photo = jpeg_index.parent / "photos" / "synth-000004.jpg"
     client = TestClient(create_app(jpeg_index, thumb_cache=False))
-    response = client.post("/api/search/image", params={"k": 3, "target": "image"},
-                           files={"file": ("copy.jpg", photo.read_bytes(), "image/jpeg")})
+    response = client.post(
+        "/api/search/image",
+        params={"k": 3, "target": "image"},
+        files={"file": ("copy.jpg", photo.read_bytes(), "image/jpeg")},
+    )
     top = response.json()["results"][0]
     assert top["id"] == "synth-000004.jpg" and top["score"] == pytest.approx(1.0, abs=1e-5)
 
@@ -103,8 +106,9 @@ def test_a_path_an_opened_jpeg_and_a_decoded_one_give_the_indexed_vector(jpeg_in
     assert float(index.embed_image(decoded) @ stored) > 0.99
 
 
-def test_image_queries_run_in_the_precision_the_index_was_built_in(synth_data: Path, tiny_model: Path,
-                                                                    tmp_path: Path) -> None:
+def test_image_queries_run_in_the_precision_the_index_was_built_in(
+    synth_data: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     """Before: queries always ran in fp32, so an upload of a photo indexed in bf16 scored about 0.9997, not 1.
     The manifest records the precision; a later run keeps it, and image queries use it."""
     from retrieval.model import use_bf16
@@ -154,8 +158,9 @@ def test_a_running_server_picks_up_a_new_generation(synth_data: Path, tiny_model
     assert counted(client) == (8, 8)
 
 
-def test_a_request_that_meets_a_generation_being_published_is_asked_to_retry(synth_data: Path, tiny_model: Path,
-                                                                            tmp_path: Path) -> None:
+def test_a_request_that_meets_a_generation_being_published_is_asked_to_retry(
+    synth_data: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     """Between a writer's commit and its manifest the database is ahead of the files the server loaded: search
     answers from the loaded generation, but `like=` on an item only the database has cannot. Before: 422
     "restart the server". Now 503 with Retry-After, and once the manifest names the generation, it answers."""
@@ -177,8 +182,9 @@ def test_a_request_that_meets_a_generation_being_published_is_asked_to_retry(syn
     assert {r["id"] for r in answer.json()["results"]} == {"copy.jpg", "synth-000001.jpg"}
 
 
-def test_a_generation_that_cannot_be_opened_leaves_the_old_one_serving(tiny_model: Path, synth_data: Path,
-                                                                       tmp_path: Path) -> None:
+def test_a_generation_that_cannot_be_opened_leaves_the_old_one_serving(
+    tiny_model: Path, synth_data: Path, tmp_path: Path
+) -> None:
     photos = jpeg_folder(synth_data, tmp_path / "photos", 4)
     build_index(photos, tiny_model, tmp_path / "index", progress=False)
     client = TestClient(create_app(tmp_path / "index", thumb_cache=False, reload_check_s=0))
@@ -191,12 +197,18 @@ def test_a_generation_that_cannot_be_opened_leaves_the_old_one_serving(tiny_mode
     assert client.get("/api/health").json()["items"] == 4
 
 
-@pytest.mark.parametrize("failure", [IndexChanged("a writer committed while it loaded"),
-                                     RuntimeError("Error in faiss::FileIOReader: read error")])
-def test_a_reload_that_fails_for_a_passing_reason_is_tried_again(failure: Exception, synth_data: Path,
-                                                                 tiny_model: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "failure",
+    [IndexChanged("a writer committed while it loaded"), RuntimeError("Error in faiss::FileIOReader: read error")],
+)
+def test_a_reload_that_fails_for_a_passing_reason_is_tried_again(
+    failure: Exception,
+    synth_data: Path,
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Before: the manifest's stamp was recorded before the reload, so one that failed (a second writer
     committing while it warmed) was not tried again until the manifest next changed, and a FAISS RuntimeError
     reached the request. Now the old generation answers, and the new one is tried again after retry_s."""
@@ -222,8 +234,9 @@ def test_a_reload_that_fails_for_a_passing_reason_is_tried_again(failure: Except
     assert "still serving generation" in warning and str(failure) in warning and "\n" not in warning
 
 
-def test_a_re_index_while_the_server_starts_is_picked_up(synth_data: Path, tiny_model: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_re_index_while_the_server_starts_is_picked_up(
+    synth_data: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Before: the manifest's stamp was taken after the index was opened and warmed (seconds on a big one), so
     a generation published meanwhile was taken for the one loaded, and never loaded."""
     index = small_index(synth_data, tiny_model, tmp_path, 4)
@@ -240,8 +253,9 @@ def test_a_re_index_while_the_server_starts_is_picked_up(synth_data: Path, tiny_
     assert counted(client) == (3, 3)
 
 
-def test_requests_are_answered_while_a_new_generation_loads(synth_data: Path, tiny_model: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requests_are_answered_while_a_new_generation_loads(
+    synth_data: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Before: the request that saw a new manifest loaded it (a big FAISS file: seconds), and every other
     request, /api/health included, waited for it on the lock. Now the old generation answers meanwhile."""
     index = small_index(synth_data, tiny_model, tmp_path, 4)
@@ -259,8 +273,11 @@ def test_requests_are_answered_while_a_new_generation_loads(synth_data: Path, ti
         try:
             first = pool.submit(client.get, "/api/health")
             assert loading.wait(30)
-            answers = [pool.submit(client.get, "/api/health"), pool.submit(client.get, "/api/info"),
-                       pool.submit(client.get, "/api/search", params={"q": "a red circle", "k": 8})]
+            answers = [
+                pool.submit(client.get, "/api/health"),
+                pool.submit(client.get, "/api/info"),
+                pool.submit(client.get, "/api/search", params={"q": "a red circle", "k": 8}),
+            ]
             assert first.result(timeout=10).json()["items"] == 4  # the old generation, at once
             health, info, search = (answer.result(timeout=10).json() for answer in answers)
             assert health["items"] == info["counts"]["items"] == search["count"] == 4
@@ -269,8 +286,7 @@ def test_requests_are_answered_while_a_new_generation_loads(synth_data: Path, ti
     assert served(client, index)["counts"]["items"] == 3
 
 
-def test_health_and_info_count_the_generation_being_served(synth_data: Path, tiny_model: Path,
-                                                           tmp_path: Path) -> None:
+def test_health_and_info_count_the_generation_being_served(synth_data: Path, tiny_model: Path, tmp_path: Path) -> None:
     """Before: /api/info counted the live database, which a writer changes batch by batch until it publishes
     (hours on a big run), while /api/health counted the FAISS index loaded: they disagreed all that time."""
     index = small_index(synth_data, tiny_model, tmp_path, 6)
@@ -287,8 +303,13 @@ def test_health_and_info_count_the_generation_being_served(synth_data: Path, tin
 
 @pytest.mark.parametrize("fails, code", [("create", errno.EROFS), ("replace", errno.ENOSPC)])
 def test_a_thumbnail_cache_that_cannot_be_written_serves_thumbnails_uncached(
-        fails: str, code: int, jpeg_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    fails: str,
+    code: int,
+    jpeg_index: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Before: on a read-only mount (thumbs/ made earlier) mkstemp raised, and on a full disk the write did:
     a 500, and thumbs/*.tmp left behind. Now the thumbnail is served, uncached, with one warning."""
     index = tmp_path / "index"
@@ -383,8 +404,9 @@ def test_an_upload_refused_by_the_budget_is_a_json_503(jpeg_index: Path) -> None
     assert "retry" in answer.json()["error"]
 
 
-def test_sixteen_bit_uploads_at_once_decode_within_the_budget(jpeg_index: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sixteen_bit_uploads_at_once_decode_within_the_budget(
+    jpeg_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Eight 16-bit uploads at once through a budget of one image's pixels: each waits its turn. Before, this
     test asserted only eight 200s, which it also got with no budget at all."""
     admitted, peak, waits = [], [0], [0]
@@ -425,10 +447,20 @@ def test_a_body_that_trickles_is_cut_off(jpeg_index: Path) -> None:
     async def send(message: dict) -> None:
         messages.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/api/search/image", "raw_path": b"/api/search/image", "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"testserver"), (b"content-type", b"multipart/form-data; boundary=b")],
-             "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/search/image",
+        "raw_path": b"/api/search/image",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"multipart/form-data; boundary=b")],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
     t0 = time.perf_counter()
     asyncio.run(app(scope, receive, send))
     assert time.perf_counter() - t0 < 2
@@ -448,8 +480,16 @@ def test_a_head_that_trickles_or_never_ends_is_cut_off(jpeg_index: Path, monkeyp
     monkeypatch.setattr(HeadDeadline, "head_timeout_s", 0.5)
     monkeypatch.setattr(HeadDeadline, "max_head_bytes", 64 * 1024)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(jpeg_index, thumb_cache=False), host="127.0.0.1", port=port,
-                                           http=HeadDeadline, log_level="warning", timeout_keep_alive=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(jpeg_index, thumb_cache=False),
+            host="127.0.0.1",
+            port=port,
+            http=HeadDeadline,
+            log_level="warning",
+            timeout_keep_alive=5,
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -89,7 +89,11 @@ def results(index_path: Path) -> list[list[tuple[str, float]]]:
     d = index.store.manifest.dim
     qs = np.random.default_rng(0).standard_normal((3, d)).astype(np.float32)
     qs /= np.linalg.norm(qs, axis=1, keepdims=True)
-    return [[(h.id, round(h.score, 5)) for h in index.search_vector(q, k=100, target=t)] for q in qs for t in ("item", "text")]
+    return [
+        [(h.id, round(h.score, 5)) for h in index.search_vector(q, k=100, target=t)]
+        for q in qs
+        for t in ("item", "text")
+    ]
 
 
 def assert_current(index_path: Path, n_items: int) -> None:
@@ -142,7 +146,9 @@ def test_a_refused_writer_with_another_model_writes_nothing(source, tiny_model, 
         with pytest.raises(RetrievalError, match="another process is writing"):
             build(source, idx, other_model)
         assert sorted(p.name for p in idx.iterdir()) == [".lock"]  # no manifest, no database
-        assert_one_error_line(run_cli("index", source, "--model", other_model, "--index", idx), "another process is writing")
+        assert_one_error_line(
+            run_cli("index", source, "--model", other_model, "--index", idx), "another process is writing"
+        )
     assert build(source, idx, tiny_model).added == N
     before = results(idx)
 
@@ -157,8 +163,9 @@ def test_a_refused_writer_with_another_model_writes_nothing(source, tiny_model, 
     assert build(source, idx, tiny_model).unchanged == N
 
 
-def test_a_run_with_another_model_is_refused_before_it_writes_anything(source, tiny_model, other_model, tmp_path,
-                                                                        monkeypatch) -> None:
+def test_a_run_with_another_model_is_refused_before_it_writes_anything(
+    source, tiny_model, other_model, tmp_path, monkeypatch
+) -> None:
     """Before: the model was checked after the refused run had opened the database for writing (a -wal and a -shm
     file, the schema, a repair that deletes *.tmp files and may update items), and that connection stayed open."""
     idx = tmp_path / "idx"
@@ -183,7 +190,9 @@ def test_a_run_with_another_model_is_refused_before_it_writes_anything(source, t
     assert results(idx) == before
 
 
-def test_a_writer_that_fails_closes_its_connection_and_the_store_reads_again(source, tiny_model, tmp_path, monkeypatch) -> None:
+def test_a_writer_that_fails_closes_its_connection_and_the_store_reads_again(
+    source, tiny_model, tmp_path, monkeypatch
+) -> None:
     """Before: a writer failing while it opened (its repair, on a disk that refused it) left its write connection
     open, and an error inside `writer()`'s block left the store with a closed connection."""
     idx = tmp_path / "idx"
@@ -266,7 +275,9 @@ def fill_disk_at(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
 
 
 @pytest.mark.parametrize("where", ["database", "vectors.faiss", "vectors.npy", "records.jsonl"])
-def test_a_full_disk_is_one_line_and_the_index_stays_searchable(synth_data, source, tiny_model, tmp_path, monkeypatch, where) -> None:
+def test_a_full_disk_is_one_line_and_the_index_stays_searchable(
+    synth_data, source, tiny_model, tmp_path, monkeypatch, where
+) -> None:
     """Before: raw tracebacks ("database or disk is full", a FAISS write error, OSError 28) and *.tmp files."""
     idx = tmp_path / "idx"
     build(source, idx, tiny_model)
@@ -297,8 +308,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MiB tmpfs, where this process may mount one (root with CAP_SYS_ADMIN); skipped elsewhere."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small filesystem here; the simulated tests cover it")
     try:
         yield mount
@@ -390,7 +406,9 @@ def read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         shm_missing = not (folder / "items.sqlite-shm").exists()
         if inside in str(target) and not uri:  # a writer
             raise sqlite_error("attempt to write a readonly database", "SQLITE_READONLY")
-        if inside in str(target) and "immutable=1" not in str(target) and shm_missing:  # what mode=ro meets on a ro mount
+        if (
+            inside in str(target) and "immutable=1" not in str(target) and shm_missing
+        ):  # what mode=ro meets on a ro mount
             raise sqlite_error("unable to open database file", "SQLITE_CANTOPEN")
         return real_connect(target, *args, uri=uri, **kwargs)
 
@@ -451,7 +469,9 @@ def test_rebuild_is_advised_only_for_a_file_that_is_not_a_database(source, tiny_
     assert_one_error_line(run_cli("info", "--index", idx), "is not a readable index database")
 
 
-def test_a_database_another_process_holds_locked_is_reported_not_read_without_locks(source, tiny_model, tmp_path) -> None:
+def test_a_database_another_process_holds_locked_is_reported_not_read_without_locks(
+    source, tiny_model, tmp_path
+) -> None:
     """Before: any failure of the read-only open, a writer's lock on a writable folder too, fell back to reading
     the file immutable, without locks, where a writer's changes show as torn pages."""
     idx = tmp_path / "idx"
@@ -472,7 +492,9 @@ def test_a_database_another_process_holds_locked_is_reported_not_read_without_lo
     assert results(idx) == before
 
 
-def test_an_immutable_reader_that_meets_a_changed_file_never_advises_a_rebuild(source, tiny_model, tmp_path, monkeypatch) -> None:
+def test_an_immutable_reader_that_meets_a_changed_file_never_advises_a_rebuild(
+    source, tiny_model, tmp_path, monkeypatch
+) -> None:
     """A reader of a read-only folder opens the database immutable (no locks: nothing can write there). If the
     folder becomes writable and the file changes under it, it reads torn pages. Before: a raw DatabaseError
     ("malformed"), which the open-time check words as "rebuild the index", advice that destroys an intact index."""
@@ -487,7 +509,9 @@ def test_an_immutable_reader_that_meets_a_changed_file_never_advises_a_rebuild(s
     database.write_bytes(intact[:4096] + np.random.default_rng(0).bytes(len(intact) - 4096))  # all but its first page
     with pytest.raises(IndexChanged) as changed:
         store.counts()
-    assert "in immutable mode" in str(changed.value) and "open the index again, or make the folder writable" in str(changed.value)
+    assert "in immutable mode" in str(changed.value) and "open the index again, or make the folder writable" in str(
+        changed.value
+    )
     assert "rebuild" not in str(changed.value)
     database.write_bytes(intact)
     assert results(idx) == before
@@ -502,8 +526,11 @@ def test_a_folder_that_is_not_an_index_is_refused_and_left_alone(source, tiny_mo
     shutil.copy(json.loads(source.read_text().splitlines()[0])["image"], photos / "photo.jpg")
     listing = {p.name: p.read_bytes() for p in photos.iterdir()}
     result = run_cli("index", source, "--model", tiny_model, "--index", photos)
-    assert_one_error_line(result, f"{photos} is not empty and is not an index (it holds photo.jpg, records.jsonl): "
-                                  "choose an empty or new folder for --index")
+    assert_one_error_line(
+        result,
+        f"{photos} is not empty and is not an index (it holds photo.jpg, records.jsonl): "
+        "choose an empty or new folder for --index",
+    )
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == listing
 
     foreign = tmp_path / "app"
@@ -540,8 +567,9 @@ def test_a_folder_that_is_not_an_index_is_refused_and_left_alone(source, tiny_mo
 
 # --- minor: a copied FAISS file, a damaged manifest, a killed remove, stale .tmp files, knobs --------------
 @pytest.mark.parametrize("index_type, n", [("flat", N), ("hnsw", N), ("ivf", 40)])  # ivf trains on >= 39 items
-def test_a_faiss_file_copied_from_another_index_is_not_trusted_and_index_repairs_it(synth_data, tiny_model, tmp_path,
-                                                                                   index_type, n) -> None:
+def test_a_faiss_file_copied_from_another_index_is_not_trusted_and_index_repairs_it(
+    synth_data, tiny_model, tmp_path, index_type, n
+) -> None:
     """Before: searches answered from the other index's vectors (same ids 1..n), or failed with "restart the
     server"; `index` said "n unchanged" and kept the file. Flat and HNSW copies were caught by comparing two
     vectors; an IVF copy (the same count and ids) was trusted."""
@@ -584,24 +612,41 @@ def test_a_no_op_index_or_remove_does_not_read_the_faiss_file(source, tiny_model
     assert store.faiss.ntotal == N and len(reads) == 1
 
 
-@pytest.mark.parametrize("key, value, words", [("dim", "abc", 'dim is "abc", not a whole number'),
-                                               ("params", [], "params is [], not an object"),
-                                               ("generation", "x", 'generation is "x", not a whole number'),
-                                               ("index_type", "bogus", 'index_type is "bogus", not one of flat'),
-                                               ("calibration", {"item": 5}, 'calibration is {"item": 5}, its "item" entry is '
-                                                "not a cutoff as `retrieval calibrate` stores it"),
-                                               ("calibration", {"item": {"rule": "flat"}},
-                                                'calibration is {"item": {"rule": "flat"}}, its "item" entry is not a cutoff'),
-                                               ("calibration", {"text": {"rule": "flat", "theta": "0.3", "weight": 0.5}},
-                                                'calibration is {"text": {"rule": "flat", "theta": "0.3", its "text" entry is')])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("dim", "abc", 'dim is "abc", not a whole number'),
+        ("params", [], "params is [], not an object"),
+        ("generation", "x", 'generation is "x", not a whole number'),
+        ("index_type", "bogus", 'index_type is "bogus", not one of flat'),
+        (
+            "calibration",
+            {"item": 5},
+            'calibration is {"item": 5}, its "item" entry is not a cutoff as `retrieval calibrate` stores it',
+        ),
+        (
+            "calibration",
+            {"item": {"rule": "flat"}},
+            'calibration is {"item": {"rule": "flat"}}, its "item" entry is not a cutoff',
+        ),
+        (
+            "calibration",
+            {"text": {"rule": "flat", "theta": "0.3", "weight": 0.5}},
+            'calibration is {"text": {"rule": "flat", "theta": "0.3", its "text" entry is',
+        ),
+    ],
+)
 def test_a_manifest_value_of_the_wrong_type_is_one_line(source, tiny_model, tmp_path, key, value, words) -> None:
     idx = tmp_path / "idx"
     build(source, idx, tiny_model)
     before = results(idx)
     good = (idx / "manifest.json").read_text()
     (idx / "manifest.json").write_text(json.dumps({**json.loads(good), key: value}))
-    for args in (["info", "--index", idx], ["search", "--index", idx, "--text", "a red circle"],
-                 ["index", source, "--model", tiny_model, "--index", idx]):
+    for args in (
+        ["info", "--index", idx],
+        ["search", "--index", idx, "--text", "a red circle"],
+        ["index", source, "--model", tiny_model, "--index", idx],
+    ):
         assert_one_error_line(run_cli(*args), f"manifest.json is damaged: {words}")
     (idx / "manifest.json").write_text(good)
     assert results(idx) == before
@@ -610,10 +655,26 @@ def test_a_manifest_value_of_the_wrong_type_is_one_line(source, tiny_model, tmp_
 def test_calibration_entries_as_calibrate_stores_them_are_read(source, tiny_model, tmp_path) -> None:
     idx = tmp_path / "idx"
     build(source, idx, tiny_model)
-    entries = {"item": {"rule": "flat", "theta": 0.25, "weight": 0.5, "n_queries": 30, "best_f1": 0.8, "heldout_f1": 0.75,
-                        "target_precision": None},
-               "text": {"rule": "top_relative", "margin": 0.05, "weight": 0.0, "n_queries": 30, "best_f1": 0.7,
-                        "heldout_f1": 0.6, "target_precision": 0.9}}
+    entries = {
+        "item": {
+            "rule": "flat",
+            "theta": 0.25,
+            "weight": 0.5,
+            "n_queries": 30,
+            "best_f1": 0.8,
+            "heldout_f1": 0.75,
+            "target_precision": None,
+        },
+        "text": {
+            "rule": "top_relative",
+            "margin": 0.05,
+            "weight": 0.0,
+            "n_queries": 30,
+            "best_f1": 0.7,
+            "heldout_f1": 0.6,
+            "target_precision": 0.9,
+        },
+    }
     store = IndexStore.open(idx)
     with store.writer():
         for target, entry in entries.items():
@@ -637,15 +698,22 @@ def test_an_unreadable_manifest_is_one_line(source, tiny_model, tmp_path, monkey
 
     with monkeypatch.context() as m:
         m.setattr(Path, "read_text", read_text)
-        for args in (["info", "--index", idx], ["search", "--index", idx, "--text", "a red circle"],
-                     ["index", source, "--model", tiny_model, "--index", idx], ["remove", "--index", idx, "synth-000001"]):
-            line = assert_one_error_line(run_cli(*args), f"cannot read {idx}/manifest.json ({os.strerror(errno.EIO)}): "
-                                                         "check the disk")
+        for args in (
+            ["info", "--index", idx],
+            ["search", "--index", idx, "--text", "a red circle"],
+            ["index", source, "--model", tiny_model, "--index", idx],
+            ["remove", "--index", idx, "synth-000001"],
+        ):
+            line = assert_one_error_line(
+                run_cli(*args), f"cannot read {idx}/manifest.json ({os.strerror(errno.EIO)}): check the disk"
+            )
             assert "rebuild" not in line
     assert results(idx) == before
 
 
-def test_a_filesystem_without_file_locks_is_one_line_and_leaks_no_file(source, tiny_model, tmp_path, monkeypatch) -> None:
+def test_a_filesystem_without_file_locks_is_one_line_and_leaks_no_file(
+    source, tiny_model, tmp_path, monkeypatch
+) -> None:
     """Before: flock's ENOLCK (NFS without a lock daemon) was a traceback, and the lock file stayed open."""
     idx = tmp_path / "idx"
     build(source, idx, tiny_model)
@@ -686,17 +754,23 @@ remove_items(sys.argv[1], [sys.argv[2]])
 """
 
 
-def test_remove_killed_while_writing_derived_files_is_completed_by_the_next_remove(source, tiny_model, tmp_path) -> None:
+def test_remove_killed_while_writing_derived_files_is_completed_by_the_next_remove(
+    source, tiny_model, tmp_path
+) -> None:
     """Before: the kill left records.jsonl.tmp, and a second `remove` said "removed 0" and rewrote nothing."""
     idx = tmp_path / "idx"
     build(source, idx, tiny_model)
-    proc = subprocess.run([sys.executable, "-c", KILLED_REMOVE, str(idx), "synth-000003"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_REMOVE, str(idx), "synth-000003"], capture_output=True, text=True
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (idx / "records.jsonl.tmp").exists()
     store = IndexStore.open(idx)
     assert store.counts()["items"] == N - 1 and store.manifest.generation != store.generation()
     result = run_cli("remove", "--index", idx, "synth-000003")
-    assert result.exit_code == 0 and result.output.strip() == "removed 0 item(s); not found: synth-000003", result.output
+    assert result.exit_code == 0 and result.output.strip() == "removed 0 item(s); not found: synth-000003", (
+        result.output
+    )
     assert_current(idx, N - 1)
     assert "synth-000003" not in {i for i, _ in results(idx)[0]}
 
@@ -725,12 +799,16 @@ def test_a_failed_atomic_write_removes_its_tmp_file(tmp_path) -> None:
 def test_search_knobs_out_of_range_are_one_line(tmp_path, knob, value) -> None:
     import faiss
 
-    index = faiss.index_factory(8, "IDMap2,HNSW32" if knob == "ef_search" else "IDMap2,IVF1,Flat", faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(
+        8, "IDMap2,HNSW32" if knob == "ef_search" else "IDMap2,IVF1,Flat", faiss.METRIC_INNER_PRODUCT
+    )
     with pytest.raises(RetrievalError, match=f"{knob} must be a whole number from 1 to 2147483647"):
         set_search_params(index, {knob: value})
 
 
-def test_knobs_and_memory_budgets_out_of_range_are_refused_before_anything_is_written(source, tiny_model, tmp_path) -> None:
+def test_knobs_and_memory_budgets_out_of_range_are_refused_before_anything_is_written(
+    source, tiny_model, tmp_path
+) -> None:
     idx = tmp_path / "idx"
     with pytest.raises(RetrievalError, match="ef_search must be a whole number from 1 to 2147483647"):
         build(source, idx, tiny_model, params={"ef_search": 2**31})

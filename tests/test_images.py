@@ -217,11 +217,14 @@ print((peak - base) * 1024 / (img.size[0] * img.size[1]))
 """
 
 
-@pytest.mark.parametrize("mode, suffix, bytes_per_pixel", [
-    ("I;16", "png", 10),  # was 28: the 2-byte source, 8-bit grey, 4-byte RGB (Pillow keeps RGB in 4 bytes)
-    ("F", "tif", 14),  # was 29: a 4-byte source
-    ("RGB", "png", 6),  # was 8: ImageOps.exif_transpose copied an image with nothing to turn
-])
+@pytest.mark.parametrize(
+    "mode, suffix, bytes_per_pixel",
+    [
+        ("I;16", "png", 10),  # was 28: the 2-byte source, 8-bit grey, 4-byte RGB (Pillow keeps RGB in 4 bytes)
+        ("F", "tif", 14),  # was 29: a 4-byte source
+        ("RGB", "png", 6),  # was 8: ImageOps.exif_transpose copied an image with nothing to turn
+    ],
+)
 def test_decoding_peak_memory_is_a_few_bytes_a_pixel(tmp_path, mode, suffix, bytes_per_pixel):
     """Measured in a fresh process (ru_maxrss): tracemalloc does not see Pillow's C allocations."""
     import subprocess
@@ -229,8 +232,11 @@ def test_decoding_peak_memory_is_a_few_bytes_a_pixel(tmp_path, mode, suffix, byt
 
     side = 2000
     ramp = np.tile(np.linspace(0, 65535, side)[None, :], (side, 1))
-    data = {"I;16": ramp.astype(np.uint16), "F": (ramp / 65535).astype(np.float32),
-            "RGB": np.repeat((ramp / 257).astype(np.uint8)[:, :, None], 3, axis=2)}[mode]
+    data = {
+        "I;16": ramp.astype(np.uint16),
+        "F": (ramp / 65535).astype(np.float32),
+        "RGB": np.repeat((ramp / 257).astype(np.uint8)[:, :, None], 3, axis=2),
+    }[mode]
     path = _save(Image.fromarray(data), tmp_path / f"big.{suffix}")
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path)], capture_output=True, text=True, check=True)
     assert float(out.stdout) < bytes_per_pixel

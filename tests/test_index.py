@@ -145,7 +145,9 @@ def test_add_change_delete(folder, synth_data, tiny_model, tmp_path, encoded, mo
     assert model_calls == {"images": 0, "texts": 1}
     store = IndexStore.open(idx)
     assert store.items_by_id(["synth-000002.png"])["synth-000002.png"].captions == ["a completely different caption"]
-    assert store.counts()["stored_vectors"] == counts0["stored_vectors"] + 1  # new.png; the old caption's vector is gone
+    assert (
+        store.counts()["stored_vectors"] == counts0["stored_vectors"] + 1
+    )  # new.png; the old caption's vector is gone
 
     # a deleted sidecar: the item loses its text part, and its caption vector is collected
     (folder / "synth-000004.txt").unlink()
@@ -281,8 +283,12 @@ def test_killed_build_leaves_a_readable_index_and_resumes(tiny_model, tmp_path) 
     n = 1500
     pairs = generate(tmp_path / "big", n, seed=3, size=48)
     idx = tmp_path / "idx"
-    proc = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, str(pairs), str(tiny_model), str(idx)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASH_SCRIPT, str(pairs), str(tiny_model), str(idx)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while committed_items(idx / "items.sqlite") < 2 * 64:
@@ -319,10 +325,16 @@ def test_killed_build_leaves_a_readable_index_and_resumes(tiny_model, tmp_path) 
 # --- damaged or foreign folders ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("file, damage", [
-    *[(f, d) for f in ("vectors.faiss", "fids.npy", "vectors.npy", "records.npy", "records.jsonl")
-      for d in ("truncated", "garbage", "empty")],
-])
+@pytest.mark.parametrize(
+    "file, damage",
+    [
+        *[
+            (f, d)
+            for f in ("vectors.faiss", "fids.npy", "vectors.npy", "records.npy", "records.jsonl")
+            for d in ("truncated", "garbage", "empty")
+        ],
+    ],
+)
 @pytest.mark.slow
 def test_damaged_derived_file_is_rebuilt_from_sqlite(folder, tiny_model, tmp_path, file: str, damage: str) -> None:
     idx = tmp_path / "idx"
@@ -331,14 +343,22 @@ def test_damaged_derived_file_is_rebuilt_from_sqlite(folder, tiny_model, tmp_pat
     qs = [v for fid in (1, 2, 3) for v in store.part_vectors([fid])[fid] if v is not None]
 
     def results(index: Index) -> list:
-        return [[(h.id, h.path, h.captions, h.extra, h.score, h.image_score, h.text_score)
-                 for h in index.search_vector(q, k=10, target=t)] for q in qs for t in ("item", "text")]
+        return [
+            [
+                (h.id, h.path, h.captions, h.extra, h.score, h.image_score, h.text_score)
+                for h in index.search_vector(q, k=10, target=t)
+            ]
+            for q in qs
+            for t in ("item", "text")
+        ]
 
     before = results(Index.open(idx))
     if file != "vectors.faiss":
         assert (idx / file).is_file(), f"expected the index to write {file}"
     data = (idx / file).read_bytes()
-    (idx / file).write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+    (idx / file).write_bytes(
+        {"truncated": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage]
+    )
     assert results(Index.open(idx)) == before
 
 
@@ -346,9 +366,14 @@ def test_result_records_file_equals_the_database(tmp_path) -> None:
     """The memory-mapped records and SQLite give the same rows: images, text-only items, extra fields, unicode."""
     store = IndexStore.create(tmp_path / "idx", Manifest("no-model", "0" * 16, 4, "flat"))
     v = np.eye(4, dtype=np.float32)
-    store.commit([Item(0, "a", "/x/a.png", ["un chat \u00e9", "line\nbreak"], "i0", "t0", extra={"n": 1, "tags": ["x"]}),
-                  Item(0, "b", None, ["text only"], None, "t1"),
-                  Item(0, "c", "/x/c.png", [], "i2", None)], {"i0": v[0], "t0": v[1], "t1": v[2], "i2": v[3]})
+    store.commit(
+        [
+            Item(0, "a", "/x/a.png", ["un chat \u00e9", "line\nbreak"], "i0", "t0", extra={"n": 1, "tags": ["x"]}),
+            Item(0, "b", None, ["text only"], None, "t1"),
+            Item(0, "c", "/x/c.png", [], "i2", None),
+        ],
+        {"i0": v[0], "t0": v[1], "t1": v[2], "i2": v[3]},
+    )
     store.rebuild()
     store = IndexStore.open(tmp_path / "idx")
     fids = [3, 1, 2]
@@ -476,7 +501,9 @@ def test_tuning_the_search_knob_trades_recall(tmp_path, index_type: str, knob: s
     want = [{h.id for h in hits} for hits in flat.search_vectors(qs, k=10)]
 
     def recall() -> float:
-        return float(np.mean([len(w & {h.id for h in hits}) / 10 for w, hits in zip(want, ann.search_vectors(qs, k=10))]))
+        return float(
+            np.mean([len(w & {h.id for h in hits}) / 10 for w, hits in zip(want, ann.search_vectors(qs, k=10))])
+        )
 
     ann.tune(**{knob: low})
     low_recall = recall()
@@ -498,7 +525,9 @@ def test_exact_on_an_ann_index_equals_flat(tmp_path, index_type: str, target: st
     theta = flat.search_vector(q, k=200, target=target)[-1].score
     for k, th in [(None, theta), (50, theta), (100, None)]:
         want = [(h.id, round(h.score, 5)) for h in flat.search_vector(q, k=k, theta=th, target=target)]
-        assert [(h.id, round(h.score, 5)) for h in ann.search_vector(q, k=k, theta=th, target=target, exact=True)] == want
+        assert [
+            (h.id, round(h.score, 5)) for h in ann.search_vector(q, k=k, theta=th, target=target, exact=True)
+        ] == want
         assert len(ann.search_vector(q, k=k, theta=th, target=target)) <= len(want)
     above = len(flat.search_vector(q, k=None, theta=theta, target=target))
     assert len(ann.search_vector(q, k=None, theta=theta, target=target)) < above  # approximate: some are missed
@@ -533,10 +562,14 @@ def test_cli_index_info_remove(folder, tiny_model, tmp_path) -> None:
 
 
 # --- regressions: bugs found and fixed -----------------------------------------------------------
-@pytest.mark.parametrize("kwargs, field, value", [({"index_type": "hnsw"}, "index_type", "hnsw"),
-                                                  ({"params": {"ef_search": 7}}, "params", {"ef_search": 7})])
+@pytest.mark.parametrize(
+    "kwargs, field, value",
+    [({"index_type": "hnsw"}, "index_type", "hnsw"), ({"params": {"ef_search": 7}}, "params", {"ef_search": 7})],
+)
 @pytest.mark.slow
-def test_changing_type_or_params_of_an_unchanged_index_is_applied(folder, tiny_model, tmp_path, kwargs, field, value) -> None:
+def test_changing_type_or_params_of_an_unchanged_index_is_applied(
+    folder, tiny_model, tmp_path, kwargs, field, value
+) -> None:
     idx = tmp_path / "idx"
     build(folder, idx, tiny_model)
     r = build(folder, idx, tiny_model, **kwargs)

@@ -22,8 +22,7 @@ from retrieval.data import Pair
 from retrieval.errors import RetrievalError
 from retrieval.index import IndexStore, Item
 from retrieval.indexing import build_index, decode_ahead
-from retrieval.model import Encoder, load_model
-from retrieval.model import use_bf16
+from retrieval.model import Encoder, load_model, use_bf16
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -100,10 +99,13 @@ def test_decoding_runs_one_batch_ahead() -> None:
 
 
 @pytest.mark.slow
-def test_prefetching_build_equals_the_sequential_build_and_direct_encoding(folder: Path, tiny_model: Path,
-                                                                            tmp_path: Path) -> None:
-    reports = {p: build_index(folder, tiny_model, tmp_path / str(p), batch_size=3, progress=False, prefetch=p)
-               for p in (True, False)}
+def test_prefetching_build_equals_the_sequential_build_and_direct_encoding(
+    folder: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    reports = {
+        p: build_index(folder, tiny_model, tmp_path / str(p), batch_size=3, progress=False, prefetch=p)
+        for p in (True, False)
+    }
     (items, vectors), (seq_items, seq_vectors) = stored(tmp_path / "True"), stored(tmp_path / "False")
     assert items == seq_items and len(items) == 11 and items["10.png"].image_key == items["01.png"].image_key
     assert all(np.array_equal(vectors[i], seq_vectors[i]) for i in vectors)
@@ -116,7 +118,8 @@ def test_prefetching_build_equals_the_sequential_build_and_direct_encoding(folde
 
 @pytest.mark.slow
 def test_pretrained_tower_indexes_in_fp32_as_encoded_directly_and_in_auto_within_bf16(
-        folder: Path, zeroshot_model: Path, tmp_path: Path) -> None:
+    folder: Path, zeroshot_model: Path, tmp_path: Path
+) -> None:
     """precision="fp32" gives encode_image's vectors; "auto" runs bf16 where the CPU has bf16 kernels."""
     fp32 = build_index(folder, zeroshot_model, tmp_path / "fp32", batch_size=3, progress=False, precision="fp32")
     auto = build_index(folder, zeroshot_model, tmp_path / "auto", batch_size=3, progress=False)
@@ -131,8 +134,9 @@ def test_pretrained_tower_indexes_in_fp32_as_encoded_directly_and_in_auto_within
 
 @pytest.mark.parametrize("which", ["tiny", "pretrained"])
 @pytest.mark.slow
-def test_fp32_encode_image_equals_the_plain_fp32_forward(which: str, folder: Path, tiny_model: Path,
-                                                         zeroshot_model: Path) -> None:
+def test_fp32_encode_image_equals_the_plain_fp32_forward(
+    which: str, folder: Path, tiny_model: Path, zeroshot_model: Path
+) -> None:
     """channels_last changes the memory layout, not the maths."""
     model = load_model(tiny_model if which == "tiny" else zeroshot_model)
     pixels = pixels_of(model, folder, 6)
@@ -154,8 +158,9 @@ def test_bf16_stays_close_to_fp32(folder: Path, zeroshot_model: Path) -> None:
 
 
 @pytest.mark.slow
-def test_auto_precision_is_bf16_only_for_the_pretrained_tower_on_a_bf16_cpu(tiny_model: Path,
-                                                                             zeroshot_model: Path) -> None:
+def test_auto_precision_is_bf16_only_for_the_pretrained_tower_on_a_bf16_cpu(
+    tiny_model: Path, zeroshot_model: Path
+) -> None:
     tiny, pretrained = load_model(tiny_model), load_model(zeroshot_model)
     assert tiny.image_precision("auto") == "fp32" and tiny.image_precision("bf16") == "bf16"
     assert pretrained.image_precision("auto") == ("bf16" if BF16 else "fp32")
@@ -166,8 +171,9 @@ def test_auto_precision_is_bf16_only_for_the_pretrained_tower_on_a_bf16_cpu(tiny
 
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.slow
-def test_auto_precision_keeps_the_index_own_where_it_is_native(tiny_model: Path, zeroshot_model: Path,
-                                                               monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+def test_auto_precision_keeps_the_index_own_where_it_is_native(
+    tiny_model: Path, zeroshot_model: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
     """An index records what its images were encoded in; "auto" keeps that, so the index holds one precision and
     queries match it, except bf16 on a CPU that would emulate it (8x slower), which falls back to fp32."""
     import retrieval.encoder
@@ -182,7 +188,9 @@ def test_auto_precision_keeps_the_index_own_where_it_is_native(tiny_model: Path,
 
 @pytest.mark.slow
 def test_index_command_says_which_precision_ran(folder: Path, tiny_model: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["index", str(folder), "--model", str(tiny_model), "--index", str(tmp_path / "i")])
+    result = CliRunner().invoke(
+        main, ["index", str(folder), "--model", str(tiny_model), "--index", str(tmp_path / "i")]
+    )
     assert result.exit_code == 0, result.output
     assert "11 added, 0 updated, 0 removed, 0 unchanged (flat, images in fp32, " in result.output
 
@@ -192,9 +200,31 @@ def test_bench_index_runs_and_writes_its_rows(folder: Path, tiny_model: Path, tm
     """The benchmark at a tiny size (our ResNet at 32 px, 10 images, one thread); the lead runs the real one."""
     out = tmp_path / "bench.json"
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_index.py"
-    done = subprocess.run([sys.executable, str(script), "--model", str(tiny_model), "--sizes", "32,40", "--images",
-                           str(folder), "--n", "10", "--index-batch", "4", "--reps", "1", "--threads", "1",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--model",
+            str(tiny_model),
+            "--sizes",
+            "32,40",
+            "--images",
+            str(folder),
+            "--n",
+            "10",
+            "--index-batch",
+            "4",
+            "--reps",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert result["machine"]["bf16_kernels"] == BF16 and result["machine"]["threads"] == 1

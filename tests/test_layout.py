@@ -51,7 +51,9 @@ def test_the_package_has_no_import_cycle(mode: list[str]) -> None:
 
 def test_it_lists_each_module_with_its_line_count() -> None:
     out = check().stdout
-    lines = {line.split()[1]: line for line in out.splitlines() if line.split()[1:2] and line.split()[1].endswith(".py")}
+    lines = {
+        line.split()[1]: line for line in out.splitlines() if line.split()[1:2] and line.split()[1].endswith(".py")
+    }
     atomic = ROOT / "retrieval" / "atomic.py"
     assert lines["retrieval/atomic.py"].split()[0] == str(len(atomic.read_text().splitlines()))
     assert len(lines) == len(list((ROOT / "retrieval").rglob("*.py")))
@@ -65,27 +67,35 @@ def write_package(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_a_module_level_cycle_fails_with_the_path_and_lines(tmp_path: Path) -> None:
-    package = write_package(tmp_path, {
-        "__init__.py": "",
-        "a.py": "import os\n\nfrom .b import x\n",
-        "b.py": "from pkg.c import y\nx = 1\n",
-        "c.py": "from . import a\ny = 2\n",
-        "d.py": "from .a import x\n",  # reaches the cycle but is not on it
-    })
+    package = write_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "a.py": "import os\n\nfrom .b import x\n",
+            "b.py": "from pkg.c import y\nx = 1\n",
+            "c.py": "from . import a\ny = 2\n",
+            "d.py": "from .a import x\n",  # reaches the cycle but is not on it
+        },
+    )
     result = check(package)
     assert result.returncode == 1
-    assert ("import cycle (module-level imports) among pkg.a, pkg.b, pkg.c: pkg.a (line 3) -> pkg.b (line 1) -> "
-            "pkg.c (line 1) -> pkg.a") in result.stdout
+    assert (
+        "import cycle (module-level imports) among pkg.a, pkg.b, pkg.c: pkg.a (line 3) -> pkg.b (line 1) -> "
+        "pkg.c (line 1) -> pkg.a"
+    ) in result.stdout
     assert "pkg.d" not in result.stdout.split("import cycle")[1]
 
 
 def test_a_deferred_cycle_counts_only_with_deferred(tmp_path: Path) -> None:
     """What model.py and pretrained.py had: one side's import inside a function."""
-    package = write_package(tmp_path, {
-        "__init__.py": "",
-        "model.py": "class Encoder: ...\n\ndef load():\n    from .pretrained import load_hf\n    return load_hf()\n",
-        "pretrained.py": "from .model import Encoder\n\ndef load_hf(): ...\n",
-    })
+    package = write_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "model.py": "class Encoder: ...\n\ndef load():\n    from .pretrained import load_hf\n    return load_hf()\n",
+            "pretrained.py": "from .model import Encoder\n\ndef load_hf(): ...\n",
+        },
+    )
     assert check(package).returncode == 0
     result = check("--deferred", package)
     assert result.returncode == 1
@@ -93,23 +103,29 @@ def test_a_deferred_cycle_counts_only_with_deferred(tmp_path: Path) -> None:
 
 
 def test_type_checking_imports_and_outside_imports_are_no_edges(tmp_path: Path) -> None:
-    package = write_package(tmp_path, {
-        "__init__.py": "",
-        "a.py": "from typing import TYPE_CHECKING\nimport json\nif TYPE_CHECKING:\n    from .b import B\n",
-        "b.py": "from .a import json\nclass B: ...\n",
-    })
+    package = write_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "a.py": "from typing import TYPE_CHECKING\nimport json\nif TYPE_CHECKING:\n    from .b import B\n",
+            "b.py": "from .a import json\nclass B: ...\n",
+        },
+    )
     assert check("--deferred", package).returncode == 0
 
 
 def test_subpackages_resolve(tmp_path: Path) -> None:
     """The target layout has folders: `from ..index import store` in pkg/models/load.py reaches pkg.index.store."""
-    package = write_package(tmp_path, {
-        "__init__.py": "",
-        "models/__init__.py": "",
-        "models/load.py": "from ..index import store\n",
-        "index/__init__.py": "",
-        "index/store.py": "from ..models.load import x\n",
-    })
+    package = write_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "models/__init__.py": "",
+            "models/load.py": "from ..index import store\n",
+            "index/__init__.py": "",
+            "index/store.py": "from ..models.load import x\n",
+        },
+    )
     result = check(package)
     assert result.returncode == 1
     assert "among pkg.index.store, pkg.models.load" in result.stdout

@@ -129,9 +129,14 @@ def test_siglip_bias_gradient_matches_the_closed_form() -> None:
 def _reference_multi_caption_clip(x: list[list[float]], y: list[list[float]], owner: list[int], t: float) -> float:
     """Captions: cross-entropy over the images. Images: -log of the softmax mass on their own captions."""
     logits = [[t * _dot(xi, yc) for yc in y] for xi in x]
-    text_side = [-logits[owner[c]][c] + math.log(sum(math.exp(logits[i][c]) for i in range(len(x)))) for c in range(len(y))]
-    image_side = [math.log(sum(math.exp(l) for l in row)) - math.log(sum(math.exp(row[c]) for c in range(len(y)) if owner[c] == i))
-                  for i, row in enumerate(logits)]
+    text_side = [
+        -logits[owner[c]][c] + math.log(sum(math.exp(logits[i][c]) for i in range(len(x)))) for c in range(len(y))
+    ]
+    image_side = [
+        math.log(sum(math.exp(l) for l in row))
+        - math.log(sum(math.exp(row[c]) for c in range(len(y)) if owner[c] == i))
+        for i, row in enumerate(logits)
+    ]
     return (sum(image_side) / len(x) + sum(text_side) / len(y)) / 2
 
 
@@ -148,7 +153,9 @@ def test_one_caption_each_is_the_default_owner() -> None:
     x, y = _batch(5, 4, seed=23)
     t, bias = torch.tensor(6.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
     assert clip_loss(x, y, t, torch.arange(5)).item() == pytest.approx(clip_loss(x, y, t).item(), abs=1e-12)
-    assert siglip_loss(x, y, t, bias, torch.arange(5)).item() == pytest.approx(siglip_loss(x, y, t, bias).item(), abs=1e-12)
+    assert siglip_loss(x, y, t, bias, torch.arange(5)).item() == pytest.approx(
+        siglip_loss(x, y, t, bias).item(), abs=1e-12
+    )
 
 
 def test_siglip_loss_with_several_captions_marks_each_own_caption_positive() -> None:
@@ -156,7 +163,13 @@ def test_siglip_loss_with_several_captions_marks_each_own_caption_positive() -> 
     y, _ = _batch(3, 5, seed=25)
     owner, t, b = [1, 0, 1], 4.0, -1.0
     z = [[1.0 if owner[c] == i else -1.0 for c in range(3)] for i in range(2)]
-    terms = [math.log(1 + math.exp(-z[i][c] * (t * _dot(x[i].tolist(), y[c].tolist()) + b))) for i in range(2) for c in range(3)]
+    terms = [
+        math.log(1 + math.exp(-z[i][c] * (t * _dot(x[i].tolist(), y[c].tolist()) + b)))
+        for i in range(2)
+        for c in range(3)
+    ]
     expected = sum(terms) / 2
-    got = siglip_loss(x, y, torch.tensor(t, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), torch.tensor(owner)).item()
+    got = siglip_loss(
+        x, y, torch.tensor(t, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), torch.tensor(owner)
+    ).item()
     assert got == pytest.approx(expected, abs=1e-9)

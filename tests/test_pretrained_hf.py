@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import read_log
+from hf_tiny import tiny_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import read_log
-from hf_tiny import tiny_checkpoint
 from retrieval.cli import main
 from retrieval.errors import RetrievalError
 from retrieval.model import load_model
@@ -104,10 +104,25 @@ def test_index_refuses_another_checkpoint(clip: Path, small_data: Path, tmp_path
 
 
 @pytest.mark.slow
-def test_fine_tuning_keeps_the_best_epoch_and_loads_as_a_checkpoint(clip: Path, small_data: Path, tmp_path: Path) -> None:
+def test_fine_tuning_keeps_the_best_epoch_and_loads_as_a_checkpoint(
+    clip: Path, small_data: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "tuned"
-    code, text = run("train", "--data", str(small_data), "--out", str(out), "--init", f"hf:{clip}", "--epochs", "2",
-                     "--batch-size", "16", "--lr", "1e-3")
+    code, text = run(
+        "train",
+        "--data",
+        str(small_data),
+        "--out",
+        str(out),
+        "--init",
+        f"hf:{clip}",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+    )
     assert code == 0, text
     log = read_log(out)
     assert [e["epoch"] for e in log] == [1, 2] and log[0]["best"] and log[-1]["lr"] < 1e-3
@@ -115,18 +130,39 @@ def test_fine_tuning_keeps_the_best_epoch_and_loads_as_a_checkpoint(clip: Path, 
     assert any(not torch.equal(tuned[k], original[k]) for k in original)
     last = torch.load(out / "train_state.pt", weights_only=True)["model"]  # the last epoch's weights
     assert all(torch.equal(last[f"hf.{k}"], tuned[k]) for k in tuned) == log[-1]["best"], "the best epoch is kept"
-    code, text = run("eval", "--model", f"hf:{out}", "--data", str(small_data), "--split", "test", "--json", "--no-thresholds")
+    code, text = run(
+        "eval", "--model", f"hf:{out}", "--data", str(small_data), "--split", "test", "--json", "--no-thresholds"
+    )
     assert code == 0 and json.loads(text)["n_images"] == 8, text
     assert fingerprint(f"hf:{out}") != fingerprint(f"hf:{clip}")
 
 
-@pytest.mark.parametrize("freeze, locked", [("text", ("text_model.", "text_projection.")),
-                                            ("image", ("vision_model.", "visual_projection."))])
+@pytest.mark.parametrize(
+    "freeze, locked",
+    [("text", ("text_model.", "text_projection.")), ("image", ("vision_model.", "visual_projection."))],
+)
 @pytest.mark.slow
-def test_a_frozen_side_does_not_change(clip: Path, small_data: Path, tmp_path: Path, freeze: str, locked: tuple[str, ...]) -> None:
+def test_a_frozen_side_does_not_change(
+    clip: Path, small_data: Path, tmp_path: Path, freeze: str, locked: tuple[str, ...]
+) -> None:
     out = tmp_path / "tuned"
-    code, text = run("train", "--data", str(small_data), "--out", str(out), "--init", f"hf:{clip}", "--epochs", "1",
-                     "--batch-size", "16", "--lr", "1e-3", "--freeze", freeze)
+    code, text = run(
+        "train",
+        "--data",
+        str(small_data),
+        "--out",
+        str(out),
+        "--init",
+        f"hf:{clip}",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--freeze",
+        freeze,
+    )
     assert code == 0, text
     tuned, original = load_file(out / "model.safetensors"), load_file(clip / "model.safetensors")
     assert all(torch.equal(tuned[k], original[k]) for k in original if k.startswith(locked))

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import read_log
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import read_log
 from retrieval import classify
 from retrieval.cli import main
 from retrieval.config import PRESETS, with_image_tower
@@ -33,8 +33,25 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def train(data: Path, out: Path, *extra: str) -> None:
-    args = ["train", "--data", str(data), "--out", str(out), "--preset", "pretrained", "--image-tower",
-            "efficientnet-lite0", "--image-size", "64", "--epochs", "2", "--views", "2", "--batch-size", "64"]
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "pretrained",
+        "--image-tower",
+        "efficientnet-lite0",
+        "--image-size",
+        "64",
+        "--epochs",
+        "2",
+        "--views",
+        "2",
+        "--batch-size",
+        "64",
+    ]
     result = CliRunner().invoke(main, [*args, *extra])
     assert result.exit_code == 0, result.output
 
@@ -48,7 +65,7 @@ def locked_model(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def tower_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     prefix = "image_tower.nets.0."
-    return {k[len(prefix):]: v for k, v in load_file(model_dir / "model.safetensors").items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in load_file(model_dir / "model.safetensors").items() if k.startswith(prefix)}
 
 
 @pytest.mark.slow
@@ -79,8 +96,11 @@ def test_cached_path_equals_the_whole_tower(locked_model: Path, synth_data: Path
 def test_unlocked_blocks_train_and_the_rest_stays(synth_data: Path, tmp_path: Path) -> None:
     train(synth_data, tmp_path / "m", "--image-trainable-blocks", "2", "--epochs", "1")
     saved, packaged = tower_weights(tmp_path / "m"), packaged_state_dict("efficientnet-lite0")
-    changed = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks.") else "")
-               for k in packaged if not torch.equal(saved[k], packaged[k])}
+    changed = {
+        k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks.") else "")
+        for k in packaged
+        if not torch.equal(saved[k], packaged[k])
+    }
     assert changed and changed <= {"blocks.14", "blocks.15", "head"}, changed
     running_stats = [k for k in packaged if k.endswith(("running_mean", "running_var"))]
     assert all(torch.equal(saved[k], packaged[k]) for k in running_stats)  # BatchNorm stays in eval mode
@@ -101,8 +121,9 @@ def test_bad_tower_choices_are_one_line(synth_data: Path, tmp_path: Path) -> Non
     assert result.exit_code == 2 and "efficientnet-lite0" in result.output and "Traceback" not in result.output
     result = runner.invoke(main, [*base, "--preset", "tiny", "--image-trainable-blocks", "2"])
     assert result.exit_code != 0 and "pretrained image tower" in result.output
-    result = runner.invoke(main, [*base, "--preset", "pretrained", "--image-tower", "efficientnet-lite0",
-                                  "--image-trainable-blocks", "17"])
+    result = runner.invoke(
+        main, [*base, "--preset", "pretrained", "--image-tower", "efficientnet-lite0", "--image-trainable-blocks", "17"]
+    )
     assert result.exit_code != 0 and "0..16" in result.output
     result = runner.invoke(main, [*base, "--preset", "pretrained", "--image-trainable-blocks", "2"])
     assert result.exit_code != 0 and "not an ensemble" in result.output
@@ -153,7 +174,10 @@ def test_zeroshot_model_indexes_and_searches_a_folder(zeroshot_model: Path, tmp_
     hits = Index.open(tmp_path / "index").search(text="an orange", k=3, target="image")
     assert {h.id for h in hits} == {"orange.png", "sky.png", "grass.png"}
     model = load_model(zeroshot_model)
-    want = model.encode_image([folder / h.id for h in hits], precision=report.precision) @ model.encode_text(["an orange"])[0]
+    want = (
+        model.encode_image([folder / h.id for h in hits], precision=report.precision)
+        @ model.encode_text(["an orange"])[0]
+    )
     np.testing.assert_allclose([h.score for h in hits], want, atol=1e-4, rtol=0)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
@@ -197,7 +221,9 @@ def test_ensemble_tower_is_its_networks_side_by_side() -> None:
     pixels = torch.randn(2, 3, 130, 130)
     with torch.no_grad():
         got = tower(pixels)
-        lite0 = tower.nets[0](F.interpolate(pixels, size=(112, 112), mode="bilinear", antialias=True, align_corners=False))
+        lite0 = tower.nets[0](
+            F.interpolate(pixels, size=(112, 112), mode="bilinear", antialias=True, align_corners=False)
+        )
         lite2 = tower.nets[1](pixels)
     torch.testing.assert_close(got, torch.cat([lite0, lite2], dim=1))
     with pytest.raises(RetrievalError, match="single pretrained image tower"):

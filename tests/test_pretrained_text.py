@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import read_log
 from safetensors.torch import load_file
 
-from conftest import read_log
 from retrieval.cli import main
 from retrieval.config import PRESETS, with_text_tower
-from retrieval.errors import RetrievalError
 from retrieval.data import read_pairs
+from retrieval.errors import RetrievalError
 from retrieval.indexing import build_index, caption_vector
 from retrieval.model import load_model, save_model
 from retrieval.modeldir import fingerprint
@@ -48,7 +48,19 @@ def tower_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def train(data: Path, out: Path, *extra: str) -> None:
-    args = ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--text-tower", "minilm", "--epochs", "2"]
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--text-tower",
+        "minilm",
+        "--epochs",
+        "2",
+    ]
     result = CliRunner().invoke(main, [*args, *extra])
     assert result.exit_code == 0, result.output
 
@@ -77,7 +89,9 @@ def test_tower_gives_the_published_sentence_embedding() -> None:
 
 
 @pytest.mark.slow
-def test_locked_training_caches_the_tower_resumes_and_leaves_it_unchanged(synth_data: Path, tmp_path: Path, tower_calls) -> None:
+def test_locked_training_caches_the_tower_resumes_and_leaves_it_unchanged(
+    synth_data: Path, tmp_path: Path, tower_calls
+) -> None:
     out = tmp_path / "m"
     train(synth_data, out, "--epochs", "1")
     n_captions = len({c for p in read_pairs(synth_data) for c in p.captions})

@@ -30,7 +30,9 @@ Parts = dict[str, tuple[np.ndarray | None, np.ndarray | None]]
 
 # --- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def mixed_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, torch_single_thread) -> Path:
+def mixed_index(
+    synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, torch_single_thread
+) -> Path:
     """The 300 synthetic scenes, with every 7th made text-only and every 11th (else) image-only."""
     root = tmp_path_factory.mktemp("query")
     rows = []
@@ -149,11 +151,17 @@ def test_margin_below_the_top_score_equals_brute_force(index: Index, parts: Part
 
 @pytest.mark.parametrize("k, theta_rank", [(10, None), (None, 30), (5, 30), (10, 0)])
 @pytest.mark.slow
-def test_batch_search_equals_one_query_at_a_time(index: Index, parts: Parts, k: int | None, theta_rank: int | None) -> None:
+def test_batch_search_equals_one_query_at_a_time(
+    index: Index, parts: Parts, k: int | None, theta_rank: int | None
+) -> None:
     qs = np.stack(queries(parts, index.store.manifest.dim))
     scores = brute_force(parts, qs[0], "item", 0.5)
     # theta_rank 0: above the best score, so the first query has no results while the others may
-    theta = None if theta_rank is None else (max(scores.values()) + 1e-6 if theta_rank == 0 else theta_at(scores, theta_rank))
+    theta = (
+        None
+        if theta_rank is None
+        else (max(scores.values()) + 1e-6 if theta_rank == 0 else theta_at(scores, theta_rank))
+    )
     batch = index.search_vectors(qs, k=k, theta=theta)
     assert batch == [index.search_vector(q, k=k, theta=theta) for q in qs]
     assert len(batch) == len(qs) and (theta_rank != 0 or batch[0] == [])
@@ -187,12 +195,15 @@ def exact(tmp_path: Path) -> Index:
     e = np.eye(4, dtype=np.float32)
     store = IndexStore.create(tmp_path / "exact", Manifest("no-model", "0" * 16, 4))
     vectors = {"e0": e[0], "e1": e[1], "e2": e[2], "e3": e[3], "-e0": -e[0]}
-    store.commit([
-        Item(0, "both", "/x/both.png", ["both"], "e0", "e1"),
-        Item(0, "text_only", None, ["text"], None, "e2"),
-        Item(0, "image_only", "/x/image.png", [], "e3", None),
-        Item(0, "anti", "/x/anti.png", ["anti"], "-e0", "-e0"),
-    ], vectors)
+    store.commit(
+        [
+            Item(0, "both", "/x/both.png", ["both"], "e0", "e1"),
+            Item(0, "text_only", None, ["text"], None, "e2"),
+            Item(0, "image_only", "/x/image.png", [], "e3", None),
+            Item(0, "anti", "/x/anti.png", ["anti"], "-e0", "-e0"),
+        ],
+        vectors,
+    )
     store.rebuild()
     return Index(IndexStore.open(tmp_path / "exact"), tmp_path / "no-model")
 
@@ -281,23 +292,26 @@ def test_cold_text_search_does_not_import_torch_or_transformers(mixed_index: Pat
 
 
 # --- bad input ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, message", [
-    ({"text": ""}, "empty"),
-    ({"text": "  \t\n "}, "empty"),
-    ({"text": "a" * (MAX_QUERY_CHARS + 1)}, f"under {MAX_QUERY_CHARS}"),
-    ({"text": "a red circle", "k": 0}, "k must be at least 1"),
-    ({"text": "a red circle", "k": -3}, "k must be at least 1"),
-    ({"text": "a red circle", "k": None}, "give k"),
-    ({"text": "a red circle", "theta": 2.0}, r"theta must be in \[-1, 1\]"),
-    ({"text": "a red circle", "theta": -1.5}, r"theta must be in \[-1, 1\]"),
-    ({"text": "a red circle", "theta": float("nan")}, r"theta must be in \[-1, 1\]"),
-    ({"text": "a red circle", "weight": 1.5}, r"weight must be in \[0, 1\]"),
-    ({"text": "a red circle", "weight": -0.1}, r"weight must be in \[0, 1\]"),
-    ({"text": "a red circle", "target": "video"}, "target must be one of"),
-    ({}, "exactly one query"),
-    ({"text": "a red circle", "like": "synth-000000"}, "exactly one query"),
-    ({"like": "no-such-id"}, "no item with id 'no-such-id'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"text": ""}, "empty"),
+        ({"text": "  \t\n "}, "empty"),
+        ({"text": "a" * (MAX_QUERY_CHARS + 1)}, f"under {MAX_QUERY_CHARS}"),
+        ({"text": "a red circle", "k": 0}, "k must be at least 1"),
+        ({"text": "a red circle", "k": -3}, "k must be at least 1"),
+        ({"text": "a red circle", "k": None}, "give k"),
+        ({"text": "a red circle", "theta": 2.0}, r"theta must be in \[-1, 1\]"),
+        ({"text": "a red circle", "theta": -1.5}, r"theta must be in \[-1, 1\]"),
+        ({"text": "a red circle", "theta": float("nan")}, r"theta must be in \[-1, 1\]"),
+        ({"text": "a red circle", "weight": 1.5}, r"weight must be in \[0, 1\]"),
+        ({"text": "a red circle", "weight": -0.1}, r"weight must be in \[0, 1\]"),
+        ({"text": "a red circle", "target": "video"}, "target must be one of"),
+        ({}, "exactly one query"),
+        ({"text": "a red circle", "like": "synth-000000"}, "exactly one query"),
+        ({"like": "no-such-id"}, "no item with id 'no-such-id'"),
+    ],
+)
 @pytest.mark.slow
 def test_bad_api_query_raises_retrieval_error(index: Index, kwargs: dict, message: str) -> None:
     with pytest.raises(RetrievalError, match=message):
@@ -316,21 +330,24 @@ def run_cli(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--text", ""], "empty"),
-    (["--text", "   "], "empty"),
-    (["--text", "a" * (MAX_QUERY_CHARS + 1)], "characters"),
-    (["--text", "a red circle", "--theta", "2"], "theta must be in"),
-    (["--text", "a red circle", "--theta", "-1.5"], "theta must be in"),
-    (["--text", "a red circle", "--weight", "1.5"], "weight must be in"),
-    (["--text", "a red circle", "--k", "-1"], "k must be at least 1"),
-    (["--text", "a red circle", "--k", "0"], "give k"),
-    (["--text", "a red circle", "--margin", "0"], "margin must be in (0, 2]"),
-    ([], "exactly one query"),
-    (["--text", "a red circle", "--like", "synth-000000"], "exactly one query"),
-    (["--like", "no-such-id"], "no-such-id"),
-    (["--image", "NOT_AN_IMAGE"], "cannot read image"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--text", ""], "empty"),
+        (["--text", "   "], "empty"),
+        (["--text", "a" * (MAX_QUERY_CHARS + 1)], "characters"),
+        (["--text", "a red circle", "--theta", "2"], "theta must be in"),
+        (["--text", "a red circle", "--theta", "-1.5"], "theta must be in"),
+        (["--text", "a red circle", "--weight", "1.5"], "weight must be in"),
+        (["--text", "a red circle", "--k", "-1"], "k must be at least 1"),
+        (["--text", "a red circle", "--k", "0"], "give k"),
+        (["--text", "a red circle", "--margin", "0"], "margin must be in (0, 2]"),
+        ([], "exactly one query"),
+        (["--text", "a red circle", "--like", "synth-000000"], "exactly one query"),
+        (["--like", "no-such-id"], "no-such-id"),
+        (["--image", "NOT_AN_IMAGE"], "cannot read image"),
+    ],
+)
 @pytest.mark.slow
 def test_bad_cli_query_is_one_error_line(mixed_index: Path, tmp_path: Path, args: list[str], message: str) -> None:
     fake = tmp_path / "notes.txt"

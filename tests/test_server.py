@@ -16,16 +16,16 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 
 pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[dev,serve]'")
-import schemathesis  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from PIL import Image  # noqa: E402
+import schemathesis
+from fastapi.testclient import TestClient
+from PIL import Image
+from schemathesis import GenerationMode
 
-from retrieval.cli import main  # noqa: E402
-from retrieval.images import load_image  # noqa: E402
-from retrieval.indexing import build_index  # noqa: E402
-from retrieval.query import MAX_QUERY_CHARS, Index  # noqa: E402
-from retrieval.server import THUMB_SIDE, create_app  # noqa: E402
+from retrieval.cli import main
+from retrieval.images import load_image
+from retrieval.indexing import build_index
+from retrieval.query import MAX_QUERY_CHARS, Index
+from retrieval.server import THUMB_SIDE, create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_single_thread")]  # integration: a trained model, indexes
 UPLOAD_LIMIT = 256 * 1024  # small, so the over-the-limit uploads are cheap to make
@@ -68,16 +68,24 @@ def same_hits(results: list[dict], hits) -> None:
 
 
 # --- searches answer what Index.search answers ----------------------------------------------------
-@pytest.mark.parametrize("params", [
-    {"q": "a small red circle", "k": 5},
-    {"q": "a large blue star", "k": 20, "target": "image"},
-    {"q": "a large blue star", "k": 20, "target": "text"},
-    {"q": "a green square on the left", "k": 300, "weight": 0.8, "theta": 0.3},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"q": "a small red circle", "k": 5},
+        {"q": "a large blue star", "k": 20, "target": "image"},
+        {"q": "a large blue star", "k": 20, "target": "text"},
+        {"q": "a green square on the left", "k": 300, "weight": 0.8, "theta": 0.3},
+    ],
+)
 def test_text_search_is_index_search(client: TestClient, index: Index, params: dict) -> None:
     body = client.get("/api/search", params=params).json()
-    expected = index.search(text=params["q"], k=params["k"], theta=params.get("theta"),
-                            weight=params.get("weight", 0.5), target=params.get("target", "item"))
+    expected = index.search(
+        text=params["q"],
+        k=params["k"],
+        theta=params.get("theta"),
+        weight=params.get("weight", 0.5),
+        target=params.get("target", "item"),
+    )
     same_hits(body["results"], expected)
     assert body["count"] == len(expected) and body["query"]["q"] == params["q"]
     if "theta" in params:
@@ -102,8 +110,11 @@ def test_more_like_this_is_index_search(client: TestClient, index: Index) -> Non
 
 def test_image_upload_search_is_index_search(client: TestClient, index: Index, synth_data: Path) -> None:
     path = synth_data.parent / "images" / "synth-000020.png"
-    response = client.post("/api/search/image", params={"k": 6, "target": "text"},
-                           files={"file": ("query.png", path.read_bytes(), "image/png")})
+    response = client.post(
+        "/api/search/image",
+        params={"k": 6, "target": "text"},
+        files={"file": ("query.png", path.read_bytes(), "image/png")},
+    )
     body = response.json()
     same_hits(body["results"], index.search(image=load_image(path), k=6, target="text"))
     assert body["query"]["image"] == "query.png" and body["query"]["target"] == "text"
@@ -130,8 +141,9 @@ def test_thumbnail_is_a_small_jpeg_cached_under_the_index(client: TestClient, se
     assert not list((served_index / "thumbs").glob("*.tmp"))
 
 
-def test_thumbnail_of_a_text_only_item_or_a_vanished_file_is_404(tiny_model: Path, synth_data: Path,
-                                                                 tmp_path: Path, client: TestClient) -> None:
+def test_thumbnail_of_a_text_only_item_or_a_vanished_file_is_404(
+    tiny_model: Path, synth_data: Path, tmp_path: Path, client: TestClient
+) -> None:
     assert "has no image" in error_of(client.get("/api/thumb/synth-000003"), 404)
     shutil.copy(synth_data.parent / "images" / "synth-000000.png", tmp_path / "gone.png")
     build_index(tmp_path, tiny_model, tmp_path / "idx", progress=False)
@@ -141,22 +153,25 @@ def test_thumbnail_of_a_text_only_item_or_a_vanished_file_is_404(tiny_model: Pat
 
 
 # --- bad inputs: one-line JSON errors with the right status ---------------------------------------
-@pytest.mark.parametrize("params, words", [
-    ({"q": ""}, "empty"),
-    ({"q": "   "}, "empty"),
-    ({"q": "x" * (MAX_QUERY_CHARS + 1)}, f"at most {MAX_QUERY_CHARS} characters"),
-    ({"q": "a", "k": 0}, "k: Input should be greater than or equal to 1"),
-    ({"q": "a", "k": -3}, "k:"),
-    ({"q": "a", "k": 10**6}, "k: Input should be less than or equal to"),
-    ({"q": "a", "k": "ten"}, "k: Input should be a valid integer"),
-    ({"q": "a", "theta": 2}, "theta: Input should be less than or equal to 1"),
-    ({"q": "a", "theta": -1.5}, "theta:"),
-    ({"q": "a", "theta": "nan"}, "theta:"),
-    ({"q": "a", "weight": 1.5}, "weight:"),
-    ({"q": "a", "target": "video"}, "target: Input should be 'item', 'image' or 'text'"),
-    ({}, "give exactly one query"),
-    ({"q": "a", "like": "synth-000001"}, "give exactly one query"),
-])
+@pytest.mark.parametrize(
+    "params, words",
+    [
+        ({"q": ""}, "empty"),
+        ({"q": "   "}, "empty"),
+        ({"q": "x" * (MAX_QUERY_CHARS + 1)}, f"at most {MAX_QUERY_CHARS} characters"),
+        ({"q": "a", "k": 0}, "k: Input should be greater than or equal to 1"),
+        ({"q": "a", "k": -3}, "k:"),
+        ({"q": "a", "k": 10**6}, "k: Input should be less than or equal to"),
+        ({"q": "a", "k": "ten"}, "k: Input should be a valid integer"),
+        ({"q": "a", "theta": 2}, "theta: Input should be less than or equal to 1"),
+        ({"q": "a", "theta": -1.5}, "theta:"),
+        ({"q": "a", "theta": "nan"}, "theta:"),
+        ({"q": "a", "weight": 1.5}, "weight:"),
+        ({"q": "a", "target": "video"}, "target: Input should be 'item', 'image' or 'text'"),
+        ({}, "give exactly one query"),
+        ({"q": "a", "like": "synth-000001"}, "give exactly one query"),
+    ],
+)
 def test_bad_search_parameters_are_422(client: TestClient, params: dict, words: str) -> None:
     assert words in error_of(client.get("/api/search", params=params), 422)
 
@@ -181,20 +196,40 @@ def raw_request(app, method: str, path: str, query: bytes, headers: list | None 
     async def send(message: dict) -> None:
         messages.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
-             "headers": [(b"host", b"testserver"), *(headers or [])], "client": ("127.0.0.1", 1),
-             "server": ("testserver", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), *(headers or [])],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
     asyncio.run(app(scope, receive, send))
     return messages[0]["status"], json.loads(b"".join(m.get("body", b"") for m in messages[1:]))
 
 
-@pytest.mark.parametrize("path", [
-    "/api/items/no-such-item", "/api/thumb/no-such-item", "/api/search?like=no-such-item",
-    "/api/items/..%2F..%2F..%2Fetc%2Fpasswd", "/api/thumb/..%2F..%2F..%2Fetc%2Fpasswd",
-    "/api/thumb/%2Fetc%2Fpasswd", "/api/thumb/..%2Fpairs.jsonl", "/api/search?like=..%2F..%2Fetc%2Fpasswd",
-    "/api/thumb/../../../etc/passwd", "/api/thumb/synth-000001%00.png", "/api/thumb/synth-000001%2F..%2Fsynth-000002",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/items/no-such-item",
+        "/api/thumb/no-such-item",
+        "/api/search?like=no-such-item",
+        "/api/items/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/api/thumb/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/api/thumb/%2Fetc%2Fpasswd",
+        "/api/thumb/..%2Fpairs.jsonl",
+        "/api/search?like=..%2F..%2Fetc%2Fpasswd",
+        "/api/thumb/../../../etc/passwd",
+        "/api/thumb/synth-000001%00.png",
+        "/api/thumb/synth-000001%2F..%2Fsynth-000002",
+    ],
+)
 def test_unknown_ids_and_path_tricks_are_404(client: TestClient, path: str) -> None:
     response = client.get(path)
     assert response.status_code == 404 and "root:" not in response.text, response.text
@@ -202,17 +237,20 @@ def test_unknown_ids_and_path_tricks_are_404(client: TestClient, path: str) -> N
 
 
 def test_an_id_that_looks_like_a_path_is_only_a_key(client: TestClient, synth_data: Path) -> None:
-    """"../escape" is an item's id: it names that item's image, never a file relative to anything."""
+    """ "../escape" is an item's id: it names that item's image, never a file relative to anything."""
     assert client.get("/api/items/..%2Fescape").json()["id"] == "../escape"
     thumb = Image.open(io.BytesIO(client.get("/api/thumb/..%2Fescape").content))
     assert thumb.size == load_image(synth_data.parent / "images" / "synth-000008.png").size
 
 
-@pytest.mark.parametrize("content, words", [
-    (b"this is not an image", "not a recognised image format"),
-    (b"", "not a recognised image format"),
-    (png_bytes(Image.effect_noise((64, 64), 50))[:2000], "truncated"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"this is not an image", "not a recognised image format"),
+        (b"", "not a recognised image format"),
+        (png_bytes(Image.effect_noise((64, 64), 50))[:2000], "truncated"),
+    ],
+)
 def test_an_upload_that_is_not_an_image_is_422(client: TestClient, content: bytes, words: str) -> None:
     message = error_of(client.post("/api/search/image", files={"file": ("x.png", content, "image/png")}), 422)
     assert message.startswith("cannot read the uploaded image: ") and words in message
@@ -295,8 +333,12 @@ def test_concurrent_requests_get_the_sequential_answers(client: TestClient) -> N
     """Requests share one index across threads with no lock (see retrieval/server.py). The image and text
     targets filter items (the index has a text-only and an image-only item): FAISS swaps the filter inside
     the search parameters during a search, so sharing those between threads crashed the process."""
-    queries = [{"q": f"a {size} {colour} circle", "k": 10, "target": target} for size in ("small", "large")
-               for colour in ("red", "green", "blue", "yellow") for target in ("item", "image", "text")]
+    queries = [
+        {"q": f"a {size} {colour} circle", "k": 10, "target": target}
+        for size in ("small", "large")
+        for colour in ("red", "green", "blue", "yellow")
+        for target in ("item", "image", "text")
+    ]
     queries += [{"like": f"synth-0000{i:02d}", "k": 10, "target": "image"} for i in range(10, 18)]
     expected = [client.get("/api/search", params=p).json()["results"] for p in queries]
     with ThreadPoolExecutor(8) as pool:
@@ -326,16 +368,27 @@ def test_no_request_from_the_spec_is_a_server_error(app, mode: GenerationMode) -
     """
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} == {"/api/search", "/api/search/image", "/api/items/{item_id}",
-                                              "/api/thumb/{item_id}", "/api/health", "/api/info"}
+    assert {op.path for op in operations} == {
+        "/api/search",
+        "/api/search/image",
+        "/api/items/{item_id}",
+        "/api/thumb/{item_id}",
+        "/api/health",
+        "/api/info",
+    }
     for operation in operations:
         if mode == GenerationMode.NEGATIVE and not (operation.query or operation.body):
             continue  # an id in the path may be any string, and health and info take nothing: none is invalid
+
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=20, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=20, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         def no_server_error(case) -> None:
             response = case.call()
-            assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:200]}"
+            assert response.status_code < 500, (
+                f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:200]}"
+            )
             if response.status_code >= 400:
                 assert json.loads(response.text)["error"]
 

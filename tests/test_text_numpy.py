@@ -36,8 +36,19 @@ def minilm_model(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from retrieval.cli import main
 
     out = tmp_path_factory.mktemp("minilm") / "model"
-    args = ["train", "--data", str(synth_data), "--out", str(out), "--preset", "tiny", "--text-tower", "minilm",
-            "--epochs", "1"]
+    args = [
+        "train",
+        "--data",
+        str(synth_data),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--text-tower",
+        "minilm",
+        "--epochs",
+        "1",
+    ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         result = CliRunner().invoke(main, args)
@@ -99,8 +110,16 @@ def test_identity_projection_gives_the_towers_own_space() -> None:
     from retrieval.pretrained import BertTextTower, minilm_dir
 
     tokenizer = WordPieceTokenizer.load(minilm_dir() / "tokenizer.json")
-    config = dict(vocab_size=len(tokenizer), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=16, max_position_embeddings=64, layer_norm_eps=1e-12, hidden_act="gelu")
+    config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=64,
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",
+    )
     torch.manual_seed(0)
     tower = BertTextTower(config, pad_id=tokenizer.pad_id)
     with torch.no_grad():

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from retrieval.evaluate import relevance_from_owner
-from retrieval.thresholds import (at_theta, best_f1, normalise, score_histogram, sweep, theta_for_precision,
-                                  threshold_report)
+from retrieval.thresholds import (
+    at_theta,
+    best_f1,
+    normalise,
+    score_histogram,
+    sweep,
+    theta_for_precision,
+    threshold_report,
+)
 
 
 def basis_case(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -16,8 +23,7 @@ def basis_case(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # Query 0's relevant item is 0, query 1's is 2.
-SIMS = np.array([[0.61, 0.32, 0.13],
-                 [0.42, 0.21, 0.52]], dtype=np.float32)
+SIMS = np.array([[0.61, 0.32, 0.13], [0.42, 0.21, 0.52]], dtype=np.float32)
 RELEVANCE = (np.array([0, 1, 2]), np.array([0, 2]))
 
 
@@ -25,8 +31,15 @@ def test_hand_worked_sweep() -> None:
     queries, items = basis_case(SIMS)
     curve = sweep(score_histogram(queries, items, RELEVANCE))
     # scores, highest first: .61 (rel), .52 (rel), .42, .32, .21, .13
-    for theta, precision, recall in [(0.6, 1.0, 0.5), (0.5, 1.0, 1.0), (0.4, 2 / 3, 1.0), (0.3, 2 / 4, 1.0),
-                                     (0.15, 2 / 5, 1.0), (0.0, 2 / 6, 1.0), (0.7, 1.0, 0.0)]:
+    for theta, precision, recall in [
+        (0.6, 1.0, 0.5),
+        (0.5, 1.0, 1.0),
+        (0.4, 2 / 3, 1.0),
+        (0.3, 2 / 4, 1.0),
+        (0.15, 2 / 5, 1.0),
+        (0.0, 2 / 6, 1.0),
+        (0.7, 1.0, 0.0),
+    ]:
         point = at_theta(curve, theta)
         assert point["theta"] == pytest.approx(theta, abs=1e-9)
         assert (point["precision"], point["recall"]) == pytest.approx((precision, recall)), theta
@@ -41,7 +54,7 @@ def random_case(seed: int, n_q: int = 37, n_i: int = 29, d: int = 8):
     items = rng.standard_normal((n_i, d))
     owner = rng.integers(0, n_i, n_q)  # query q is relevant to item owner[q]
     queries = items[owner] + 1.0 * rng.standard_normal((n_q, d))
-    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     indptr = np.arange(n_q + 1)
     return unit(queries), unit(items), (indptr, owner.astype(np.int64))
 
@@ -76,7 +89,7 @@ def test_histogram_over_blocks_of_candidates_equals_the_whole_matrix(rule: str) 
     queries, items, relevance = random_case(3, n_q=41, n_i=53)
     whole = score_histogram(queries, items, relevance, rule)
     for rows in (53, 20, 7, 1):
-        blocks = lambda rows=rows: [(a, items[a : a + rows]) for a in range(0, len(items), rows)]  # noqa: E731
+        blocks = lambda rows=rows: [(a, items[a : a + rows]) for a in range(0, len(items), rows)]
         part = score_histogram(queries, blocks, relevance, rule, chunk=9)
         assert part.relevant.sum() == whole.relevant.sum() == len(queries)
         assert np.abs(np.cumsum(part.relevant) - np.cumsum(whole.relevant)).max() <= 1, (rule, rows)

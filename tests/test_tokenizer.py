@@ -45,7 +45,18 @@ def test_max_size_counts_the_specials_and_keeps_the_most_frequent() -> None:
 
 
 def test_training_lower_cases_and_splits_punctuation() -> None:
-    assert split_words("A Red-Circle, LEFT of 2 cats!") == ["a", "red", "-", "circle", ",", "left", "of", "2", "cats", "!"]
+    assert split_words("A Red-Circle, LEFT of 2 cats!") == [
+        "a",
+        "red",
+        "-",
+        "circle",
+        ",",
+        "left",
+        "of",
+        "2",
+        "cats",
+        "!",
+    ]
     tok = Tokenizer.train(["Red, red.", "RED!"], min_count=3)
     assert tok.vocab == [*SPECIALS, "red"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import read_log
+
 from retrieval.cli import main
 from retrieval.model import use_bf16
 from retrieval.train import lr_factor
@@ -63,12 +63,17 @@ def test_training_writes_a_loadable_model_dir_and_log(tiny_model: Path, synth_da
     assert [e["epoch"] for e in log] == list(range(1, len(log) + 1))
     assert log[-1]["loss"] < log[0]["loss"], "the loss should fall over training"
     test_ids = set(json.loads((synth_data.parent / "split.json").read_text())["test"])
-    n_captions = sum(len(r["captions"]) for r in map(json.loads, synth_data.read_text().splitlines()) if r["id"] in test_ids)
+    n_captions = sum(
+        len(r["captions"]) for r in map(json.loads, synth_data.read_text().splitlines()) if r["id"] in test_ids
+    )
     for e in log:  # held-out recall each epoch: the test split's 60 images and all their captions
         for direction, n in (("text_to_image", n_captions), ("image_to_text", 60)):
             val = e["val"][direction]
             assert val["n_queries"] == n and val["R@1"] <= val["R@5"] <= val["R@10"], (e["epoch"], direction, val)
-    best = max(log, key=lambda e: sum(e["val"][d][k] for d in ("text_to_image", "image_to_text") for k in ("R@1", "R@5", "R@10")))
+    best = max(
+        log,
+        key=lambda e: sum(e["val"][d][k] for d in ("text_to_image", "image_to_text") for k in ("R@1", "R@5", "R@10")),
+    )
     assert best["best"], "the best epoch by held-out rsum must be the one marked best"
     assert all(e["bf16"] == use_bf16(True) for e in log), "the log says which precision each epoch trained in"
 
@@ -97,14 +102,28 @@ def test_image_size_and_one_caption_reach_the_run(synth_data: Path, tmp_path: Pa
     from retrieval.model import load_model
 
     out = tmp_path / "m"
-    code, text = run("train", "--data", str(synth_data), "--out", str(out), "--preset", "tiny", "--epochs", "1",
-                     "--image-size", "40", "--one-caption")
+    code, text = run(
+        "train",
+        "--data",
+        str(synth_data),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--image-size",
+        "40",
+        "--one-caption",
+    )
     assert code == 0, text
     model = load_model(out)
     assert model.config.image.image_size == 40 and model.transform.size == 40
     assert json.loads(torch.load(out / "train_state.pt", weights_only=True)["train_config"])["all_captions"] is False
     assert model.encode_image([synth_data.parent / "images" / "synth-000000.png"]).shape == (1, model.embed_dim)
-    code, text = run("train", "--data", str(synth_data), "--out", str(tmp_path / "hf"), "--init", "hf:/nowhere", "--image-size", "40")
+    code, text = run(
+        "train", "--data", str(synth_data), "--out", str(tmp_path / "hf"), "--init", "hf:/nowhere", "--image-size", "40"
+    )
     assert code != 0 and "--image-size" in text
 
 
@@ -114,7 +133,9 @@ def test_a_time_budget_ends_the_run_early_and_the_log_shows_it(synth_data: Path,
     schedule runs on time, so the first epoch stops within its steps once 120 ms have passed, and the run
     ends after that epoch's evaluation instead of going on to epoch 2."""
     out = tmp_path / "m"
-    code, text = run("train", "--data", str(synth_data), "--out", str(out), "--preset", "tiny", "--max-minutes", "0.002")
+    code, text = run(
+        "train", "--data", str(synth_data), "--out", str(out), "--preset", "tiny", "--max-minutes", "0.002"
+    )
     assert code == 0, text
     log = read_log(out)
     assert [e["epoch"] for e in log] == [1], "the budget must end the run after the first epoch"
@@ -173,7 +194,9 @@ def test_unreadable_images_are_skipped_and_listed(synth_data: Path, tmp_path: Pa
     images[1].write_text("not an image")
     images[2].unlink()  # missing
     out = tmp_path / "m"
-    code, text = run("train", "--data", str(data / "pairs.jsonl"), "--out", str(out), "--preset", "tiny", "--epochs", "1")
+    code, text = run(
+        "train", "--data", str(data / "pairs.jsonl"), "--out", str(out), "--preset", "tiny", "--epochs", "1"
+    )
     assert code == 0, text
     assert "skipped 3 unreadable image(s)" in text
     listed = (out / "skipped_images.txt").read_text()
@@ -210,22 +233,44 @@ def test_help_explains_every_command() -> None:
         assert code == 0 and "Usage:" in out and len(out.splitlines()) > 4
 
 
-@pytest.mark.parametrize("text, size", [
-    ("8G", 8 * 2**30), ("512M", 512 * 2**20), ("1.5G", 3 * 2**29), ("16K", 16 * 1024), ("2T", 2 * 2**40),
-    ("100", 100), ("8g", 8 * 2**30), ("8GB", 8 * 2**30), ("8GiB", 8 * 2**30), (" 512m ", 512 * 2**20),
-    ("0.5K", 512), ("1.7K", 1740), (4096, 4096),  # a fraction of a byte is dropped: int(1.7 * 1024) = 1740
-])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("8G", 8 * 2**30),
+        ("512M", 512 * 2**20),
+        ("1.5G", 3 * 2**29),
+        ("16K", 16 * 1024),
+        ("2T", 2 * 2**40),
+        ("100", 100),
+        ("8g", 8 * 2**30),
+        ("8GB", 8 * 2**30),
+        ("8GiB", 8 * 2**30),
+        (" 512m ", 512 * 2**20),
+        ("0.5K", 512),
+        ("1.7K", 1740),
+        (4096, 4096),  # a fraction of a byte is dropped: int(1.7 * 1024) = 1740
+    ],
+)
 def test_size_strings_are_powers_of_1024(text, size: int) -> None:
     from retrieval.cli import BytesParam
 
     assert BytesParam().convert(text, None, None) == size
 
 
-@pytest.mark.parametrize("text, message", [
-    ("lots", "is not a size; write it like 512M or 8G"), ("G", "is not a size"), ("", "is not a size"),
-    ("8X", "is not a size"), ("0", "must be at least one byte"), ("-1G", "must be at least one byte"), ("0.0001", "must be at least one byte"),
-    ("8E", "is not a size"), ("9000000T", "is not a size a machine has"),  # 2^63 bytes and up
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lots", "is not a size; write it like 512M or 8G"),
+        ("G", "is not a size"),
+        ("", "is not a size"),
+        ("8X", "is not a size"),
+        ("0", "must be at least one byte"),
+        ("-1G", "must be at least one byte"),
+        ("0.0001", "must be at least one byte"),
+        ("8E", "is not a size"),
+        ("9000000T", "is not a size a machine has"),  # 2^63 bytes and up
+    ],
+)
 def test_bad_size_strings_say_how_to_write_one(text: str, message: str) -> None:
     import click
 

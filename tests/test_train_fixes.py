@@ -13,12 +13,15 @@ import torch
 from retrieval.train import STREAMS, epoch_batches, is_best, stream_seed
 
 
-@pytest.mark.parametrize("score, best, kept", [
-    (1.5, 1.5, False),  # a tie: the earlier epoch stays, and the log must not say this one is best
-    (1.5000001, 1.5, True),
-    (1.4, 1.5, False),
-    (0.0, -1.0, True),  # the first epoch against the start value: always kept, even at rsum 0
-])
+@pytest.mark.parametrize(
+    "score, best, kept",
+    [
+        (1.5, 1.5, False),  # a tie: the earlier epoch stays, and the log must not say this one is best
+        (1.5000001, 1.5, True),
+        (1.4, 1.5, False),
+        (0.0, -1.0, True),  # the first epoch against the start value: always kept, even at rsum 0
+    ],
+)
 def test_only_a_higher_score_is_best(score: float, best: float, kept: bool) -> None:
     assert is_best(score, best) is kept
 
