@@ -202,6 +202,9 @@ def encode_pairs(
     for start in range(0, len(pairs), batch_size):
         arrays = []
         for pair in pairs[start : start + batch_size]:
+            if pair.image is None:  # skipped like an unreadable one (callers pass pairs that have images)
+                skipped.append(f"item {pair.id} has no image")
+                continue
             try:
                 arrays.append(model.transform.load(pair.image))
                 kept.append(pair)
@@ -526,19 +529,22 @@ def classify_pairs(
     image_of = {}
     if weight > 0:
         enc = encode_pairs(model, [p for p in pairs if p.image is not None])
-        image_of = {p.id: v for p, v in zip(enc.pairs, enc.image_emb)}
+        image_of = {p.id: v for p, v in zip(enc.pairs, enc.image_emb, strict=True)}
     caption_of = {}
     if weight < 1:
         with_captions = [p for p in pairs if p.captions]
         emb = model.encode_text([c for p in with_captions for c in p.captions])
         starts = np.cumsum([0] + [len(p.captions) for p in with_captions])
-        caption_of = {p.id: caption_vector(emb[a:b]) for p, a, b in zip(with_captions, starts[:-1], starts[1:])}
+        caption_of = {
+            p.id: caption_vector(emb[a:b]) for p, a, b in zip(with_captions, starts[:-1], starts[1:], strict=True)
+        }
     kept, vectors = [], []
     for p in pairs:
         x1, x2 = image_of.get(p.id), caption_of.get(p.id)
-        if x1 is None and x2 is None:
+        x1, x2 = (x1 if x1 is not None else x2), (x2 if x2 is not None else x1)  # a missing part: the other one
+        if x1 is None or x2 is None:  # neither part
             continue
-        vectors.append(weight * (x1 if x1 is not None else x2) + (1 - weight) * (x2 if x2 is not None else x1))
+        vectors.append(weight * x1 + (1 - weight) * x2)
         kept.append(p)
     if not kept:
         raise RetrievalError("none of the items could be classified (no readable image or caption)")
@@ -565,7 +571,9 @@ def _classification(
     if label_field is not None:
         index = {label: i for i, label in enumerate(labels)}
         has = np.array([str(p.extra.get(label_field)) in index for p in kept])
-        truth = np.array([index[str(p.extra[label_field])] for p, h in zip(kept, has) if h], dtype=np.int64)
+        truth = np.array(
+            [index[str(p.extra[label_field])] for p, h in zip(kept, has, strict=True) if h], dtype=np.int64
+        )
         if not len(truth):
             raise RetrievalError(f"no item has a {label_field!r} value among the labels {list(labels)}")
         result["report"] = {**classification_report(probs[has], truth, labels), "unlabelled": int((~has).sum())}

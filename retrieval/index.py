@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeAlias
 from urllib.parse import quote
 
 import faiss
@@ -55,7 +55,10 @@ DIGEST_SPAN = 2**20  # bytes of the FAISS file's head and tail that faiss_digest
 CALIBRATION_CUTOFFS = {"flat": "theta", "top_relative": "margin"}  # a calibration rule -> the cutoff stored with it
 RESULT_COLUMNS = "i.id, i.path, json(i.captions), i.image_key IS NOT NULL, i.text_key IS NOT NULL, json(i.extra)"
 FLAT_MAX_ITEMS = 200_000  # auto: exact search stays fast (< ~15 ms at d = 2 x 128) up to about here
-Vectors = npt.NDArray[np.float32]
+Vectors: TypeAlias = npt.NDArray[np.float32]
+# IndexStore's `faiss` property shadows the module inside the class body, so its annotations use these names
+FaissIndex: TypeAlias = faiss.Index
+FaissSearchParameters: TypeAlias = faiss.SearchParameters
 
 # faiss uses BLAS when nq * d >= this threshold. The default (128000) sends small query batches down a path
 # about 8x slower, but BLAS for one query is about 3x slower than the SIMD scan (measured here: 37 vs 11 ms
@@ -144,7 +147,7 @@ def build_faiss(vectors: Vectors, fids: npt.NDArray[np.int64], index_type: str, 
     index = faiss.index_factory(
         vectors.shape[1], factory_string(index_type, len(vectors), vectors.shape[1]), faiss.METRIC_INNER_PRODUCT
     )
-    inner = faiss.downcast_index(index.index)
+    inner = _inner(index)  # factory_string's IDMap2 wraps the index that searches
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efConstruction = search_knob(params, "ef_construction", 80)
     if not index.is_trained:
@@ -167,11 +170,16 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
 def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any) -> faiss.SearchParameters | None:
     """Per-call parameters: the item filter, with the ANN knobs of the index type (a selector replaces them)."""
     inner = _inner(index)
+    # faiss's stubs lack SearchParametersHNSW and the keyword arguments its wrappers give every SearchParameters
     if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=search_knob(params, "ef_search", 128))
+        return faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+            sel=selector, efSearch=search_knob(params, "ef_search", 128)
+        )
     if isinstance(inner, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(sel=selector, nprobe=search_knob(params, "nprobe", 16))
-    return faiss.SearchParameters(sel=selector) if selector is not None else None
+        return faiss.SearchParametersIVF(  # type: ignore[call-arg]
+            sel=selector, nprobe=search_knob(params, "nprobe", 16)
+        )
+    return faiss.SearchParameters(sel=selector) if selector is not None else None  # type: ignore[call-arg]
 
 
 def _inner(index: faiss.Index) -> faiss.Index:
@@ -197,11 +205,11 @@ class IndexStore:
         self.path, self.manifest, self.db = path, manifest, db
         self.max_memory = max_memory  # bytes of RAM the FAISS index may take when searching; None: no limit
         self._lock: IO[str] | None = None  # the writer lock's open file, while this store holds it
-        self._faiss: faiss.Index | None = None
+        self._faiss: FaissIndex | None = None
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
         self._records: tuple[npt.NDArray[np.int64], bytes | mmap.mmap] | bool | None = None  # False: damaged
-        self._exact: faiss.Index | None = None  # a flat copy for exact answers on an ANN index
-        self._searchers: dict[tuple[str | None, bool], tuple[faiss.Index, Any]] = {}
+        self._exact: FaissIndex | None = None  # a flat copy for exact answers on an ANN index
+        self._searchers: dict[tuple[str | None, bool], tuple[FaissIndex, Any]] = {}
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
@@ -327,7 +335,8 @@ class IndexStore:
                 "DELETE FROM items WHERE id = ?", [(i,) for i in [*removed_ids, *(it.id for it in items)]]
             ).rowcount
             self.db.executemany(
-                "INSERT INTO items (id, path, captions, image_key, text_key, mtime_ns, size, extra) VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO items (id, path, captions, image_key, text_key, mtime_ns, size, extra) "
+                "VALUES (?,?,?,?,?,?,?,?)",
                 [
                     (
                         it.id,
@@ -362,7 +371,7 @@ class IndexStore:
         self._faiss, self._vectors = index, (fids, vectors)
 
     def publish(
-        self, index: faiss.Index, fids: npt.NDArray[np.int64], write_vectors: Callable[[Path], Any], t0: float
+        self, index: FaissIndex, fids: npt.NDArray[np.int64], write_vectors: Callable[[Path], Any], t0: float
     ) -> None:
         """Write the derived files for the database as it is now: the FAISS index (ids = fids), fids, the fused
         vectors in fid order (`write_vectors` writes the .npy to the path it is given), the result records;
@@ -371,7 +380,7 @@ class IndexStore:
             self._publish(index, fids, write_vectors, t0)
 
     def _publish(
-        self, index: faiss.Index, fids: npt.NDArray[np.int64], write_vectors: Callable[[Path], Any], t0: float
+        self, index: FaissIndex, fids: npt.NDArray[np.int64], write_vectors: Callable[[Path], Any], t0: float
     ) -> None:
         atomic_write(self.path / FAISS_FILE, lambda tmp: write_faiss(index, tmp))
         atomic_write(self.path / FIDS_FILE, lambda tmp: _save_npy(tmp, fids))
@@ -491,10 +500,10 @@ class IndexStore:
                 return None  # missing, empty or truncated: the database has every record
             if len(offsets) == len(self.vectors[0]) + 1 and len(data) == offsets[-1]:
                 self._records = (offsets, data)
-        return self._records or None
+        return self._records if isinstance(self._records, tuple) else None  # False: damaged
 
     @property
-    def faiss(self) -> faiss.Index:
+    def faiss(self) -> FaissIndex:
         """The FAISS index, from its file when that reflects the database, else rebuilt in memory.
 
         Over max_memory, an IVF index's inverted lists are memory-mapped (IO_FLAG_MMAP; the lists of a merged
@@ -510,7 +519,7 @@ class IndexStore:
             )
         return self._faiss
 
-    def _faiss_file(self) -> faiss.Index | None:
+    def _faiss_file(self) -> FaissIndex | None:
         """The FAISS file, its search knobs set, when it reflects the database as it is now, else None (stale,
         missing, damaged, or another index's): the database still holds every vector. The manifest's digest
         names the file it was published with; a manifest from before the digest has the file checked instead."""
@@ -532,7 +541,7 @@ class IndexStore:
         set_search_params(index, self.manifest.params)
         return index
 
-    def _holds_database(self, index: faiss.Index) -> bool:
+    def _holds_database(self, index: FaissIndex) -> bool:
         """For a manifest from before the digest: checks that a FAISS index holds this database's vectors, not
         another index's (a copied file): its dimension, count and ids, and for an exact store its first and last
         vectors (same ids is not enough: two indexes of 600 items both have ids 1..600; an IVF copy passes)."""
@@ -553,22 +562,22 @@ class IndexStore:
         return self.max_memory is not None and nbytes > self.max_memory
 
     def _check_budget(self, nbytes: int, what: str) -> None:
-        if self._over_budget(nbytes):
+        if self.max_memory is not None and self._over_budget(nbytes):
             raise RetrievalError(
                 f"{what} needs {nbytes / 2**30:.2f} GiB, over --max-memory "
                 f"{self.max_memory / 2**30:.2f} GiB; raise --max-memory or build an ivf/ivfpq index"
             )
 
-    def fused_vectors(self, fids: Sequence[int]) -> Vectors:
+    def fused_vectors(self, fids: Sequence[int] | npt.NDArray[np.int64]) -> Vectors:
         """(n, 2d) fused vectors of the given items, from the memory-mapped matrix."""
         return np.asarray(self.vectors[1][self._rows(fids)])
 
-    def _rows(self, fids: Sequence[int]) -> np.ndarray:
+    def _rows(self, fids: Sequence[int] | npt.NDArray[np.int64]) -> np.ndarray:
         """Each id's row in `vectors`. An id missing there comes from a FAISS index newer than the vectors
         this store loaded: another process changed the index since it was opened."""
-        all_fids, fids = self.vectors[0], np.asarray(fids, dtype=np.int64)
-        rows = np.minimum(np.searchsorted(all_fids, fids), max(len(all_fids) - 1, 0))
-        if len(fids) and (not len(all_fids) or np.any(all_fids[rows] != fids)):
+        all_fids, wanted = self.vectors[0], np.asarray(fids, dtype=np.int64)
+        rows = np.minimum(np.searchsorted(all_fids, wanted), max(len(all_fids) - 1, 0))
+        if len(wanted) and (not len(all_fids) or np.any(all_fids[rows] != wanted)):
             raise self.changed()
         return rows
 
@@ -582,7 +591,7 @@ class IndexStore:
             set_search_params(self._faiss, self.manifest.params)
         self._searchers = {}
 
-    def searcher(self, column: str | None, exact: bool = False) -> tuple[faiss.Index, faiss.SearchParameters | None]:
+    def searcher(self, column: str | None, exact: bool = False) -> tuple[FaissIndex, FaissSearchParameters | None]:
         """The FAISS index to ask and its per-call parameters, restricted to the items that have `column`
         (image_key or text_key), or to all items for None.
 
@@ -634,11 +643,11 @@ class IndexStore:
         if self.records is not None:
             offsets, data = self.records
             rows = self._rows(fids)
-            lines = [data[a:b] for a, b in zip(offsets[rows].tolist(), offsets[rows + 1].tolist())]
+            lines = [data[a:b] for a, b in zip(offsets[rows].tolist(), offsets[rows + 1].tolist(), strict=True)]
             try:
                 records = json.loads(b"[" + b",".join(lines) + b"]")
                 if all(len(r) == 6 for r in records):
-                    return dict(zip(fids, records))
+                    return dict(zip(fids, records, strict=True))
             except ValueError:
                 pass
             self._records = False  # damaged in place: stop trusting it, the database has every record
@@ -688,7 +697,7 @@ class IndexStore:
         d, items = self.manifest.dim, self.items(fids)
         return {
             f: (v[:d] if items[f].image_key else None, v[d:] if items[f].text_key else None)
-            for f, v in zip(fids, self.fused_vectors(fids))
+            for f, v in zip(fids, self.fused_vectors(fids), strict=True)
             if f in items
         }
 
@@ -727,7 +736,7 @@ def write_faiss(index: faiss.Index, path: Path) -> None:
     """faiss.write_index through a Python file: a full disk raises OSError here. FAISS's own file writer reports a
     failed write as a RuntimeError and ignores a failed close, which can leave a truncated file without an error."""
     with open(path, "wb") as f:
-        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))  # type: ignore[attr-defined]  # not in faiss's stubs
 
 
 def faiss_digest(file: Path) -> str:
@@ -1023,13 +1032,15 @@ def _manifest_value_problem(name: str, value: Any) -> str | None:
     types, words = MANIFEST_TYPES[str(annotation).split("[")[0]]
     if isinstance(value, bool) or not isinstance(value, types):
         return f"not {words}"
-    if (name == "dim" and value < 1) or (name in ("generation", "faiss_bytes") and value < 0):
+    if isinstance(value, int) and (  # dim, generation, faiss_bytes are ints by now: this narrows `value` to compare
+        (name == "dim" and value < 1) or (name in ("generation", "faiss_bytes") and value < 0)
+    ):
         return "out of range"
     if name == "index_type" and value not in INDEX_TYPES[1:]:
         return f"not one of {', '.join(INDEX_TYPES[1:])}"
     if name == "image_precision" and value not in ("", "fp32", "bf16"):
         return "not fp32 or bf16"
-    if name == "calibration":
+    if name == "calibration" and isinstance(value, dict):
         return next(filter(None, (_calibration_problem(target, entry) for target, entry in value.items())), None)
     return None
 

@@ -99,8 +99,8 @@ def build_index(
 ) -> IndexReport:
     """Create the index at index_path, or bring it up to date with the source.
 
-    precision: the image encoder's (Encoder.image_precision: "auto" keeps the index's own where it is native). prefetch: decode the next batch while this one
-    is encoded (off only to measure what the overlap gains)."""
+    precision: the image encoder's (Encoder.image_precision: "auto" keeps the index's own where it is native).
+    prefetch: decode the next batch while this one is encoded (off only to measure what the overlap gains)."""
     from .model import load_model  # torch: only the commands that encode pay for it
 
     t0 = time.perf_counter()
@@ -234,9 +234,11 @@ def encode_batch(
     keys = [k for k, _, _ in prepared if k] + [text_key(p.captions) for p in batch if p.captions]
     known_keys = known(keys)
     vectors: dict[str, np.ndarray] = {}
-    new_images = {k: px for k, px, _ in prepared if k and k not in known_keys}
+    new_images = {k: px for k, px, _ in prepared if k and px is not None and k not in known_keys}  # a key has pixels
     if new_images:
-        for k, v in zip(new_images, model.encode_image(np.stack(list(new_images.values())), precision=precision)):
+        for k, v in zip(
+            new_images, model.encode_image(np.stack(list(new_images.values())), precision=precision), strict=True
+        ):
             vectors[k] = v
     new_texts = {
         text_key(p.captions): p.captions for p in batch if p.captions and text_key(p.captions) not in known_keys
@@ -248,7 +250,7 @@ def encode_batch(
             vectors[k] = caption_vector(emb[start : start + len(captions)])
             start += len(captions)
     items, skipped = [], []
-    for pair, (key, _, error) in zip(batch, prepared):
+    for pair, (key, _, error) in zip(batch, prepared, strict=True):
         if error:
             skipped.append(error)
             continue

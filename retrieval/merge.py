@@ -88,7 +88,7 @@ def merge_shards(
             )
         known = store.known_vectors([k for it in shard.items for k in (it.image_key, it.text_key) if k])
         new = {}
-        for it, v in zip(shard.items, shard.vectors):
+        for it, v in zip(shard.items, shard.vectors, strict=True):
             if it.image_key and it.image_key not in known:
                 new[it.image_key] = np.asarray(v[:d])
             if it.text_key and it.text_key not in known:
@@ -142,7 +142,10 @@ def train_ivf(parts: Sequence[Vectors], index_type: str, dim2: int, seed: int = 
     rows = np.sort(np.random.default_rng(seed).permutation(n)[:TRAIN_SAMPLE])
     starts = np.concatenate([[0], np.cumsum(sizes)])
     sample = np.concatenate(
-        [np.asarray(p[rows[(rows >= a) & (rows < b)] - a]) for p, a, b in zip(parts, starts[:-1], starts[1:])]
+        [
+            np.asarray(p[rows[(rows >= a) & (rows < b)] - a])
+            for p, a, b in zip(parts, starts[:-1], starts[1:], strict=True)
+        ]
     )
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return index

@@ -27,8 +27,8 @@ from .encoder import use_bf16 as use_bf16  # re-exported: callers ask this modul
 from .errors import RetrievalError
 from .images import Transform
 from .modeldir import ARCHITECTURE, FORMAT_VERSION, TEXT_TOWER_FILE, ModelRef, hf_name, read_model_config
-from .pretrained import load_hf, saved_text_tower
-from .tokenizer import PAD, Tokenizer
+from .pretrained import BertTextTower, load_hf, saved_text_tower
+from .tokenizer import PAD, TextTokenizer, Tokenizer
 
 
 class BasicBlock(nn.Module):
@@ -40,7 +40,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.skip = nn.Identity()
+        self.skip: nn.Identity | nn.Sequential = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.skip = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
@@ -69,7 +69,7 @@ class ImageTower(nn.Module):
         return h.mean(dim=(2, 3))  # (B, C)
 
 
-def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
+def build_image_tower(cfg: ImageTowerConfig) -> ImageTower | PretrainedImageTower:
     """Our ResNet, or a pretrained tower (its weights load afterwards: from its package to train, else from
     the model directory)."""
     return ImageTower(cfg) if cfg.kind == "resnet" else PretrainedImageTower(cfg)
@@ -79,7 +79,7 @@ def image_transform(cfg: ImageTowerConfig) -> Transform:
     return Transform(cfg.image_size) if cfg.kind == "resnet" else pretrained_transform(cfg)
 
 
-def build_image_head(cfg: HeadConfig, tower: nn.Module, embed_dim: int) -> nn.Module:
+def build_image_head(cfg: HeadConfig, tower: ImageTower | PretrainedImageTower, embed_dim: int) -> nn.Module:
     """tower output (B, C) -> (B, embed_dim), not yet normalised."""
     if cfg.image == "mlp":
         return nn.Sequential(
@@ -90,6 +90,8 @@ def build_image_head(cfg: HeadConfig, tower: nn.Module, embed_dim: int) -> nn.Mo
             nn.Linear(cfg.hidden, embed_dim),
         )
     if cfg.image == "conse":
+        if not isinstance(tower, PretrainedImageTower):
+            raise RetrievalError("a conse image head needs a pretrained (EfficientNet-Lite) image tower")
         return ConseHead(tower, embed_dim, cfg.top, cfg.temperature)
     return nn.Linear(tower.out_dim, embed_dim, bias=False)
 
@@ -101,7 +103,9 @@ class ConseHead(nn.Module):
     The classifier is the tower's own (reached through a bound method, not a submodule, so its weights are
     stored once, with the tower); the class embeddings are a buffer saved with the model."""
 
-    def __init__(self, tower: nn.Module, embed_dim: int, top: int, temperature: float = 1.0):
+    class_embeddings: torch.Tensor  # (K, D), registered as a buffer
+
+    def __init__(self, tower: PretrainedImageTower, embed_dim: int, top: int, temperature: float = 1.0):
         super().__init__()
         self.logits = tower.net.logits
         self.top, self.temperature = top, temperature
@@ -144,19 +148,21 @@ class TextTower(nn.Module):
 class DualEncoder(Encoder):
     """Our image tower with our own text tower, or with a pretrained one (pretrained.py) passed in as text_tower."""
 
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, text_tower: nn.Module | None = None):
+    def __init__(
+        self, config: ModelConfig, tokenizer: TextTokenizer, text_tower: TextTower | BertTextTower | None = None
+    ):
         super().__init__()
         if config.text.vocab_size != len(tokenizer):
             raise RetrievalError(f"config vocab_size {config.text.vocab_size} != tokenizer size {len(tokenizer)}")
         self.config, self.tokenizer = config, tokenizer
         self.transform, self.embed_dim = image_transform(config.image), config.embed_dim
         self.image_tower = build_image_tower(config.image)
-        self.text_tower = text_tower if text_tower is not None else TextTower(config.text)
+        self.text_tower: TextTower | BertTextTower = text_tower if text_tower is not None else TextTower(config.text)
         self.text_width = self.text_tower.out_dim
         self.image_proj = build_image_head(config.head, self.image_tower, config.embed_dim)
         if config.head.text == "identity" and self.text_width != config.embed_dim:
             raise RetrievalError(f"an identity text head needs embed_dim {self.text_width}, not {config.embed_dim}")
-        self.text_proj = (
+        self.text_proj: nn.Identity | nn.Linear = (
             nn.Identity()
             if config.head.text == "identity"
             else nn.Linear(self.text_tower.out_dim, config.embed_dim, bias=False)
@@ -174,11 +180,13 @@ class DualEncoder(Encoder):
 
     def image_locked_outputs(self, pixels: torch.Tensor) -> torch.Tensor:
         """What the image tower's locked part computes (all of it for our ResNet, which has none)."""
-        return self.image_tower.locked_outputs(pixels) if self.image_cacheable else pixels
+        tower = self.image_tower  # image_cacheable's test, which narrows its type
+        return tower.locked_outputs(pixels) if isinstance(tower, PretrainedImageTower) else pixels
 
     def image_features_from_locked(self, x: torch.Tensor) -> torch.Tensor:
         """The rest of image_features: the trainable part of the tower, the head, normalisation."""
-        pooled = self.image_tower.from_locked(x) if self.image_cacheable else self.image_tower(x)  # (B, C)
+        tower = self.image_tower  # image_cacheable's test, which narrows its type
+        pooled = tower.from_locked(x) if isinstance(tower, PretrainedImageTower) else tower(x)  # (B, C)
         return F.normalize(self.image_proj(pooled).float(), dim=-1)  # (B, D)
 
     @torch.no_grad()
@@ -220,6 +228,7 @@ def save_model(model: DualEncoder, path: str | Path) -> Path:
     }
     model.tokenizer.save(path / "tokenizer.json")
     if model.config.text.kind != "own":  # the pretrained tower's architecture; its weights go with ours below
+        assert isinstance(model.text_tower, BertTextTower), "a pretrained text kind has a pretrained tower"
         atomic_write_json(path / TEXT_TOWER_FILE, model.text_tower.hf_config)
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path / "model.safetensors", lambda tmp: save_file(weights, tmp))

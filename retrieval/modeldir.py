@@ -126,7 +126,8 @@ def numpy_text(ref: ModelRef) -> bool:
 
 
 def text_tower_config(path: str | Path) -> dict:
-    """text_tower.json: the architecture (a transformers BertConfig dict) of a model directory's pretrained text tower."""
+    """text_tower.json: the architecture (a transformers BertConfig dict) of a model directory's pretrained
+    text tower."""
     path = Path(path) / TEXT_TOWER_FILE
     try:
         return json.loads(path.read_text())

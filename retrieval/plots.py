@@ -63,7 +63,8 @@ def threshold_sweep(curve: dict[str, Sequence[float]], path: Path, title: str, m
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for key, colour in (("precision", "tab:blue"), ("recall", "tab:orange"), ("f1", "tab:green")):
         ax.plot(theta, curve[key], color=colour, label=key if key != "f1" else "F1")
-    for (name, value), style in zip(marks.items(), ("--", ":", "-.")):
+    # a line style per mark: there are one or two marks, so the styles outlast them
+    for (name, value), style in zip(marks.items(), ("--", ":", "-."), strict=False):
         ax.axvline(value, color="tab:red", linestyle=style, label=f"{name}: θ = {value:.3f}")
     moving = np.nonzero((np.asarray(curve["recall"]) > 0.001) & (np.asarray(curve["recall"]) < 0.999))[0]
     if len(moving):
@@ -105,7 +106,7 @@ def confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str)
                 ax.text(
                     j,
                     i,
-                    int(matrix[i, j]),
+                    str(int(matrix[i, j])),
                     ha="center",
                     va="center",
                     fontsize=7,

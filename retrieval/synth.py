@@ -142,7 +142,7 @@ def _group(rng: np.random.Generator, k: int) -> tuple[Shape, ...]:
     kinds = [_kind(rng) for _ in range(k)]
     lows = [SIZES[size] + _MARGIN for _, _, size in kinds]
     while True:  # rejection sampling; even three large shapes are accepted within a few hundred draws
-        objs = tuple(_shape(kind, *rng.uniform(low, 1 - low, 2)) for kind, low in zip(kinds, lows))
+        objs = tuple(_shape(kind, *rng.uniform(low, 1 - low, 2)) for kind, low in zip(kinds, lows, strict=True))
         apart = all(_apart(a, b) for i, a in enumerate(objs) for b in objs[i + 1 :])
         if apart and all(_clear(o.x - objs[0].x, o.y - objs[0].y) for o in objs[1:]):
             return objs

@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +24,17 @@ SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 PAD, UNK, BOS, EOS = range(len(SPECIALS))
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
-Tokens = npt.NDArray[np.int64]
+Tokens: TypeAlias = npt.NDArray[np.int64]
+
+
+class TextTokenizer(Protocol):
+    """What DualEncoder needs of a tokenizer: ours (Tokenizer) or a pretrained tower's (WordPieceTokenizer)."""
+
+    def __len__(self) -> int: ...
+
+    def encode(self, texts: Sequence[str], context_length: int) -> Tokens: ...
+
+    def save(self, path: str | Path) -> None: ...
 
 
 def split_words(text: str) -> list[str]:

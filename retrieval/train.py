@@ -31,6 +31,7 @@ from .atomic import atomic_write, atomic_write_text
 from .augment import augment_batch
 from .config import ModelConfig, TrainConfig, loss_init, model_config_from_dict, model_config_to_dict
 from .data import Pair, image_caption_pairs
+from .efficientnet import PretrainedImageTower
 from .encoder import Encoder, use_bf16
 from .errors import ImageError, RetrievalError
 from .evaluate import retrieval_report
@@ -62,6 +63,8 @@ def bank_images(pairs: Sequence[Pair], transform: Transform, progress: bool = Tr
     side = round(transform.size * LOAD_MARGIN)
 
     def load(pair: Pair) -> np.ndarray | str:
+        if pair.image is None:  # skipped like an unreadable one (callers pass image_caption_pairs)
+            return f"item {pair.id} has no image"
         try:
             return np.asarray(transform.bank(load_image(pair.image, size_hint=side), side))
         except ImageError as e:
@@ -74,7 +77,7 @@ def bank_images(pairs: Sequence[Pair], transform: Transform, progress: bool = Tr
             )
         )
     bank = ImageBank([], [], [])
-    for pair, result in zip(pairs, results):
+    for pair, result in zip(pairs, results, strict=True):
         if isinstance(result, str):
             bank.skipped.append((pair, result))
         else:
@@ -124,7 +127,8 @@ def lr_factor(progress: float, warmup_fraction: float) -> float:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay weight matrices and conv kernels only; norms, biases, embeddings' scales and the temperature not."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:  # a locked pretrained tower
             continue
@@ -144,6 +148,7 @@ def evaluate_bank(
     text_image = np.array([i for i, p in enumerate(bank.pairs) for _ in p.captions])
     text_emb = model.project_text_outputs(text_cache(texts)) if text_cache else model.encode_text(texts, batch_size)
     if image_cache is not None:
+        assert isinstance(model, DualEncoder), "only our image towers are cached"
         image_emb = model.project_image_outputs(image_cache.centre())
     else:
         pixels = np.stack([model.transform.preprocess(Image.fromarray(a)) for a in bank.images])
@@ -188,7 +193,9 @@ def train(
         raise RetrievalError("no training pairs with both an image and a caption; check the manifest and split")
     torch.manual_seed(train_cfg.seed)
     state = _load_state(out) if resume else None
-    model = build_model(model_cfg, train_cfg, train_pairs, state, init, freeze).to(memory_format=torch.channels_last)
+    model = build_model(model_cfg, train_cfg, train_pairs, state, init, freeze)
+    # torch's stubs lack Module.to's memory_format overload, which it takes at runtime
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     train_bank, val_bank = (
         bank_images(train_pairs, model.transform, progress),
         bank_images(val_pairs, model.transform, progress),
@@ -304,9 +311,10 @@ def build_model(
     if init is not None:
         from .pretrained import load_hf
 
-        model: Encoder = load_hf(init)
+        hf_model = load_hf(init)
         if freeze:
-            model.freeze(freeze)
+            hf_model.freeze(freeze)
+        model: Encoder = hf_model
     else:
         if state is not None and not state["model_config"]:
             raise RetrievalError("this run fine-tunes a Hugging Face checkpoint: resume it with the same --init hf:...")
@@ -314,9 +322,10 @@ def build_model(
             model_config_from_dict(json.loads(state["model_config"])) if state else loss_init(model_cfg, train_cfg.loss)
         )
         tokenizer, text_tower, model_cfg = text_side(model_cfg, train_pairs, state)
-        model = DualEncoder(model_cfg, tokenizer, text_tower)
-        if state is None and model.image_cacheable:  # a pretrained image tower starts from its package's weights
-            model.image_tower.load_packaged()
+        ours = DualEncoder(model_cfg, tokenizer, text_tower)
+        if state is None and isinstance(ours.image_tower, PretrainedImageTower):  # image_cacheable: it starts
+            ours.image_tower.load_packaged()  # from its package's weights
+        model = ours
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -340,8 +349,8 @@ def text_side(
         return tokenizer, tower, dataclasses.replace(cfg, text=text)
     if state is not None:
         return Tokenizer(state["vocab"]), None, cfg
-    tokenizer = Tokenizer.train(c for p in train_pairs for c in p.captions)
-    return tokenizer, None, dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer)))
+    trained = Tokenizer.train(c for p in train_pairs for c in p.captions)
+    return trained, None, dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(trained)))
 
 
 def _as_tensor(bank: list[np.ndarray]) -> torch.Tensor:
@@ -364,7 +373,9 @@ def _step(
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         image_emb, text_emb, scale = image_features(image_input), model.text_features(text), model.inverse_temperature()
     if cfg.loss == "siglip":
-        loss = siglip_loss(image_emb, text_emb, scale, model.logit_bias, owner)
+        bias = model.logit_bias  # a Parameter (ours) or the checkpoint's (SigLIP)
+        assert isinstance(bias, torch.Tensor), "a siglip loss needs a model with a logit bias"
+        loss = siglip_loss(image_emb, text_emb, scale, bias, owner)
     else:
         loss = clip_loss(image_emb, text_emb, scale, owner)
     opt.zero_grad(set_to_none=True)

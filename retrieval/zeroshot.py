@@ -28,8 +28,9 @@ from .config import (
     with_image_tower,
     with_text_tower,
 )
+from .efficientnet import PretrainedImageTower
 from .errors import RetrievalError
-from .model import DualEncoder, save_model
+from .model import ConseHead, DualEncoder, save_model
 from .pretrained import load_pretrained_text_tower
 
 INSTALL_HINT = "pip install 'retrieval[zeroshot]'"
@@ -73,9 +74,11 @@ def build_zeroshot(
         head=HeadConfig(image="conse", text="identity", top=top, temperature=temperature),
     )
     model = DualEncoder(config, tokenizer, tower)
-    model.image_tower.load_packaged()
+    image_net, head = model.image_tower, model.image_proj
+    assert isinstance(image_net, PretrainedImageTower) and isinstance(head, ConseHead), "as the config asks"
+    image_net.load_packaged()
     texts = prompts(names, template)
-    model.image_proj.class_embeddings.copy_(torch.from_numpy(model.encode_text(texts)))  # (1000, D), unit norm
+    head.class_embeddings.copy_(torch.from_numpy(model.encode_text(texts)))  # (1000, D), unit norm
     return save_model(model.eval(), out)
 
 
@@ -92,5 +95,7 @@ def own_classes(model: nn.Module, labels: Sequence[str]) -> list[int] | None:
 @torch.no_grad()
 def class_probabilities(model: nn.Module, pixels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """(n, len(classes)): the classifier's softmax over just those classes, for preprocessed (n, 3, S, S) pixels."""
-    logits = model.image_tower.net.logits(model.image_tower(torch.from_numpy(pixels)))  # (n, 1000)
+    tower = model.image_tower
+    assert isinstance(tower, PretrainedImageTower), "own_classes accepts only zero-shot models"
+    logits = tower.net.logits(tower(torch.from_numpy(pixels)))  # (n, 1000)
     return logits[:, list(classes)].softmax(-1).float().numpy()

@@ -94,7 +94,7 @@ def write_random_shards(directory: Path, n: int, shards: int, dim: int) -> list[
     names = [f"shard-{k:06d}" for k in range(shards)]
     bounds = np.linspace(0, n, shards + 1).astype(int)
     rng = np.random.default_rng(0)
-    for name, a, b in zip(names, bounds[:-1], bounds[1:]):
+    for name, a, b in zip(names, bounds[:-1], bounds[1:], strict=True):
         if is_done(directory, name):
             continue
         x = rng.standard_normal((b - a, 2 * dim)).astype(np.float32)

@@ -236,7 +236,8 @@ def main() -> None:
             )
             print(f"done {size} px", file=sys.stderr, flush=True)
     print(
-        f"{info['cpu']} ({' '.join(info['flags'])}), {info['cores']} cores, torch {info['torch']} on {info['threads']} threads, "
+        f"{info['cpu']} ({' '.join(info['flags'])}), {info['cores']} cores, "
+        f"torch {info['torch']} on {info['threads']} threads, "
         f"bf16 kernels: {'yes' if info['bf16_kernels'] else 'no'}"
     )
     print(f"{'size':>5} | {'path':<40} | {'precision':<9} | {'batch':>5} | {'images/s':>8} | {'vs bound':>8}")

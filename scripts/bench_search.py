@@ -97,7 +97,7 @@ def side_by_side(name: str, raw, ours, reps: int) -> list[dict]:
 
 
 def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]))
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]))
 
 
 def bench_type(
@@ -121,14 +121,14 @@ def bench_type(
         faiss.omp_set_num_threads(1)
         rows += side_by_side(
             f"{tag} top-10",
-            lambda r: raw.search(qv[r : r + 1], 10),
+            lambda r, raw=raw: raw.search(qv[r : r + 1], 10),  # this knob value's searcher, bound now
             lambda r: index.search_vector(queries[r], k=10),
             reps,
         )
         rows[-1]["recall_at_10"] = recall_at_10(raw.search(qv, 10)[1], truth)
         rows += side_by_side(
             f"{tag} theta (~100 results)",
-            lambda r: raw.range_search(qv[r : r + 1], theta),
+            lambda r, raw=raw: raw.range_search(qv[r : r + 1], theta),
             lambda r: index.search_vector(queries[r], k=None, theta=theta),
             reps,
         )

@@ -237,7 +237,7 @@ def main() -> None:
         load = Load(text_queries(0), random.Random(0).sample(item_ids, min(1000, n_items)), args.like_every, seed=1)
         port, log, started = free_port(), tmp / "server.log", []
         try:
-            server, startup_s = start_server(index_path, port, log, started)
+            _, startup_s = start_server(index_path, port, log, started)  # the server is in `started`, killed below
             print(f"server up in {startup_s:.1f} s (model and index loaded, warmed); load: {args.clients} clients")
             report: dict = {"args": vars(args), "items": n_items, "cpus": os.cpu_count(), "startup_s": startup_s}
             if not args.kill_test:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if not found:
         print(f"no import cycle ({kind})")
     for component, path in found:
-        steps = " -> ".join(f"{a} (line {graph[a][b]})" for a, b in zip(path, path[1:]))
+        steps = " -> ".join(f"{a} (line {graph[a][b]})" for a, b in pairwise(path))
         print(f"import cycle ({kind}) among {', '.join(component)}: {steps} -> {path[-1]}")
     return 1 if found or (args.strict_size and big) else 0
 

@@ -58,8 +58,8 @@ def test_epoch_batches_cover_each_image_once_and_repeat_per_epoch() -> None:
     batches = epoch_batches(10, 3, seed=0, epoch=2)
     rows = torch.cat(batches).tolist()
     assert [len(b) for b in batches] == [3, 3, 3] and len(set(rows)) == 9
-    assert all(torch.equal(a, b) for a, b in zip(batches, epoch_batches(10, 3, seed=0, epoch=2)))
-    assert not all(torch.equal(a, b) for a, b in zip(batches, epoch_batches(10, 3, seed=0, epoch=3)))
+    assert all(torch.equal(a, b) for a, b in zip(batches, epoch_batches(10, 3, seed=0, epoch=2), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(batches, epoch_batches(10, 3, seed=0, epoch=3), strict=True))
 
 
 def test_batch_captions_takes_every_caption_or_one_each() -> None:

@@ -142,7 +142,7 @@ def test_a_weight_below_one_fuses_image_and_caption(labelled: Path, tiny_model: 
     probs /= probs.sum(1, keepdims=True)
     truth = np.array([labels.index(r["colour"]) for r in rows])
     assert saved["report"]["top1"] == pytest.approx(np.mean(probs.argmax(1) == truth), abs=1.5 / len(rows))
-    for row, p in zip(rows, probs):
+    for row, p in zip(rows, probs, strict=True):
         top = saved["top"][row["id"]]
         assert top[0][0] == labels[int(p.argmax())] and top[0][1] == pytest.approx(p.max(), abs=1e-4), row["id"]
 

@@ -129,9 +129,9 @@ def test_a_repeated_merge_is_skipped_and_a_smaller_one_removes_items(random_shar
 
 
 def test_a_damaged_shard_is_an_error_naming_it(random_shards, tmp_path: Path) -> None:
-    shard_dir, names, _, _ = random_shards
+    shard_dir, _, _, _ = random_shards
     np.save(shard_dir / "s1.npy", np.zeros((5, 32), np.float32))  # the marker says 300 rows
-    with pytest.raises(RetrievalError, match="s1 is damaged.*delete its files and re-run"):
+    with pytest.raises(RetrievalError, match=r"s1 is damaged.*delete its files and re-run"):
         read_shard(shard_dir, "s1")
 
 
@@ -141,7 +141,7 @@ def test_shard_names_follow_content(synth_data: Path) -> None:
     pairs = list_source(synth_data)
     a, b = plan_shards(pairs, 100, "fp"), plan_shards(pairs, 100, "other-fp")
     assert [len(p) for _, p in a] == [100, 100, 100] and a == plan_shards(pairs, 100, "fp")
-    assert all(x[0] != y[0] for x, y in zip(a, b))  # another model: other shards
+    assert all(x[0] != y[0] for x, y in zip(a, b, strict=True))  # another model: other shards
     changed = [pairs[0].__class__(pairs[0].id, pairs[0].image, ("new caption",)), *pairs[1:]]
     assert [n for n, _ in plan_shards(changed, 100, "fp")][1:] == [n for n, _ in a][1:]
     assert plan_shards(changed, 100, "fp")[0][0] != a[0][0]
@@ -162,10 +162,10 @@ def test_an_ivf_index_over_max_memory_is_searched_memory_mapped(random_shards, t
     assert [ranking(h) for h in mapped.search_vectors(qs, k=10)] == [
         ranking(h) for h in in_memory.search_vectors(qs, k=10)
     ]
-    with pytest.raises(RetrievalError, match="exact answer .* over --max-memory .*raise --max-memory"):
+    with pytest.raises(RetrievalError, match=r"exact answer .* over --max-memory .*raise --max-memory"):
         mapped.search_vectors(qs, k=10, exact=True)
     flat = flat_store(tmp_path / "flat", items, vectors)
-    with pytest.raises(RetrievalError, match="the flat index .*only ivf and ivfpq search from disk"):
+    with pytest.raises(RetrievalError, match=r"the flat index .*only ivf and ivfpq search from disk"):
         Index(IndexStore.open(flat.path, max_memory=1024), tmp_path).search_vectors(qs, k=1)
 
 
@@ -234,7 +234,7 @@ def test_ray_gives_the_content_of_the_single_machine_path(built) -> None:
     for target in ("item", "image", "text"):
         want = one.search_vectors(queries, k=10, target=target)
         got = many.search_vectors(queries, k=10, target=target)
-        for w, g in zip(want, got):
+        for w, g in zip(want, got, strict=True):
             assert [h.id for h in g] == [h.id for h in w]
             assert np.allclose([h.score for h in g], [h.score for h in w], atol=1e-5)
         theta = float(np.median([h.score for hits in want for h in hits]))

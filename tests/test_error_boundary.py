@@ -159,7 +159,8 @@ def test_a_bad_argument_is_one_error_line(
         ),
         (
             RuntimeError(FAISS_ERROR),
-            "Error: FAISS failed: could not open /gone/vectors.faiss for reading: No such file or directory; if an index's",
+            "Error: FAISS failed: could not open /gone/vectors.faiss for reading: No such file or directory; "
+            "if an index's",
         ),
     ],
 )
@@ -237,7 +238,8 @@ def test_eval_writes_its_report(evaluated: list[str], tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "out, message",
     [
-        # a folder that cannot be made: found by the check up front where /proc is not writable (not root), else by mkdir
+        # a folder that cannot be made: found by the check up front where /proc is not writable (not root),
+        # else by mkdir
         (
             "/proc/nonexistent/report.json",
             r"Error: (/proc/nonexistent: No such file or directory; check the path|"

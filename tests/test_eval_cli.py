@@ -279,8 +279,8 @@ def test_fusion_sweep_equals_searching_an_index_of_one_caption_per_image(
     n = len(owners)
     for i, w in enumerate(fusion["weights"]):
         hits = index.search_vectors(queries, k=5, weight=w, target="item")
-        r1 = np.mean([h[0].id == o for h, o in zip(hits, owners)])
-        r5 = np.mean([o in {x.id for x in h} for h, o in zip(hits, owners)])
+        r1 = np.mean([h[0].id == o for h, o in zip(hits, owners, strict=True)])
+        r5 = np.mean([o in {x.id for x in h} for h, o in zip(hits, owners, strict=True)])
         assert r1 == pytest.approx(fusion["R@1"][i], abs=1.5 / n) and r5 == pytest.approx(
             fusion["R@5"][i], abs=1.5 / n
         ), w

@@ -242,7 +242,10 @@ def test_relevance_lists_from_owner() -> None:
 
 
 def _clip_benchmark_recall(scores: np.ndarray, positive_pairs: np.ndarray, k: int) -> float:
-    """CLIP_benchmark zeroshot_retrieval.recall_at_k, then (> 0).mean(): a query is a hit if any positive is in its top k."""
+    """CLIP_benchmark zeroshot_retrieval.recall_at_k, then (> 0).mean().
+
+    A query is a hit if any positive is in its top k.
+    """
     topk = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Nq, k)
     hits = np.take_along_axis(positive_pairs, topk, axis=1).any(axis=1)  # (Nq,)
     return float(hits.mean())

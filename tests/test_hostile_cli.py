@@ -96,10 +96,10 @@ def test_an_ann_knob_past_a_c_int_is_one_error_line(args: list[str], hostile_ind
     before = (hostile_index / "manifest.json").read_text()
     line = error_line(run(args[0], "--index", hostile_index, *args[1:]))
     knob, value = args[-2].removeprefix("--").replace("-", "_"), args[-1]
-    assert (
-        line
-        == f"Error: {knob} must be a whole number from 1 to 2147483647, got {value}; give {args[-2]} a value in that range"
+    want = (
+        f"Error: {knob} must be a whole number from 1 to 2147483647, got {value}; give {args[-2]} a value in that range"
     )
+    assert line == want
     assert (hostile_index / "manifest.json").read_text() == before
     assert run("search", "--index", hostile_index, "--text", "a red circle", "--json").exit_code == 0
 
@@ -143,7 +143,7 @@ def test_a_kill_between_the_log_and_the_state_never_logs_an_epoch_twice(synth_da
     assert run(*args, "--epochs", "2").exit_code == 0
     log = out / "train_log.jsonl"
     lines = log.read_text().splitlines()
-    log.write_text("\n".join(lines + [json.dumps({**json.loads(lines[-1]), "epoch": 3}), '{"epoch": 4, "lo']) + "\n")
+    log.write_text("\n".join([*lines, json.dumps({**json.loads(lines[-1]), "epoch": 3}), '{"epoch": 4, "lo']) + "\n")
     result = run(*args, "--epochs", "3", "--resume")
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3]

@@ -99,7 +99,7 @@ def test_non_finite_numbers_skip_their_row_and_the_rest_is_indexed(synth_data, t
     assert f"{N} added" in result.output
     messages = skipped_lines(result)
     assert len(messages) == 5, result.output
-    for line_no, message in zip(range(N + 1, N + 5), messages):
+    for line_no, message in zip(range(N + 1, N + 5), messages[:4], strict=True):
         assert f"pairs.jsonl:{line_no}: " in message and "use null or a string" in message, message
     assert f"pairs.jsonl:{N + 5}: not valid JSON" in messages[4]
     again = index_ok(manifest, tiny_model, idx)

@@ -731,7 +731,10 @@ def test_a_filesystem_without_file_locks_is_one_line_and_leaks_no_file(
     with monkeypatch.context() as m:
         m.setattr(index_module, "open", tracked_open, raising=False)
         m.setattr(fcntl, "flock", no_locks)
-        reason = f"cannot lock {idx}/.lock ({os.strerror(errno.ENOLCK)}): writing an index needs a filesystem with file locks"
+        reason = (
+            f"cannot lock {idx}/.lock ({os.strerror(errno.ENOLCK)}): "
+            "writing an index needs a filesystem with file locks"
+        )
         with pytest.raises(RetrievalError, match=re.escape(reason)):
             build(source, idx, tiny_model)
         assert_one_error_line(run_cli("index", source, "--model", tiny_model, "--index", idx), reason)

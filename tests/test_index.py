@@ -395,7 +395,7 @@ def test_newer_format_asks_to_upgrade(folder, tiny_model, tmp_path) -> None:
     manifest = json.loads((idx / "manifest.json").read_text())
     (idx / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     for open_it in (IndexStore.open, Index.open, lambda p: build(folder, p, tiny_model)):
-        with pytest.raises(RetrievalError, match="format 99.*upgrade retrieval"):
+        with pytest.raises(RetrievalError, match=r"format 99.*upgrade retrieval"):
             open_it(idx)
     assert_one_error_line(run_cli("info", "--index", idx), "upgrade retrieval")
 
@@ -502,7 +502,9 @@ def test_tuning_the_search_knob_trades_recall(tmp_path, index_type: str, knob: s
 
     def recall() -> float:
         return float(
-            np.mean([len(w & {h.id for h in hits}) / 10 for w, hits in zip(want, ann.search_vectors(qs, k=10))])
+            np.mean(
+                [len(w & {h.id for h in hits}) / 10 for w, hits in zip(want, ann.search_vectors(qs, k=10), strict=True)]
+            )
         )
 
     ann.tune(**{knob: low})

@@ -92,7 +92,9 @@ def test_a_deferred_cycle_counts_only_with_deferred(tmp_path: Path) -> None:
         tmp_path,
         {
             "__init__.py": "",
-            "model.py": "class Encoder: ...\n\ndef load():\n    from .pretrained import load_hf\n    return load_hf()\n",
+            "model.py": (
+                "class Encoder: ...\n\ndef load():\n    from .pretrained import load_hf\n    return load_hf()\n"
+            ),
             "pretrained.py": "from .model import Encoder\n\ndef load_hf(): ...\n",
         },
     )

@@ -18,7 +18,7 @@ def _batch(b: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _dot(u: list[float], v: list[float]) -> float:
-    return sum(a * b for a, b in zip(u, v))
+    return sum(a * b for a, b in zip(u, v, strict=True))
 
 
 def _reference_clip(x: list[list[float]], y: list[list[float]], t: float) -> float:
@@ -121,8 +121,8 @@ def test_siglip_bias_gradient_matches_the_closed_form() -> None:
     for i in range(4):
         for j in range(4):
             z = 1.0 if i == j else -1.0
-            l = t * _dot(xs[i], ys[j]) + b
-            expected += -z / (1.0 + math.exp(z * l))
+            logit = t * _dot(xs[i], ys[j]) + b
+            expected += -z / (1.0 + math.exp(z * logit))
     assert bias.grad.item() == pytest.approx(expected / 4, abs=1e-9)
 
 
@@ -133,7 +133,7 @@ def _reference_multi_caption_clip(x: list[list[float]], y: list[list[float]], ow
         -logits[owner[c]][c] + math.log(sum(math.exp(logits[i][c]) for i in range(len(x)))) for c in range(len(y))
     ]
     image_side = [
-        math.log(sum(math.exp(l) for l in row))
+        math.log(sum(math.exp(v) for v in row))
         - math.log(sum(math.exp(row[c]) for c in range(len(y)) if owner[c] == i))
         for i, row in enumerate(logits)
     ]

@@ -102,13 +102,13 @@ def test_inverse_temperature_is_clamped_at_100(model: DualEncoder) -> None:
 
 
 def test_load_errors_say_what_to_do(model: DualEncoder, tmp_path: Path) -> None:
-    with pytest.raises(RetrievalError, match="not a model directory.*retrieval train"):
+    with pytest.raises(RetrievalError, match=r"not a model directory.*retrieval train"):
         load_model(tmp_path / "nothing")
     path = save_model(model, tmp_path / "m")
     config = json.loads((path / "config.json").read_text())
 
     (path / "config.json").write_text(json.dumps({**config, "format_version": 99}))
-    with pytest.raises(RetrievalError, match="newer.*upgrade"):
+    with pytest.raises(RetrievalError, match=r"newer.*upgrade"):
         load_model(path)
 
     (path / "config.json").write_text(json.dumps({**config, "architecture": "something-else"}))

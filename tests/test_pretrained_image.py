@@ -127,7 +127,7 @@ def test_bad_tower_choices_are_one_line(synth_data: Path, tmp_path: Path) -> Non
     assert result.exit_code != 0 and "0..16" in result.output
     result = runner.invoke(main, [*base, "--preset", "pretrained", "--image-trainable-blocks", "2"])
     assert result.exit_code != 0 and "not an ensemble" in result.output
-    with pytest.raises(RetrievalError, match="0..16"):
+    with pytest.raises(RetrievalError, match=r"0\.\.16"):
         PretrainedImageTower(with_image_tower(PRESETS["pretrained"].model, "efficientnet-lite0", 17).image)
 
 

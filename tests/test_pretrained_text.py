@@ -138,7 +138,7 @@ def test_index_answers_text_queries_with_the_numpy_tower(minilm_model: Path, syn
     hits = index.search(text=query, k=5, target="text")
     model, pairs = load_model(minilm_model), read_pairs(synth_data)
     emb, ends = model.encode_text([c for p in pairs for c in p.captions]), np.cumsum([len(p.captions) for p in pairs])
-    item_vectors = np.stack([caption_vector(emb[e - len(p.captions) : e]) for p, e in zip(pairs, ends)])
+    item_vectors = np.stack([caption_vector(emb[e - len(p.captions) : e]) for p, e in zip(pairs, ends, strict=True)])
     best = np.argsort(-(item_vectors @ model.encode_text([query])[0]), kind="stable")[:5]
     assert [h.id for h in hits] == [pairs[i].id for i in best]
     result = CliRunner().invoke(main, ["search", "--index", str(tmp_path / "idx"), "--text", query, "--k", "3"])
@@ -149,7 +149,7 @@ def test_trainable_layers_are_checked(synth_data: Path, tmp_path: Path) -> None:
     with pytest.raises(RetrievalError, match="for a pretrained text tower"):
         with_text_tower(PRESETS["tiny"].model, "own", 2)
     config = with_text_tower(PRESETS["tiny"].model, "minilm", 7).text
-    with pytest.raises(RetrievalError, match="must be 0..6"):
+    with pytest.raises(RetrievalError, match=r"must be 0\.\.6"):
         load_pretrained_text_tower(config)
 
 

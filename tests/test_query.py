@@ -98,7 +98,7 @@ def assert_same_ranking(hits, want: list[tuple[str, float]], scores: dict[str, f
     assert len(got_ids) == len(want), (got_ids[:5], want[:5])
     assert len(set(got_ids)) == len(got_ids), "an item came back twice"
     np.testing.assert_allclose([h.score for h in hits], [s for _, s in want], atol=TOL)
-    for got, (want_id, want_score) in zip(got_ids, want):
+    for got, (want_id, want_score) in zip(got_ids, want, strict=True):
         assert got in scores, f"{got} is not eligible for this target"
         if got != want_id:
             assert abs(scores[got] - want_score) <= TOL, f"{got} ranked where {want_id} should be"
@@ -118,7 +118,7 @@ def queries(parts: Parts, d: int) -> list[np.ndarray]:
     rng = np.random.default_rng(42)
     qs = [(v / np.linalg.norm(v)).astype(np.float32) for v in rng.standard_normal((3, d))]
     vectors = list(parts.values())
-    return qs + [vectors[0][1], vectors[1][0]]
+    return [*qs, vectors[0][1], vectors[1][0]]
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
@@ -322,7 +322,7 @@ def test_bad_api_query_raises_retrieval_error(index: Index, kwargs: dict, messag
 def test_image_query_that_is_not_an_image(index: Index, tmp_path: Path) -> None:
     fake = tmp_path / "notes.jpg"
     fake.write_text("this is text, not a JPEG")
-    with pytest.raises(ImageError, match="notes.jpg"):
+    with pytest.raises(ImageError, match=r"notes\.jpg"):
         index.search(image=fake)
 
 

@@ -32,7 +32,7 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path: Pat
     runs = [("a", 5), ("b", 5), ("c", 6)]
     a, b, c = (_files(generate(tmp_path / name, 12, seed=seed, size=32).parent) for name, seed in runs)
     assert a[:2] == b[:2]
-    assert all(np.array_equal(x, y) for x, y in zip(a[2], b[2]))
+    assert all(np.array_equal(x, y) for x, y in zip(a[2], b[2], strict=True))
     assert a[0] != c[0] and a[1] != c[1]
 
 
@@ -88,7 +88,7 @@ def test_relations_and_sides_agree_with_coordinates(scenes: list[Scene]) -> None
             phrase = next(p for p in where if captions(scene)[0].endswith(p))
             assert where[phrase] and abs(o.x - 0.5) != abs(o.y - 0.5)
         elif len(scene.objects) == 2:
-            for text, (a, b) in zip(captions(scene), [scene.objects, scene.objects[::-1]]):
+            for text, (a, b) in zip(captions(scene), [scene.objects, scene.objects[::-1]], strict=True):
                 match = RELATION.match(text)
                 assert match, text
                 dx, dy = b.x - a.x, b.y - a.y

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +225,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
     assert lr_factor(0.55, 0.1) == pytest.approx(0.5)
     assert lr_factor(1.0, 0.1) == pytest.approx(0.0)
     values = [lr_factor(p / 100, 0.1) for p in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in pairwise(values))
 
 
 def test_help_explains_every_command() -> None:

@@ -28,7 +28,8 @@ def test_only_a_higher_score_is_best(score: float, best: float, kept: bool) -> N
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 12345])
 def test_the_random_streams_never_share_a_seed(seed: int) -> None:
-    """Before: epoch e's augmentation generator was seeded seed*1000 + e + 1, epoch e+1's batch order seed*1000 + e + 1."""
+    """Before: epoch e's augmentation generator was seeded seed*1000 + e + 1,
+    and epoch e+1's batch order seed*1000 + e + 1."""
     seeds = {(stream, epoch): stream_seed(seed, stream, epoch) for stream in STREAMS for epoch in range(200)}
     assert len(set(seeds.values())) == len(seeds)
     for epoch in range(199):
@@ -46,7 +47,7 @@ def test_streams_are_a_function_of_seed_stream_and_epoch_alone() -> None:
     with pytest.raises(ValueError):
         stream_seed(3, "typo", 0)
     a, b = epoch_batches(20, 4, seed=3, epoch=1), epoch_batches(20, 4, seed=3, epoch=1)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_inverse_temperature_is_exp_logit_scale() -> None:
