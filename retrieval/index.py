@@ -114,6 +114,16 @@ class Manifest:
     image_precision: str = ""  # what its images were encoded in (fp32, bf16; "" before any): image queries match it
 
 
+def check_model(manifest: Manifest, path: str | Path, model_fp: str, model_dir: str | Path) -> None:
+    """Refuse to add to or query an index with a model other than the one that built it (its vectors would live
+    in another space): the one check, for `index` and for search alike."""
+    if manifest.fingerprint != model_fp:
+        raise RetrievalError(
+            f"model mismatch: {path} was built with model {manifest.fingerprint} ({manifest.model}), "
+            f"but {model_dir} is {model_fp}; use the model that built it, or build a new index for this one"
+        )
+
+
 def choose_index_type(n: int, dim: int, memory_budget: int) -> str:
     """autofaiss-style rule: exact while small, HNSW while its graph fits the budget, else compressed IVF-PQ."""
     if n <= FLAT_MAX_ITEMS:

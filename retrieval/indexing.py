@@ -21,7 +21,7 @@ import numpy as np
 from .choices import INDEX_TYPES, check_params
 from .data import Pair, read_pairs
 from .errors import ImageError, RetrievalError
-from .index import IndexStore, Item, Manifest, choose_index_type, min_items
+from .index import IndexStore, Item, Manifest, check_model, choose_index_type, min_items
 from .modeldir import ModelRef, canonical, embed_dim, fingerprint
 from .progress import progress_bar
 
@@ -170,21 +170,13 @@ def prepare_store(
         return Manifest(canonical(model_dir), model_fp, dim, chosen)
 
     store = IndexStore.open_writer(
-        index_path, new_manifest, lambda manifest: check_model(manifest, model_fp, model_dir)
+        index_path, new_manifest, lambda manifest: check_model(manifest, index_path, model_fp, model_dir)
     )
     settings = (store.manifest.index_type, dict(store.manifest.params))
     if index_type not in (None, "auto"):
         store.manifest.index_type = index_type
     store.manifest.params.update(params or {})
     return store, settings != (store.manifest.index_type, store.manifest.params)
-
-
-def check_model(manifest: Manifest, model_fp: str, model_dir: ModelRef) -> None:
-    if manifest.fingerprint != model_fp:
-        raise RetrievalError(
-            f"model mismatch: the index was built with model {manifest.fingerprint} ({manifest.model}), "
-            f"but {model_dir} is {model_fp}; use that model, or build a new index for this one"
-        )
 
 
 Decoded = tuple[str | None, np.ndarray | None, str | None]  # one item's (image key, pixels (3, S, S), error)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .choices import TARGETS, check_params
 from .errors import RetrievalError
-from .index import IndexStore
+from .index import IndexStore, check_model
 from .modeldir import ModelRef, fingerprint, numpy_text
 
 if TYPE_CHECKING:  # loaded on first use (model, embed_texts): encoder imports torch, which text search may not need
@@ -148,12 +148,7 @@ class Index:
         (bytes) keeps an IVF index larger than that on disk, memory-mapped (see IndexStore.faiss)."""
         store = IndexStore.open(path, max_memory)
         model_dir = model or store.manifest.model
-        got = fingerprint(model_dir)
-        if got != store.manifest.fingerprint:
-            raise RetrievalError(
-                f"model mismatch: {path} was built with model {store.manifest.fingerprint}, but {model_dir} is {got}; "
-                "query with the model that built it, or rebuild the index"
-            )
+        check_model(store.manifest, path, fingerprint(model_dir), model_dir)
         return cls(store, model_dir, model)
 
     def reopen(self) -> Index:
