@@ -699,8 +699,10 @@ class IndexStore:
         self.manifest.calibration = {**self.manifest.calibration, target: entry}
         self._write_manifest()
 
-    def info(self) -> dict[str, Any]:
-        return {"path": str(self.path), **asdict(self.manifest), "counts": self.counts()}
+    def info(self, counts: dict[str, int] | None = None) -> dict[str, Any]:
+        """The path, the manifest and the counts: of the database now, or the `counts` given (a server's of the
+        generation it answers from)."""
+        return {"path": str(self.path), **asdict(self.manifest), "counts": self.counts() if counts is None else counts}
 
     def part_vectors(self, fids: Sequence[int]) -> dict[int, tuple[np.ndarray | None, np.ndarray | None]]:
         """(image vector, text vector) per item, None for a missing part."""

@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -547,11 +547,8 @@ def create_app(
     async def info(gen: Current) -> dict[str, Any]:
         """The manifest and counts of the generation answering (not of the database now: a writer may be part way
         through the next), the defaults the page starts with, and the upload limits. On the event loop."""
-        store = gen.index.store
         return {
-            "path": str(store.path),
-            **asdict(store.manifest),
-            "counts": gen.counts,
+            **gen.index.store.info(gen.counts),
             "defaults": search_defaults(gen.index),
             "max_k": MAX_K,
             "max_upload_bytes": settings.max_upload_bytes,
