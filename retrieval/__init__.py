@@ -8,23 +8,23 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "DualEncoder": "model",
-    "Encoder": "model",
-    "load_model": "model",
-    "save_model": "model",
-    "Index": "query",
-    "Hit": "query",
-    "build_index": "indexing",
-    "remove_items": "indexing",
-    "Pair": "data",
-    "read_pairs": "data",
-    "read_split": "data",
+    "DualEncoder": "models.towers",
+    "Encoder": "models.towers",
+    "load_model": "models.towers",
+    "save_model": "models.towers",
+    "Index": "index.search",
+    "Hit": "index.search",
+    "build_index": "index.build",
+    "remove_items": "index.build",
+    "Pair": "data.pairs",
+    "read_pairs": "data.pairs",
+    "read_split": "data.pairs",
     "ImageError": "errors",
     "RetrievalError": "errors",
-    "encode_pairs": "api",
-    "evaluate_model": "api",
-    "run_demo": "api",
-    "train_model": "api",
+    "encode_pairs": "jobs.api",
+    "evaluate_model": "jobs.api",
+    "run_demo": "jobs.api",
+    "train_model": "jobs.api",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from numbers import Integral
 from typing import Any
 
-from .errors import RetrievalError
+from retrieval.errors import RetrievalError
 
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")  # "auto": chosen by size and memory (choose_index_type)
 TARGETS = ("item", "image", "text")  # what a query matches: whole items (fused), images only, captions only

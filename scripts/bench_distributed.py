@@ -30,24 +30,24 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrieval.index import IndexStore, Item, Manifest
+from retrieval.index.store import IndexStore, Item, Manifest
 
 
 def throughput(work: Path, images: int, size: int, model: str | None, preset_name: str, shard_size: int) -> dict:
     import ray
     import torch
 
-    from retrieval.distributed import build_index_ray
-    from retrieval.indexing import build_index, list_source
-    from retrieval.synth import generate
+    from retrieval.data.synth import generate
+    from retrieval.index.build import build_index, list_source
+    from retrieval.scale.ray import build_index_ray
 
     manifest = work / f"synth-{images}-{size}" / "pairs.jsonl"
     if not manifest.is_file():
         generate(manifest.parent, images, seed=0, size=size)
     if model is None:
-        from retrieval.config import preset
-        from retrieval.model import save_model
-        from retrieval.train import build_model
+        from retrieval.models.config import preset
+        from retrieval.models.towers import save_model
+        from retrieval.train.loop import build_model
 
         p = preset(preset_name)
         model = str(
@@ -89,7 +89,7 @@ def throughput(work: Path, images: int, size: int, model: str | None, preset_nam
 
 def write_random_shards(directory: Path, n: int, shards: int, dim: int) -> list[str]:
     """n items of random unit image and caption vectors, as `shards` shards (reused when already there)."""
-    from retrieval.shards import is_done, write_shard
+    from retrieval.scale.shards import is_done, write_shard
 
     names = [f"shard-{k:06d}" for k in range(shards)]
     bounds = np.linspace(0, n, shards + 1).astype(int)
@@ -107,7 +107,7 @@ def write_random_shards(directory: Path, n: int, shards: int, dim: int) -> list[
 
 def merge_once(shard_dir: Path, names: list[str], dim: int, on_disk: bool, index: Path) -> dict:
     """One merge into a new index (run in its own process by `merge`, for a clean peak RSS)."""
-    from retrieval.merge import merge_shards
+    from retrieval.scale.merge import merge_shards
 
     shutil.rmtree(index, ignore_errors=True)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

@@ -38,9 +38,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrieval.data import IMAGE_SUFFIXES, Pair
-from retrieval.indexing import build_index, decode_batch
-from retrieval.model import (
+from retrieval.data.pairs import IMAGE_SUFFIXES, Pair
+from retrieval.index.build import build_index, decode_batch
+from retrieval.models.towers import (
     Encoder,
     load_model,
     use_bf16,
@@ -213,7 +213,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if args.model is None:
-            from retrieval.zeroshot import build_zeroshot
+            from retrieval.models.zeroshot import build_zeroshot
 
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             args.model = build_zeroshot(tmp / "zeroshot")

@@ -133,8 +133,8 @@ def tiny_index(tmp: Path) -> Path:
     """Synthetic scenes, the tiny preset trained on them, and their index: what a quick run serves."""
     from click.testing import CliRunner
 
-    from retrieval.cli import main
-    from retrieval.synth import generate
+    from retrieval.cli.main import main
+    from retrieval.data.synth import generate
 
     data = generate(tmp / "synth", 100, seed=1, size=48)
     for args in (

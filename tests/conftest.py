@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from retrieval.cli import main
-from retrieval.synth import generate
+from retrieval.cli.main import main
+from retrieval.data.synth import generate
 
 TRAINED_FIXTURES = frozenset({"tiny_model", "served_index"})  # each trains the tiny model (about 10 s on 2 cores)
 
@@ -79,7 +79,7 @@ def served_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.Te
     """The 300 scenes indexed for the server tests, with the awkward cases a server meets (`awkward_rows`)."""
     import torch
 
-    from retrieval.indexing import build_index
+    from retrieval.index.build import build_index
 
     root = tmp_path_factory.mktemp("served")
     (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in awkward_rows(synth_data)))

@@ -175,7 +175,7 @@ def test_no_other_module_renames_by_itself() -> None:
 
 def test_a_rerun_clears_what_killed_shard_writers_left_and_nothing_else(tmp_path: Path) -> None:
     """Shards are written under a temporary name per attempt; the driver clears a pending shard's leftovers."""
-    from retrieval.shards import clear_partial
+    from retrieval.scale.shards import clear_partial
 
     left = ["shard-000001-ab.npy.tmp", "shard-000001-ab.parquet.1f2e3d4c5b6a.tmp"]
     kept = ["shard-000001-ab.npy", "shard-000002-cd.npy.0a0b0c0d0e0f.tmp", "shard-000002-cd.json"]

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from retrieval.classify import classification_report, confusion_matrix, probabilities, prompts, top_k_accuracy
-from retrieval.cli import main
+from retrieval.cli.main import main
+from retrieval.evaluation.classify import (
+    classification_report,
+    confusion_matrix,
+    probabilities,
+    prompts,
+    top_k_accuracy,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -66,7 +72,7 @@ def labelled(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.mark.slow
 def test_cli_report_equals_the_models_own_probabilities(labelled: Path, tiny_model: Path, tmp_path: Path) -> None:
-    from retrieval.model import load_model
+    from retrieval.models.towers import load_model
 
     result = CliRunner().invoke(
         main,
@@ -108,7 +114,7 @@ def test_cli_report_equals_the_models_own_probabilities(labelled: Path, tiny_mod
 def test_a_weight_below_one_fuses_image_and_caption(labelled: Path, tiny_model: Path, tmp_path: Path) -> None:
     """--weight 0.3: each item is 0.3 e(image) + 0.7 e(captions), the captions' normalised mean; its labels'
     probabilities are the scaled softmax of the prompts' cosines with that vector, computed here by hand."""
-    from retrieval.model import load_model
+    from retrieval.models.towers import load_model
 
     result = CliRunner().invoke(
         main,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from retrieval.data import Pair, image_caption_pairs, read_pairs, read_split, select
+from retrieval.data.pairs import Pair, image_caption_pairs, read_pairs, read_split, select
 from retrieval.errors import RetrievalError
 
 

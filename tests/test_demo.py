@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from retrieval.api import run_demo
-from retrieval.cli import main
+from retrieval.cli.main import main
+from retrieval.jobs.api import run_demo
 
 pytestmark = pytest.mark.slow  # trains a model
 

@@ -19,15 +19,15 @@ import pytest
 from click.testing import CliRunner
 from conftest import awkward_rows
 
-from retrieval.cli import main
+from retrieval.cli.main import main
 from retrieval.errors import RetrievalError
-from retrieval.index import IndexStore, Item, Manifest, fused
-from retrieval.query import Index
+from retrieval.index.search import Index
+from retrieval.index.store import IndexStore, Item, Manifest, fused
 
 pytest.importorskip("pyarrow", reason="shards are Parquet: pip install 'retrieval[distributed]'")
 
-from retrieval.merge import merge_shards
-from retrieval.shards import plan_shards, read_shard, write_shard
+from retrieval.scale.merge import merge_shards
+from retrieval.scale.shards import plan_shards, read_shard, write_shard
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 SHARD_SIZE = 80
@@ -136,7 +136,7 @@ def test_a_damaged_shard_is_an_error_naming_it(random_shards, tmp_path: Path) ->
 
 
 def test_shard_names_follow_content(synth_data: Path) -> None:
-    from retrieval.indexing import list_source
+    from retrieval.index.build import list_source
 
     pairs = list_source(synth_data)
     a, b = plan_shards(pairs, 100, "fp"), plan_shards(pairs, 100, "other-fp")
@@ -196,7 +196,7 @@ def built(
     ray_local, source: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, Path, str]:
     """The source indexed on one machine (flat) and with Ray through the CLI (IVF, 4 shards of 80)."""
-    from retrieval.indexing import build_index
+    from retrieval.index.build import build_index
 
     root = tmp_path_factory.mktemp("built")
     build_index(source, tiny_model, root / "local", progress=False)
@@ -248,7 +248,7 @@ def test_a_rerun_skips_finished_shards_and_redoes_a_half_written_one(
     built, source: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     """As if a worker was killed while writing shard 1, before the merge: its files lack the marker."""
-    from retrieval.distributed import build_index_ray
+    from retrieval.scale.ray import build_index_ray
 
     local, ray_index, _ = built
     shards = tmp_path / "idx" / "shards"

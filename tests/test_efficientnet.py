@@ -10,8 +10,9 @@ from functools import cache
 import pytest
 import torch
 
-from retrieval.config import PRETRAINED_IMAGE_SIZES
-from retrieval.efficientnet import (
+from retrieval.errors import RetrievalError
+from retrieval.models.config import PRETRAINED_IMAGE_SIZES
+from retrieval.models.efficientnet import (
     INSTALL_HINT,
     LITE_VARIANTS,
     EfficientNetLite,
@@ -19,7 +20,6 @@ from retrieval.efficientnet import (
     packaged_state_dict,
     same_padding,
 )
-from retrieval.errors import RetrievalError
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from retrieval.cli import main
+from retrieval.cli.main import main
 from retrieval.errors import ImageError, IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError, user_error
 
 HEAVY = ("torch", "faiss", "transformers", "ray", "matplotlib")
@@ -167,7 +167,7 @@ def test_a_bad_argument_is_one_error_line(
 def test_os_sqlite_and_faiss_errors_are_one_line(
     raised: Exception, message: str, place: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from retrieval import index
+    from retrieval.index import store as index
 
     def fail(*_: object, **__: object) -> None:
         raise raised
@@ -181,7 +181,7 @@ def test_a_programming_error_keeps_its_traceback(
     bug: Exception, place: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The boundary must not hide a bug as a user error: the exception escapes click (CliRunner keeps it)."""
-    from retrieval import index
+    from retrieval.index import store as index
 
     def fail(*_: object, **__: object) -> None:
         raise bug
@@ -206,8 +206,8 @@ def test_thresholds_and_classify_raise_our_error_for_bad_input() -> None:
     """Bad input raises RetrievalError (also a ValueError, for callers that catch that)."""
     import numpy as np
 
-    from retrieval.classify import check_template
-    from retrieval.thresholds import normalise
+    from retrieval.evaluation.classify import check_template
+    from retrieval.evaluation.thresholds import normalise
 
     with pytest.raises(RetrievalError, match="unknown rule 'nope'") as caught:
         normalise(np.zeros((1, 2)), "nope")
@@ -220,7 +220,7 @@ def test_thresholds_and_classify_raise_our_error_for_bad_input() -> None:
 @pytest.fixture
 def evaluated(monkeypatch: pytest.MonkeyPatch, place: dict[str, Path]) -> list[str]:
     """`eval` with the evaluation replaced by a fixed report, so only writing --out is left to fail."""
-    from retrieval import api
+    from retrieval.jobs import api
 
     figures = {"R@1": 0.5, "median_rank": 1.0, "mean_rank": 1.5, "mAP": 0.5, "n_queries": 2}
     report = {"text_to_image": figures, "image_to_text": figures, "n_images": 2, "n_texts": 2}
@@ -257,7 +257,7 @@ def test_an_unwritable_out_is_one_line_naming_the_file(evaluated: list[str], out
 
 def test_an_out_under_a_file_fails_before_the_work(place: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Checked first: an hour of evaluation is not lost to a typo in --out."""
-    from retrieval import api
+    from retrieval.jobs import api
 
     def never(*_: object, **__: object) -> None:
         raise AssertionError("evaluated although --out cannot be written")
@@ -272,7 +272,7 @@ def test_an_out_under_a_file_fails_before_the_work(place: dict[str, Path], monke
 def loaded_after(*argvs: list[str]) -> list[list[str]]:
     """The heavy modules in sys.modules after each `retrieval ARGV` in turn, run in one fresh interpreter."""
     code = (
-        "import sys\nfrom retrieval.cli import main\n"
+        "import sys\nfrom retrieval.cli.main import main\n"
         f"for argv in {list(argvs)!r}:\n"
         "    try:\n        main(argv)\n    except SystemExit as e:\n        assert not e.code, e.code\n"
         f"    print('loaded:', *(m for m in {HEAVY!r} if m in sys.modules))\n"
@@ -290,7 +290,7 @@ def test_help_imports_neither_torch_nor_faiss() -> None:
 
 @pytest.mark.slow
 def test_a_text_search_on_our_own_model_imports_no_torch(synth_data: Path, tiny_model: Path, tmp_path: Path) -> None:
-    from retrieval.indexing import build_index
+    from retrieval.index.build import build_index
 
     rows = [json.loads(line) for line in synth_data.read_text().splitlines()[:20]]
     for row in rows:
@@ -334,7 +334,7 @@ def test_the_server_maps_each_error_to_its_status(
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from retrieval import server
+    from retrieval.server import app as server
 
     def fail(*_: object, **__: object) -> None:
         raise raised
@@ -350,7 +350,7 @@ def test_a_bug_in_the_server_is_still_a_500(served_index: Path, monkeypatch: pyt
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from retrieval import server
+    from retrieval.server import app as server
 
     def fail(*_: object, **__: object) -> None:
         raise RuntimeError("an invariant broke")

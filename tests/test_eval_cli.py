@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from retrieval.cli import main
-from retrieval.index import IndexStore
-from retrieval.indexing import build_index
+from retrieval.cli.main import main
+from retrieval.index.build import build_index
+from retrieval.index.store import IndexStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_single_thread")]  # integration: a trained model, indexes
 
@@ -264,9 +264,9 @@ def test_fusion_sweep_equals_searching_an_index_of_one_caption_per_image(
     test_split: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     """The sweep's numbers are what `search --target item --weight w` gives on the index the sweep describes."""
-    from retrieval.api import evaluate_model
-    from retrieval.data import read_pairs
-    from retrieval.query import Index
+    from retrieval.data.pairs import read_pairs
+    from retrieval.index.search import Index
+    from retrieval.jobs.api import evaluate_model
 
     fusion = evaluate_model(tiny_model, read_pairs(test_split), ks=(1, 5), fusion=True)["fusion"]
     rows = [json.loads(line) for line in test_split.read_text().splitlines()]
@@ -291,7 +291,7 @@ def test_the_api_module_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, retrieval.api; sys.exit('torch' in sys.modules)"
+    code = "import sys, retrieval.jobs.api; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

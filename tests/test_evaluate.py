@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.evaluate import (
+from retrieval.evaluation.metrics import (
     best_positive_ranks,
     fusion_sweep,
     list_ranks,

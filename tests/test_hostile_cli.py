@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from retrieval.cli import main
+from retrieval.cli.main import main
 from retrieval.errors import shown
-from retrieval.index import IndexStore
+from retrieval.index.store import IndexStore
 from retrieval.progress import PlainProgress, progress_bar
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -37,7 +37,7 @@ def error_line(result: Result, code: int = 1) -> str:
 @pytest.fixture(scope="module")
 def hostile_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """20 scenes as an HNSW index; scene 0's id holds a newline and scene 1's caption an ANSI colour escape."""
-    from retrieval.indexing import build_index
+    from retrieval.index.build import build_index
 
     root = tmp_path_factory.mktemp("hostile")
     rows = []

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from retrieval.cli import main
-from retrieval.data import read_pairs
+from retrieval.cli.main import main
+from retrieval.data.pairs import read_pairs
 from retrieval.errors import ImageError, RetrievalError
-from retrieval.index import IndexStore
-from retrieval.indexing import image_key
+from retrieval.index.build import image_key
+from retrieval.index.store import IndexStore
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -241,8 +241,9 @@ def test_a_huge_non_image_is_refused_from_its_header_without_reading_it(photos, 
         f.truncate(2 * 2**30)  # sparse: 2 GB of zeros that take no disk
     probe = (
         "import resource, sys; from concurrent.futures import ThreadPoolExecutor; from pathlib import Path\n"
-        "from types import SimpleNamespace; from retrieval.data import Pair; from retrieval.images import Transform\n"
-        "from retrieval.indexing import decode_batch\n"
+        "from types import SimpleNamespace; from retrieval.data.pairs import Pair\n"
+        "from retrieval.data.images import Transform\n"
+        "from retrieval.index.build import decode_batch\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "with ThreadPoolExecutor(1) as pool:\n"
         "    (f,) = decode_batch(SimpleNamespace(transform=Transform(32)), [Pair('x', Path(sys.argv[1]), ())], pool)\n"
@@ -300,8 +301,8 @@ def test_an_index_inside_the_source_folder_is_not_indexed(photos, tiny_model) ->
 
 
 def test_the_index_marker_files_are_the_stores_own() -> None:
-    from retrieval.data import INDEX_FILES
-    from retrieval.index import DB_FILE, MANIFEST_FILE
+    from retrieval.data.pairs import INDEX_FILES
+    from retrieval.index.store import DB_FILE, MANIFEST_FILE
 
     assert set(INDEX_FILES) == {MANIFEST_FILE, DB_FILE}
 

@@ -27,12 +27,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.exceptions import HTTPException
 
-from retrieval import atomic, server
+from retrieval import atomic
 from retrieval.errors import IndexChanged
-from retrieval.index import IndexStore, read_manifest
-from retrieval.indexing import build_index, remove_items
-from retrieval.query import Index
-from retrieval.server import HeadDeadline, LiveIndex, PixelBudget, create_app
+from retrieval.index.build import build_index, remove_items
+from retrieval.index.search import Index
+from retrieval.index.store import IndexStore, read_manifest
+from retrieval.server import app as server
+from retrieval.server.app import HeadDeadline, LiveIndex, PixelBudget, create_app
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -69,7 +70,7 @@ def counted(client: TestClient) -> tuple[int, int]:
 
 
 def server_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "retrieval.server" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "retrieval.server.app" and r.levelno == logging.WARNING]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_image_queries_run_in_the_precision_the_index_was_built_in(
 ) -> None:
     """Before: queries always ran in fp32, so an upload of a photo indexed in bf16 scored about 0.9997, not 1.
     The manifest records the precision; a later run keeps it, and image queries use it."""
-    from retrieval.model import use_bf16
+    from retrieval.models.towers import use_bf16
 
     if not use_bf16(True):
         pytest.skip("this CPU has no bf16 kernels: an index built in bf16 is queried in fp32 here (not emulated)")
@@ -225,7 +226,7 @@ def test_a_reload_that_fails_for_a_passing_reason_is_tried_again(
 
     monkeypatch.setattr(server, "warm", fails_once)
     assert remove_items(index, ["synth-000001.jpg"]) == []
-    with caplog.at_level(logging.WARNING, logger="retrieval.server"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.server.app"):
         assert client.get("/api/search", params={"q": "a red circle", "k": 2}).status_code == 200
         assert served(client, index)["counts"]["items"] == 3
     assert counted(client) == (3, 3)
@@ -323,7 +324,7 @@ def test_a_thumbnail_cache_that_cannot_be_written_serves_thumbnails_uncached(
         monkeypatch.setattr(atomic, "_unique_tmp", fail)
     else:
         monkeypatch.setattr(os, fails, fail)
-    with caplog.at_level(logging.WARNING, logger="retrieval.server"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.server.app"):
         for item in ("synth-000001.jpg", "synth-000002.jpg"):
             answer = client.get(f"/api/thumb/{item}")
             assert answer.status_code == 200 and Image.open(io.BytesIO(answer.content)).format == "JPEG"

@@ -34,13 +34,13 @@ import pytest
 from click.testing import CliRunner
 
 import retrieval.atomic as atomic_module
-import retrieval.index as index_module
-from retrieval.cli import main
+import retrieval.index.store as index_module
+from retrieval.cli.main import main
 from retrieval.errors import IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError
-from retrieval.index import IndexStore, Manifest, read_manifest, set_search_params
-from retrieval.indexing import build_index, remove_items
-from retrieval.modeldir import fingerprint
-from retrieval.query import Index
+from retrieval.index.build import build_index, remove_items
+from retrieval.index.search import Index
+from retrieval.index.store import IndexStore, Manifest, read_manifest, set_search_params
+from retrieval.models.modeldir import fingerprint
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -129,7 +129,7 @@ def other_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """The tiny model with perturbed weights: same architecture and dimension, another fingerprint."""
     import torch
 
-    from retrieval.model import load_model, save_model
+    from retrieval.models.towers import load_model, save_model
 
     model = load_model(tiny_model)
     with torch.no_grad():
@@ -746,7 +746,7 @@ def test_a_filesystem_without_file_locks_is_one_line_and_leaks_no_file(
 
 KILLED_REMOVE = """
 import os, signal, sys
-from retrieval.indexing import remove_items
+from retrieval.index.build import remove_items
 real = os.replace
 def replace(src, dst):  # kill -9 at the moment the records file would be renamed into place
     if str(dst).endswith("records.jsonl"):

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.errors import ImageError
-from retrieval.images import (
+from retrieval.data.images import (
     MEAN,
     STD,
     decode,
@@ -19,6 +18,7 @@ from retrieval.images import (
     to_array,
     to_rgb,
 )
+from retrieval.errors import ImageError
 
 S = 32
 
@@ -209,7 +209,7 @@ def test_16bit_to_8bit_is_the_rounded_float_formula_for_every_value():
 
 MEMORY_PROBE = """
 import resource, sys
-from retrieval.images import load_image
+from retrieval.data.images import load_image
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 img = load_image(sys.argv[1])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

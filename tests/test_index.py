@@ -18,13 +18,21 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import retrieval.indexing as indexing
-from retrieval.cli import main
+import retrieval.index.build as indexing
+from retrieval.cli.main import main
 from retrieval.errors import RetrievalError
-from retrieval.index import FLAT_MAX_ITEMS, FORMAT_VERSION, IndexStore, Item, Manifest, choose_index_type, read_manifest
-from retrieval.indexing import build_index, remove_items
-from retrieval.modeldir import fingerprint
-from retrieval.query import Index
+from retrieval.index.build import build_index, remove_items
+from retrieval.index.search import Index
+from retrieval.index.store import (
+    FLAT_MAX_ITEMS,
+    FORMAT_VERSION,
+    IndexStore,
+    Item,
+    Manifest,
+    choose_index_type,
+    read_manifest,
+)
+from retrieval.models.modeldir import fingerprint
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -70,7 +78,7 @@ def encoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture
 def model_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """How many images and texts the model encodes: content seen before must not be encoded again."""
-    from retrieval.model import DualEncoder
+    from retrieval.models.towers import DualEncoder
 
     calls = {"images": 0, "texts": 0}
     real_image, real_text = DualEncoder.encode_image, DualEncoder.encode_text
@@ -212,7 +220,7 @@ def other_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """The tiny model with slightly perturbed weights: same architecture, a different fingerprint."""
     import torch
 
-    from retrieval.model import load_model, save_model
+    from retrieval.models.towers import load_model, save_model
 
     model = load_model(tiny_model)
     with torch.no_grad():
@@ -257,7 +265,7 @@ CRASH_SCRIPT = """
 import sys, time
 import torch
 torch.set_num_threads(1)
-import retrieval.indexing as indexing
+import retrieval.index.build as indexing
 real = indexing.encode_batch
 def slow(*args):  # widen the window between commits so the kill lands mid-build
     time.sleep(0.2)
@@ -278,7 +286,7 @@ def committed_items(db: Path) -> int:
 
 @pytest.mark.slow
 def test_killed_build_leaves_a_readable_index_and_resumes(tiny_model, tmp_path) -> None:
-    from retrieval.synth import generate
+    from retrieval.data.synth import generate
 
     n = 1500
     pairs = generate(tmp_path / "big", n, seed=3, size=48)

@@ -17,12 +17,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from retrieval.cli import main
-from retrieval.data import Pair
+from retrieval.cli.main import main
+from retrieval.data.pairs import Pair
 from retrieval.errors import RetrievalError
-from retrieval.index import IndexStore, Item
-from retrieval.indexing import build_index, decode_ahead
-from retrieval.model import Encoder, load_model, use_bf16
+from retrieval.index.build import build_index, decode_ahead
+from retrieval.index.store import IndexStore, Item
+from retrieval.models.towers import Encoder, load_model, use_bf16
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -51,7 +51,7 @@ def folder(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def zeroshot_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Our pretrained EfficientNet-Lite0 tower (the zero-shot model needs no training)."""
-    from retrieval.zeroshot import build_zeroshot
+    from retrieval.models.zeroshot import build_zeroshot
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
@@ -176,9 +176,9 @@ def test_auto_precision_keeps_the_index_own_where_it_is_native(
 ) -> None:
     """An index records what its images were encoded in; "auto" keeps that, so the index holds one precision and
     queries match it, except bf16 on a CPU that would emulate it (8x slower), which falls back to fp32."""
-    import retrieval.encoder
+    import retrieval.models.encoder
 
-    monkeypatch.setattr(retrieval.encoder, "use_bf16", lambda requested: requested and native)
+    monkeypatch.setattr(retrieval.models.encoder, "use_bf16", lambda requested: requested and native)
     tiny, pretrained = load_model(tiny_model), load_model(zeroshot_model)
     assert tiny.image_precision("auto", "bf16") == ("bf16" if native else "fp32")
     assert pretrained.image_precision("auto", "fp32") == "fp32"  # on a bf16 CPU too: the index stays fp32

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from retrieval.loss import clip_loss, siglip_loss
+from retrieval.train.loss import clip_loss, siglip_loss
 
 
 def _batch(b: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

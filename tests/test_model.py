@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.config import PRESETS, model_config_from_dict, model_config_to_dict
 from retrieval.errors import RetrievalError
-from retrieval.model import DualEncoder, load_model, save_model
-from retrieval.modeldir import fingerprint
-from retrieval.tokenizer import Tokenizer
+from retrieval.models.config import PRESETS, model_config_from_dict, model_config_to_dict
+from retrieval.models.modeldir import fingerprint
+from retrieval.models.tokenizer import Tokenizer
+from retrieval.models.towers import DualEncoder, load_model, save_model
 
 TEXTS = ["a small red circle", "a large blue square left of a small green star", "", "x " * 500]
 
@@ -66,7 +66,7 @@ def test_encode_is_batch_independent(model: DualEncoder) -> None:
 def test_encode_image_accepts_paths_pil_and_arrays(model: DualEncoder, tmp_path: Path) -> None:
     img = images(1)[0]
     img.save(tmp_path / "a.png")
-    from retrieval.images import preprocess
+    from retrieval.data.images import preprocess
 
     pixels = preprocess(img, model.config.image.image_size)[None]
     a, b, c = model.encode_image([tmp_path / "a.png"]), model.encode_image([img]), model.encode_image(pixels)

@@ -18,13 +18,13 @@ from hf_tiny import tiny_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
-from retrieval.cli import main
+from retrieval.cli.main import main
+from retrieval.data.synth import generate
 from retrieval.errors import RetrievalError
-from retrieval.model import load_model
-from retrieval.modeldir import fingerprint
-from retrieval.pretrained import processor_transform
-from retrieval.query import Index
-from retrieval.synth import generate
+from retrieval.index.search import Index
+from retrieval.models.modeldir import fingerprint
+from retrieval.models.pretrained import processor_transform
+from retrieval.models.towers import load_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 TEXTS = ["a red circle left of a dog", "the star", "BLUE", "a " * 40]

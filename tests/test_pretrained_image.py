@@ -15,14 +15,14 @@ from conftest import read_log
 from PIL import Image
 from safetensors.torch import load_file
 
-from retrieval import classify
-from retrieval.cli import main
-from retrieval.config import PRESETS, with_image_tower
-from retrieval.efficientnet import PretrainedImageTower, packaged_state_dict
+from retrieval.cli.main import main
 from retrieval.errors import RetrievalError
-from retrieval.indexing import build_index
-from retrieval.model import load_model
-from retrieval.query import Index
+from retrieval.evaluation import classify
+from retrieval.index.build import build_index
+from retrieval.index.search import Index
+from retrieval.models.config import PRESETS, with_image_tower
+from retrieval.models.efficientnet import PretrainedImageTower, packaged_state_dict
+from retrieval.models.towers import load_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -146,7 +146,7 @@ def zeroshot_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_zeroshot_image_embedding_is_conse(zeroshot_model: Path, synth_data: Path) -> None:
     """The image vector is the probability-weighted mean of its top-10 classes' prompt embeddings (softmax at
     the default temperature 2)."""
-    from retrieval.zeroshot import imagenet_class_names
+    from retrieval.models.zeroshot import imagenet_class_names
 
     model = load_model(zeroshot_model)
     image = sorted((synth_data.parent / "images").iterdir())[0]
@@ -189,9 +189,9 @@ def test_zeroshot_bad_template_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_zeroshot_classify_over_imagenet_labels_is_its_own_classifier(zeroshot_model: Path, synth_data: Path) -> None:
-    from retrieval.api import classify_pairs
-    from retrieval.data import read_pairs
-    from retrieval.zeroshot import imagenet_class_names
+    from retrieval.data.pairs import read_pairs
+    from retrieval.jobs.api import classify_pairs
+    from retrieval.models.zeroshot import imagenet_class_names
 
     names = imagenet_class_names()
     labels = [names[i] for i in (0, 1, 963, 954)]  # tench, goldfish, pizza, banana
@@ -211,7 +211,7 @@ def test_ensemble_tower_is_its_networks_side_by_side() -> None:
     """Lite0 + Lite2: each network sees the input at its share of the side, features concatenated."""
     import torch.nn.functional as F
 
-    from retrieval.config import ENSEMBLE
+    from retrieval.models.config import ENSEMBLE
 
     cfg = with_image_tower(PRESETS["pretrained"].model, ENSEMBLE).image
     assert cfg.image_size == 260

@@ -14,15 +14,15 @@ from click.testing import CliRunner
 from conftest import read_log
 from safetensors.torch import load_file
 
-from retrieval.cli import main
-from retrieval.config import PRESETS, with_text_tower
-from retrieval.data import read_pairs
+from retrieval.cli.main import main
+from retrieval.data.pairs import read_pairs
 from retrieval.errors import RetrievalError
-from retrieval.indexing import build_index, caption_vector
-from retrieval.model import load_model, save_model
-from retrieval.modeldir import fingerprint
-from retrieval.pretrained import BertTextTower, load_pretrained_text_tower, minilm_dir
-from retrieval.query import Index
+from retrieval.index.build import build_index, caption_vector
+from retrieval.index.search import Index
+from retrieval.models.config import PRESETS, with_text_tower
+from retrieval.models.modeldir import fingerprint
+from retrieval.models.pretrained import BertTextTower, load_pretrained_text_tower, minilm_dir
+from retrieval.models.towers import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 TEXTS = ["A dog runs along the beach.", "two children play football in a park", "x", "word " * 300]

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from retrieval.cli import main
+from retrieval.cli.main import main
 from retrieval.errors import ImageError, RetrievalError
-from retrieval.index import IndexStore, Item, Manifest
-from retrieval.indexing import build_index
-from retrieval.query import MAX_QUERY_CHARS, TARGETS, Index
+from retrieval.index.build import build_index
+from retrieval.index.search import MAX_QUERY_CHARS, TARGETS, Index
+from retrieval.index.store import IndexStore, Item, Manifest
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -257,7 +257,7 @@ def test_query_vector_of_the_wrong_dimension_is_refused(exact: Index) -> None:
 # --- embedding queries -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_text_search_uses_the_models_text_embedding(index: Index, parts: Parts, tiny_model: Path) -> None:
-    from retrieval.model import load_model
+    from retrieval.models.towers import load_model
 
     text = "a small red circle left of a large blue square"
     q = load_model(tiny_model).encode_text([text])[0]
@@ -281,7 +281,7 @@ def _unique_image(parts: Parts, item_id: str) -> bool:
 @pytest.mark.slow
 def test_cold_text_search_does_not_import_torch_or_transformers(mixed_index: Path) -> None:
     code = (
-        "import sys; from retrieval.query import Index\n"
+        "import sys; from retrieval.index.search import Index\n"
         f"hits = Index.open({str(mixed_index)!r}).search(text='a small red circle', k=3)\n"
         "assert len(hits) == 3, hits\n"
         "assert 'torch' not in sys.modules, 'a text query imported torch'\n"

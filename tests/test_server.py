@@ -21,11 +21,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from schemathesis import GenerationMode
 
-from retrieval.cli import main
-from retrieval.images import load_image
-from retrieval.indexing import build_index
-from retrieval.query import MAX_QUERY_CHARS, Index
-from retrieval.server import THUMB_SIDE, create_app
+from retrieval.cli.main import main
+from retrieval.data.images import load_image
+from retrieval.index.build import build_index
+from retrieval.index.search import MAX_QUERY_CHARS, Index
+from retrieval.server.app import THUMB_SIDE, create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_single_thread")]  # integration: a trained model, indexes
 UPLOAD_LIMIT = 256 * 1024  # small, so the over-the-limit uploads are cheap to make

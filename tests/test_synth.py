@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retrieval.data.synth import COLOURS, POSITIONS, SHAPES, SIZES, Scene, captions, draw, generate, random_scene
 from retrieval.errors import RetrievalError
-from retrieval.synth import COLOURS, POSITIONS, SHAPES, SIZES, Scene, captions, draw, generate, random_scene
 
 OBJECT = r"(small|large) (\w+) (\w+)"
 RELATION = re.compile(rf"^a {OBJECT} (left of|right of|above|below) a {OBJECT}$")

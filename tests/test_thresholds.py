@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.evaluate import relevance_from_owner
-from retrieval.thresholds import (
+from retrieval.evaluation.metrics import relevance_from_owner
+from retrieval.evaluation.thresholds import (
     at_theta,
     best_f1,
     normalise,

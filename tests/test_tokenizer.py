@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from retrieval.errors import RetrievalError
-from retrieval.tokenizer import BOS, EOS, FORMAT_VERSION, PAD, SPECIALS, UNK, Tokenizer, split_words
+from retrieval.models.tokenizer import BOS, EOS, FORMAT_VERSION, PAD, SPECIALS, UNK, Tokenizer, split_words
 
 TEXTS = [
     "a red circle",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrieval.train import STREAMS, epoch_batches, is_best, stream_seed
+from retrieval.train.loop import STREAMS, epoch_batches, is_best, stream_seed
 
 
 @pytest.mark.parametrize(
@@ -51,9 +51,9 @@ def test_streams_are_a_function_of_seed_stream_and_epoch_alone() -> None:
 
 
 def test_inverse_temperature_is_exp_logit_scale() -> None:
-    from retrieval.config import preset
-    from retrieval.model import DualEncoder
-    from retrieval.tokenizer import Tokenizer
+    from retrieval.models.config import preset
+    from retrieval.models.tokenizer import Tokenizer
+    from retrieval.models.towers import DualEncoder
 
     tokenizer = Tokenizer.train(["a red square", "a blue circle"])
     cfg = preset("tiny").model
@@ -68,11 +68,11 @@ def test_inverse_temperature_is_exp_logit_scale() -> None:
 @pytest.mark.slow
 def test_a_tie_is_logged_as_not_best_and_not_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three epochs with one held-out score: the first is kept and logged best, the two ties neither."""
-    import retrieval.train as train_module
-    from retrieval.config import preset
-    from retrieval.data import read_pairs
-    from retrieval.model import DualEncoder
-    from retrieval.synth import generate
+    import retrieval.train.loop as train_module
+    from retrieval.data.pairs import read_pairs
+    from retrieval.data.synth import generate
+    from retrieval.models.config import preset
+    from retrieval.models.towers import DualEncoder
 
     pairs = read_pairs(generate(tmp_path / "synth", 24, seed=2, size=32))
     saves: list[int] = []

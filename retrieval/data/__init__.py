@@ -1,0 +1,1 @@
+"""Data: pair manifests and splits, image decoding, augmentation, the synthetic collection."""

@@ -1,0 +1,1 @@
+"""Evaluation: recall@k, ranks, mAP, threshold reports, classification, plots (numpy and matplotlib)."""

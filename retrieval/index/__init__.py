@@ -1,0 +1,1 @@
+"""The index: the SQLite store, derived FAISS and memory-mapped files, building, searching."""

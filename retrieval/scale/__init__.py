@@ -1,0 +1,1 @@
+"""Indexing beyond one process: shards, Ray, and merging shards into an index."""

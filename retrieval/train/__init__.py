@@ -1,0 +1,1 @@
+"""Training: the contrastive losses, the loop, cached features of locked towers."""
