@@ -8,11 +8,11 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "DualEncoder": "models.towers",
-    "Encoder": "models.towers",
-    "load_model": "models.towers",
-    "save_model": "models.towers",
-    "Index": "index.search",
+    "DualEncoder": "models.dual_encoder",
+    "Encoder": "models.encoder",
+    "load_model": "models.load",
+    "save_model": "models.dual_encoder",
+    "Index": "index.handle",
     "Hit": "index.search",
     "build_index": "index.build",
     "remove_items": "index.build",
@@ -21,10 +21,10 @@ _EXPORTS = {
     "read_split": "data.pairs",
     "ImageError": "errors",
     "RetrievalError": "errors",
-    "encode_pairs": "jobs.api",
-    "evaluate_model": "jobs.api",
-    "run_demo": "jobs.api",
-    "train_model": "jobs.api",
+    "encode_pairs": "jobs.evaluate",
+    "evaluate_model": "jobs.evaluate",
+    "run_demo": "jobs.demo",
+    "train_model": "jobs.train",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrieval.index.store import IndexStore, Item, Manifest
+from retrieval.index.format import Item, Manifest
+from retrieval.index.store import IndexStore
 
 
 def throughput(work: Path, images: int, size: int, model: str | None, preset_name: str, shard_size: int) -> dict:
@@ -38,7 +39,7 @@ def throughput(work: Path, images: int, size: int, model: str | None, preset_nam
     import torch
 
     from retrieval.data.synth import generate
-    from retrieval.index.build import build_index, list_source
+    from retrieval.index.build import BuildOptions, build_index, list_source
     from retrieval.scale.ray import build_index_ray
 
     manifest = work / f"synth-{images}-{size}" / "pairs.jsonl"
@@ -46,8 +47,8 @@ def throughput(work: Path, images: int, size: int, model: str | None, preset_nam
         generate(manifest.parent, images, seed=0, size=size)
     if model is None:
         from retrieval.models.config import preset
-        from retrieval.models.towers import save_model
-        from retrieval.train.loop import build_model
+        from retrieval.models.dual_encoder import save_model
+        from retrieval.train.build import build_model
 
         p = preset(preset_name)
         model = str(
@@ -59,13 +60,15 @@ def throughput(work: Path, images: int, size: int, model: str | None, preset_nam
     for name in ("local", "ray"):
         shutil.rmtree(work / f"index-{name}", ignore_errors=True)
     t0 = time.perf_counter()
-    local = build_index(manifest, model, work / "index-local", progress=False)
+    local = build_index(manifest, model, work / "index-local", BuildOptions(progress=False))
     local_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
     startup_s = time.perf_counter() - t0
     try:
-        distributed = build_index_ray(manifest, model, work / "index-ray", shard_size=shard_size, progress=False)
+        distributed = build_index_ray(
+            manifest, model, work / "index-ray", BuildOptions(progress=False), shard_size=shard_size
+        )
     finally:
         ray.shutdown()
     ray_s = time.perf_counter() - t0

@@ -39,12 +39,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retrieval.data.pairs import IMAGE_SUFFIXES, Pair
-from retrieval.index.build import build_index, decode_batch
-from retrieval.models.towers import (
-    Encoder,
-    load_model,
-    use_bf16,
-)
+from retrieval.index.build import BuildOptions, build_index, decode_batch
+from retrieval.models.encoder import Encoder, use_bf16
+from retrieval.models.load import load_model
 
 ENCODE_CHUNK = inspect.signature(Encoder.encode_image).parameters["batch_size"].default  # encode_image's batches
 
@@ -150,7 +147,11 @@ def bench_size(size: int, args, sources: dict[str, list[Path]], precisions: list
         work = tmp / f"source{i}-{size}"
         work.mkdir()
         start = build_index(
-            manifest(files[:1], work / "one.jsonl"), model_dir, work / "one", precision="fp32", progress=False
+            manifest(files[:1], work / "one.jsonl"),
+            model_dir,
+            work / "one",
+            BuildOptions(progress=False),
+            precision="fp32",
         ).seconds
         rows.append(row(size, f"index {name}: start-up", "fp32", 1, None, seconds=start))
         items = manifest(files, work / "all.jsonl")
@@ -160,10 +161,9 @@ def bench_size(size: int, args, sources: dict[str, list[Path]], precisions: list
                     items,
                     model_dir,
                     work / f"{precision}-{prefetch}",
-                    batch_size=args.index_batch,
+                    BuildOptions(batch_size=args.index_batch, progress=False),
                     precision=precision,
                     prefetch=prefetch,
-                    progress=False,
                 )
                 assert r.added == len(files) and not r.skipped, (r.added, r.skipped[:3])
                 rate = (len(files) - 1) / max(r.seconds - start, 1e-9)

@@ -33,8 +33,10 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrieval.index.search import Index, query_vectors
-from retrieval.index.store import IndexStore, Item, Manifest
+from retrieval.index.format import Item, Manifest
+from retrieval.index.handle import Index
+from retrieval.index.search import query_vectors
+from retrieval.index.store import IndexStore
 
 KNOBS = {"hnsw": ("ef_search", (64, 128, 256)), "ivf": ("nprobe", (16, 64, 256))}
 TEXTS = ["a small red circle", "two blue squares", "a large green star above a triangle", "a yellow heart on the left"]
@@ -199,10 +201,10 @@ def bench_size(n: int, args, tmp: Path) -> list[dict]:
 def bench_cold(args, tmp: Path) -> list[dict]:
     """A fresh process per query, as a user at the shell waits for it, on 10k synthetic images."""
     from retrieval.data.synth import generate
-    from retrieval.index.build import build_index
+    from retrieval.index.build import BuildOptions, build_index
 
     data = generate(tmp / "synth10k", 10_000, seed=7, size=32)
-    build_index(data, args.model, tmp / "cold", progress=False)
+    build_index(data, args.model, tmp / "cold", BuildOptions(progress=False))
     exe = Path(sys.executable).parent / "retrieval"
     ms = timed(
         lambda r: subprocess.run(

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_search import embeddings, make_store  # noqa: E402
 
 from retrieval.data.synth import COLOURS, SHAPES, SIZES  # noqa: E402
-from retrieval.index.search import Index  # noqa: E402
+from retrieval.index.handle import Index  # noqa: E402
 from retrieval.index.store import IndexStore  # noqa: E402
 from retrieval.models.modeldir import fingerprint, read_model_config  # noqa: E402
 

@@ -79,14 +79,14 @@ def served_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.Te
     """The 300 scenes indexed for the server tests, with the awkward cases a server meets (`awkward_rows`)."""
     import torch
 
-    from retrieval.index.build import build_index
+    from retrieval.index.build import BuildOptions, build_index
 
     root = tmp_path_factory.mktemp("served")
     (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in awkward_rows(synth_data)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see torch_single_thread
     try:
-        report = build_index(root / "pairs.jsonl", tiny_model, root / "index", progress=False)
+        report = build_index(root / "pairs.jsonl", tiny_model, root / "index", BuildOptions(progress=False))
     finally:
         torch.set_num_threads(threads)
     assert report.added == 300 and not report.skipped

@@ -72,7 +72,7 @@ def labelled(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.mark.slow
 def test_cli_report_equals_the_models_own_probabilities(labelled: Path, tiny_model: Path, tmp_path: Path) -> None:
-    from retrieval.models.towers import load_model
+    from retrieval.models.load import load_model
 
     result = CliRunner().invoke(
         main,
@@ -114,7 +114,7 @@ def test_cli_report_equals_the_models_own_probabilities(labelled: Path, tiny_mod
 def test_a_weight_below_one_fuses_image_and_caption(labelled: Path, tiny_model: Path, tmp_path: Path) -> None:
     """--weight 0.3: each item is 0.3 e(image) + 0.7 e(captions), the captions' normalised mean; its labels'
     probabilities are the scaled softmax of the prompts' cosines with that vector, computed here by hand."""
-    from retrieval.models.towers import load_model
+    from retrieval.models.load import load_model
 
     result = CliRunner().invoke(
         main,

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from retrieval.cli.main import main
-from retrieval.jobs.api import run_demo
+from retrieval.jobs.demo import run_demo
 
 pytestmark = pytest.mark.slow  # trains a model
 

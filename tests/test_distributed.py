@@ -21,13 +21,16 @@ from conftest import awkward_rows
 
 from retrieval.cli.main import main
 from retrieval.errors import RetrievalError
-from retrieval.index.search import Index
-from retrieval.index.store import IndexStore, Item, Manifest, fused
+from retrieval.index.faiss_ops import fused
+from retrieval.index.format import Item, Manifest
+from retrieval.index.handle import Index
+from retrieval.index.store import IndexStore
 
 pytest.importorskip("pyarrow", reason="shards are Parquet: pip install 'retrieval[distributed]'")
 
 from retrieval.scale.merge import merge_shards
-from retrieval.scale.shards import plan_shards, read_shard, write_shard
+from retrieval.scale.shards import FORMAT_VERSION as SHARD_FORMAT
+from retrieval.scale.shards import plan_shards, read_shard, read_skipped, write_shard
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 SHARD_SIZE = 80
@@ -135,6 +138,20 @@ def test_a_damaged_shard_is_an_error_naming_it(random_shards, tmp_path: Path) ->
         read_shard(shard_dir, "s1")
 
 
+def test_shards_carry_a_format_version_and_a_newer_one_is_refused(random_shards) -> None:
+    shard_dir, _, items, _ = random_shards
+    marker = shard_dir / "s1.json"
+    summary = json.loads(marker.read_text())
+    assert summary["format_version"] == SHARD_FORMAT == 1
+    del summary["format_version"]  # as written before shards carried a version: read as format 1
+    marker.write_text(json.dumps(summary))
+    assert [it.id for it in read_shard(shard_dir, "s1").items] == [it.id for it in items[300:600]]
+    marker.write_text(json.dumps({**summary, "format_version": SHARD_FORMAT + 1}))
+    for read in (read_shard, read_skipped):
+        with pytest.raises(RetrievalError, match=r"s1 is format 2.*upgrade retrieval, or delete the shard folder"):
+            read(shard_dir, "s1")
+
+
 def test_shard_names_follow_content(synth_data: Path) -> None:
     from retrieval.index.build import list_source
 
@@ -196,10 +213,10 @@ def built(
     ray_local, source: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, Path, str]:
     """The source indexed on one machine (flat) and with Ray through the CLI (IVF, 4 shards of 80)."""
-    from retrieval.index.build import build_index
+    from retrieval.index.build import BuildOptions, build_index
 
     root = tmp_path_factory.mktemp("built")
-    build_index(source, tiny_model, root / "local", progress=False)
+    build_index(source, tiny_model, root / "local", BuildOptions(progress=False))
     result = run_cli(
         "index", source, "--model", tiny_model, "--index", root / "ray", "--engine", "ray", "--shard-size", SHARD_SIZE
     )
@@ -248,6 +265,7 @@ def test_a_rerun_skips_finished_shards_and_redoes_a_half_written_one(
     built, source: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     """As if a worker was killed while writing shard 1, before the merge: its files lack the marker."""
+    from retrieval.index.build import BuildOptions
     from retrieval.scale.ray import build_index_ray
 
     local, ray_index, _ = built
@@ -260,7 +278,7 @@ def test_a_rerun_skips_finished_shards_and_redoes_a_half_written_one(
     (shards / f"{names[1]}.parquet.tmp").write_bytes(b"half a parquet file")
     before = {p.name: p.stat().st_mtime_ns for p in shards.iterdir() if names[1] not in p.name}
 
-    r = build_index_ray(source, tiny_model, tmp_path / "idx", shard_size=SHARD_SIZE, progress=False)
+    r = build_index_ray(source, tiny_model, tmp_path / "idx", BuildOptions(progress=False), shard_size=SHARD_SIZE)
     assert (r.added, r.removed, len(r.skipped)) == (300, 0, 1)
     assert {p.name: p.stat().st_mtime_ns for p in shards.iterdir() if names[1] not in p.name} == before  # not redone
     assert sorted(p.stem for p in shards.glob("*.json")) == names and not list(shards.glob("*.tmp"))
@@ -268,7 +286,7 @@ def test_a_rerun_skips_finished_shards_and_redoes_a_half_written_one(
     assert a.id_table()[1] == b.id_table()[1]
     assert np.abs(a.fused_vectors(a.id_table()[0].tolist()) - b.fused_vectors(b.id_table()[0].tolist())).max() < 1e-5
 
-    again = build_index_ray(source, tiny_model, tmp_path / "idx", shard_size=SHARD_SIZE, progress=False)
+    again = build_index_ray(source, tiny_model, tmp_path / "idx", BuildOptions(progress=False), shard_size=SHARD_SIZE)
     assert (again.added, again.unchanged, len(again.skipped)) == (0, 300, 1)
 
 

@@ -220,11 +220,11 @@ def test_thresholds_and_classify_raise_our_error_for_bad_input() -> None:
 @pytest.fixture
 def evaluated(monkeypatch: pytest.MonkeyPatch, place: dict[str, Path]) -> list[str]:
     """`eval` with the evaluation replaced by a fixed report, so only writing --out is left to fail."""
-    from retrieval.jobs import api
+    from retrieval.jobs import evaluate
 
     figures = {"R@1": 0.5, "median_rank": 1.0, "mean_rank": 1.5, "mAP": 0.5, "n_queries": 2}
     report = {"text_to_image": figures, "image_to_text": figures, "n_images": 2, "n_texts": 2}
-    monkeypatch.setattr(api, "evaluate_model", lambda *_, **__: report)
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *_, **__: report)
     return ["eval", "--model", str(place["empty"]), "--data", str(place["pairs"]), "--no-thresholds"]
 
 
@@ -257,12 +257,12 @@ def test_an_unwritable_out_is_one_line_naming_the_file(evaluated: list[str], out
 
 def test_an_out_under_a_file_fails_before_the_work(place: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Checked first: an hour of evaluation is not lost to a typo in --out."""
-    from retrieval.jobs import api
+    from retrieval.jobs import evaluate
 
     def never(*_: object, **__: object) -> None:
         raise AssertionError("evaluated although --out cannot be written")
 
-    monkeypatch.setattr(api, "evaluate_model", never)
+    monkeypatch.setattr(evaluate, "evaluate_model", never)
     out = place["under_file"] / "r.json"
     line = error_line(run("eval", "--model", place["empty"], "--data", place["pairs"], "--out", out))
     assert line == f"Error: --out {out}: {place['file']} is a file, not a folder; choose another path"
@@ -290,13 +290,13 @@ def test_help_imports_neither_torch_nor_faiss() -> None:
 
 @pytest.mark.slow
 def test_a_text_search_on_our_own_model_imports_no_torch(synth_data: Path, tiny_model: Path, tmp_path: Path) -> None:
-    from retrieval.index.build import build_index
+    from retrieval.index.build import BuildOptions, build_index
 
     rows = [json.loads(line) for line in synth_data.read_text().splitlines()[:20]]
     for row in rows:
         row["image"] = str(synth_data.parent / row["image"])
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    build_index(tmp_path / "pairs.jsonl", tiny_model, tmp_path / "index", progress=False)
+    build_index(tmp_path / "pairs.jsonl", tiny_model, tmp_path / "index", BuildOptions(progress=False))
     [loaded] = loaded_after(["search", "--index", str(tmp_path / "index"), "--text", "a small red circle", "--k", "3"])
     assert "torch" not in loaded and "transformers" not in loaded and "faiss" in loaded  # faiss: the search ran
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from retrieval.cli.main import main
-from retrieval.index.build import build_index
+from retrieval.index.build import BuildOptions, build_index
 from retrieval.index.store import IndexStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_single_thread")]  # integration: a trained model, indexes
@@ -40,7 +40,7 @@ def test_split(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def test_index(test_split: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("eval") / "index"
-    build_index(test_split, tiny_model, path, progress=False)
+    build_index(test_split, tiny_model, path, BuildOptions(progress=False))
     return path
 
 
@@ -265,14 +265,14 @@ def test_fusion_sweep_equals_searching_an_index_of_one_caption_per_image(
 ) -> None:
     """The sweep's numbers are what `search --target item --weight w` gives on the index the sweep describes."""
     from retrieval.data.pairs import read_pairs
-    from retrieval.index.search import Index
-    from retrieval.jobs.api import evaluate_model
+    from retrieval.index.handle import Index
+    from retrieval.jobs.evaluate import evaluate_model
 
     fusion = evaluate_model(tiny_model, read_pairs(test_split), ks=(1, 5), fusion=True)["fusion"]
     rows = [json.loads(line) for line in test_split.read_text().splitlines()]
     one_caption = tmp_path / "first.jsonl"
     one_caption.write_text("".join(json.dumps({**r, "captions": r["captions"][:1]}) + "\n" for r in rows))
-    build_index(one_caption, tiny_model, tmp_path / "index", progress=False)
+    build_index(one_caption, tiny_model, tmp_path / "index", BuildOptions(progress=False))
     index = Index.open(tmp_path / "index")
     owners = [r["id"] for r in rows for _ in r["captions"][1:]]
     queries = index.embed_texts([c for r in rows for c in r["captions"][1:]])
@@ -286,12 +286,14 @@ def test_fusion_sweep_equals_searching_an_index_of_one_caption_per_image(
         ), w
 
 
-def test_the_api_module_does_not_import_torch() -> None:
-    """eval --index and calibrate embed with the numpy text tower: importing the API must not cost torch."""
+def test_the_job_modules_do_not_import_torch() -> None:
+    """eval --index and calibrate embed with the numpy text tower: importing the jobs must not cost torch."""
     import subprocess
     import sys
 
-    code = "import sys, retrieval.jobs.api; sys.exit('torch' in sys.modules)"
+    names = ("train", "evaluate", "evaluate_index", "calibrate", "classify", "demo")
+    jobs = ", ".join(f"retrieval.jobs.{name}" for name in names)
+    code = f"import sys, {jobs}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -305,7 +307,7 @@ def typed_indexes(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.T
     import shutil
 
     root = tmp_path_factory.mktemp("typed")
-    build_index(synth_data, tiny_model, root / "flat", "flat", progress=False)
+    build_index(synth_data, tiny_model, root / "flat", BuildOptions("flat", progress=False))
     paths = {"flat": root / "flat"}
     for kind, knob in (("hnsw", []), ("ivfpq", ["--nprobe", "1"])):
         shutil.copytree(root / "flat", root / kind)

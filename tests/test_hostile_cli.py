@@ -37,7 +37,7 @@ def error_line(result: Result, code: int = 1) -> str:
 @pytest.fixture(scope="module")
 def hostile_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """20 scenes as an HNSW index; scene 0's id holds a newline and scene 1's caption an ANSI colour escape."""
-    from retrieval.index.build import build_index
+    from retrieval.index.build import BuildOptions, build_index
 
     root = tmp_path_factory.mktemp("hostile")
     rows = []
@@ -50,7 +50,7 @@ def hostile_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.T
             row["captions"] = ["\x1b[31m a red circle \x1b[0m"]
         rows.append(json.dumps(row) + "\n")
     (root / "pairs.jsonl").write_text("".join(rows))
-    build_index(root / "pairs.jsonl", tiny_model, root / "index", "hnsw", progress=False)
+    build_index(root / "pairs.jsonl", tiny_model, root / "index", BuildOptions("hnsw", progress=False))
     return root / "index"
 
 

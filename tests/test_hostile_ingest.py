@@ -302,7 +302,7 @@ def test_an_index_inside_the_source_folder_is_not_indexed(photos, tiny_model) ->
 
 def test_the_index_marker_files_are_the_stores_own() -> None:
     from retrieval.data.pairs import INDEX_FILES
-    from retrieval.index.store import DB_FILE, MANIFEST_FILE
+    from retrieval.index.format import DB_FILE, MANIFEST_FILE
 
     assert set(INDEX_FILES) == {MANIFEST_FILE, DB_FILE}
 

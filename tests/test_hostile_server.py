@@ -29,11 +29,16 @@ from starlette.exceptions import HTTPException
 
 from retrieval import atomic
 from retrieval.errors import IndexChanged
-from retrieval.index.build import build_index, remove_items
-from retrieval.index.search import Index
-from retrieval.index.store import IndexStore, read_manifest
+from retrieval.index.build import BuildOptions, build_index, remove_items
+from retrieval.index.format import read_manifest
+from retrieval.index.handle import Index
+from retrieval.index.store import IndexStore
 from retrieval.server import app as server
-from retrieval.server.app import HeadDeadline, LiveIndex, PixelBudget, create_app
+from retrieval.server import live
+from retrieval.server.app import create_app
+from retrieval.server.live import LiveIndex
+from retrieval.server.media import PixelBudget
+from retrieval.server.process import HeadDeadline
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -51,7 +56,9 @@ def jpeg_folder(synth_data: Path, folder: Path, n: int, first: int = 0) -> Path:
 
 
 def small_index(synth_data: Path, tiny_model: Path, folder: Path, n: int) -> Path:
-    build_index(jpeg_folder(synth_data, folder / "photos", n), tiny_model, folder / "index", progress=False)
+    build_index(
+        jpeg_folder(synth_data, folder / "photos", n), tiny_model, folder / "index", BuildOptions(progress=False)
+    )
     return folder / "index"
 
 
@@ -70,13 +77,15 @@ def counted(client: TestClient) -> tuple[int, int]:
 
 
 def server_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "retrieval.server.app" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "retrieval.server" and r.levelno == logging.WARNING]
 
 
 @pytest.fixture(scope="module")
 def jpeg_index(synth_data: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("jpeg")
-    report = build_index(jpeg_folder(synth_data, root / "photos", 12), tiny_model, root / "index", progress=False)
+    report = build_index(
+        jpeg_folder(synth_data, root / "photos", 12), tiny_model, root / "index", BuildOptions(progress=False)
+    )
     assert report.added == 12 and not report.skipped
     return root / "index"
 
@@ -112,12 +121,12 @@ def test_image_queries_run_in_the_precision_the_index_was_built_in(
 ) -> None:
     """Before: queries always ran in fp32, so an upload of a photo indexed in bf16 scored about 0.9997, not 1.
     The manifest records the precision; a later run keeps it, and image queries use it."""
-    from retrieval.models.towers import use_bf16
+    from retrieval.models.encoder import use_bf16
 
     if not use_bf16(True):
         pytest.skip("this CPU has no bf16 kernels: an index built in bf16 is queried in fp32 here (not emulated)")
     photos = jpeg_folder(synth_data, tmp_path / "photos", 4)
-    build_index(photos, tiny_model, tmp_path / "index", progress=False, precision="bf16")
+    build_index(photos, tiny_model, tmp_path / "index", BuildOptions(progress=False), precision="bf16")
     index = Index.open(tmp_path / "index")
     assert index.store.manifest.image_precision == "bf16"
     photo = photos / "synth-000001.jpg"
@@ -126,7 +135,7 @@ def test_image_queries_run_in_the_precision_the_index_was_built_in(
     matched = float(index.embed_image(photo) @ stored)
     assert 1 - float(in_fp32 @ stored) > 1e-6 > abs(1 - matched), (float(in_fp32 @ stored), matched)
     jpeg_folder(synth_data, photos, 1, first=10)
-    assert build_index(photos, tiny_model, tmp_path / "index", progress=False).precision == "bf16"  # kept
+    assert build_index(photos, tiny_model, tmp_path / "index", BuildOptions(progress=False)).precision == "bf16"  # kept
 
 
 # --- a re-index under a running server is picked up, with no restart ---------------------------------------
@@ -134,7 +143,7 @@ def test_a_running_server_picks_up_a_new_generation(synth_data: Path, tiny_model
     """Before: search still ranked a removed item first while /api/items said 404, a new item's like= was
     422 "restart the server", and /api/health and /api/info disagreed on the count."""
     photos = jpeg_folder(synth_data, tmp_path / "photos", 8)
-    build_index(photos, tiny_model, tmp_path / "index", progress=False)
+    build_index(photos, tiny_model, tmp_path / "index", BuildOptions(progress=False))
     client = TestClient(create_app(tmp_path / "index", thumb_cache=False, reload_check_s=0))
     gone = "synth-000002.jpg"
     like_gone = {"like": gone, "k": 3, "target": "image"}
@@ -146,7 +155,7 @@ def test_a_running_server_picks_up_a_new_generation(synth_data: Path, tiny_model
     (photos / gone).unlink()
     (photos / "synth-000002.txt").unlink()
     jpeg_folder(synth_data, photos, 1, first=20)  # synth-000020.jpg
-    assert build_index(photos, tiny_model, tmp_path / "index", progress=False).added == 1
+    assert build_index(photos, tiny_model, tmp_path / "index", BuildOptions(progress=False)).added == 1
 
     served(client, tmp_path / "index")
     results = client.get("/api/search", params={"q": caption, "k": 8}).json()["results"]
@@ -166,7 +175,7 @@ def test_a_request_that_meets_a_generation_being_published_is_asked_to_retry(
     answers from the loaded generation, but `like=` on an item only the database has cannot. Before: 422
     "restart the server". Now 503 with Retry-After, and once the manifest names the generation, it answers."""
     photos = jpeg_folder(synth_data, tmp_path / "photos", 6)
-    build_index(photos, tiny_model, tmp_path / "index", progress=False)
+    build_index(photos, tiny_model, tmp_path / "index", BuildOptions(progress=False))
     client = TestClient(create_app(tmp_path / "index", thumb_cache=False, reload_check_s=0))
     store = IndexStore.open(tmp_path / "index")
     with store.writer():
@@ -187,7 +196,7 @@ def test_a_generation_that_cannot_be_opened_leaves_the_old_one_serving(
     tiny_model: Path, synth_data: Path, tmp_path: Path
 ) -> None:
     photos = jpeg_folder(synth_data, tmp_path / "photos", 4)
-    build_index(photos, tiny_model, tmp_path / "index", progress=False)
+    build_index(photos, tiny_model, tmp_path / "index", BuildOptions(progress=False))
     client = TestClient(create_app(tmp_path / "index", thumb_cache=False, reload_check_s=0))
     manifest = tmp_path / "index" / "manifest.json"
     good = manifest.read_text()
@@ -216,7 +225,7 @@ def test_a_reload_that_fails_for_a_passing_reason_is_tried_again(
     index = small_index(synth_data, tiny_model, tmp_path, 4)
     monkeypatch.setattr(LiveIndex, "retry_s", 0.3)
     client = TestClient(create_app(index, thumb_cache=False, reload_check_s=0))
-    warm, tries = server.warm, []
+    warm, tries = live.warm, []
 
     def fails_once(fresh: Index) -> None:
         tries.append(time.monotonic())
@@ -224,9 +233,9 @@ def test_a_reload_that_fails_for_a_passing_reason_is_tried_again(
             raise failure
         warm(fresh)
 
-    monkeypatch.setattr(server, "warm", fails_once)
+    monkeypatch.setattr(live, "warm", fails_once)
     assert remove_items(index, ["synth-000001.jpg"]) == []
-    with caplog.at_level(logging.WARNING, logger="retrieval.server.app"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.server"):
         assert client.get("/api/search", params={"q": "a red circle", "k": 2}).status_code == 200
         assert served(client, index)["counts"]["items"] == 3
     assert counted(client) == (3, 3)
@@ -241,14 +250,14 @@ def test_a_re_index_while_the_server_starts_is_picked_up(
     """Before: the manifest's stamp was taken after the index was opened and warmed (seconds on a big one), so
     a generation published meanwhile was taken for the one loaded, and never loaded."""
     index = small_index(synth_data, tiny_model, tmp_path, 4)
-    warm = server.warm
+    warm = live.warm
 
     def warm_then_remove(fresh: Index) -> None:
         warm(fresh)
         if fresh.store.manifest.counts["items"] == 4:  # start-up: published before the server took its stamp
             assert remove_items(index, ["synth-000001.jpg"]) == []
 
-    monkeypatch.setattr(server, "warm", warm_then_remove)
+    monkeypatch.setattr(live, "warm", warm_then_remove)
     client = TestClient(create_app(index, thumb_cache=False, reload_check_s=0))
     assert served(client, index)["counts"]["items"] == 3
     assert counted(client) == (3, 3)
@@ -261,14 +270,14 @@ def test_requests_are_answered_while_a_new_generation_loads(
     request, /api/health included, waited for it on the lock. Now the old generation answers meanwhile."""
     index = small_index(synth_data, tiny_model, tmp_path, 4)
     client = TestClient(create_app(index, thumb_cache=False, reload_check_s=0))
-    warm, loading, loaded = server.warm, threading.Event(), threading.Event()
+    warm, loading, loaded = live.warm, threading.Event(), threading.Event()
 
     def slow_warm(fresh: Index) -> None:
         loading.set()
         assert loaded.wait(60)
         warm(fresh)
 
-    monkeypatch.setattr(server, "warm", slow_warm)
+    monkeypatch.setattr(live, "warm", slow_warm)
     assert remove_items(index, ["synth-000001.jpg"]) == []
     with ThreadPoolExecutor(4) as pool:
         try:
@@ -324,7 +333,7 @@ def test_a_thumbnail_cache_that_cannot_be_written_serves_thumbnails_uncached(
         monkeypatch.setattr(atomic, "_unique_tmp", fail)
     else:
         monkeypatch.setattr(os, fails, fail)
-    with caplog.at_level(logging.WARNING, logger="retrieval.server.app"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.server"):
         for item in ("synth-000001.jpg", "synth-000002.jpg"):
             answer = client.get(f"/api/thumb/{item}")
             assert answer.status_code == 200 and Image.open(io.BytesIO(answer.content)).format == "JPEG"

@@ -34,12 +34,20 @@ import pytest
 from click.testing import CliRunner
 
 import retrieval.atomic as atomic_module
+import retrieval.index.connect as connect_module
+import retrieval.index.database as database_module
+import retrieval.index.faiss_ops as faiss_ops_module
+import retrieval.index.folder as folder_module
 import retrieval.index.store as index_module
+
+WRITERS = (index_module, faiss_ops_module, folder_module)  # the modules that open files in the index folder
 from retrieval.cli.main import main
 from retrieval.errors import IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError
-from retrieval.index.build import build_index, remove_items
-from retrieval.index.search import Index
-from retrieval.index.store import IndexStore, Manifest, read_manifest, set_search_params
+from retrieval.index.build import BuildOptions, build_index, remove_items
+from retrieval.index.faiss_ops import set_search_params
+from retrieval.index.format import Manifest, read_manifest
+from retrieval.index.handle import Index
+from retrieval.index.store import IndexStore
 from retrieval.models.modeldir import fingerprint
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -67,8 +75,8 @@ def source(synth_data: Path, tmp_path: Path) -> Path:
     return write_source(synth_data, tmp_path / "pairs.jsonl", range(N))
 
 
-def build(source: Path, index_path: Path, model: Path, **kwargs: Any) -> Any:
-    return build_index(source, model, index_path, progress=False, **kwargs)
+def build(source: Path, index_path: Path, model: Path, **options: Any) -> Any:
+    return build_index(source, model, index_path, BuildOptions(progress=False, **options))
 
 
 def run_cli(*args: Any) -> Any:
@@ -129,7 +137,8 @@ def other_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """The tiny model with perturbed weights: same architecture and dimension, another fingerprint."""
     import torch
 
-    from retrieval.models.towers import load_model, save_model
+    from retrieval.models.dual_encoder import save_model
+    from retrieval.models.load import load_model
 
     model = load_model(tiny_model)
     with torch.no_grad():
@@ -173,14 +182,14 @@ def test_a_run_with_another_model_is_refused_before_it_writes_anything(
     before = results(idx)
     close_cleanly(idx)
     unchanged = files(idx)
-    real_connect, opened_for_writing = index_module._connect, []
+    real_connect, opened_for_writing = database_module.connect, []
 
     def connect(path: Path, write: bool = False) -> sqlite3.Connection:
         if write:
             opened_for_writing.append(path)
         return real_connect(path, write)
 
-    monkeypatch.setattr(index_module, "_connect", connect)
+    monkeypatch.setattr(database_module, "connect", connect)
     with pytest.raises(RetrievalError, match="model mismatch") as refused:  # held: its frames keep what it opened
         build(source, idx, other_model)
     assert files(idx) == unchanged and not opened_for_writing  # byte for byte, and no -wal or -shm file
@@ -255,7 +264,7 @@ def fill_disk_at(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     """Make the next write of one kind fail as on a full disk: SQLite's commit (its real SQLITE_FULL, from
     a page limit), or one derived file (a real partial write, then ENOSPC)."""
     if where == "database":
-        real_connect = index_module._connect
+        real_connect = database_module.connect
 
         def connect(path: Path, write: bool = False) -> sqlite3.Connection:
             db = real_connect(path, write)
@@ -263,14 +272,15 @@ def fill_disk_at(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
                 db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
             return db
 
-        monkeypatch.setattr(index_module, "_connect", connect)
+        monkeypatch.setattr(database_module, "connect", connect)
         return
 
     def full_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         f = open(file, mode, *args, **kwargs)
         return FullDiskFile(f, room=100) if Path(file).name == where + ".tmp" else f
 
-    monkeypatch.setattr(index_module, "open", full_open, raising=False)
+    for module in WRITERS:
+        monkeypatch.setattr(module, "open", full_open, raising=False)
     monkeypatch.setattr(atomic_module, "open", full_open, raising=False)  # save_npy (vectors.npy) writes there
 
 
@@ -419,7 +429,8 @@ def read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     with monkeypatch.context() as m:
         m.setattr(sqlite3, "connect", connect)
-        m.setattr(index_module, "open", ro_open, raising=False)
+        for module in WRITERS:
+            m.setattr(module, "open", ro_open, raising=False)
         yield
 
 
@@ -503,7 +514,7 @@ def test_an_immutable_reader_that_meets_a_changed_file_never_advises_a_rebuild(
     before = results(idx)
     with read_only(idx, monkeypatch):
         store = IndexStore.open(idx)
-    assert isinstance(store.db, index_module.ImmutableConnection)
+    assert isinstance(store.db, connect_module.ImmutableConnection)
     database = idx / "items.sqlite"
     intact = database.read_bytes()
     database.write_bytes(intact[:4096] + np.random.default_rng(0).bytes(len(intact) - 4096))  # all but its first page
@@ -729,7 +740,7 @@ def test_a_filesystem_without_file_locks_is_one_line_and_leaks_no_file(
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     with monkeypatch.context() as m:
-        m.setattr(index_module, "open", tracked_open, raising=False)
+        m.setattr(folder_module, "open", tracked_open, raising=False)
         m.setattr(fcntl, "flock", no_locks)
         reason = (
             f"cannot lock {idx}/.lock ({os.strerror(errno.ENOLCK)}): "
@@ -794,7 +805,7 @@ def test_a_failed_atomic_write_removes_its_tmp_file(tmp_path) -> None:
 
     (tmp_path / "f").write_text("old")
     with pytest.raises(OSError):
-        index_module.atomic_write(tmp_path / "f", half)
+        atomic_module.atomic_write(tmp_path / "f", half)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"] and (tmp_path / "f").read_text() == "old"
 
 

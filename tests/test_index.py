@@ -21,17 +21,11 @@ from click.testing import CliRunner
 import retrieval.index.build as indexing
 from retrieval.cli.main import main
 from retrieval.errors import RetrievalError
-from retrieval.index.build import build_index, remove_items
-from retrieval.index.search import Index
-from retrieval.index.store import (
-    FLAT_MAX_ITEMS,
-    FORMAT_VERSION,
-    IndexStore,
-    Item,
-    Manifest,
-    choose_index_type,
-    read_manifest,
-)
+from retrieval.index.build import BuildOptions, build_index, remove_items
+from retrieval.index.faiss_ops import FLAT_MAX_ITEMS, choose_index_type
+from retrieval.index.format import FORMAT_VERSION, Item, Manifest, read_manifest, upgraded
+from retrieval.index.handle import Index
+from retrieval.index.store import IndexStore
 from retrieval.models.modeldir import fingerprint
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -53,8 +47,8 @@ def folder(synth_data: Path, tmp_path: Path) -> Path:
     return src
 
 
-def build(source: Path, index_path: Path, model: Path, **kwargs) -> indexing.IndexReport:
-    return build_index(source, model, index_path, progress=False, **kwargs)
+def build(source: Path, index_path: Path, model: Path, **options) -> indexing.IndexReport:
+    return build_index(source, model, index_path, BuildOptions(progress=False, **options))
 
 
 def summary(r: indexing.IndexReport) -> tuple[int, int, int, int]:
@@ -78,7 +72,7 @@ def encoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture
 def model_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """How many images and texts the model encodes: content seen before must not be encoded again."""
-    from retrieval.models.towers import DualEncoder
+    from retrieval.models.dual_encoder import DualEncoder
 
     calls = {"images": 0, "texts": 0}
     real_image, real_text = DualEncoder.encode_image, DualEncoder.encode_text
@@ -220,7 +214,8 @@ def other_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """The tiny model with slightly perturbed weights: same architecture, a different fingerprint."""
     import torch
 
-    from retrieval.models.towers import load_model, save_model
+    from retrieval.models.dual_encoder import save_model
+    from retrieval.models.load import load_model
 
     model = load_model(tiny_model)
     with torch.no_grad():
@@ -271,7 +266,7 @@ def slow(*args):  # widen the window between commits so the kill lands mid-build
     time.sleep(0.2)
     return real(*args)
 indexing.encode_batch = slow
-indexing.build_index(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=64, progress=False)
+indexing.build_index(sys.argv[1], sys.argv[2], sys.argv[3], indexing.BuildOptions(batch_size=64, progress=False))
 print("finished")
 """
 
@@ -420,6 +415,22 @@ def test_a_format_1_index_is_read_and_written_as_the_current_format(folder, tiny
     assert Index.open(idx).search(text="a red circle", k=3)
     remove_items(idx, [next(iter(IndexStore.open(idx).all_items()))])
     assert json.loads((idx / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 2
+
+
+def test_upgraded_fills_in_what_format_2_added() -> None:
+    old = {"format_version": 1, "model": "m", "fingerprint": "f", "dim": 4, "generation": 3}
+    assert upgraded(old) == {**old, "format_version": 2, "image_precision": "", "faiss_digest": ""}
+    current = {**old, "format_version": 2, "image_precision": "bf16", "faiss_digest": "abc"}
+    assert upgraded(current) == current  # nothing to fill in: the stored values stand
+
+
+def test_a_format_0_manifest_is_refused(tmp_path) -> None:
+    idx = tmp_path / "idx"
+    IndexStore.create(idx, Manifest("m", "f", 4))
+    manifest = json.loads((idx / "manifest.json").read_text())
+    (idx / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    with pytest.raises(RetrievalError, match="format 0, which never existed; rebuild"):
+        read_manifest(idx)
 
 
 def test_folder_that_is_not_an_index(tmp_path) -> None:

@@ -20,9 +20,11 @@ from click.testing import CliRunner
 from retrieval.cli.main import main
 from retrieval.data.pairs import Pair
 from retrieval.errors import RetrievalError
-from retrieval.index.build import build_index, decode_ahead
-from retrieval.index.store import IndexStore, Item
-from retrieval.models.towers import Encoder, load_model, use_bf16
+from retrieval.index.build import BuildOptions, build_index, decode_ahead
+from retrieval.index.format import Item
+from retrieval.index.store import IndexStore
+from retrieval.models.encoder import Encoder, use_bf16
+from retrieval.models.load import load_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -103,7 +105,7 @@ def test_prefetching_build_equals_the_sequential_build_and_direct_encoding(
     folder: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     reports = {
-        p: build_index(folder, tiny_model, tmp_path / str(p), batch_size=3, progress=False, prefetch=p)
+        p: build_index(folder, tiny_model, tmp_path / str(p), BuildOptions(batch_size=3, progress=False), prefetch=p)
         for p in (True, False)
     }
     (items, vectors), (seq_items, seq_vectors) = stored(tmp_path / "True"), stored(tmp_path / "False")
@@ -121,8 +123,10 @@ def test_pretrained_tower_indexes_in_fp32_as_encoded_directly_and_in_auto_within
     folder: Path, zeroshot_model: Path, tmp_path: Path
 ) -> None:
     """precision="fp32" gives encode_image's vectors; "auto" runs bf16 where the CPU has bf16 kernels."""
-    fp32 = build_index(folder, zeroshot_model, tmp_path / "fp32", batch_size=3, progress=False, precision="fp32")
-    auto = build_index(folder, zeroshot_model, tmp_path / "auto", batch_size=3, progress=False)
+    fp32 = build_index(
+        folder, zeroshot_model, tmp_path / "fp32", BuildOptions(batch_size=3, progress=False), precision="fp32"
+    )
+    auto = build_index(folder, zeroshot_model, tmp_path / "auto", BuildOptions(batch_size=3, progress=False))
     assert (fp32.precision, auto.precision) == ("fp32", "bf16" if BF16 else "fp32")
     (items, vectors), (auto_items, auto_vectors) = stored(tmp_path / "fp32"), stored(tmp_path / "auto")
     assert items == auto_items

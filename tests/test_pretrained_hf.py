@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 from retrieval.cli.main import main
 from retrieval.data.synth import generate
 from retrieval.errors import RetrievalError
-from retrieval.index.search import Index
+from retrieval.index.handle import Index
+from retrieval.models.hf import processor_transform
+from retrieval.models.load import load_model
 from retrieval.models.modeldir import fingerprint
-from retrieval.models.pretrained import processor_transform
-from retrieval.models.towers import load_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 TEXTS = ["a red circle left of a dog", "the star", "BLUE", "a " * 40]

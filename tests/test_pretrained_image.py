@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from retrieval.cli.main import main
 from retrieval.errors import RetrievalError
 from retrieval.evaluation import classify
-from retrieval.index.build import build_index
-from retrieval.index.search import Index
+from retrieval.index.build import BuildOptions, build_index
+from retrieval.index.handle import Index
 from retrieval.models.config import PRESETS, with_image_tower
 from retrieval.models.efficientnet import PretrainedImageTower, packaged_state_dict
-from retrieval.models.towers import load_model
+from retrieval.models.load import load_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -169,7 +169,7 @@ def test_zeroshot_model_indexes_and_searches_a_folder(zeroshot_model: Path, tmp_
     for name, colour in (("orange", (255, 140, 0)), ("sky", (90, 160, 255)), ("grass", (40, 160, 40))):
         pixels = np.clip(np.array(colour) + rng.normal(0, 12, (96, 96, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{name}.png")
-    report = build_index(folder, zeroshot_model, tmp_path / "index", progress=False)
+    report = build_index(folder, zeroshot_model, tmp_path / "index", BuildOptions(progress=False))
     assert report.added == 3
     hits = Index.open(tmp_path / "index").search(text="an orange", k=3, target="image")
     assert {h.id for h in hits} == {"orange.png", "sky.png", "grass.png"}
@@ -190,7 +190,7 @@ def test_zeroshot_bad_template_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_zeroshot_classify_over_imagenet_labels_is_its_own_classifier(zeroshot_model: Path, synth_data: Path) -> None:
     from retrieval.data.pairs import read_pairs
-    from retrieval.jobs.api import classify_pairs
+    from retrieval.jobs.classify import classify_pairs
     from retrieval.models.zeroshot import imagenet_class_names
 
     names = imagenet_class_names()

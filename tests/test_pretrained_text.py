@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 from retrieval.cli.main import main
 from retrieval.data.pairs import read_pairs
 from retrieval.errors import RetrievalError
-from retrieval.index.build import build_index, caption_vector
-from retrieval.index.search import Index
+from retrieval.index.build import BuildOptions, build_index, caption_vector
+from retrieval.index.handle import Index
 from retrieval.models.config import PRESETS, with_text_tower
+from retrieval.models.dual_encoder import save_model
+from retrieval.models.load import load_model
+from retrieval.models.minilm import BertTextTower, load_pretrained_text_tower, minilm_dir
 from retrieval.models.modeldir import fingerprint
-from retrieval.models.pretrained import BertTextTower, load_pretrained_text_tower, minilm_dir
-from retrieval.models.towers import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 TEXTS = ["A dog runs along the beach.", "two children play football in a park", "x", "word " * 300]
@@ -131,7 +132,7 @@ def test_model_dir_round_trips_and_fingerprints_its_weights(minilm_model: Path, 
 
 @pytest.mark.slow
 def test_index_answers_text_queries_with_the_numpy_tower(minilm_model: Path, synth_data: Path, tmp_path: Path) -> None:
-    build_index(synth_data, minilm_model, tmp_path / "idx", progress=False)
+    build_index(synth_data, minilm_model, tmp_path / "idx", BuildOptions(progress=False))
     index = Index.open(tmp_path / "idx")
     query = "a small red circle at the bottom"
     np.testing.assert_allclose(index.embed_text(query), load_model(minilm_model).encode_text([query])[0], atol=1e-5)

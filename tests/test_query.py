@@ -18,9 +18,11 @@ from click.testing import CliRunner
 
 from retrieval.cli.main import main
 from retrieval.errors import ImageError, RetrievalError
-from retrieval.index.build import build_index
-from retrieval.index.search import MAX_QUERY_CHARS, TARGETS, Index
-from retrieval.index.store import IndexStore, Item, Manifest
+from retrieval.index.build import BuildOptions, build_index
+from retrieval.index.format import Item, Manifest
+from retrieval.index.handle import Index
+from retrieval.index.search import MAX_QUERY_CHARS, TARGETS
+from retrieval.index.store import IndexStore
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -46,7 +48,7 @@ def mixed_index(
         rows.append(json.dumps(row))
     manifest = root / "mixed.jsonl"
     manifest.write_text("\n".join(rows) + "\n")
-    report = build_index(manifest, tiny_model, root / "index", progress=False)
+    report = build_index(manifest, tiny_model, root / "index", BuildOptions(progress=False))
     assert report.added == 300 and not report.skipped
     return root / "index"
 
@@ -257,7 +259,7 @@ def test_query_vector_of_the_wrong_dimension_is_refused(exact: Index) -> None:
 # --- embedding queries -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_text_search_uses_the_models_text_embedding(index: Index, parts: Parts, tiny_model: Path) -> None:
-    from retrieval.models.towers import load_model
+    from retrieval.models.load import load_model
 
     text = "a small red circle left of a large blue square"
     q = load_model(tiny_model).encode_text([text])[0]
@@ -281,7 +283,7 @@ def _unique_image(parts: Parts, item_id: str) -> bool:
 @pytest.mark.slow
 def test_cold_text_search_does_not_import_torch_or_transformers(mixed_index: Path) -> None:
     code = (
-        "import sys; from retrieval.index.search import Index\n"
+        "import sys; from retrieval.index.handle import Index\n"
         f"hits = Index.open({str(mixed_index)!r}).search(text='a small red circle', k=3)\n"
         "assert len(hits) == 3, hits\n"
         "assert 'torch' not in sys.modules, 'a text query imported torch'\n"

@@ -23,9 +23,11 @@ from schemathesis import GenerationMode
 
 from retrieval.cli.main import main
 from retrieval.data.images import load_image
-from retrieval.index.build import build_index
-from retrieval.index.search import MAX_QUERY_CHARS, Index
-from retrieval.server.app import THUMB_SIDE, create_app
+from retrieval.index.build import BuildOptions, build_index
+from retrieval.index.handle import Index
+from retrieval.index.search import MAX_QUERY_CHARS
+from retrieval.server.app import create_app
+from retrieval.server.media import THUMB_SIDE
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_single_thread")]  # integration: a trained model, indexes
 UPLOAD_LIMIT = 256 * 1024  # small, so the over-the-limit uploads are cheap to make
@@ -146,7 +148,7 @@ def test_thumbnail_of_a_text_only_item_or_a_vanished_file_is_404(
 ) -> None:
     assert "has no image" in error_of(client.get("/api/thumb/synth-000003"), 404)
     shutil.copy(synth_data.parent / "images" / "synth-000000.png", tmp_path / "gone.png")
-    build_index(tmp_path, tiny_model, tmp_path / "idx", progress=False)
+    build_index(tmp_path, tiny_model, tmp_path / "idx", BuildOptions(progress=False))
     (tmp_path / "gone.png").unlink()
     gone = TestClient(create_app(tmp_path / "idx", thumb_cache=False))
     assert "re-run `retrieval index`" in error_of(gone.get("/api/thumb/gone.png"), 404)
@@ -330,7 +332,7 @@ def test_only_allowed_host_names_are_answered(served_index: Path) -> None:
 
 
 def test_concurrent_requests_get_the_sequential_answers(client: TestClient) -> None:
-    """Requests share one index across threads with no lock (see retrieval/server.py). The image and text
+    """Requests share one index across threads with no lock (see retrieval/server/threads.py). The image and text
     targets filter items (the index has a text-only and an image-only item): FAISS swaps the filter inside
     the search parameters during a search, so sharing those between threads crashed the process."""
     queries = [

@@ -58,7 +58,7 @@ def minilm_model(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module", params=["own", "minilm"])
 def encoders(request: pytest.FixtureRequest):
-    from retrieval.models.towers import load_model
+    from retrieval.models.load import load_model
 
     path = request.getfixturevalue("tiny_model" if request.param == "own" else "minilm_model")
     return load_numpy_text_encoder(path), load_model(path)
@@ -107,7 +107,7 @@ def test_identity_projection_gives_the_towers_own_space() -> None:
     import torch
     import torch.nn.functional as F
 
-    from retrieval.models.pretrained import BertTextTower, minilm_dir
+    from retrieval.models.minilm import BertTextTower, minilm_dir
 
     tokenizer = WordPieceTokenizer.load(minilm_dir() / "tokenizer.json")
     config = dict(
@@ -137,22 +137,22 @@ def test_identity_projection_gives_the_towers_own_space() -> None:
 
 @pytest.fixture(scope="module")
 def minilm_index(minilm_model: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from retrieval.index.build import build_index
+    from retrieval.index.build import BuildOptions, build_index
 
     path = tmp_path_factory.mktemp("minilm-index") / "index"
-    build_index(synth_data, minilm_model, path, progress=False)
+    build_index(synth_data, minilm_model, path, BuildOptions(progress=False))
     return path
 
 
 @pytest.mark.slow
 def test_minilm_text_query_imports_neither_torch_nor_transformers(minilm_index: Path, minilm_model: Path) -> None:
     """In a fresh interpreter, as a cold `retrieval search --text` runs; its vectors are the torch model's."""
-    from retrieval.models.towers import load_model
+    from retrieval.models.load import load_model
 
     code = (
         "import sys\n"
         "import numpy as np\n"
-        "from retrieval.index.search import Index\n"
+        "from retrieval.index.handle import Index\n"
         f"np.save(sys.stdout.buffer, Index.open({str(minilm_index)!r}).embed_texts({TEXTS['normal']!r}))\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, "
         "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))[:5]\n"

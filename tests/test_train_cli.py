@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import read_log
 
 from retrieval.cli.main import main
-from retrieval.models.towers import use_bf16
+from retrieval.models.encoder import use_bf16
 from retrieval.train.loop import lr_factor
 
 
@@ -39,7 +39,7 @@ def test_train_then_eval_beats_chance(tiny_model: Path, synth_data: Path) -> Non
     assert report["text_to_image"]["R@5"] > 3 * chance_r5
     assert report["image_to_text"]["R@5"] > 3 * chance_r5
     # the figures are those of the saved model's own embeddings, ranked by obvious code
-    from retrieval.models.towers import load_model
+    from retrieval.models.load import load_model
 
     test_ids = set(json.loads((synth_data.parent / "split.json").read_text())["test"])
     rows = [r for r in map(json.loads, synth_data.read_text().splitlines()) if r["id"] in test_ids]
@@ -100,7 +100,7 @@ def test_resume_continues_from_the_last_epoch(synth_data: Path, tmp_path: Path) 
 def test_image_size_and_one_caption_reach_the_run(synth_data: Path, tmp_path: Path) -> None:
     import torch
 
-    from retrieval.models.towers import load_model
+    from retrieval.models.load import load_model
 
     out = tmp_path / "m"
     code, text = run(
@@ -160,7 +160,7 @@ def test_our_model_trains_with_the_siglip_loss(synth_data: Path, tmp_path: Path)
     recorded as siglip, and held-out recall beats chance."""
     import torch
 
-    from retrieval.models.towers import load_model
+    from retrieval.models.load import load_model
 
     out = tmp_path / "m"
     code, text = run("train", "--data", str(synth_data), "--out", str(out), "--preset", "tiny", "--loss", "siglip")
@@ -253,7 +253,7 @@ def test_help_explains_every_command() -> None:
     ],
 )
 def test_size_strings_are_powers_of_1024(text, size: int) -> None:
-    from retrieval.cli.main import BytesParam
+    from retrieval.cli.params import BytesParam
 
     assert BytesParam().convert(text, None, None) == size
 
@@ -275,7 +275,7 @@ def test_size_strings_are_powers_of_1024(text, size: int) -> None:
 def test_bad_size_strings_say_how_to_write_one(text: str, message: str) -> None:
     import click
 
-    from retrieval.cli.main import BytesParam
+    from retrieval.cli.params import BytesParam
 
     with pytest.raises(click.BadParameter, match=message):
         BytesParam().convert(text, None, None)

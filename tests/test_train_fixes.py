@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrieval.train.loop import STREAMS, epoch_batches, is_best, stream_seed
+from retrieval.train.batches import STREAMS, epoch_batches, stream_seed
+from retrieval.train.selection import is_best
 
 
 @pytest.mark.parametrize(
@@ -52,8 +53,8 @@ def test_streams_are_a_function_of_seed_stream_and_epoch_alone() -> None:
 
 def test_inverse_temperature_is_exp_logit_scale() -> None:
     from retrieval.models.config import preset
+    from retrieval.models.dual_encoder import DualEncoder
     from retrieval.models.tokenizer import Tokenizer
-    from retrieval.models.towers import DualEncoder
 
     tokenizer = Tokenizer.train(["a red square", "a blue circle"])
     cfg = preset("tiny").model
@@ -72,7 +73,7 @@ def test_a_tie_is_logged_as_not_best_and_not_saved(tmp_path: Path, monkeypatch: 
     from retrieval.data.pairs import read_pairs
     from retrieval.data.synth import generate
     from retrieval.models.config import preset
-    from retrieval.models.towers import DualEncoder
+    from retrieval.models.dual_encoder import DualEncoder
 
     pairs = read_pairs(generate(tmp_path / "synth", 24, seed=2, size=32))
     saves: list[int] = []

@@ -286,6 +286,26 @@ def select(pairs: Iterable[Pair], ids: set[str]) -> list[Pair]:
     return [p for p in pairs if p.id in ids]
 
 
+def load_split_pairs(data: str | Path, split_file: str | Path | None, split: str | None) -> list[Pair]:
+    """The pairs of one split; split_file defaults to split.json beside the manifest when there is one."""
+    pairs = read_pairs(data)
+    split_file = split_file or default_split_file(data)
+    if split is None:
+        return pairs
+    if split_file is None:
+        raise RetrievalError(f"--split {split} needs a split file; none given and no split.json beside {data}")
+    chosen = select(pairs, read_split(split_file, split))
+    if not chosen:
+        raise RetrievalError(f"split {split!r} of {split_file} matches no id in {data}")
+    return chosen
+
+
+def default_split_file(data: str | Path) -> Path | None:
+    """split.json beside a manifest file, or inside a folder of images, when there is one."""
+    candidate = Path(data).parent / "split.json" if Path(data).is_file() else Path(data) / "split.json"
+    return candidate if candidate.is_file() else None
+
+
 def image_caption_pairs(pairs: Iterable[Pair]) -> list[Pair]:
     """Only the pairs that have both parts: what contrastive training and paired evaluation need."""
     return [p for p in pairs if p.image is not None and p.captions]

@@ -15,17 +15,32 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from retrieval.choices import INDEX_TYPES, check_params
 from retrieval.data.pairs import Pair, read_pairs
 from retrieval.errors import ImageError, RetrievalError
-from retrieval.index.store import IndexStore, Item, Manifest, check_model, choose_index_type, min_items
+from retrieval.index.faiss_ops import choose_index_type, min_items
+from retrieval.index.format import Item, Manifest, check_model
+from retrieval.index.store import IndexStore
 from retrieval.models.modeldir import ModelRef, canonical, embed_dim, fingerprint
 from retrieval.progress import progress_bar
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes the FAISS index may take when --index-type auto chooses
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build an index, the same for the local and the Ray builder (build_index, build_index_ray)."""
+
+    index_type: str | None = None  # flat, hnsw, ivf, ivfpq; None or "auto": the index's own, or chosen by size
+    exclude: Sequence[str] = ()  # globs over item ids to leave out
+    batch_size: int = 256  # items encoded (and committed) at a time
+    params: dict[str, Any] | None = None  # search knobs stored with the index: ef_search, nprobe
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # what "auto" lets the FAISS index take
+    progress: bool = True  # a progress bar (a terminal) or sparse lines (a log)
 
 
 @dataclass
@@ -88,12 +103,7 @@ def build_index(
     source: str | Path,
     model_dir: ModelRef,
     index_path: str | Path,
-    index_type: str | None = None,
-    exclude: Sequence[str] = (),
-    batch_size: int = 256,
-    params: dict | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    progress: bool = True,
+    options: BuildOptions = BuildOptions(),
     precision: str = "auto",
     prefetch: bool = True,
 ) -> IndexReport:
@@ -101,13 +111,15 @@ def build_index(
 
     precision: the image encoder's (Encoder.image_precision: "auto" keeps the index's own where it is native).
     prefetch: decode the next batch while this one is encoded (off only to measure what the overlap gains)."""
-    from retrieval.models.towers import load_model  # torch: only the commands that encode pay for it
+    from retrieval.models.load import load_model  # torch: only the commands that encode pay for it
 
     t0 = time.perf_counter()
     index_path = Path(index_path)
     skipped: list[str] = []  # rows, sidecars and file names that cannot be indexed: listed, the rest indexed
-    pairs = list_source(source, exclude, skipped)
-    store, settings_changed = prepare_store(index_path, model_dir, index_type, len(pairs), params, memory_budget)
+    pairs = list_source(source, options.exclude, skipped)
+    store, settings_changed = prepare_store(
+        index_path, model_dir, options.index_type, len(pairs), options.params, options.memory_budget
+    )
 
     report = IndexReport(index_type=store.manifest.index_type, skipped=skipped)
     with store.writer():
@@ -126,8 +138,9 @@ def build_index(
             precision = model.image_precision(precision, store.manifest.image_precision)
             report.precision = store.manifest.image_precision = precision
         desc = f"indexing, images in {report.precision}" if report.precision else "indexing"
-        bar = progress_bar(total=len(todo), desc=desc, unit="item", disable=not progress)
-        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        bar = progress_bar(total=len(todo), desc=desc, unit="item", disable=not options.progress)
+        size = options.batch_size
+        batches = [todo[start : start + size] for start in range(0, len(todo), size)]
         with ThreadPoolExecutor(2) as pool:
             for batch, decoding in decode_ahead(model, batches, pool, ahead=1 if prefetch else 0):
                 items, vectors, unreadable = encode_batch(model, batch, pool, store.known_vectors, precision, decoding)

@@ -14,7 +14,7 @@ from typing import Any
 from retrieval.errors import RetrievalError
 
 LOSSES = ("clip", "siglip")  # loss.py holds the functions; named here so the CLI need not import torch
-TEXT_TOWERS = ("own", "minilm")  # own: trained here from scratch; minilm: pretrained all-MiniLM-L6-v2 (pretrained.py)
+TEXT_TOWERS = ("own", "minilm")  # own: trained here from scratch; minilm: pretrained all-MiniLM-L6-v2 (minilm.py)
 # resnet: ours, from scratch; efficientnet-lite*: ImageNet-pretrained (efficientnet.py), with their native input sides
 PRETRAINED_IMAGE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 ENSEMBLE = "efficientnet-lite0+efficientnet-lite2"  # both networks' pooled features side by side

@@ -2,7 +2,7 @@
 aliases it speaks in.
 
 Every model class subclasses Encoder; nothing here knows a particular tower, so model definitions
-(model.py, pretrained.py) import this module and never each other's classes for the interface.
+(dual_encoder.py, hf.py) import this module and never each other's classes for the interface.
 """
 
 from __future__ import annotations

@@ -2,6 +2,12 @@
 Hugging Face CLIP/SigLIP checkpoints; for both, the fingerprint, the embedding size and where text runs.
 
 Indexes and the numpy query tower read models too, and must not pay for a torch import.
+
+Format versions: a model directory is never rewritten when it is read. Its fingerprint is the hash of its files,
+and every index built with it holds that hash, so an in-place upgrade would orphan those indexes; an older layout
+is instead upgraded in memory as it is read. Version 1 has only grown by keys with defaults (the towers' kind and
+trainable parts, the heads: model_config_from_dict fills what an older file lacks), so every version-1 directory
+reads as it is. A newer version than FORMAT_VERSION is refused: upgrade retrieval.
 """
 
 from __future__ import annotations
@@ -10,10 +16,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from retrieval.atomic import atomic_write_json
 from retrieval.errors import RetrievalError
-from retrieval.models.config import ModelConfig, model_config_from_dict
+from retrieval.models.config import ModelConfig, model_config_from_dict, model_config_to_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # config.json's layout; a change that an older retrieval would misread bumps it
 ARCHITECTURE = "retrieval-dual-encoder"
 FILES = ("config.json", "tokenizer.json", "model.safetensors")
 TEXT_TOWER_FILE = "text_tower.json"  # only beside a pretrained text tower: its checkpoint's architecture
@@ -99,12 +106,27 @@ def read_model_config(path: str | Path) -> ModelConfig:
     if not isinstance(d, dict) or d.get("architecture") != ARCHITECTURE:
         arch = d.get("architecture") if isinstance(d, dict) else None
         raise RetrievalError(f"{path} holds a {arch!r} model, not {ARCHITECTURE!r}")
-    if not isinstance(d.get("format_version"), int) or d["format_version"] > FORMAT_VERSION:
+    version = d.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise RetrievalError(f"{path}/config.json has no valid format_version ({version!r}); retrain the model")
+    if version > FORMAT_VERSION:
         raise RetrievalError(
-            f"{path} is model format {d.get('format_version')}, newer than this retrieval reads ({FORMAT_VERSION}): "
-            "upgrade retrieval"
+            f"{path} is model format {version}, newer than this retrieval reads ({FORMAT_VERSION}): upgrade retrieval"
         )
     return model_config_from_dict(d["model"])
+
+
+def write_model_config(path: Path, config: ModelConfig) -> None:
+    """config.json, the file that makes a directory a model directory (read_model_config reads it back)."""
+    atomic_write_json(
+        path / "config.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "architecture": ARCHITECTURE,
+            "model": model_config_to_dict(config),
+            "tokenizer": "tokenizer.json",
+        },
+    )
 
 
 def embed_dim(ref: ModelRef) -> int:

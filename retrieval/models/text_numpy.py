@@ -1,7 +1,7 @@
 """The text towers in plain numpy, for queries: a cold `retrieval search --text` must not import torch.
 
 Each reads the same model.safetensors as its torch twin and computes the same function: our own tower
-(model.TextTower, a pre-norm Transformer encoder) and MiniLM (pretrained.BertTextTower, transformers'
+(towers.TextTower, a pre-norm Transformer encoder) and MiniLM (minilm.BertTextTower, transformers'
 post-norm BertModel). Both are then mean-pooled over real tokens, projected by text_proj (the identity for
 a model without one) and L2-normalised; tests hold each equal to torch.
 A few texts run on one BLAS thread: for matrices this small, a second thread costs more than it gives,
@@ -115,7 +115,7 @@ class NumpyTextEncoder:
 
 
 class OwnTextEncoder(NumpyTextEncoder):
-    """model.TextTower: token + position embeddings, pre-norm encoder layers, a final LayerNorm."""
+    """towers.TextTower: token + position embeddings, pre-norm encoder layers, a final LayerNorm."""
 
     def hidden_states(self, tokens: np.ndarray, real: np.ndarray) -> np.ndarray:
         w = self.w
@@ -133,7 +133,7 @@ class OwnTextEncoder(NumpyTextEncoder):
 
 
 class BertTextEncoder(NumpyTextEncoder):
-    """pretrained.BertTextTower (transformers' BertModel): word + position + token type 0 embeddings, then
+    """minilm.BertTextTower (transformers' BertModel): word + position + token type 0 embeddings, then
     post-norm encoder layers."""
 
     def __init__(

@@ -1,6 +1,6 @@
 """The WordPiece tokenizer of a pretrained text tower (MiniLM).
 
-It lives apart from pretrained.py, which imports torch, so that the numpy text tower (text_numpy.py) can
+It lives apart from minilm.py, which imports torch, so that the numpy text tower (text_numpy.py) can
 tokenize MiniLM queries without torch.
 """
 

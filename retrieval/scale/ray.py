@@ -24,8 +24,9 @@ import numpy as np
 
 from retrieval.data.pairs import Pair
 from retrieval.errors import RetrievalError
-from retrieval.index.build import DEFAULT_MEMORY_BUDGET, list_source, prepare_store
-from retrieval.index.store import MANIFEST_FILE, min_items, read_manifest
+from retrieval.index.build import BuildOptions, list_source, prepare_store
+from retrieval.index.faiss_ops import min_items
+from retrieval.index.format import MANIFEST_FILE, read_manifest
 from retrieval.models.modeldir import ModelRef, canonical
 from retrieval.progress import progress_bar
 from retrieval.scale.merge import MergeReport, merge_shards
@@ -46,16 +47,12 @@ def build_index_ray(
     source: str | Path,
     model_dir: ModelRef,
     index_path: str | Path,
-    index_type: str | None = None,
-    exclude: Sequence[str] = (),
-    batch_size: int = 256,
-    params: dict | None = None,
+    options: BuildOptions = BuildOptions(),
     shard_size: int = DEFAULT_SHARD_SIZE,
     shard_dir: str | Path | None = None,
     address: str | None = None,
     workers: int | None = None,
     max_memory: int | None = None,
-    progress: bool = True,
 ) -> MergeReport:
     """Create or update the index at index_path from the source with Ray: encode shards, then merge them.
 
@@ -68,18 +65,18 @@ def build_index_ray(
     index_path = Path(index_path)
     shard_dir = Path(shard_dir) if shard_dir is not None else index_path / "shards"
     unlisted: list[str] = []  # rows of the source skipped with their reason
-    pairs = list_source(source, exclude, unlisted)
-    chosen = merged_index_type(index_path, index_type, len(pairs))
+    pairs = list_source(source, options.exclude, unlisted)
+    chosen = merged_index_type(index_path, options.index_type, len(pairs))
     with connected(ray, address):  # a wrong --address fails here, before anything is written
         store, settings_changed = prepare_store(
-            index_path, model_dir, chosen, len(pairs), params, DEFAULT_MEMORY_BUDGET
+            index_path, model_dir, chosen, len(pairs), options.params, options.memory_budget
         )
         with store.writer():  # prepare_store took the lock; this block releases it, whatever fails
             plan = plan_shards(pairs, shard_size, store.manifest.fingerprint)  # checked to be model_dir's
             pending = [(name, part) for name, part in plan if not is_done(shard_dir, name)]
             clear_partial(shard_dir, [name for name, _ in pending])  # a killed run's temporary files
             if pending:
-                run_shards(ray, pending, model_dir, shard_dir, batch_size, workers, progress)
+                run_shards(ray, pending, model_dir, shard_dir, options.batch_size, workers, options.progress)
             merged = merge_shards(
                 store,
                 shard_dir,
@@ -153,7 +150,7 @@ class ShardEncoder:
     """A Ray Data actor: loads the model once, then encodes and writes each shard it is handed."""
 
     def __init__(self, model_dir: str, shard_dir: str, batch_size: int):
-        from retrieval.models.towers import load_model  # torch, in the worker only
+        from retrieval.models.load import load_model  # torch, in the worker only
 
         self.model, self.shard_dir, self.batch_size = load_model(model_dir), Path(shard_dir), batch_size
 

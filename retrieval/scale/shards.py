@@ -7,7 +7,8 @@ a re-run finds the shards it already finished and a changed item makes a new sha
 On disk, beside one another in the shard folder (the index folder's shards/, or shared storage):
   NAME.npy      float32 (n, 2d): the fused vectors [e(x1), e(x2)], one row per readable item
   NAME.parquet  one row per readable item: id, path, captions, image_key, text_key, mtime_ns, size, extra
-  NAME.json     {"items": n, "skipped": [messages]}: written last, so it marks the shard complete
+  NAME.json     {"format_version": 1, "items": n, "skipped": [messages]}: written last, so it marks the shard
+                complete (a shard from before versions has no format_version: it is format 1)
 Parquet because it is columnar and typed (nullable keys, a list column for captions), pyarrow comes with
 Ray Data, and Spark, pandas or DuckDB read it as it is; the vectors stay .npy so the merge memory-maps
 them straight into FAISS. Each file is written under a temporary name and renamed when complete, so a
@@ -31,9 +32,11 @@ from retrieval.atomic import TMP_SUFFIX, atomic_write_stream
 from retrieval.data.pairs import Pair
 from retrieval.errors import RetrievalError
 from retrieval.index.build import encode_batch, file_state
-from retrieval.index.store import Item, Vectors, fused
+from retrieval.index.faiss_ops import Vectors, fused
+from retrieval.index.format import Item
 
 DISTRIBUTED_INSTALL_HINT = "pip install 'retrieval[distributed]'"
+FORMAT_VERSION = 1  # of a shard's files; a newer one is refused with what to do, an older one would be read here
 COLUMNS = ("id", "path", "captions", "image_key", "text_key", "mtime_ns", "size", "extra")
 
 
@@ -117,7 +120,7 @@ def write_shard(
             "extra": pa.array([json.dumps(it.extra) for it in items], pa.string()),
         }
     )
-    summary = {"items": len(items), "skipped": list(skipped)}
+    summary = {"format_version": FORMAT_VERSION, "items": len(items), "skipped": list(skipped)}
     # each under a temporary name of its own (a retried task may write the shard while the first attempt still
     # runs), fsynced: on shared storage the rename must not land before the data
     atomic_write_stream(directory / f"{name}.npy", lambda f: np.save(f, np.asarray(vectors, np.float32)), unique=True)
@@ -130,7 +133,7 @@ def read_shard(directory: Path, name: str) -> Shard:
     """A finished shard; a damaged one (files that disagree with its marker) is an error naming it."""
     _, pq = _pyarrow()
     try:
-        summary = json.loads((directory / f"{name}.json").read_text())
+        summary = read_summary(directory, name)
         vectors = np.load(directory / f"{name}.npy", mmap_mode="r")
         table = pq.read_table(directory / f"{name}.parquet", columns=list(COLUMNS))
     except (OSError, ValueError) as e:
@@ -162,7 +165,19 @@ def read_shard(directory: Path, name: str) -> Shard:
 
 def read_skipped(directory: Path, name: str) -> list[str]:
     """The unreadable-file messages of a finished shard, without reading its vectors."""
-    return json.loads((directory / f"{name}.json").read_text())["skipped"]
+    return read_summary(directory, name)["skipped"]
+
+
+def read_summary(directory: Path, name: str) -> dict[str, Any]:
+    """A finished shard's marker (NAME.json), checked for a format this version reads."""
+    summary = json.loads((directory / f"{name}.json").read_text())
+    version = summary.get("format_version", 1)  # shards written before they carried a version are format 1
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise RetrievalError(
+            f"shard {directory / name} is format {version}, which this retrieval does not read "
+            f"({FORMAT_VERSION}): upgrade retrieval, or delete the shard folder to encode the shards again"
+        )
+    return summary
 
 
 def _pyarrow() -> tuple[Any, Any]:

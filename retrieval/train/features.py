@@ -14,8 +14,8 @@ import torch
 
 from retrieval.data.augment import augment_batch
 from retrieval.models.config import Augment
+from retrieval.models.dual_encoder import DualEncoder
 from retrieval.models.encoder import Encoder
-from retrieval.models.towers import DualEncoder
 from retrieval.progress import progress_bar
 
 

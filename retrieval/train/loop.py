@@ -1,120 +1,40 @@
 """The training loop: contrastive training of the dual encoder on image-caption pairs.
 
-Images are decoded once, up front, into a small in-memory bank (a bad image is reported and skipped
-there, so no epoch can crash on one). Each step trains on a batch of images, augmented together in torch
-(augment.py), and every caption of them. Locked towers run once, before the first epoch (features.py): a
+Images are decoded once, up front, into a small in-memory bank (bank.py; a bad image is reported and skipped
+there, so no epoch can crash on one). Each step trains on a batch of images (batches.py), augmented together in
+torch (augment.py), and every caption of them. Locked towers run once, before the first epoch (features.py): a
 locked text tower on every caption, a locked pretrained image tower on a few views of every image. The
 learning rate warms up linearly, then follows a cosine to zero over the run, where the run ends at the last
 epoch or at the time budget (which counts the locked towers' runs), whichever comes first. After every
-epoch the held-out recall is measured, the best model is kept in the output directory, and the full
-training state is saved so `--resume` loses at most one epoch.
+epoch the held-out recall is measured, the best model is kept in the output directory (selection.py), and the
+full training state is saved so `--resume` loses at most one epoch (checkpoint.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import resource
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from retrieval.atomic import atomic_write, atomic_write_text
 from retrieval.data.augment import augment_batch
-from retrieval.data.images import Transform, load_image
 from retrieval.data.pairs import Pair, image_caption_pairs
-from retrieval.errors import ImageError, RetrievalError
-from retrieval.evaluation.metrics import retrieval_report
-from retrieval.models.config import ModelConfig, TrainConfig, loss_init, model_config_from_dict, model_config_to_dict
-from retrieval.models.efficientnet import PretrainedImageTower
+from retrieval.errors import RetrievalError
+from retrieval.models.config import ModelConfig, TrainConfig
 from retrieval.models.encoder import Encoder, use_bf16
-from retrieval.models.tokenizer import Tokenizer
-from retrieval.models.towers import DualEncoder
 from retrieval.progress import progress_bar
+from retrieval.train.bank import as_tensor, bank_images
+from retrieval.train.batches import batch_captions, epoch_batches, stream_seed
+from retrieval.train.build import build_model
+from retrieval.train.checkpoint import append_log, load_state, save_state, trim_log, write_skipped
 from retrieval.train.features import ImageCache, TextCache
 from retrieval.train.loss import clip_loss, siglip_loss
-
-STATE_FILE = "train_state.pt"
-LOG_FILE = "train_log.jsonl"
-MAX_EVAL_IMAGES = 1000  # held-out recall after each epoch on at most this many images, to keep epochs cheap
-LOAD_MARGIN = 8 / 7  # images are banked a little larger than the model input, room for random crops
-STREAMS = ("batch order", "draws", "cached views")  # a run's random streams, each seeded apart (stream_seed)
-
-
-@dataclass
-class ImageBank:
-    """Decoded training images as small RGB arrays, and the pairs whose images could not be read."""
-
-    pairs: list[Pair]
-    images: list[np.ndarray]  # (S', S', 3) uint8 each
-    skipped: list[tuple[Pair, str]]
-
-
-def bank_images(pairs: Sequence[Pair], transform: Transform, progress: bool = True) -> ImageBank:
-    """Decode every image once (two threads: Pillow releases the GIL); unreadable ones are skipped."""
-    side = round(transform.size * LOAD_MARGIN)
-
-    def load(pair: Pair) -> np.ndarray | str:
-        if pair.image is None:  # skipped like an unreadable one (callers pass image_caption_pairs)
-            return f"item {pair.id} has no image"
-        try:
-            return np.asarray(transform.bank(load_image(pair.image, size_hint=side), side))
-        except ImageError as e:
-            return str(e)
-
-    with ThreadPoolExecutor(2) as pool:
-        results = list(
-            progress_bar(
-                pool.map(load, pairs), total=len(pairs), desc="decode images", unit="image", disable=not progress
-            )
-        )
-    bank = ImageBank([], [], [])
-    for pair, result in zip(pairs, results, strict=True):
-        if isinstance(result, str):
-            bank.skipped.append((pair, result))
-        else:
-            bank.pairs.append(pair)
-            bank.images.append(result)
-    return bank
-
-
-def stream_seed(seed: int, stream: str, epoch: int = 0) -> int:
-    """The torch seed of one random stream of a run (STREAMS) in one epoch: a function of (seed, stream, epoch)
-    alone, so a resumed run draws what the uninterrupted one would have, and hashed by numpy's SeedSequence, so
-    no two (stream, epoch) share a seed. (An arithmetic rule such as seed*1000 + epoch (+1) made one epoch's
-    augmentation draws the next epoch's batch order.)"""
-    entropy = [seed, STREAMS.index(stream), epoch]
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
-
-
-def epoch_batches(n_images: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """Image rows for each step of an epoch: a random order seeded by (seed, epoch), so a resumed run sees
-    the same batches; the last partial batch is dropped."""
-    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(stream_seed(seed, "batch order", epoch)))
-    return [order[s : s + batch_size] for s in range(0, n_images - batch_size + 1, batch_size)]
-
-
-def batch_captions(
-    pairs: Sequence[Pair], rows: torch.Tensor, all_captions: bool, generator: torch.Generator
-) -> tuple[list[str], torch.Tensor]:
-    """(captions, owner) for a step: every caption of each image in `rows`, or one drawn at random;
-    owner[c] is the batch position of caption c's image."""
-    texts, owner = [], []
-    for position, row in enumerate(rows.tolist()):
-        captions = pairs[row].captions
-        if not all_captions:
-            captions = (captions[int(torch.randint(len(captions), (1,), generator=generator))],)
-        texts += captions
-        owner += [position] * len(captions)
-    return texts, torch.tensor(owner)
+from retrieval.train.selection import MAX_EVAL_IMAGES, evaluate_bank, is_best, selection_score
 
 
 def lr_factor(progress: float, warmup_fraction: float) -> float:
@@ -134,39 +54,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             continue
         (decay if p.ndim >= 2 and "position_embedding" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def evaluate_bank(
-    model: Encoder,
-    bank: ImageBank,
-    batch_size: int,
-    text_cache: TextCache | None = None,
-    image_cache: ImageCache | None = None,
-) -> dict[str, Any]:
-    """Held-out recall on banked images (centre crop) and all their captions."""
-    texts = [c for p in bank.pairs for c in p.captions]
-    text_image = np.array([i for i, p in enumerate(bank.pairs) for _ in p.captions])
-    text_emb = model.project_text_outputs(text_cache(texts)) if text_cache else model.encode_text(texts, batch_size)
-    if image_cache is not None:
-        assert isinstance(model, DualEncoder), "only our image towers are cached"
-        image_emb = model.project_image_outputs(image_cache.centre())
-    else:
-        pixels = np.stack([model.transform.preprocess(Image.fromarray(a)) for a in bank.images])
-        image_emb = model.encode_image(pixels, batch_size)
-    return retrieval_report(image_emb, text_emb, text_image)
-
-
-def selection_score(report: dict[str, Any]) -> float:
-    """The sum of R@1/5/10 in both directions ('rsum'), the usual model-selection figure."""
-    return sum(v for d in ("text_to_image", "image_to_text") for k, v in report[d].items() if k.startswith("R@"))
-
-
-def is_best(score: float, best: float) -> bool:
-    """Whether an epoch scoring `score` replaces the kept model, the best so far scoring `best`: only a higher
-    score does. On a tie the earlier epoch stays: the later one has no better held-out evidence, and keeping the
-    first saves a write. The epoch's log line says `best` by this same rule, so it is true exactly when the
-    epoch's model was saved."""
-    return score > best
 
 
 def train(
@@ -192,7 +79,7 @@ def train(
     if not train_pairs:
         raise RetrievalError("no training pairs with both an image and a caption; check the manifest and split")
     torch.manual_seed(train_cfg.seed)
-    state = _load_state(out) if resume else None
+    state = load_state(out) if resume else None
     model = build_model(model_cfg, train_cfg, train_pairs, state, init, freeze)
     # torch's stubs lack Module.to's memory_format overload, which it takes at runtime
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -212,9 +99,9 @@ def train(
     if model.text_locked:
         text_cache = TextCache(model, (c for p in train_bank.pairs + val_bank.pairs for c in p.captions), progress)
     out.mkdir(parents=True, exist_ok=True)
-    _trim_log(out, start_epoch)
+    trim_log(out, start_epoch)
 
-    images = _as_tensor(train_bank.images)  # (N, 3, S', S') uint8
+    images = as_tensor(train_bank.images)  # (N, 3, S', S') uint8
     augmentation = train_cfg.augmentation if train_cfg.augment else None
     batch_size = min(train_cfg.batch_size, len(images))
     steps_per_epoch = len(images) // batch_size
@@ -227,7 +114,7 @@ def train(
         views_seed = stream_seed(train_cfg.seed, "cached views")
         image_cache = ImageCache(model, images, train_cfg.views, augmentation, views_seed, bf16, progress)
         if val_bank.images:
-            val_cache = ImageCache(model, _as_tensor(val_bank.images), 1, None, views_seed, bf16, progress)
+            val_cache = ImageCache(model, as_tensor(val_bank.images), 1, None, views_seed, bf16, progress)
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, train_cfg.epochs):
         generator = torch.Generator().manual_seed(stream_seed(train_cfg.seed, "draws", epoch))  # augmentation, captions
@@ -289,72 +176,14 @@ def train(
             "best": saved,  # this epoch's model is the one in `out` (is_best)
             "skipped_images": len(train_bank.skipped) + len(val_bank.skipped),
         }
-        _append_log(out, entry)
-        _save_state(out, model, opt, epoch, best, time.monotonic() - t0, train_cfg)
+        append_log(out, entry)
+        save_state(out, model, opt, epoch, best, time.monotonic() - t0, train_cfg)
         if on_epoch:
             on_epoch(entry)
         if step >= total_steps or time.monotonic() - t0 >= budget:
             break
-    _write_skipped(out, train_bank.skipped + val_bank.skipped)
+    write_skipped(out, train_bank.skipped + val_bank.skipped)
     return out
-
-
-def build_model(
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    train_pairs: Sequence[Pair],
-    state: dict[str, Any] | None,
-    init: str | None,
-    freeze: str | None,
-) -> Encoder:
-    """Our dual encoder, new or as it was saved for --resume; or the hf: checkpoint `init`, `freeze` side locked."""
-    if init is not None:
-        from retrieval.models.pretrained import load_hf
-
-        hf_model = load_hf(init)
-        if freeze:
-            hf_model.freeze(freeze)
-        model: Encoder = hf_model
-    else:
-        if state is not None and not state["model_config"]:
-            raise RetrievalError("this run fine-tunes a Hugging Face checkpoint: resume it with the same --init hf:...")
-        model_cfg = (
-            model_config_from_dict(json.loads(state["model_config"])) if state else loss_init(model_cfg, train_cfg.loss)
-        )
-        tokenizer, text_tower, model_cfg = text_side(model_cfg, train_pairs, state)
-        ours = DualEncoder(model_cfg, tokenizer, text_tower)
-        if state is None and isinstance(ours.image_tower, PretrainedImageTower):  # image_cacheable: it starts
-            ours.image_tower.load_packaged()  # from its package's weights
-        model = ours
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError:  # missing or mis-sized weights: the run was started with another --init (or none)
-            raise RetrievalError(
-                "the interrupted run was started with another model: resume with the same --init "
-                "(or none), or start again without --resume"
-            ) from None
-    return model
-
-
-def text_side(
-    cfg: ModelConfig, train_pairs: Sequence[Pair], state: dict[str, Any] | None
-) -> tuple[Any, Any, ModelConfig]:
-    """(tokenizer, text tower, config): our tokenizer trained on the captions (or resumed) with our own tower
-    (None: DualEncoder builds it), or a pretrained tower with its own tokenizer and its sizes in the config."""
-    if cfg.text.kind != "own":
-        from retrieval.models.pretrained import load_pretrained_text_tower
-
-        tower, tokenizer, text = load_pretrained_text_tower(cfg.text)
-        return tokenizer, tower, dataclasses.replace(cfg, text=text)
-    if state is not None:
-        return Tokenizer(state["vocab"]), None, cfg
-    trained = Tokenizer.train(c for p in train_pairs for c in p.captions)
-    return trained, None, dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(trained)))
-
-
-def _as_tensor(bank: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(bank)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S', S') uint8
 
 
 def _step(
@@ -383,64 +212,3 @@ def _step(
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     return loss.item()
-
-
-def _save_state(out: Path, model: Encoder, opt, epoch, best, elapsed, train_cfg) -> None:
-    """Everything --resume needs, loadable with torch.load(weights_only=True): tensors and plain values only.
-    A pretrained tokenizer or checkpoint is not stored: it loads again from its package or hf: path."""
-    state = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "vocab": model.tokenizer.vocab if isinstance(model.tokenizer, Tokenizer) else [],
-        "epoch": epoch,
-        "best": best,
-        "elapsed": elapsed,
-        "model_config": json.dumps(model_config_to_dict(model.config)) if isinstance(model, DualEncoder) else "",
-        "train_config": json.dumps(dataclasses.asdict(train_cfg)),
-    }
-    atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
-
-
-def _load_state(out: Path) -> dict[str, Any]:
-    path = out / STATE_FILE
-    if not path.is_file():
-        raise RetrievalError(f"nothing to resume: {path} does not exist; start without --resume")
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:  # a truncated or foreign file: torch raises several types
-        raise RetrievalError(f"cannot resume from {path} ({str(e).splitlines()[0]}); start without --resume") from e
-
-
-def _trim_log(out: Path, epochs_done: int) -> None:
-    """Keep only the log lines of the epochs the saved state has (none for a new run).
-
-    An epoch's line is appended before its state is saved, so a run killed between the two has a line for an
-    epoch that --resume runs again; without this the log would hold that epoch twice. A line cut short by
-    the kill is dropped too.
-    """
-    log = out / LOG_FILE
-    if not log.is_file():
-        return
-    kept = []
-    for line in log.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("epoch"), int) and entry["epoch"] <= epochs_done:
-            kept.append(line + "\n")
-    atomic_write_text(log, "".join(kept))
-
-
-def _append_log(out: Path, entry: dict[str, Any]) -> None:
-    with (out / LOG_FILE).open("a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def _write_skipped(out: Path, skipped: list[tuple[Pair, str]]) -> None:
-    """List the unreadable images beside the model so a user can fix or remove them."""
-    path = out / "skipped_images.txt"
-    if skipped:
-        path.write_text("".join(f"{reason}\n" for _, reason in skipped))
-    elif path.exists():
-        path.unlink()

@@ -1,0 +1,80 @@
+"""What the HTTP API takes and answers: the search parameters, the response records and the error statuses.
+
+Kept apart from the routes because they are the API's contract: FastAPI checks requests against them and
+writes the OpenAPI spec from them, so a change here is a change to what every client sees.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import File, Query, UploadFile
+from pydantic import BaseModel
+
+from retrieval.index.search import MAX_QUERY_CHARS
+
+MAX_K = 1000  # a page of results a person can look at; range queries past this want the Python API
+Target = Literal["item", "image", "text"]
+# The search parameters both search endpoints take; their ranges are check_search_args', here for the spec.
+K = Annotated[int, Query(ge=1, le=MAX_K, description="At most this many results.")]
+Theta = Annotated[
+    float | None, Query(ge=-1, le=1, description="Only results with similarity above this (none: top k).")
+]
+Weight = Annotated[float, Query(ge=0, le=1, description="w in sim = w cos(q, image) + (1-w) cos(q, caption).")]
+TargetQ = Annotated[Target, Query(description="Match whole items (fused), images only, or captions only.")]
+TextQ = Annotated[str | None, Query(max_length=MAX_QUERY_CHARS, description="Text query.")]
+LikeQ = Annotated[str | None, Query(description="An indexed item's id: more like this.")]
+UploadQ = Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, ...).")]
+
+
+# --- response records (they also document the OpenAPI spec) ------------------------------------------
+class Error(BaseModel):
+    error: str
+
+
+class HitOut(BaseModel):
+    rank: int
+    id: str
+    path: str | None
+    caption: str | None
+    score: float
+    image_score: float | None
+    text_score: float | None
+    thumb: str | None  # URL of the thumbnail, None for a text-only item
+
+
+class SearchOut(BaseModel):
+    query: dict[str, Any]
+    count: int
+    took_ms: float
+    results: list[HitOut]
+
+
+class ItemOut(BaseModel):
+    id: str
+    path: str | None
+    captions: list[str]
+    extra: dict[str, Any]
+    has_image: bool
+    has_text: bool
+    thumb: str | None
+
+
+class Health(BaseModel):
+    status: str
+    items: int
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Error, "description": what}
+    for code, what in (
+        (400, "Malformed request"),
+        (404, "Unknown item, or no image"),
+        (413, "Upload too large"),
+        (422, "Invalid parameter or unreadable image"),
+        (
+            503,
+            "The index is being updated or cannot be read, or too many uploads are waiting: retry (after Retry-After)",
+        ),
+    )
+}
