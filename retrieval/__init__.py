@@ -14,6 +14,7 @@ _EXPORTS = {
     "save_model": "models.dual_encoder",
     "Index": "index.handle",
     "Hit": "index.search",
+    "BuildOptions": "index.build",
     "build_index": "index.build",
     "remove_items": "index.build",
     "Pair": "data.pairs",

@@ -14,7 +14,6 @@ from retrieval.errors import RetrievalError
 
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")  # "auto": chosen by size and memory (choose_index_type)
 TARGETS = ("item", "image", "text")  # what a query matches: whole items (fused), images only, captions only
-DEFAULT_TEMPLATE = "a photo of a {label}"  # the prompt a class label becomes in zero-shot classification
 C_INT_MAX = 2**31 - 1  # FAISS's efSearch and nprobe are C ints
 MAX_MEMORY_LIMIT = 2**63  # bytes (8 EiB): --max-memory at or above this is no budget a machine has; the CLI's bound too
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Check the package's layout: no import cycle between its modules, and each module's size.
+"""Check the package's layout: no import cycle between its modules, dependencies that point one way between its
+stages, and each module's size.
 
 Reads the source only (ast; nothing is imported, so it needs neither torch nor faiss). An edge a -> b is an
 import of package module b in module a: `from .b import x`, `from . import b`, `from retrieval.b import x`,
@@ -8,10 +9,14 @@ imports that run when a module is imported count (module and class bodies, top-l
 under `if TYPE_CHECKING:`. --deferred adds the imports inside functions: a dependency deferred for speed is
 still a dependency, and a cycle hidden that way works only as long as nobody moves the import.
 
-Prints every module with its line count (those over --max-lines flagged), then each cycle as a path.
-Exit status 1 if there is a cycle; a module over --max-lines fails only with --strict-size.
+The stages are the package's subpackages, in LAYERS order from the bottom up (--layers for another package): a
+stage may import the ones below it and the top-level modules (errors, atomic, ...), which import no stage.
 
-    python scripts/check_imports.py [--deferred] [--strict-size] [--max-lines 400] [PACKAGE_DIR]
+Prints every module with its line count (those over --max-lines flagged), then each cycle as a path and each
+import that points up a layer. Exit status 1 if there is either; a module over --max-lines fails only with
+--strict-size.
+
+    python scripts/check_imports.py [--deferred] [--strict-size] [--max-lines 400] [--layers a,b,...] [PACKAGE_DIR]
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 400
+# retrieval's stages from the bottom up; see DESIGN.md. evaluation is numpy, models know nothing of FAISS, the index
+# calls a model only through the Encoder interface, and only the command line and the server sit on top.
+LAYERS = ("data", "evaluation", "models", "train", "index", "scale", "jobs", "server", "cli")
 
 
 def module_files(package_dir: Path) -> dict[str, Path]:
@@ -113,6 +122,36 @@ def import_graph(modules: dict[str, Path], deferred: bool) -> dict[str, dict[str
     return graph
 
 
+def layer_of(module: str, file: Path, package_dir: Path) -> str | None:
+    """The stage a module belongs to: its top folder under the package; None for a top-level module."""
+    parts = file.relative_to(package_dir).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def layer_violations(
+    graph: dict[str, dict[str, int]], modules: dict[str, Path], package_dir: Path, layers: Sequence[str]
+) -> list[str]:
+    """One line per import that points up: into a later stage, or from a top-level module into any stage. The
+    package's __init__ (the public API) may import anything."""
+    rank = {name: i for i, name in enumerate(layers)}
+    found = []
+    for module, imported in graph.items():
+        here = layer_of(module, modules[module], package_dir)
+        if modules[module] == package_dir / "__init__.py":
+            continue
+        if here is not None and here not in rank:
+            found.append(f"{module} is in stage {here}, which the layer list does not name ({', '.join(layers)})")
+            continue
+        for target, line in imported.items():
+            there = layer_of(target, modules[target], package_dir)
+            if there is None or there == here:
+                continue
+            if here is None or rank.get(there, -1) > rank[here]:
+                where = "a top-level module" if here is None else f"stage {here}"
+                found.append(f"{module} (line {line}) imports {target}: {where} may not depend on stage {there}")
+    return sorted(found)
+
+
 def cycles(graph: dict[str, dict[str, int]]) -> list[tuple[list[str], list[str]]]:
     """(modules, one cycle through the first of them as a path back to it) per strongly connected component of
     more than one module: every module of a component reaches every other."""
@@ -177,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deferred", action="store_true", help="count imports inside functions too")
     parser.add_argument("--max-lines", type=int, default=MAX_LINES, help="flag modules longer than this")
     parser.add_argument("--strict-size", action="store_true", help="fail on a module over --max-lines too")
+    parser.add_argument(
+        "--layers", default=",".join(LAYERS), help="the stages (subpackages), comma-separated, from the bottom up"
+    )
     args = parser.parse_args(argv)
     modules = module_files(args.package.resolve())
     if not modules:
@@ -201,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     for component, path in found:
         steps = " -> ".join(f"{a} (line {graph[a][b]})" for a, b in pairwise(path))
         print(f"import cycle ({kind}) among {', '.join(component)}: {steps} -> {path[-1]}")
-    return 1 if found or (args.strict_size and big) else 0
+    upward = layer_violations(graph, modules, args.package.resolve(), args.layers.split(","))
+    print(f"{len(upward)} imports against the layers ({args.layers.replace(',', ' < ')})")
+    for line in upward:
+        print(f"  {line}")
+    return 1 if found or upward or (args.strict_size and big) else 0
 
 
 if __name__ == "__main__":

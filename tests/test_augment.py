@@ -2,9 +2,9 @@
 
 import torch
 
-from retrieval.data.augment import augment_batch, crop_thetas, jitter_colours
 from retrieval.data.pairs import Pair
 from retrieval.models.config import Augment
+from retrieval.train.augment import augment_batch, crop_thetas, jitter_colours
 from retrieval.train.batches import batch_captions, epoch_batches
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

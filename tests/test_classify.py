@@ -14,9 +14,10 @@ from retrieval.evaluation.classify import (
     classification_report,
     confusion_matrix,
     probabilities,
-    prompts,
     top_k_accuracy,
+    top_labels,
 )
+from retrieval.prompts import prompts
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -46,6 +47,12 @@ def test_accuracy_and_confusion_hand_worked() -> None:
     report = classification_report(probs, truth, ["a", "b", "c"])
     assert report["chance_top1"] == pytest.approx(1 / 3) and report["majority_top1"] == 0.5
     assert report["per_label"]["c"] == {"n": 2, "top1": 0.5} and report["per_label"]["b"]["top1"] == 0.0
+
+
+def test_top_labels_hand_worked() -> None:
+    probs = np.array([[0.1, 0.6, 0.3], [0.4, 0.2, 0.4]])
+    top = top_labels(probs, ["cat", "dog", "fox"], ["a.jpg", "b.jpg"], k=2)
+    assert top == {"a.jpg": [["dog", 0.6], ["fox", 0.3]], "b.jpg": [["cat", 0.4], ["fox", 0.4]]}  # a tie: label order
 
 
 def test_prompts() -> None:

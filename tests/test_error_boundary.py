@@ -206,8 +206,8 @@ def test_thresholds_and_classify_raise_our_error_for_bad_input() -> None:
     """Bad input raises RetrievalError (also a ValueError, for callers that catch that)."""
     import numpy as np
 
-    from retrieval.evaluation.classify import check_template
     from retrieval.evaluation.thresholds import normalise
+    from retrieval.prompts import check_template
 
     with pytest.raises(RetrievalError, match="unknown rule 'nope'") as caught:
         normalise(np.zeros((1, 2)), "nope")

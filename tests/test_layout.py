@@ -38,7 +38,7 @@ def check(*args: str | Path) -> Result:
 def test_the_script_runs_as_ci_runs_it() -> None:
     result = subprocess.run([sys.executable, str(SCRIPT), "--deferred"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.endswith("no import cycle (imports, deferred ones included)\n")
+    assert "no import cycle (imports, deferred ones included)\n0 imports against the layers" in result.stdout
 
 
 @pytest.mark.parametrize("mode", [[], ["--deferred"]])
@@ -139,3 +139,38 @@ def test_big_modules_are_flagged_and_fail_only_when_strict(tmp_path: Path) -> No
     assert result.returncode == 0
     assert "   401  pkg/big.py  over 400" in result.stdout and "   400  pkg/small.py\n" in result.stdout
     assert check("--strict-size", package).returncode == 1
+
+
+def test_the_stages_depend_one_way() -> None:
+    result = check("--deferred")
+    assert "\n0 imports against the layers (data < evaluation < models < train < index" in result.stdout
+
+
+def test_an_import_up_a_layer_fails_and_names_it(tmp_path: Path) -> None:
+    """What data/augment.py did: data imported a config from models, while models import data."""
+    package = write_package(
+        tmp_path,
+        {
+            "__init__.py": "from .models import load\n",  # the public API may reach any stage
+            "errors.py": "",
+            "base.py": "from .models.load import x\n",  # a top-level module sits below every stage
+            "data/__init__.py": "",
+            "data/augment.py": "from ..errors import E\n\ndef f():\n    from ..models.config import Augment\n",
+            "models/__init__.py": "",
+            "models/load.py": "from ..data import augment\nx = 1\n",
+            "models/config.py": "Augment = 1\n",
+        },
+    )
+    result = check("--layers", "data,models", package)
+    assert result.returncode == 1
+    assert "1 imports against the layers (data < models)" in result.stdout  # the deferred one counts with --deferred
+    assert "pkg.base (line 1) imports pkg.models.load: a top-level module may not depend on stage models" in (
+        result.stdout
+    )
+    result = check("--deferred", "--layers", "data,models", package)
+    assert "pkg.data.augment (line 4) imports pkg.models.config: stage data may not depend on stage models" in (
+        result.stdout
+    )
+    assert result.returncode == 1
+    result = check("--layers", "models", package)
+    assert "pkg.data.augment is in stage data, which the layer list does not name (models)" in result.stdout

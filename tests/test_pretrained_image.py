@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 
 from retrieval.cli.main import main
 from retrieval.errors import RetrievalError
-from retrieval.evaluation import classify
 from retrieval.index.build import BuildOptions, build_index
 from retrieval.index.handle import Index
 from retrieval.models.config import PRESETS, with_image_tower
 from retrieval.models.efficientnet import PretrainedImageTower, packaged_state_dict
 from retrieval.models.load import load_model
+from retrieval.prompts import prompts
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -155,8 +155,8 @@ def test_zeroshot_image_embedding_is_conse(zeroshot_model: Path, synth_data: Pat
         probs = (model.image_tower.net.logits(model.image_tower(pixels)) / 2).softmax(-1)[0]  # (1000,), temperature 2
     p, classes = probs.topk(10)
     names = imagenet_class_names()
-    prompts = model.encode_text(classify.prompts([names[c] for c in classes.tolist()]))  # (10, D)
-    want = (p.numpy()[:, None] * prompts).sum(0)
+    class_emb = model.encode_text(prompts([names[c] for c in classes.tolist()]))  # (10, D)
+    want = (p.numpy()[:, None] * class_emb).sum(0)
     np.testing.assert_allclose(model.encode_image([image])[0], want / np.linalg.norm(want), atol=1e-4, rtol=0)
 
 

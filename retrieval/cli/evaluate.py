@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
-from retrieval.choices import DEFAULT_TEMPLATE, TARGETS
+from retrieval.choices import TARGETS
 from retrieval.cli.params import MODEL, check_knobs, check_writable, write_report
 from retrieval.cli.report import format_report, markdown_report
 from retrieval.errors import RetrievalError, shown
+from retrieval.prompts import DEFAULT_TEMPLATE
 
 
 @click.command("eval")
@@ -269,11 +270,8 @@ def classify(
     pairs = load_split_pairs(data, split_file, split) if data else [Pair(f, Path(f), ()) for f in files]
     label_list = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
     result = classify_pairs(model_dir, pairs, label_list, label_field, template, weight)
-    probs, names = result.pop("probabilities"), result["labels"]
-    order = (-probs).argsort(axis=1, kind="stable")[:, :3]
-    result["top"] = {
-        i: [[names[j], float(p[j])] for j in o] for i, p, o in zip(result.pop("ids"), probs, order, strict=True)
-    }
+    del result["probabilities"], result["ids"]  # arrays for Python callers; the report shows each item's top labels
+    names = result["labels"]
     report = result.get("report")
     if out:
         write_report(out, json.dumps(result, indent=1))

@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from retrieval.choices import DEFAULT_TEMPLATE
 from retrieval.cli.params import MODEL, check_writable
 from retrieval.cli.report import recalls
 from retrieval.models.config import (
@@ -18,6 +17,7 @@ from retrieval.models.config import (
     TEXT_TOWERS,
     ZEROSHOT_TEMPERATURE,
 )
+from retrieval.prompts import DEFAULT_TEMPLATE
 
 
 @click.command()

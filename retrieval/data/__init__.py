@@ -1,1 +1,1 @@
-"""Data: pair manifests and splits, image decoding, augmentation, the synthetic collection."""
+"""Data: pair manifests and splits, image decoding and transforms, the synthetic collection."""

@@ -8,43 +8,12 @@ probabilities are the ones the contrastive loss trained.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from retrieval.choices import DEFAULT_TEMPLATE
-from retrieval.errors import InvalidArgument
-from retrieval.evaluation.metrics import Embeddings
-
-
-class TemplateError(InvalidArgument):
-    """A prompt template str.format cannot fill with the label alone."""
-
-
-def check_template(template: str) -> None:
-    """The template must hold {label} and no other field: '{label}{0}', '{nope}' or a lone '{' would make
-    str.format raise IndexError, KeyError or ValueError from deep inside a run."""
-    try:
-        fields = [
-            (name, spec, conversion)
-            for _, name, spec, conversion in string.Formatter().parse(template)
-            if name is not None
-        ]
-    except ValueError:  # an unmatched brace
-        fields = []
-    if not fields or any(field != ("label", "", None) for field in fields):
-        raise TemplateError(
-            f"the template must contain {{label}} and nothing else in braces "
-            f"(write {{{{ or }}}} for a literal brace), got {template!r}"
-        )
-
-
-def prompts(labels: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[str]:
-    """Hyphens and underscores in labels read as spaces ("food-drink" -> "a photo of a food drink")."""
-    check_template(template)
-    return [template.format(label=label.replace("-", " ").replace("_", " ")) for label in labels]
+from retrieval.arrays import Embeddings
 
 
 def probabilities(label_emb: Embeddings, item_emb: Embeddings, scale: float) -> np.ndarray:
@@ -88,3 +57,9 @@ def classification_report(probs: np.ndarray, truth: np.ndarray, labels: Sequence
         "labels": list(labels),
         "confusion": matrix.tolist(),
     }
+
+
+def top_labels(probs: np.ndarray, labels: Sequence[str], ids: Sequence[str], k: int = 3) -> dict[str, list[Any]]:
+    """Each item's k most probable labels with their probabilities, best first (ties in label order)."""
+    order = (-probs).argsort(axis=1, kind="stable")[:, :k]
+    return {i: [[labels[j], float(p[j])] for j in o] for i, p, o in zip(ids, probs, order, strict=True)}

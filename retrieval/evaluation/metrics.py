@@ -16,12 +16,13 @@ image->text AP averages the precision at each of its captions' ranks.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeAlias
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-Embeddings: TypeAlias = npt.NDArray[np.float32]
+from retrieval.arrays import Embeddings
+
 DEFAULT_KS = (1, 5, 10)
 
 

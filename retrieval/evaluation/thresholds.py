@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.arrays import Embeddings
 from retrieval.errors import InvalidArgument
-from retrieval.evaluation.metrics import Embeddings, Relevance, positive_mask
+from retrieval.evaluation.metrics import Relevance, positive_mask
 
 RULES = ("flat", "top_relative", "zscore")
 RANGES = {"flat": (-1.0, 1.0), "top_relative": (-2.0, 0.0), "zscore": (-10.0, 30.0)}  # where each rule's θ lives

@@ -19,10 +19,11 @@ from typing import IO, Any, Self
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.arrays import Vectors
 from retrieval.atomic import atomic_write_json
 from retrieval.errors import RetrievalError
 from retrieval.index.connect import connect, fetch, read_generation, read_meta, vector_from_blob
-from retrieval.index.faiss_ops import Vectors, fused
+from retrieval.index.faiss_ops import fused
 from retrieval.index.folder import disk_writes, refuse_foreign, take_lock
 from retrieval.index.format import DB_FILE, FORMAT_VERSION, MANIFEST_FILE, TMP_SUFFIX, Item, Manifest, read_manifest
 

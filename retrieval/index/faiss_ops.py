@@ -13,12 +13,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.arrays import Vectors
 from retrieval.choices import INDEX_TYPES, search_knob
 from retrieval.errors import RetrievalError
 from retrieval.index.format import IVFDATA_SUFFIX
@@ -26,8 +27,6 @@ from retrieval.index.format import IVFDATA_SUFFIX
 DIGEST_SPAN = 2**20  # bytes of the FAISS file's head and tail that faiss_digest hashes
 
 FLAT_MAX_ITEMS = 200_000  # auto: exact search stays fast (< ~15 ms at d = 2 x 128) up to about here
-
-Vectors: TypeAlias = npt.NDArray[np.float32]
 
 # faiss uses BLAS when nq * d >= this threshold. The default (128000) sends small query batches down a path
 # about 8x slower, but BLAS for one query is about 3x slower than the SIMD scan (measured here: 37 vs 11 ms

@@ -19,13 +19,13 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.arrays import Vectors
 from retrieval.atomic import atomic_write, save_npy
 from retrieval.choices import check_max_memory
 from retrieval.errors import IndexChanged, RetrievalError
 from retrieval.index.connect import connect, fetch
 from retrieval.index.database import ItemDatabase
 from retrieval.index.faiss_ops import (
-    Vectors,
     build_faiss,
     faiss_digest,
     inner_index,

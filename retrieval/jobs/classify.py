@@ -9,16 +9,11 @@ import numpy as np
 
 from retrieval.data.pairs import Pair
 from retrieval.errors import RetrievalError
-from retrieval.evaluation.classify import (
-    DEFAULT_TEMPLATE,
-    check_template,
-    classification_report,
-    probabilities,
-    prompts,
-)
+from retrieval.evaluation.classify import classification_report, probabilities, top_labels
 from retrieval.index.build import caption_vector
 from retrieval.jobs.evaluate import as_encoder, encode_pairs
 from retrieval.models.modeldir import ModelRef
+from retrieval.prompts import DEFAULT_TEMPLATE, check_template, prompts
 
 if TYPE_CHECKING:  # torch is imported only when the model is loaded
     from retrieval.models.encoder import Encoder
@@ -108,6 +103,7 @@ def _classification(
         "skipped": len(pairs) - len(kept),
         "ids": [p.id for p in kept],
         "probabilities": probs,
+        "top": top_labels(probs, labels, [p.id for p in kept]),
     }
     if label_field is not None:
         index = {label: i for i, label in enumerate(labels)}

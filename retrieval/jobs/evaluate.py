@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrieval.arrays import Embeddings
 from retrieval.data.pairs import Pair, image_caption_pairs
 from retrieval.errors import ImageError, RetrievalError
-from retrieval.evaluation.metrics import DEFAULT_KS, Embeddings, fusion_sweep, retrieval_report
+from retrieval.evaluation.metrics import DEFAULT_KS, fusion_sweep, retrieval_report
 from retrieval.evaluation.thresholds import threshold_report
 from retrieval.models.modeldir import ModelRef
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.arrays import Embeddings
 from retrieval.data.pairs import Pair
 from retrieval.errors import RetrievalError
 from retrieval.evaluation.metrics import (
     DEFAULT_KS,
-    Embeddings,
     Relevance,
     list_ranks,
     recall_against_exact,

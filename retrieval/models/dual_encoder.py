@@ -19,12 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from retrieval.arrays import Embeddings
 from retrieval.atomic import atomic_write, atomic_write_json
 from retrieval.data.images import Transform
 from retrieval.errors import RetrievalError
 from retrieval.models.config import HeadConfig, ImageTowerConfig, ModelConfig
 from retrieval.models.efficientnet import PretrainedImageTower, pretrained_transform
-from retrieval.models.encoder import Embeddings, Encoder
+from retrieval.models.encoder import Encoder
 from retrieval.models.minilm import BertTextTower
 from retrieval.models.modeldir import TEXT_TOWER_FILE, write_model_config
 from retrieval.models.tokenizer import TextTokenizer

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import TypeAlias
 
 import numpy as np
-import numpy.typing as npt
 import torch
 import torch.nn as nn
 from PIL import Image
 
+from retrieval.arrays import Embeddings
 from retrieval.data.images import Transform
 from retrieval.errors import RetrievalError
 
-Embeddings: TypeAlias = npt.NDArray[np.float32]  # (n, D), unit norm
 ImageLike: TypeAlias = Image.Image | str | Path
 
 

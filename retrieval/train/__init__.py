@@ -1,1 +1,1 @@
-"""Training: the contrastive losses, the loop, cached features of locked towers."""
+"""Training: the contrastive losses, batch augmentation, the loop and its checkpoints, locked towers' cached outputs."""

@@ -12,11 +12,11 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from retrieval.data.augment import augment_batch
 from retrieval.models.config import Augment
 from retrieval.models.dual_encoder import DualEncoder
 from retrieval.models.encoder import Encoder
 from retrieval.progress import progress_bar
+from retrieval.train.augment import augment_batch
 
 
 class TextCache:

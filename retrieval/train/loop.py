@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrieval.data.augment import augment_batch
 from retrieval.data.pairs import Pair, image_caption_pairs
 from retrieval.errors import RetrievalError
 from retrieval.models.config import ModelConfig, TrainConfig
 from retrieval.models.encoder import Encoder, use_bf16
 from retrieval.progress import progress_bar
+from retrieval.train.augment import augment_batch
 from retrieval.train.bank import as_tensor, bank_images
 from retrieval.train.batches import batch_captions, epoch_batches, stream_seed
 from retrieval.train.build import build_model
