@@ -12,8 +12,12 @@ from typing import Any
 
 from retrieval.errors import RetrievalError
 
-INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")  # "auto": chosen by size and memory (choose_index_type)
+# "auto": chosen by size and memory (choose_index_type); flat16: exact like flat, from a scan of fp16 copies
+# re-ranked in fp32 (index/rerank.py), in about half flat's time at 1M
+INDEX_TYPES = ("auto", "flat", "flat16", "hnsw", "ivf", "ivfpq")
 TARGETS = ("item", "image", "text")  # what a query matches: whole items (fused), images only, captions only
+# how an item's image and caption scores make one (index/fusion.py): mean, weighted by w, max (either), min (both)
+FUSIONS = ("mean", "weighted", "max", "min")
 C_INT_MAX = 2**31 - 1  # FAISS's efSearch and nprobe are C ints
 MAX_MEMORY_LIMIT = 2**63  # bytes (8 EiB): --max-memory at or above this is no budget a machine has; the CLI's bound too
 

@@ -1,7 +1,7 @@
 """Benchmark search at N = 10k, 100k, 1M: our query path against the raw FAISS call, side by side in one run.
 
     .venv/bin/python scripts/bench_search.py [--sizes 10000,100000,1000000] [--types flat,hnsw,ivf]
-        [--dim 128] [--queries 200] [--model index_data/demo/model] [--out bench_search.json]
+        [--dim 128] [--queries 200] [--model index_data/demo/model] [--fusion] [--out bench_search.json]
 
 For each N and index type, on the same index object:
 - single query top-10, p50/p99: raw `index.search` vs `Index.search_vector` (fused query, metadata and
@@ -11,7 +11,12 @@ For each N and index type, on the same index object:
 - batched QPS (all queries in one call, 2 threads): raw vs `Index.search_vectors`;
 - recall@10 against exact, build time (the whole `rebuild`: read SQLite, build, write), index size,
   and process peak memory;
+- "ours against exact": recall@10 of what our search path answers and the fraction of queries whose θ set is
+  identical to exact fp32 flat's. For flat16 (`--types flat,flat16 --sizes 1000000`: exact 1M on fp32 and on
+  fp16 storage), "raw" is the fp16 FAISS scan alone and "ours" the scan plus the exact fp32 re-rank;
 - 10,000 results made into records (metadata + per-modality scores);
+- with --fusion: the fusion rules max and min against weighted (top-10 and θ, p50, alternating in passes) on each
+  type and knob, and what each rule answers against the exact answer under that rule (`exact=True`);
 - with --model: a cold `retrieval search --text` end to end (a fresh process) on a real 10k-item index.
 Vectors are unit vectors clustered on a 32-dimensional subspace of R^dim, as real embeddings are: uniform
 random vectors are a worst case for ANN recall. Single queries run on one thread (as fast as two here),
@@ -35,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
-from retrieval.index.search import query_vectors
+from retrieval.index.search import query_vectors, ranked
 from retrieval.index.store import IndexStore
 
 KNOBS = {"hnsw": ("ef_search", (64, 128, 256)), "ivf": ("nprobe", (16, 64, 256))}
@@ -108,8 +113,9 @@ def bench_type(
     queries: np.ndarray,
     truth: np.ndarray,
     theta: float,
-    exact_counts: np.ndarray,
+    exact_sets: list[set[int]],
     prefix: str,
+    fusion: bool = False,
 ) -> list[dict]:
     store, reps = index.store, len(queries)
     qv = query_vectors(queries, "item", 0.5)
@@ -118,7 +124,7 @@ def bench_type(
     for value in values:  # one build, a sweep of the search knob
         if knob:
             index.tune(**{knob: value})
-        raw, _ = store.searcher(None)
+        raw = store.faiss  # the FAISS index alone (flat16: its fp16 scan, without the re-rank)
         tag = f"{prefix} {index_type}" + (f" {knob}={value}" if knob else "")
         faiss.omp_set_num_threads(1)
         rows += side_by_side(
@@ -136,7 +142,7 @@ def bench_type(
         )
         lims = raw.range_search(qv, theta)[0]
         rows[-1]["mean_results"] = float(np.mean(np.diff(lims)))
-        rows[-1]["theta_completeness"] = float(np.sum(np.diff(lims)) / max(1, np.sum(exact_counts)))
+        rows[-1]["theta_completeness"] = float(np.sum(np.diff(lims)) / max(1, sum(map(len, exact_sets))))
         faiss.omp_set_num_threads(2)
         for _ in range(2):  # warm-up, then measure
             t = time.perf_counter()
@@ -148,7 +154,51 @@ def bench_type(
         rows.append(
             row(f"{tag} batch of {reps}, top-10", raw_qps=raw_qps, ours_qps=ours_qps, overhead_ratio=raw_qps / ours_qps)
         )
+        rows.append(row(f"{tag} ours against exact", **agreement(store, qv, truth, theta, exact_sets)))
+        if fusion:
+            faiss.omp_set_num_threads(1)
+            rows += fusion_rows(index, tag, queries, theta)
     return rows
+
+
+def fusion_rows(index: Index, tag: str, queries: np.ndarray, theta: float) -> list[dict]:
+    """max and min against weighted on one index: p50 of top-10 and of θ (the rules alternate in passes), and
+    each rule's answers against the exact answer under the same rule (a flat scan: exact=True)."""
+    rows = []
+    for what, args in (("top-10", {"k": 10}), ("theta", {"k": None, "theta": theta})):
+        ms = {rule: [] for rule in ("weighted", "max", "min")}
+        for _ in range(3):  # a warm-up pass, then two measured
+            for rule in ms:
+                ms[rule] = timed(
+                    lambda r, rule=rule, args=args: index.search_vector(queries[r], fusion=rule, **args), len(queries)
+                )
+        for rule, times in ms.items():
+            found = [{h.id for h in index.search_vector(q, fusion=rule, **args)} for q in queries]
+            exact = [{h.id for h in index.search_vector(q, fusion=rule, exact=True, **args)} for q in queries]
+            rows.append(
+                row(
+                    f"{tag} {what} fusion={rule}",
+                    times,
+                    vs_weighted=float(np.median(times) / np.median(ms["weighted"])),
+                    found_of_exact=sum(len(f & e) for f, e in zip(found, exact, strict=True))
+                    / max(1, sum(map(len, exact))),
+                    mean_results=float(np.mean([len(e) for e in exact])),
+                )
+            )
+    return rows
+
+
+def theta_sets(results) -> list[set[int]]:
+    return [set(ids.tolist()) for _, ids in results]
+
+
+def agreement(store: IndexStore, qv: np.ndarray, truth: np.ndarray, theta: float, exact_sets: list[set[int]]) -> dict:
+    """What our search path answers (the index type's searcher: flat16 re-ranks) against exact flat fp32: recall@10
+    and the fraction of queries whose θ set is identical."""
+    searcher, params = store.searcher(None)
+    top = [ids for _, ids in ranked(searcher, qv, 10, None, params)]
+    same = [a == b for a, b in zip(theta_sets(ranked(searcher, qv, None, theta, params)), exact_sets, strict=True)]
+    return {"recall_at_10": recall_at_10(top, truth), "theta_sets_identical": float(np.mean(same))}
 
 
 def bench_size(n: int, args, tmp: Path) -> list[dict]:
@@ -159,7 +209,7 @@ def bench_size(n: int, args, tmp: Path) -> list[dict]:
     rows = [row(f"N={n:,}: fill SQLite", seconds=time.perf_counter() - t)]
     index = Index(store, Path(args.model or "."))
     prefix = f"N={n:,}"
-    truth = theta = exact_counts = None
+    truth = theta = exact_sets = None
     for index_type in args.types:
         store.manifest.index_type, store.manifest.params = index_type, {}
         faiss.omp_set_num_threads(2)
@@ -169,7 +219,7 @@ def bench_size(n: int, args, tmp: Path) -> list[dict]:
             qv = query_vectors(queries, "item", 0.5)
             truth = raw.search(qv, 10)[1]
             theta = float(np.median(raw.search(qv, 100)[0][:, -1]))  # the median query gets about 100 results
-            exact_counts = np.diff(raw.range_search(qv, theta)[0])
+            exact_sets = theta_sets(ranked(raw, qv, None, theta, None))
         rows.append(
             row(
                 f"{prefix} {index_type}: build",
@@ -178,7 +228,7 @@ def bench_size(n: int, args, tmp: Path) -> list[dict]:
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             )
         )
-        rows += bench_type(index, index_type, queries, truth, theta, exact_counts, prefix)
+        rows += bench_type(index, index_type, queries, truth, theta, exact_sets, prefix, args.fusion)
         if args.model:
             faiss.omp_set_num_threads(1)
             index.search(text=TEXTS[0], k=10)  # loads the numpy text tower once
@@ -224,6 +274,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128, help="embedding dimension d (FAISS holds 2d: image + caption)")
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--model", help="a model directory of dimension --dim, for the rows with text encoding")
+    p.add_argument("--fusion", action="store_true", help="add the fusion rules' rows (max, min against weighted)")
     p.add_argument("--out", default="bench_search.json")
     args = p.parse_args()
     args.types = args.types.split(",")

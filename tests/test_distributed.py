@@ -101,9 +101,9 @@ def test_merged_shards_answer_as_one_flat_index(random_shards, tmp_path: Path, o
     # the derived files are those a rebuild from SQLite would write: FAISS ids are the items' fids
     fids, from_db = merged.all_vectors()
     assert np.array_equal(merged.vectors[0], fids) and np.array_equal(np.asarray(merged.vectors[1]), from_db)
-    from_file = merged.result_rows(fids.tolist())
+    from_file = merged.result_records(fids)
     merged._records = False  # as for a damaged records file: SQLite answers
-    assert merged.result_rows(fids.tolist()) == from_file
+    assert merged.result_records(fids) == from_file
     flat = Index(flat_store(tmp_path / "flat", items, vectors), tmp_path)
     ann = Index(merged, tmp_path)
     qs = unit(np.random.default_rng(1).standard_normal((8, 16)))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -96,10 +98,32 @@ def test_fusion_sweep_covers_w_from_caption_to_image(full_report) -> None:
     assert f["n_queries"] == full_report[0]["n_texts"] - full_report[0]["n_images"]
 
 
+def test_the_fusion_report_has_every_rule_with_and_without_captions(full_report) -> None:
+    f = full_report[0]["fusion"]
+    m = f["missing_captions"]
+    assert (m["fraction"], m["seed"], m["n_missing"]) == (0.3, 0, round(0.3 * f["n_items"]))
+    for figures in (f, m):
+        assert list(figures["rules"]) == ["mean", "weighted", "max", "min"]
+        assert set(figures["threshold"]) == set(figures["curves"]) == set(figures["rules"])
+        for rule, figure in figures["rules"].items():
+            assert figure["n_queries"] == f["n_queries"] and 0 <= figure["R@1"] <= figure["R@5"] <= 1, rule
+            t = figures["threshold"][rule]
+            assert t["target_precision"] == 0.5 and sum(t["histogram"]["relevant"]) == f["n_queries"], rule
+            assert len(figures["curves"][rule]) == 100
+
+
 def test_plots_are_written_and_are_pictures(full_report) -> None:
     _, plots, _ = full_report
     names = {p.name for p in plots.iterdir()}
-    assert names == {"recall_at_k.png", "score_histograms.png", "threshold_sweep.png", "fusion_weight.png"}
+    assert names == {
+        "recall_at_k.png",
+        "score_histograms.png",
+        "threshold_sweep.png",
+        "fusion_weight.png",
+        "fusion_rules.png",
+        "fusion_thresholds.png",
+        "fusion_thresholds_missing.png",
+    }
     for p in plots.iterdir():
         with Image.open(p) as im:
             assert im.format == "PNG" and im.width >= 600 and im.height >= 400
@@ -111,6 +135,11 @@ def test_markdown_tables(full_report) -> None:
     assert "| direction | R@1 | R@5 | R@10 |" in printed and "| text → image |" in printed
     assert "| flat θ, F1-best on all queries |" in printed and "| top_relative, chosen on half" in printed
     assert "(best)" in printed
+    assert "| fusion rule | R@1 | R@5 | R@10 | mAP | best F1 at θ | R@1, 30% of captions removed |" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("| fusion rule |"))
+    for rule in ("| mean |", "| weighted (w = ", "| max |", "| min |"):
+        row = next(line for line in printed.splitlines() if line.startswith(rule))
+        assert row.count("|") == header.count("|"), row  # one cell per column
 
 
 def test_index_evaluation_equals_model_evaluation(tiny_model: Path, test_split: Path, test_index: Path) -> None:
@@ -260,30 +289,105 @@ def test_calibrating_with_ids_the_index_lacks(test_index: Path, tmp_path: Path) 
     assert code == 1 and "none of the queries' relevant ids" in out
 
 
-def test_fusion_sweep_equals_searching_an_index_of_one_caption_per_image(
+def test_a_fusion_rule_is_for_whole_items(test_index: Path, test_split: Path) -> None:
+    code, out = run("calibrate", "--index", test_index, "--data", test_split, "--target", "image", "--fusion", "max")
+    assert code == 1 and out.startswith("Error:") and "goes with --target item" in out, out
+    assert len(out.strip().splitlines()) == 1
+
+
+def _search(index: Path, fusion: str, *extra) -> str:
+    """`search --target item --fusion` for one text: its output."""
+    code, out = run(
+        "search", "--index", index, "--text", "a red circle", "--target", "item", "--fusion", fusion, *extra
+    )
+    assert code == 0, out
+    return out
+
+
+def test_calibrate_under_max_then_search_under_max_uses_its_cutoff(test_split: Path, test_index: Path) -> None:
+    """The θ chosen on max scores is the F1-best θ of max scores counted by brute force from the stored vectors;
+    `search --fusion max` applies it, `--fusion weighted` does not. Calibrating items again under weighted
+    replaces it (one entry per target): then max has no cutoff and weighted has the new one."""
+    from retrieval.index.handle import Index
+
+    code, out = run("calibrate", "--index", test_index, "--data", test_split, "--target", "item", "--fusion", "max")
+    assert code == 0 and "item searches under max now use theta" in out, out
+    entry = IndexStore.open(test_index).manifest.calibration["item"]
+    assert entry["fusion"] == "max" and entry["rule"] == "flat"
+
+    index = Index.open(test_index)
+    rows = [json.loads(line) for line in test_split.read_text().splitlines()]
+    ids = index.store.id_table()[1]
+    stored, d = np.asarray(index.store.vectors[1]), index.store.manifest.dim
+    queries = index.embed_texts([c for r in rows for c in r["captions"]])
+    owner = np.array([list(ids).index(r["id"]) for r in rows for _ in r["captions"]])
+    scores = np.maximum(queries @ stored[:, :d].T, queries @ stored[:, d:].T)  # (nq, N): max of the parts
+    relevant = np.arange(len(ids))[None, :] == owner[:, None]
+
+    def f1(theta: float) -> float:
+        above = scores >= theta
+        tp = (above & relevant).sum()
+        return 2 * tp / (above.sum() + len(owner))  # 2PR / (P + R) with one relevant item per query
+
+    assert f1(entry["theta"]) == pytest.approx(entry["best_f1"], abs=0.01)
+    assert max(f1(t) for t in np.unique(scores)[::5]) <= entry["best_f1"] + 0.01
+
+    calibrated, every = (
+        [json.loads(line)["score"] for line in _search(test_index, "max", "--json", "--k", "0", *theta).splitlines()]
+        for theta in ((), ("--theta", "-1"))
+    )
+    assert len(every) == 60 > len(calibrated) and calibrated == pytest.approx([s for s in every if s > entry["theta"]])
+    assert _search(test_index, "max").startswith(f"(calibrated cutoff: theta {entry['theta']:.3f}")
+    assert "calibrated cutoff" not in _search(test_index, "weighted")  # the max cutoff is not for weighted scores
+
+    code, out = run("calibrate", "--index", test_index, "--data", test_split, "--target", "item")
+    assert code == 0 and "item searches at w = 0.5 now use theta" in out, out
+    weighted = IndexStore.open(test_index).manifest.calibration["item"]
+    assert weighted["fusion"] == "weighted" and weighted["weight"] == 0.5
+    assert "calibrated cutoff" not in _search(test_index, "max")  # replaced
+    for fusion in ("weighted", "mean"):  # the mean is w = 0.5: the same scores
+        assert _search(test_index, fusion).startswith(f"(calibrated cutoff: theta {weighted['theta']:.3f}"), fusion
+
+
+def test_fusion_report_equals_searching_an_index_of_one_caption_per_image(
     test_split: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
-    """The sweep's numbers are what `search --target item --weight w` gives on the index the sweep describes."""
+    """The report's numbers are what `search --target item` gives on the index the report describes: the sweep's
+    at each w, each rule's under --fusion, and with the captions removed, an index of items that have none."""
     from retrieval.data.pairs import read_pairs
+    from retrieval.evaluation.fusion import removed_captions
     from retrieval.index.handle import Index
     from retrieval.jobs.evaluate import evaluate_model
 
     fusion = evaluate_model(tiny_model, read_pairs(test_split), ks=(1, 5), fusion=True)["fusion"]
     rows = [json.loads(line) for line in test_split.read_text().splitlines()]
-    one_caption = tmp_path / "first.jsonl"
-    one_caption.write_text("".join(json.dumps({**r, "captions": r["captions"][:1]}) + "\n" for r in rows))
-    build_index(one_caption, tiny_model, tmp_path / "index", BuildOptions(progress=False))
-    index = Index.open(tmp_path / "index")
+    removed = set(removed_captions(len(rows), 0.3, 0).tolist())
+    assert len(removed) == fusion["missing_captions"]["n_missing"]
     owners = [r["id"] for r in rows for _ in r["captions"][1:]]
-    queries = index.embed_texts([c for r in rows for c in r["captions"][1:]])
     n = len(owners)
+
+    def recall(name: str, kept: list[list[str]]) -> Callable[..., tuple[float, float]]:
+        manifest = tmp_path / f"{name}.jsonl"
+        manifest.write_text("".join(json.dumps({**r, "captions": c}) + "\n" for r, c in zip(rows, kept, strict=True)))
+        build_index(manifest, tiny_model, tmp_path / name, BuildOptions(progress=False))
+        index = Index.open(tmp_path / name)
+        queries = index.embed_texts([c for r in rows for c in r["captions"][1:]])
+
+        def at(**how: Any) -> tuple[float, float]:
+            hits = index.search_vectors(queries, k=5, target="item", **how)
+            r1 = np.mean([h[0].id == o for h, o in zip(hits, owners, strict=True)])
+            return r1, np.mean([o in {x.id for x in h} for h, o in zip(hits, owners, strict=True)])
+
+        return at
+
+    first = recall("first", [r["captions"][:1] for r in rows])
     for i, w in enumerate(fusion["weights"]):
-        hits = index.search_vectors(queries, k=5, weight=w, target="item")
-        r1 = np.mean([h[0].id == o for h, o in zip(hits, owners, strict=True)])
-        r5 = np.mean([o in {x.id for x in h} for h, o in zip(hits, owners, strict=True)])
-        assert r1 == pytest.approx(fusion["R@1"][i], abs=1.5 / n) and r5 == pytest.approx(
-            fusion["R@5"][i], abs=1.5 / n
-        ), w
+        assert first(weight=w) == pytest.approx((fusion["R@1"][i], fusion["R@5"][i]), abs=1.5 / n), w
+    none = recall("missing", [[] if i in removed else r["captions"][:1] for i, r in enumerate(rows)])
+    for at, figures in ((first, fusion), (none, fusion["missing_captions"])):
+        for rule, figure in figures["rules"].items():
+            got = at(fusion=rule, weight=figure.get("weight", 0.5))
+            assert got == pytest.approx((figure["R@1"], figure["R@5"]), abs=1.5 / n), rule
 
 
 def test_the_job_modules_do_not_import_torch() -> None:

@@ -1,13 +1,21 @@
-"""Retrieval metrics: hand-worked cases with exact numbers, the tie rule, chunking, and CLIP_benchmark's definition."""
+"""Retrieval metrics: hand-worked cases with exact numbers, the tie rule, chunking, and CLIP_benchmark's definition;
+the fusion rules' ranks, and items that lost their caption (the report of `eval --fusion`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from retrieval.choices import FUSIONS
+from retrieval.evaluation.fusion import (
+    fusion_sweep,
+    item_scorer,
+    removed_captions,
+    rule_ranks,
+    without_captions,
+)
 from retrieval.evaluation.metrics import (
     best_positive_ranks,
-    fusion_sweep,
     list_ranks,
     positive_mask,
     positive_ranks,
@@ -290,6 +298,101 @@ def test_fusion_sweep_hand_worked() -> None:
     # w = 0: item 0 scores .8, item 1 scores 0 -> rank 1; w = .5: .4 vs .3 -> rank 1; w = 1: 0 vs .6 -> rank 2
     assert out["R@1"] == [1.0, 1.0, 0.0] and out["mAP"] == [1.0, 1.0, 0.5]
     assert out["best_weight"] == 0.0 and out["best"]["R@1"] == 1.0
+
+
+# Three items, three queries; query t's item is item t. The queries are the basis vectors, so query t's image
+# score with item i is IMAGE[t, i] and its caption score CAPTION[t, i] (binary fractions: exact in float32).
+IMAGE = np.array([[0.5, 0.875, 0.0], [0.25, 1.0, 0.5], [0.75, 0.0, 0.5]], dtype=np.float32)
+CAPTION = np.array([[0.75, 0.0, 0.5], [0.25, 0.0, 0.625], [0.0, 0.75, 0.5]], dtype=np.float32)
+# Item scores per rule (weighted at w = 0.75) and the rank of the query's own item:
+#          query 0 (item 0)             query 1 (item 1)               query 2 (item 2)
+# mean     .625  .4375 .25     -> 1     .25 .5    .5625    -> 2        .375  .375  .5   -> 1
+# weighted .5625 .65625 .125   -> 2     .25 .75   .53125   -> 1        .5625 .1875 .5   -> 2
+# max      .75   .875  .5      -> 2     .25 1.0   .625     -> 1        .75   .75   .5   -> 3
+# min      .5    0     0       -> 1     .25 0     .5       -> 3        0     0     .5   -> 1
+# max finds item 1 by its image alone (its caption misses); min finds item 2, whose two parts agree, where the
+# weighted mean prefers item 0's strong image.
+HAND_RANKS = {"mean": [1, 2, 1], "weighted": [2, 1, 2], "max": [2, 1, 3], "min": [1, 3, 1]}
+
+
+def test_each_fusion_rule_ranks_a_hand_worked_case() -> None:
+    ranks = rule_ranks(IMAGE.T.copy(), CAPTION.T.copy(), np.eye(3, dtype=np.float32), np.arange(3), weight=0.75)
+    assert set(ranks) == set(FUSIONS)
+    for fusion, expected in HAND_RANKS.items():
+        assert ranks[fusion].tolist() == expected, fusion
+        figures = summarise(ranks[fusion], (1, 2))
+        assert figures["R@1"] == pytest.approx(expected.count(1) / 3), fusion
+        assert figures["mAP"] == pytest.approx(np.mean([1 / r for r in expected])), fusion
+
+
+def test_an_item_without_its_caption_is_scored_on_its_image_under_every_rule() -> None:
+    """Item 1's caption removed: its image scores 1.0 for query 1, the best under every rule; its scores are its
+    image scores, and the other items' scores are unchanged."""
+    images, captions, queries = IMAGE.T.copy(), CAPTION.T.copy(), np.eye(3, dtype=np.float32)
+    dropped = without_captions(images, captions, np.array([1]))
+    np.testing.assert_array_equal(captions, CAPTION.T)  # the input is left as it was
+    ranks = rule_ranks(images, dropped, queries, np.arange(3), weight=0.75)
+    for fusion in FUSIONS:
+        (_, scores), *_ = item_scorer(images, dropped, fusion, 0.75)(queries)
+        np.testing.assert_array_equal(scores[:, 1], IMAGE[:, 1])  # item 1 on its image alone
+        (_, before), *_ = item_scorer(images, captions, fusion, 0.75)(queries)
+        np.testing.assert_array_equal(scores[:, [0, 2]], before[:, [0, 2]])
+        assert ranks[fusion][1] == 1, fusion
+
+
+def test_removed_captions_are_seeded_and_a_fraction_of_the_items() -> None:
+    rows = removed_captions(1000, 0.3, seed=0)
+    assert len(rows) == 300 == len(np.unique(rows)) and rows.min() >= 0 and rows.max() < 1000
+    assert np.all(np.diff(rows) > 0)  # ascending
+    np.testing.assert_array_equal(rows, removed_captions(1000, 0.3, seed=0))  # the same seed, the same items
+    assert not np.array_equal(rows, removed_captions(1000, 0.3, seed=1))
+    assert len(removed_captions(7, 0.3, seed=0)) == 2 and len(removed_captions(7, 0.0, seed=0)) == 0
+
+
+def _fusion_set(seed: int, n_items: int = 40, d: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, captions grouped by image: 3 each, their images): captions near their image."""
+    rng = np.random.default_rng(seed)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    images = unit(rng.standard_normal((n_items, d)))
+    text_image = np.repeat(np.arange(n_items), 3)
+    return images, unit(images[text_image] + 1.5 * rng.standard_normal((len(text_image), d))), text_image
+
+
+def test_fusion_report_is_deterministic_and_keeps_the_weighted_sweep_keys() -> None:
+    from retrieval.jobs.evaluate import fusion_report
+
+    images, texts, text_image = _fusion_set(0)
+    report = fusion_report(images, texts, text_image, (1, 5), thresholds=True, curves=True)
+    assert report == fusion_report(images, texts, text_image, (1, 5), thresholds=True, curves=True)
+    # the keys of the report before there were rules
+    assert {"n_items", "n_queries", "weights", "R@1", "R@5", "mAP", "best_weight", "best"} <= set(report)
+    assert (report["n_items"], report["n_queries"]) == (40, 80)
+    m = report["missing_captions"]
+    assert (m["fraction"], m["seed"], m["n_missing"]) == (0.3, 0, 12)
+    for figures in (report, m):
+        assert set(figures["rules"]) == set(figures["threshold"]) == set(figures["curves"]) == set(FUSIONS)
+        assert figures["rules"]["weighted"]["weight"] == figures["best_weight"]
+        assert figures["rules"]["mean"]["weight"] == 0.5
+        i = figures["weights"].index(figures["best_weight"])
+        assert figures["rules"]["weighted"]["R@1"] == figures["R@1"][i]  # the sweep's best w, the same figures
+        assert figures["rules"]["mean"]["R@1"] == figures["R@1"][5]  # w = 0.5
+        assert figures["rules"]["max"]["R@1"] == pytest.approx(figures["curves"]["max"][0])
+
+
+def test_with_every_caption_removed_each_rule_ranks_by_the_image() -> None:
+    """The fallback taken to its end: no item keeps its caption, so every rule gives text->image ranks."""
+    from retrieval.jobs.evaluate import fusion_report
+
+    images, texts, text_image = _fusion_set(1)
+    queries = np.ones(len(texts), dtype=bool)
+    queries[::3] = False  # each image's first caption is indexed, not a query
+    by_image = summarise(positive_ranks(texts[queries], images, text_image[queries]), (1, 5))
+    every = fusion_report(images, texts, text_image, (1, 5), missing=1.0)["missing_captions"]
+    assert every["n_missing"] == 40
+    for fusion in FUSIONS:
+        assert {k: every["rules"][fusion][k] for k in by_image} == pytest.approx(by_image), fusion
+    none = fusion_report(images, texts, text_image, (1, 5), missing=0.0)
+    assert none["missing_captions"]["rules"] == none["rules"]
 
 
 # --- the streamed exact top k, and ranks read from a returned list (eval --index) --------------------------

@@ -379,16 +379,17 @@ def test_result_records_file_equals_the_database(tmp_path) -> None:
     )
     store.rebuild()
     store = IndexStore.open(tmp_path / "idx")
-    fids = [3, 1, 2]
+    fids = [3, 1, 2, 1]  # in the order asked, a repeat included
     assert store.records is not None
-    from_file = store.result_rows(fids)
+    from_file = store.result_records(fids)
     store._records = None
     store._files_current = lambda: False  # as when the files lag the database: SQLite answers
     assert store.records is None
-    assert from_file == store.result_rows(fids)
+    assert from_file == store.result_records(fids)
     assert from_file[1] == ["a", "/x/a.png", ["un chat \u00e9", "line\nbreak"], True, True, {"n": 1, "tags": ["x"]}]
+    assert from_file[3] == from_file[1]
     assert from_file[2][1:5] == [None, ["text only"], False, True]
-    assert from_file[3][3:5] == [True, False]
+    assert from_file[0][3:5] == [True, False]
 
 
 @pytest.mark.slow
@@ -414,14 +415,15 @@ def test_a_format_1_index_is_read_and_written_as_the_current_format(folder, tiny
     (idx / "manifest.json").write_text(json.dumps(old))
     assert Index.open(idx).search(text="a red circle", k=3)
     remove_items(idx, [next(iter(IndexStore.open(idx).all_items()))])
-    assert json.loads((idx / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 2
+    assert json.loads((idx / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 3
 
 
-def test_upgraded_fills_in_what_format_2_added() -> None:
+def test_upgraded_fills_in_what_later_formats_added() -> None:
     old = {"format_version": 1, "model": "m", "fingerprint": "f", "dim": 4, "generation": 3}
-    assert upgraded(old) == {**old, "format_version": 2, "image_precision": "", "faiss_digest": ""}
-    current = {**old, "format_version": 2, "image_precision": "bf16", "faiss_digest": "abc"}
+    assert upgraded(old) == {**old, "format_version": 3, "image_precision": "", "faiss_digest": ""}
+    current = {**old, "format_version": 3, "image_precision": "bf16", "faiss_digest": "abc"}
     assert upgraded(current) == current  # nothing to fill in: the stored values stand
+    assert upgraded({**current, "format_version": 2}) == current  # 2 -> 3 only adds an index type
 
 
 def test_a_format_0_manifest_is_refused(tmp_path) -> None:
@@ -659,3 +661,25 @@ def test_manifest_rows_with_extra_fields_are_unchanged_on_a_rerun(synth_data, ti
     extra = IndexStore.open(idx).all_items()[rows[0]["id"]].extra
     assert extra["score"] == 0.12345678901234567 and extra["tags"] == {"nested": [1.5e-300, "x"]}
     assert summary(build(tmp_path / "pairs.jsonl", idx, tiny_model)) == (0, 0, 0, 5)
+
+
+@pytest.mark.parametrize("kept", [(*range(50), 60), (0, 600, 1199)])  # dense ids: the row table; sparse: binary search
+def test_rows_of_maps_ids_to_rows_and_a_missing_id_means_the_index_changed(tmp_path, kept) -> None:
+    """rows_of answers from a fid -> row table while ids are dense, by binary search once removals made them
+    sparse; either way an id the store does not hold says the index changed since it was opened."""
+    n = 1200
+    vecs = np.random.default_rng(0).standard_normal((n, 4)).astype(np.float32)
+    store = IndexStore.create(tmp_path / "idx", Manifest("m", "f", 4))
+    store.commit(
+        [Item(0, f"x{i}", None, [f"c{i}"], None, f"t{i}") for i in range(n)], {f"t{i}": vecs[i] for i in range(n)}
+    )
+    store.commit([], {}, [f"x{i}" for i in range(n) if i not in kept])
+    fids = store.vectors[0]
+    assert fids.tolist() == [i + 1 for i in kept]
+    assert (store._row_table(fids) is None) == (len(kept) == 3)  # 3 items with ids up to 1200: no table
+    wanted = fids[::-1]
+    assert store.rows_of(wanted).tolist() == list(range(len(fids)))[::-1]
+    assert np.array_equal(store.fused_vectors(wanted)[:, 4:], vecs[wanted - 1])
+    for missing in [56, 0, n + 1, -1]:  # removed (in the table's range when there is one), never was, negative
+        with pytest.raises(RetrievalError, match="changed since it was opened"):
+            store.rows_of([int(fids[0]), missing])

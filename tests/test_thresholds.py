@@ -1,10 +1,13 @@
-"""θ sweeps of R(q, D): hand-worked counts, against brute force, chunking, and the query-adaptive rules."""
+"""θ sweeps of R(q, D): hand-worked counts, against brute force, chunking, the query-adaptive rules, and the θ
+report under each fusion rule of an item's image and caption scores."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from retrieval.choices import FUSIONS
+from retrieval.evaluation.fusion import fused_scores, item_scorer
 from retrieval.evaluation.metrics import relevance_from_owner
 from retrieval.evaluation.thresholds import (
     at_theta,
@@ -89,8 +92,8 @@ def test_histogram_over_blocks_of_candidates_equals_the_whole_matrix(rule: str) 
     queries, items, relevance = random_case(3, n_q=41, n_i=53)
     whole = score_histogram(queries, items, relevance, rule)
     for rows in (53, 20, 7, 1):
-        blocks = lambda rows=rows: [(a, items[a : a + rows]) for a in range(0, len(items), rows)]
-        part = score_histogram(queries, blocks, relevance, rule, chunk=9)
+        scores = lambda q, rows=rows: [(a, q @ items[a : a + rows].T) for a in range(0, len(items), rows)]
+        part = score_histogram(queries, scores, relevance, rule, chunk=9)
         assert part.relevant.sum() == whole.relevant.sum() == len(queries)
         assert np.abs(np.cumsum(part.relevant) - np.cumsum(whole.relevant)).max() <= 1, (rule, rows)
         assert np.abs(np.cumsum(part.other) - np.cumsum(whole.other)).max() <= 1, (rule, rows)
@@ -151,3 +154,89 @@ def test_relevance_helpers_agree() -> None:
     by_query = np.zeros((6, 5), dtype=bool)
     by_query[np.repeat(np.arange(6), np.diff(q_indptr)), q_indices] = True  # (candidates as queries, owners)
     np.testing.assert_array_equal(by_owner, by_query.T)
+
+
+# --- the θ report under each fusion rule: scores that are not one inner product --------------------------------
+
+# obvious code for each rule's item score from its image scores a and caption scores b (weighted at w = 0.3)
+BRUTE = {
+    "mean": lambda a, b: (a + b) / 2,
+    "weighted": lambda a, b: 0.3 * a + 0.7 * b,
+    "max": np.maximum,
+    "min": np.minimum,
+}
+
+
+def fusion_case(seed: int, n_q: int = 37, n_i: int = 29, d: int = 8):
+    """Items with an image and a caption embedding, each near a shared item vector; queries near their item."""
+    rng = np.random.default_rng(seed)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    items = rng.standard_normal((n_i, d))
+    owner = rng.integers(0, n_i, n_q)
+    images, captions = unit(items + rng.standard_normal((n_i, d))), unit(items + rng.standard_normal((n_i, d)))
+    queries = unit(items[owner] + rng.standard_normal((n_q, d)))
+    return queries, images, captions, (np.arange(n_q + 1), owner.astype(np.int64))
+
+
+def brute_counts(queries, images, captions, owner, fusion: str, theta: float) -> tuple[int, int, int]:
+    """(relevant pairs at or above θ, pairs at or above θ, relevant pairs) by brute force, in float64."""
+    q, i, c = (x.astype(np.float64) for x in (queries, images, captions))
+    scores = BRUTE[fusion](q @ i.T, q @ c.T)  # (Nq, Ni)
+    is_rel = np.zeros(scores.shape, dtype=bool)
+    is_rel[np.arange(len(q)), owner] = True
+    above = scores >= theta
+    return int((above & is_rel).sum()), int(above.sum()), int(is_rel.sum())
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_the_sweep_under_each_fusion_rule_equals_brute_force_counting(fusion: str) -> None:
+    queries, images, captions, relevance = fusion_case(4)
+    curve = sweep(score_histogram(queries, item_scorer(images, captions, fusion, 0.3), relevance))
+    for i in range(0, len(curve["theta"]), 37):
+        tp, retrieved, relevant = brute_counts(queries, images, captions, relevance[1], fusion, curve["theta"][i])
+        assert curve["recall"][i] == pytest.approx(tp / relevant), (fusion, i)
+        assert curve["precision"][i] == pytest.approx(tp / retrieved if retrieved else 1.0), (fusion, i)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_the_report_under_each_fusion_rule_picks_the_brute_force_best_theta(fusion: str) -> None:
+    """The F1-best θ of the report is the best of every grid θ counted by brute force, and its F1 is theirs."""
+    queries, images, captions, relevance = fusion_case(5)
+    report = threshold_report(queries, item_scorer(images, captions, fusion, 0.3), relevance, target_precision=0.5)
+
+    def f1(theta: float) -> float:
+        tp, retrieved, relevant = brute_counts(queries, images, captions, relevance[1], fusion, theta)
+        p, r = (tp / retrieved if retrieved else 1.0), tp / relevant
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    assert f1(report["best_f1_theta"]) == pytest.approx(report["best_f1"])
+    grid = np.linspace(-1, 1, 4001)[:-1]
+    assert max(f1(t) for t in grid[::7]) <= report["best_f1"] + 1e-12
+    assert set(report["rules"]) == {"flat", "top_relative", "zscore"}
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_an_index_read_a_block_at_a_time_gives_the_same_report_under_each_rule(fusion: str) -> None:
+    """As eval --index and calibrate score an index's stored vectors [e(x1), e(x2)], a block at a time."""
+    queries, images, captions, relevance = fusion_case(6, n_i=53)
+    stored = np.concatenate([images, captions], axis=1)  # (N, 2d)
+    d = images.shape[1]
+
+    def blocks(q: np.ndarray, rows: int = 10):
+        for a in range(0, len(stored), rows):
+            yield a, fused_scores(q, stored[a : a + rows, :d], stored[a : a + rows, d:], fusion, 0.3)
+
+    whole = threshold_report(queries, item_scorer(images, captions, fusion, 0.3), relevance)
+    part = threshold_report(queries, blocks, relevance)
+    assert part["best_f1_theta"] == pytest.approx(whole["best_f1_theta"], abs=1e-3)
+    assert part["best_f1"] == pytest.approx(whole["best_f1"], abs=0.02)
+    for rule in ("flat", "top_relative", "zscore"):
+        assert part["rules"][rule]["heldout_f1"] == pytest.approx(whole["rules"][rule]["heldout_f1"], abs=0.02)
+
+
+def test_the_mean_is_the_weighted_rule_at_one_half_and_max_min_bracket_it() -> None:
+    queries, images, captions, _ = fusion_case(7)
+    mean = fused_scores(queries, images, captions, "mean", 0.9)  # the weight is ignored
+    np.testing.assert_allclose(mean, fused_scores(queries, images, captions, "weighted", 0.5), atol=1e-6)
+    top, low = (fused_scores(queries, images, captions, f, 0.5) for f in ("max", "min"))
+    assert np.all(low <= mean + 1e-6) and np.all(mean <= top + 1e-6) and np.any(top > low)

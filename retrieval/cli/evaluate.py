@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from retrieval.choices import TARGETS
+from retrieval.choices import FUSIONS, TARGETS
 from retrieval.cli.params import MODEL, check_knobs, check_writable, write_report
 from retrieval.cli.report import format_report, markdown_report
 from retrieval.errors import RetrievalError, shown
@@ -73,7 +73,9 @@ from retrieval.prompts import DEFAULT_TEMPLATE
 @click.option(
     "--fusion",
     is_flag=True,
-    help="With --model: index each image with its first caption, query with the rest, sweep the fusion weight w.",
+    help="With --model: index each image with its first caption, query with the rest; text->item recall, mAP "
+    "and θ figures under each fusion rule (mean, weighted with a sweep of w, max, min), then again with 30% of "
+    "the captions removed at random (seeded; such an item is scored on its image alone).",
 )
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG plots into this folder.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the whole report as JSON to this file.")
@@ -173,7 +175,15 @@ def _parse_ks(text: str) -> tuple[int, ...]:
     type=click.FloatRange(0, 1),
     default=0.5,
     show_default=True,
-    help="With --target item: the fusion weight w.",
+    help="With --target item --fusion weighted: the fusion weight w.",
+)
+@click.option(
+    "--fusion",
+    type=click.Choice(FUSIONS),
+    default="weighted",
+    show_default=True,
+    help="With --target item: the rule whose scores the cutoff is chosen on; `search` applies it under that rule "
+    "only. The index keeps one cutoff per target: calibrating items again, under any rule, replaces it.",
 )
 @click.option(
     "--target-precision",
@@ -194,22 +204,25 @@ def calibrate(
     split: str | None,
     target: str,
     weight: float,
+    fusion: str,
     target_precision: float | None,
     rule: str,
 ) -> None:
     """Choose the cutoff of R(q, D) on labelled queries and store it in the index: `search` then uses it
-    when --theta and --margin are not given."""
+    when --theta and --margin are not given (for whole items: under the same --fusion and --weight)."""
     from retrieval.data.pairs import load_split_pairs
     from retrieval.jobs.calibrate import calibrate_index
 
     entry = calibrate_index(
-        index_path, load_split_pairs(data, split_file, split), target, weight, target_precision, rule
+        index_path, load_split_pairs(data, split_file, split), target, weight, target_precision, rule, fusion
     )
     cutoff = (
         f"theta = {entry['theta']:.4f}" if "theta" in entry else f"margin = {entry['margin']:.4f} below the top score"
     )
+    scoring = {"weighted": f" at w = {entry['weight']:g}", "mean": " (mean)"}.get(fusion, f" under {fusion}")
     click.echo(
-        f"{index_path}: {target} searches now use {cutoff} (F1 {entry['best_f1']:.3f} on {entry['n_queries']} "
+        f"{index_path}: {target} searches{scoring if target == 'item' else ''} now use {cutoff} "
+        f"(F1 {entry['best_f1']:.3f} on {entry['n_queries']} "
         f"queries, {entry['heldout_f1']:.3f} held out)"
     )
 

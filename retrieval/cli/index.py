@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from retrieval.choices import INDEX_TYPES, TARGETS
+from retrieval.choices import FUSIONS, INDEX_TYPES, TARGETS
 from retrieval.cli.params import BYTES, MODEL, check_knobs
 from retrieval.errors import RetrievalError, shown
 
@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # imported where a command needs it: numpy and faiss load onl
 @click.option(
     "--index-type",
     type=click.Choice(INDEX_TYPES),
-    help="flat: exact; hnsw, ivf, ivfpq: approximate; auto: by size and memory (default for a new index).",
+    help="flat: exact; flat16: exact, from an fp16 scan re-ranked in fp32 (half flat's scan time at 1M); "
+    "hnsw, ivf, ivfpq: approximate; auto: by size and memory (default for a new index).",
 )
 @click.option("--exclude", multiple=True, help="Glob over item ids (relative paths) to leave out; repeatable.")
 @click.option("--ef-search", type=int, help="HNSW: candidates per query (recall vs speed).")
@@ -165,6 +166,14 @@ def index(
     help="What to match: whole items (fused), images only, or captions only.",
 )
 @click.option(
+    "--fusion",
+    type=click.Choice(FUSIONS),
+    default="weighted",
+    show_default=True,
+    help="Whole items: how the image and caption scores make one: weighted by --weight, mean, max (either "
+    "matches) or min (both match).",
+)
+@click.option(
     "--model", "model_dir", type=MODEL, help="Model directory (or hf: checkpoint), if it moved since indexing."
 )
 @click.option("--ef-search", type=int, help="HNSW only: candidates explored per query (more: better recall, slower).")
@@ -191,6 +200,7 @@ def search(
     theta: float | None,
     weight: float,
     target: str,
+    fusion: str,
     model_dir: str | None,
     ef_search: int | None,
     nprobe: int | None,
@@ -205,13 +215,13 @@ def search(
     index = Index.open(index_path, model_dir, max_memory)
     index.tune(**check_knobs(ef_search, nprobe))
     if theta is None and margin is None:
-        theta, margin = index.calibrated(target, weight)
+        theta, margin = index.calibrated(target, weight, fusion)
         if (theta, margin) != (None, None) and not as_json:
             click.echo(
                 f"(calibrated cutoff: {f'theta {theta:.3f}' if theta is not None else f'margin {margin:.3f}'}; "
                 "override with --theta or --margin)"
             )
-    hits = index.search(text, image, like, k or None, theta, weight, target, exact, margin)
+    hits = index.search(text, image, like, k or None, theta, weight, target, exact, margin, fusion)
     if as_json:
         for hit in hits:
             click.echo(json.dumps(hit.to_json()))

@@ -18,6 +18,7 @@ from retrieval.cli.index import index, info, remove, search
 from retrieval.cli.serve import serve
 from retrieval.cli.train import synth, train, zeroshot
 from retrieval.errors import RetrievalError, shown, user_error
+from retrieval.threads import prepare_openmp
 
 
 class Group(click.Group):
@@ -47,6 +48,7 @@ def main() -> None:
 
     Start with `retrieval demo`, which makes sample data, trains a model and queries it.
     """
+    prepare_openmp()  # before any command loads torch or FAISS: their OpenMP reads it once, as it loads
 
 
 for command in (synth, train, zeroshot, eval_, calibrate, classify, demo, index, search, info, remove, serve):

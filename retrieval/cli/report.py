@@ -87,13 +87,46 @@ def format_report(report: dict[str, Any]) -> str:
                 )
             )
     if "fusion" in report:
-        f = report["fusion"]
-        lines.append(
-            f"  fusion: best w = {f['best_weight']:.1f} ("
-            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in f["best"].items() if k.startswith("R@"))
-            + f"; {f['n_queries']} queries)"
-        )
+        lines += _fusion_lines(report["fusion"])
     return "\n".join(lines)
+
+
+def _rule_label(rule: str, f: dict[str, Any]) -> str:
+    """The rule's name; the weighted rule's with its best w, with all captions and with some removed."""
+    if rule != "weighted":
+        return rule
+    w, removed = f["best_weight"], f["missing_captions"]["best_weight"]
+    return f"weighted (w = {w:.1f})" if w == removed else f"weighted (w = {w:.1f} / {removed:.1f})"
+
+
+def _best_f1(f: dict[str, Any], rule: str) -> str:
+    """A rule's F1-best θ cutoff, or "-" without a θ report."""
+    t = f.get("threshold", {}).get(rule)
+    return f"{t['best_f1']:.3f} at {t['best_f1_theta']:.3f}" if t else "-"
+
+
+def _fusion_lines(f: dict[str, Any]) -> list[str]:
+    """Text->item figures per fusion rule, with all captions and with some removed, then the best w."""
+    m = f["missing_captions"]
+    ks = [k for k in f["best"] if k.startswith("R@")]
+    cells = lambda d: "".join(f"{100 * d[k]:>7.1f}" for k in ks) + f"{d['mAP']:>7.3f}"
+    head = "".join(f"{k:>7}" for k in [*ks, "mAP"])
+    lines = [
+        f"  text->item by fusion rule ({f['n_items']} items, each with its first caption; {f['n_queries']} queries; "
+        f"then {m['n_missing']} captions removed, seed {m['seed']}):",
+        f"  {'rule (R@k in %)':<25}{head}  {'best F1 at θ':>16}   |{head}  {'best F1 at θ':>16}   (captions removed)",
+    ]
+    for rule, d in f["rules"].items():
+        lines.append(
+            f"  {_rule_label(rule, f):<25}{cells(d)}  {_best_f1(f, rule):>16}   |"
+            f"{cells(m['rules'][rule])}  {_best_f1(m, rule):>16}"
+        )
+    lines.append(
+        f"  fusion: best w = {f['best_weight']:.1f} ("
+        + ", ".join(f"{k} {100 * f['best'][k]:.1f}%" for k in ks)
+        + f"); with captions removed, best w = {m['best_weight']:.1f}"
+    )
+    return lines
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -128,13 +161,44 @@ def markdown_report(report: dict[str, Any]) -> str:
                     f"| {rule}, chosen on half, F1 on the other half | {r['theta']:.3f} | {r['heldout_f1']:.3f} |"
                 )
     if "fusion" in report:
-        f = report["fusion"]
-        ks = [k for k in f if k.startswith("R@")]
-        lines += ["", "| w | " + " | ".join(ks) + " |", "|---:|" + "---:|" * len(ks)]
-        for i, w in enumerate(f["weights"]):
-            lines.append(
-                f"| {w:.1f}{' (best)' if w == f['best_weight'] else ''} | "
-                + " | ".join(f"{100 * f[k][i]:.1f}%" for k in ks)
-                + " |"
-            )
+        lines += _fusion_markdown(report["fusion"])
     return "\n".join(lines)
+
+
+def _fusion_markdown(f: dict[str, Any]) -> list[str]:
+    """The rules table (all captions, then with some removed), then the weighted rule's sweep of w."""
+    m = f["missing_captions"]
+    ks = [k for k in f if k.startswith("R@")]
+    removed = f"{100 * m['fraction']:.0f}% of captions removed"
+    lines = [
+        "",
+        "| fusion rule | "
+        + " | ".join(ks)
+        + " | mAP | best F1 at θ | "
+        + " | ".join(f"{k}, {removed}" if i == 0 else k for i, k in enumerate(ks))
+        + " | mAP | best F1 at θ |",
+        "|---|" + "---:|" * (2 * len(ks) + 4),
+    ]
+    for rule, d in f["rules"].items():
+        r = m["rules"][rule]
+        lines.append(
+            f"| {_rule_label(rule, f)} | "
+            + " | ".join(f"{100 * d[k]:.1f}%" for k in ks)
+            + f" | {d['mAP']:.3f} | {_best_f1(f, rule)} | "
+            + " | ".join(f"{100 * r[k]:.1f}%" for k in ks)
+            + f" | {r['mAP']:.3f} | {_best_f1(m, rule)} |"
+        )
+    lines += ["", "| w | " + " | ".join(ks) + f" | {ks[0]}, {removed} |", "|---:|" + "---:|" * (len(ks) + 1)]
+    for i, w in enumerate(f["weights"]):
+        lines.append(
+            f"| {w:.1f}{' (best)' if w == f['best_weight'] else ''} | "
+            + " | ".join(f"{100 * f[k][i]:.1f}%" for k in ks)
+            + f" | {100 * m[ks[0]][i]:.1f}% |"
+        )
+    lines.append(
+        f"\n{f['n_queries']} queries over {f['n_items']} items (each image with its first caption); "
+        f"{m['n_missing']} captions removed at random (seed {m['seed']}), those items scored on their image alone; "
+        "the weighted rule at the w with the best sum of R@k on these queries (w = a / b: a with all captions, "
+        "b with some removed)."
+    )
+    return lines

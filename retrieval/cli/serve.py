@@ -43,6 +43,13 @@ from retrieval.cli.params import MODEL
     type=click.IntRange(min=1),
     help="Requests worked on at once; the rest queue (default: one per CPU core).",
 )
+@click.option(
+    "--max-batch",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Concurrent searches answered by one FAISS call at most (1: each alone).",
+)
 def serve(
     index_path: str,
     host: str,
@@ -52,6 +59,7 @@ def serve(
     max_upload_mb: float,
     max_image_megapixels: float,
     threads: int | None,
+    max_batch: int,
 ) -> None:
     """Serve the search API and the web page: open http://HOST:PORT/ in a browser.
 
@@ -70,4 +78,5 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 2**20),
         max_upload_pixels=int(max_image_megapixels * 1e6),
         threads=threads,
+        max_batch=max_batch,
     )

@@ -11,11 +11,13 @@ time (faiss contrib/exhaustive_search.py's knn_ground_truth), and `list_ranks` s
 an ANN index returned, to depth k: a positive outside the list is "not found" (rank k + 1, adds 0 to AP).
 mAP: each caption has one image, so text->image AP is 1/rank; an image has several captions, so
 image->text AP averages the precision at each of its captions' ranks.
+A score that is not one inner product (an item's max or min of its image and caption cosines, fusion.py) comes
+from a `Scorer`, which the ranks and the θ report (thresholds.py) take in place of candidate embeddings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,15 +27,26 @@ from retrieval.arrays import Embeddings
 
 DEFAULT_KS = (1, 5, 10)
 
+# The scores of a chunk of queries (c, d) with every candidate, a block of candidates at a time, in position
+# order: (position of the block's first candidate, (c, B) scores). A new pass over the candidates at each call.
+Scorer = Callable[[Embeddings], Iterable[tuple[int, np.ndarray]]]
+
+
+def inner_products(candidates: Embeddings) -> Scorer:
+    """The Scorer of cosines with candidate embeddings held in memory: one block."""
+    return lambda queries: [(0, queries @ candidates.T)]
+
 
 def positive_ranks(
-    queries: Embeddings, candidates: Embeddings, positive: npt.NDArray[np.int64], chunk: int = 1024
+    queries: Embeddings, candidates: Embeddings | Scorer, positive: npt.NDArray[np.int64], chunk: int = 1024
 ) -> np.ndarray:
-    """1-based rank of candidate positive[i] among all candidates for query i, ties broken by index."""
+    """1-based rank of candidate positive[i] among all candidates for query i, ties broken by index.
+    candidates: their embeddings, or a Scorer (each chunk's scores are then gathered from its blocks)."""
+    scores = candidates if callable(candidates) else inner_products(candidates)
     ranks = np.empty(len(queries), dtype=np.int64)
-    idx = np.arange(len(candidates))
     for s in range(0, len(queries), chunk):
-        sims = queries[s : s + chunk] @ candidates.T  # (c, Nc)
+        sims = np.concatenate([block for _, block in scores(queries[s : s + chunk])], axis=1)  # (c, Nc)
+        idx = np.arange(sims.shape[1])
         pos = positive[s : s + chunk]
         pos_score = sims[np.arange(len(pos)), pos][:, None]  # (c, 1)
         above = (sims > pos_score) | ((sims == pos_score) & (idx[None, :] < pos[:, None]))  # (c, Nc)
@@ -218,34 +231,3 @@ def retrieval_report(
     if curves:
         report["curves"] = {"text_to_image": recall_curve(t2i), "image_to_text": recall_curve(i2t)}
     return report
-
-
-def fusion_sweep(
-    image_emb: Embeddings,
-    caption_emb: Embeddings,
-    query_emb: Embeddings,
-    query_item: npt.NDArray[np.int64],
-    weights: Sequence[float],
-    ks: Sequence[int] = DEFAULT_KS,
-) -> dict[str, Any]:
-    """Text->item recall as the fusion weight w of sim(q, x1, x2) = w cos(q, x1) + (1 - w) cos(q, x2) varies.
-
-    Item i is its image image_emb[i] with one caption caption_emb[i]; query t's item is query_item[t]. The
-    item's score is the inner product with the fused vector w e(x1) + (1 - w) e(x2), exactly what the index
-    computes with [e(x1), e(x2)] and the query [w q, (1 - w) q].
-    """
-    curves: dict[str, list[float]] = {f"R@{k}": [] for k in ks}
-    curves["mAP"] = []
-    for w in weights:
-        ranks = positive_ranks(query_emb, w * image_emb + (1 - w) * caption_emb, np.asarray(query_item))
-        for k in ks:
-            curves[f"R@{k}"].append(float(np.mean(ranks <= k)))
-        curves["mAP"].append(float(np.mean(1.0 / ranks)))
-    rsum = np.sum([curves[f"R@{k}"] for k in ks], axis=0)
-    best = int(np.argmax(rsum))
-    return {
-        "weights": [float(w) for w in weights],
-        **curves,
-        "best_weight": float(weights[best]),
-        "best": {key: values[best] for key, values in curves.items()},
-    }

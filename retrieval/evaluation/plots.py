@@ -59,8 +59,14 @@ def score_histograms(histogram: dict[str, Sequence[float]], path: Path, title: s
 
 def threshold_sweep(curve: dict[str, Sequence[float]], path: Path, title: str, marks: dict[str, float]) -> Path:
     """Precision, recall and F1 of R(q, D) against θ, with the chosen θ values marked."""
-    theta = np.asarray(curve["theta"])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    _sweep_axes(ax, curve, marks, title)
+    return _save(fig, path)
+
+
+def _sweep_axes(ax: Any, curve: dict[str, Sequence[float]], marks: dict[str, float], title: str) -> None:
+    """One panel: precision, recall and F1 against θ, the marks as vertical lines, θ limited to where recall moves."""
+    theta = np.asarray(curve["theta"])
     for key, colour in (("precision", "tab:blue"), ("recall", "tab:orange"), ("f1", "tab:green")):
         ax.plot(theta, curve[key], color=colour, label=key if key != "f1" else "F1")
     # a line style per mark: there are one or two marks, so the styles outlast them
@@ -72,7 +78,14 @@ def threshold_sweep(curve: dict[str, Sequence[float]], path: Path, title: str, m
     ax.set(xlabel="θ (cosine similarity)", ylabel="value", ylim=(0, 1.02), title=title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+
+
+def _marks(t: dict[str, Any]) -> dict[str, float]:
+    """The θ values a threshold report chose: the F1-best, and the lowest reaching the target precision."""
+    marks = {"best F1": t["best_f1_theta"]}
+    if t.get("target_precision_theta") is not None:
+        marks[f"precision ≥ {t['target_precision']}"] = t["target_precision_theta"]
+    return marks
 
 
 def fusion(sweep: dict[str, Any], path: Path, title: str) -> Path:
@@ -89,6 +102,33 @@ def fusion(sweep: dict[str, Any], path: Path, title: str) -> Path:
     )
     ax.grid(True, alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def fusion_rules(
+    curves: dict[str, Sequence[float]], missing: dict[str, Sequence[float]], path: Path, title: str
+) -> Path:
+    """Text->item R@k per fusion rule, a colour each: solid with every caption, dashed with some removed."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    for (rule, curve), colour in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False):
+        for values, style, note in ((curve, "-", ""), (missing[rule], "--", ", captions removed")):
+            ks = np.arange(1, len(values) + 1)
+            marks = "/".join(f"{100 * values[k - 1]:.1f}" for k in (1, 5, 10) if k <= len(values))
+            ax.plot(
+                ks, 100 * np.asarray(values), color=colour, linestyle=style, label=f"{rule}{note} (R@1/5/10 {marks})"
+            )
+    ax.set(xscale="log", xlabel="k", ylabel="text → item recall@k (%)", ylim=(0, 100), title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    return _save(fig, path)
+
+
+def fusion_thresholds(reports: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """Precision, recall and F1 of R(q, D) against θ under each fusion rule, a panel each."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), squeeze=False)
+    for ax, (rule, t) in zip(axes.ravel(), reports.items(), strict=False):
+        _sweep_axes(ax, t["curve"], _marks(t), f"{rule}: best F1 {t['best_f1']:.3f}")
+    fig.suptitle(title)
     return _save(fig, path)
 
 
@@ -132,17 +172,27 @@ def report_plots(report: dict[str, Any], out: Path, name: str = "") -> list[Path
                 t["histogram"], out / "score_histograms.png", f"{prefix}{direction} scores", t["best_f1_theta"]
             )
         )
-        marks = {"best F1": t["best_f1_theta"]}
-        if t.get("target_precision_theta") is not None:
-            marks[f"precision ≥ {t['target_precision']}"] = t["target_precision_theta"]
         files.append(
             threshold_sweep(
                 t["curve"],
                 out / "threshold_sweep.png",
                 f"{prefix}R(q, D) against θ (best F1 {t['best_f1']:.3f})",
-                marks,
+                _marks(t),
             )
         )
     if "fusion" in report:
-        files.append(fusion(report["fusion"], out / "fusion_weight.png", f"{prefix}recall against fusion weight"))
+        f, m = report["fusion"], report["fusion"]["missing_captions"]
+        files.append(fusion(f, out / "fusion_weight.png", f"{prefix}recall against fusion weight"))
+        if "curves" in f:
+            removed = f"{m['n_missing']} of {f['n_items']} captions removed"
+            title = f"{prefix}recall by fusion rule (dashed: {removed})"
+            files.append(fusion_rules(f["curves"], m["curves"], out / "fusion_rules.png", title))
+        for name, figures, note in (("", f, ""), ("_missing", m, f", {m['n_missing']} captions removed")):
+            if "threshold" in figures:
+                path = out / f"fusion_thresholds{name}.png"
+                w = figures["rules"]["weighted"]["weight"]
+                named = {
+                    f"weighted (w = {w:.1f})" if r == "weighted" else r: t for r, t in figures["threshold"].items()
+                }
+                files.append(fusion_thresholds(named, path, f"{prefix}R(q, D) against θ by rule{note}"))
     return files

@@ -4,7 +4,9 @@ A query's relevant items are its paired items. Over all (query, item) pairs, R(q
 classifier, so precision(θ) = relevant pairs above θ / pairs above θ and recall(θ) = relevant pairs above
 θ / relevant pairs (micro-averaged: every pair counts once). Both come from two histograms, of the
 relevant and of the other scores, filled a chunk of queries at a time, so 100k x 100k scores are never
-held; θ moves on the grid of bin edges (0.0005 apart for cosines).
+held; θ moves on the grid of bin edges (0.0005 apart for cosines). The scores are inner products with item
+embeddings, or come from a `Scorer` (metrics.py): an index's stored vectors read a block at a time, or an
+item's max or min of its image and caption cosines (fusion.py).
 
 One flat cosine cutoff does not fit every query: a score that is relevant for one query is noise for
 another. A rule maps each query's row of scores to normalised scores before the cutoff:
@@ -15,7 +17,6 @@ another. A rule maps each query's row of scores to normalised scores before the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from retrieval.arrays import Embeddings
 from retrieval.errors import InvalidArgument
-from retrieval.evaluation.metrics import Relevance, positive_mask
+from retrieval.evaluation.metrics import Relevance, Scorer, inner_products, positive_mask
 
 RULES = ("flat", "top_relative", "zscore")
 RANGES = {"flat": (-1.0, 1.0), "top_relative": (-2.0, 0.0), "zscore": (-10.0, 30.0)}  # where each rule's θ lives
@@ -46,19 +47,18 @@ def normalise(sims: np.ndarray, rule: str, stats: RowStats | None = None) -> np.
 
 
 RowStats = tuple[np.ndarray, np.ndarray, np.ndarray]  # (c, 1) each: a query's max, mean and std over all candidates
-Blocks = Callable[[], Iterable[tuple[int, Embeddings]]]  # a new pass over the candidates: (first position, block)
 
 
-def row_stats(queries: Embeddings, blocks: Blocks) -> RowStats:
-    """Max, mean and standard deviation of each query's scores over candidates read a block at a time."""
+def row_stats(queries: Embeddings, scores: Scorer) -> RowStats:
+    """Max, mean and standard deviation of each query's scores over candidates scored a block at a time."""
     top = np.full((len(queries), 1), -np.inf)
     total, squares, n = np.zeros((len(queries), 1)), np.zeros((len(queries), 1)), 0
-    for _, block in blocks():
-        sims = (queries @ block.T).astype(np.float64)  # (c, B)
+    for _, block in scores(queries):
+        sims = block.astype(np.float64)  # (c, B)
         top = np.maximum(top, sims.max(axis=1, keepdims=True, initial=-np.inf))
         total += sims.sum(axis=1, keepdims=True)
         squares += (sims**2).sum(axis=1, keepdims=True)
-        n += block.shape[0]
+        n += block.shape[1]
     mean = total / max(n, 1)
     return top, mean, np.sqrt(np.maximum(squares / max(n, 1) - mean**2, 0.0))
 
@@ -80,7 +80,7 @@ class ScoreHistogram:
 
 def score_histogram(
     queries: Embeddings,
-    items: Embeddings | Blocks,
+    items: Embeddings | Scorer,
     relevance: Relevance,
     rule: str = "flat",
     query_rows: np.ndarray | None = None,
@@ -89,19 +89,20 @@ def score_histogram(
 ) -> ScoreHistogram:
     """Histograms of normalised scores for the queries in query_rows (default: all), a chunk at a time.
 
-    items: the candidates (N, d), or `Blocks` for a collection too large to hold: each chunk of queries then
-    reads them a block at a time, after a first pass for the rule's row statistics (none for flat)."""
+    items: the candidates (N, d), or a Scorer of them (a collection too large to hold, scores that are no inner
+    product): each chunk of queries is then scored a block at a time, after a first pass for the rule's row
+    statistics (none for flat)."""
     rows = np.arange(len(queries)) if query_rows is None else np.asarray(query_rows)
-    blocks: Blocks = items if callable(items) else (lambda: [(0, items)])
+    scorer = items if callable(items) else inner_products(items)
     lo, hi = RANGES[rule]
     edges = np.linspace(lo, hi, bins + 1)
     relevant, total = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
     for s in range(0, len(rows), chunk):
         chunk_rows = rows[s : s + chunk]
-        stats = row_stats(queries[chunk_rows], blocks) if callable(items) and rule != "flat" else None
-        for start, block in blocks():
-            scores = np.clip(normalise(queries[chunk_rows] @ block.T, rule, stats), lo, hi)  # (c, B)
-            mask = positive_mask(relevance, chunk_rows, len(block), start)
+        stats = row_stats(queries[chunk_rows], scorer) if callable(items) and rule != "flat" else None
+        for start, sims in scorer(queries[chunk_rows]):
+            scores = np.clip(normalise(sims, rule, stats), lo, hi)  # (c, B)
+            mask = positive_mask(relevance, chunk_rows, scores.shape[1], start)
             relevant += np.histogram(scores[mask], edges)[0]
             total += np.histogram(scores, edges)[0]
     return ScoreHistogram(edges, relevant, total - relevant)
@@ -144,14 +145,14 @@ def at_theta(curve: dict[str, np.ndarray], theta: float) -> dict[str, float]:
 
 def threshold_report(
     queries: Embeddings,
-    items: Embeddings | Blocks,
+    items: Embeddings | Scorer,
     relevance: Relevance,
     target_precision: float | None = None,
     rules: tuple[str, ...] = RULES,
 ) -> dict[str, Any]:
     """The report's `threshold` object: the F1-best flat θ over all queries, and, per rule, θ chosen on half
     the queries (even rows) and F1 measured on the other half (odd rows), so the rules compare on held-out data.
-    items: the candidates, or `Blocks` of them (see score_histogram).
+    items: the candidates, or a Scorer of them (see score_histogram).
 
     The adaptive rule reported is the one with the best held-out F1 among the non-flat rules.
     """

@@ -27,6 +27,7 @@ from retrieval.index.format import Item, Manifest, check_model
 from retrieval.index.store import IndexStore
 from retrieval.models.modeldir import ModelRef, canonical, embed_dim, fingerprint
 from retrieval.progress import progress_bar
+from retrieval.threads import ThreadFit, prepare_openmp
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes the FAISS index may take when --index-type auto chooses
 
@@ -111,6 +112,7 @@ def build_index(
 
     precision: the image encoder's (Encoder.image_precision: "auto" keeps the index's own where it is native).
     prefetch: decode the next batch while this one is encoded (off only to measure what the overlap gains)."""
+    prepare_openmp()  # before torch loads, for Python callers (the CLI has done it)
     from retrieval.models.load import load_model  # torch: only the commands that encode pay for it
 
     t0 = time.perf_counter()
@@ -122,7 +124,7 @@ def build_index(
     )
 
     report = IndexReport(index_type=store.manifest.index_type, skipped=skipped)
-    with store.writer():
+    with store.writer(), ThreadFit() as threads:  # as many threads as cores other jobs leave free
         existing = store.all_items()
         todo = []
         for pair in pairs:
@@ -143,6 +145,7 @@ def build_index(
         batches = [todo[start : start + size] for start in range(0, len(todo), size)]
         with ThreadPoolExecutor(2) as pool:
             for batch, decoding in decode_ahead(model, batches, pool, ahead=1 if prefetch else 0):
+                threads.update()  # re-counted batch by batch
                 items, vectors, unreadable = encode_batch(model, batch, pool, store.known_vectors, precision, decoding)
                 store.commit(items, vectors)
                 report.skipped += unreadable
@@ -154,6 +157,7 @@ def build_index(
             store.commit([], {}, removed)
         report.removed = len(removed)
         if todo or removed or settings_changed or not store.derived_files_current():
+            threads.update()  # FAISS trains and adds on them too
             store.rebuild()
     report.seconds = time.perf_counter() - t0
     return report

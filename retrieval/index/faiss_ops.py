@@ -28,10 +28,18 @@ DIGEST_SPAN = 2**20  # bytes of the FAISS file's head and tail that faiss_digest
 
 FLAT_MAX_ITEMS = 200_000  # auto: exact search stays fast (< ~15 ms at d = 2 x 128) up to about here
 
-# faiss uses BLAS when nq * d >= this threshold. The default (128000) sends small query batches down a path
-# about 8x slower, but BLAS for one query is about 3x slower than the SIMD scan (measured here: 37 vs 11 ms
-# at 200k x 256). 4096 keeps single queries on SIMD and batches of a few queries on BLAS.
+# faiss scans exhaustively with BLAS when nq * d >= its threshold, else query by query with SIMD. BLAS for one
+# query is about 3x slower than the SIMD scan (37 vs 11 ms at 200k x 256), but reads the vectors once for the
+# whole batch: at 100k x 256 on one thread, SIMD costs 14.5 ms per query, BLAS 28 ms + 0.5 ms per query, so BLAS
+# pays from 3 queries (a server's batch, max/min's two part queries are a wash). The threshold is global:
+# use_blas_from sets it for the index searched (4096 until one is: batches of 16 at d = 256).
+BLAS_FROM_QUERIES = 3
 faiss.cvar.distance_compute_blas_threshold = 4096
+
+
+def use_blas_from(d: int) -> None:
+    """Exhaustive searches of d-dimensional vectors use BLAS from BLAS_FROM_QUERIES queries on."""
+    faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_QUERIES * d
 
 
 def choose_index_type(n: int, dim: int, memory_budget: int) -> str:
@@ -46,6 +54,8 @@ def choose_index_type(n: int, dim: int, memory_budget: int) -> str:
 def factory_string(index_type: str, n: int, dim2: int) -> str:
     if index_type == "flat":
         return "IDMap2,Flat"
+    if index_type == "flat16":
+        return "IDMap2,IVF1,SQfp16"  # see is_flat16
     if index_type == "hnsw":
         return "IDMap2,HNSW32"
     nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
@@ -70,6 +80,10 @@ def build_faiss(vectors: Vectors, fids: npt.NDArray[np.int64], index_type: str, 
     inner = inner_index(index)  # factory_string's IDMap2 wraps the index that searches
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efConstruction = search_knob(params, "ef_construction", 80)
+    if isinstance(inner, faiss.IndexIVFScalarQuantizer):  # flat16 (is_flat16): fp16 codes of the vectors, untrained
+        inner.by_residual = False
+        inner.quantizer.add(np.zeros((1, vectors.shape[1]), dtype=np.float32))
+        inner.is_trained = index.is_trained = True
     if not index.is_trained:
         sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: 256 * 1024]]
         index.train(sample)
@@ -84,7 +98,7 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efSearch = search_knob(params, "ef_search", 128)
     if isinstance(inner, faiss.IndexIVF):
-        inner.nprobe = search_knob(params, "nprobe", 16)
+        inner.nprobe = 1 if is_flat16(index) else search_knob(params, "nprobe", 16)
 
 
 def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any) -> faiss.SearchParameters | None:
@@ -97,13 +111,21 @@ def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any)
         )
     if isinstance(inner, faiss.IndexIVF):
         return faiss.SearchParametersIVF(  # type: ignore[call-arg]
-            sel=selector, nprobe=search_knob(params, "nprobe", 16)
+            sel=selector, nprobe=1 if is_flat16(index) else search_knob(params, "nprobe", 16)
         )
     return faiss.SearchParameters(sel=selector) if selector is not None else None  # type: ignore[call-arg]
 
 
 def inner_index(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
+def is_flat16(index: faiss.Index) -> bool:
+    """flat16's FAISS index (see index/rerank.py): an IVF of one list holding fp16 codes of the vectors themselves,
+    not residuals, so probing it is a flat scan of half the bytes of fp32. One IVF list rather than FAISS's
+    IndexScalarQuantizer: the same scan for top-k, but IVF's range search runs the SIMD scanner (15x faster at
+    100k). fp16 rather than SQ8: 42 vs 54 ms at 1M x 256 here (SQ8's decode costs more than its bytes save)."""
+    return isinstance(inner_index(index), faiss.IndexIVFScalarQuantizer)
 
 
 def fused(image_vec: np.ndarray | None, text_vec: np.ndarray | None) -> np.ndarray:

@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from retrieval.choices import INDEX_TYPES
+from retrieval.choices import FUSIONS, INDEX_TYPES
 from retrieval.errors import RetrievalError
 
-FORMAT_VERSION = 2  # 2: the manifest gains image_precision and faiss_digest (a format 1 index is read as it is, and
-
-# written as 2 on its next change: a version that knows only 1 then says to upgrade rather than failing on the fields)
+# 2: the manifest gains image_precision and faiss_digest; 3: index type flat16. Each older format is read (upgraded)
+# and written as the current one on its next change, so a version that knows only an older one says to upgrade
+# rather than failing on what it does not know (upgraded() has the steps)
+FORMAT_VERSION = 3
 DB_FILE, FAISS_FILE, MANIFEST_FILE, LOCK_FILE = "items.sqlite", "vectors.faiss", "manifest.json", ".lock"
 
 FIDS_FILE, VECTORS_FILE = "fids.npy", "vectors.npy"  # fused vectors in fid order, memory-mapped for result scores
@@ -120,7 +121,8 @@ def upgraded(d: dict[str, Any]) -> dict[str, Any]:
 
     1 -> 2: the manifest gains image_precision and faiss_digest, unknown ("") for an index written before them:
     image queries are then encoded as the model runs today, and the FAISS file is checked against the database
-    instead of its digest (IndexStore._holds_database)."""
+    instead of its digest (IndexStore._holds_database).
+    2 -> 3: nothing to change; 3 adds the index type flat16, which a reader of 2 would call damaged."""
     if d["format_version"] < 2:
         d = {"image_precision": "", "faiss_digest": "", **d}
     return {**d, "format_version": FORMAT_VERSION}
@@ -158,10 +160,14 @@ def _calibration_problem(target: str, entry: Any) -> str | None:
     writes it, naming its rule, with that rule's cutoff (theta or margin) and the fusion weight as numbers."""
     rule = entry.get("rule") if isinstance(entry, dict) else None
     cutoff = CALIBRATION_CUTOFFS.get(rule) if isinstance(rule, str) else None
-    if cutoff is None or not all(_is_number(entry.get(key)) for key in (cutoff, "weight")):
+    if (
+        cutoff is None
+        or not all(_is_number(entry.get(key)) for key in (cutoff, "weight"))
+        or entry.get("fusion", "weighted") not in FUSIONS  # none: stored before there were rules, so weighted
+    ):
         return (
             f"its {json.dumps(target)} entry is not a cutoff as `retrieval calibrate` stores it (rule flat with theta, "
-            "or top_relative with margin, and weight)"
+            f"or top_relative with margin, the weight, and fusion one of {', '.join(FUSIONS)} if given)"
         )
     return None
 

@@ -29,10 +29,12 @@ from retrieval.index.faiss_ops import (
     build_faiss,
     faiss_digest,
     inner_index,
+    is_flat16,
     ivfdata_name,
     read_faiss,
     search_parameters,
     set_search_params,
+    use_blas_from,
     write_faiss,
 )
 from retrieval.index.folder import disk_writes
@@ -48,6 +50,7 @@ from retrieval.index.format import (
     Manifest,
     read_manifest,
 )
+from retrieval.index.rerank import Reranked, Searchable
 
 RESULT_COLUMNS = "i.id, i.path, json(i.captions), i.image_key IS NOT NULL, i.text_key IS NOT NULL, json(i.extra)"
 # IndexStore's `faiss` property shadows the module inside the class body, so its annotations use these names
@@ -67,7 +70,8 @@ class IndexStore(ItemDatabase):
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
         self._records: tuple[npt.NDArray[np.int64], bytes | mmap.mmap] | bool | None = None  # False: damaged
         self._exact: FaissIndex | None = None  # a flat copy for exact answers on an ANN index
-        self._searchers: dict[tuple[str | None, bool], tuple[FaissIndex, Any]] = {}
+        self._searchers: dict[tuple[str | None, bool], tuple[Searchable, Any]] = {}
+        self._rows: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None] | None = None  # see _row_table
 
     @classmethod
     def open(cls, path: str | Path, max_memory: int | None = None) -> IndexStore:
@@ -159,7 +163,9 @@ class IndexStore(ItemDatabase):
         if self._vectors is None:
             if self._files_current():
                 try:
-                    self._vectors = (np.load(self.path / FIDS_FILE), np.load(self.path / VECTORS_FILE, mmap_mode="r"))
+                    mapped = np.load(self.path / VECTORS_FILE, mmap_mode="r")
+                    # a plain array over the map (which it keeps open): np.memmap's indexing costs µs per call
+                    self._vectors = (np.load(self.path / FIDS_FILE), mapped.view(np.ndarray))
                 except (OSError, ValueError, EOFError):
                     self._vectors = None  # missing, empty or truncated: the database still holds every vector
             n_items = self.manifest.counts.get("items")  # of this generation, written beside it by publish
@@ -200,6 +206,7 @@ class IndexStore(ItemDatabase):
             self._faiss = build_faiss(
                 np.ascontiguousarray(vectors), fids, self.manifest.index_type, self.manifest.params
             )
+        use_blas_from(self._faiss.d)
         return self._faiss
 
     def _faiss_file(self) -> FaissIndex | None:
@@ -253,16 +260,36 @@ class IndexStore(ItemDatabase):
 
     def fused_vectors(self, fids: Sequence[int] | npt.NDArray[np.int64]) -> Vectors:
         """(n, 2d) fused vectors of the given items, from the memory-mapped matrix."""
-        return np.asarray(self.vectors[1][self._rows(fids)])
+        return np.asarray(self.vectors[1][self.rows_of(fids)])
 
-    def _rows(self, fids: Sequence[int] | npt.NDArray[np.int64]) -> np.ndarray:
-        """Each id's row in `vectors`. An id missing there comes from a FAISS index newer than the vectors
-        this store loaded: another process changed the index since it was opened."""
+    def rows_of(self, fids: Sequence[int] | npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Each id's row in `vectors` (and in the records file). An id missing there comes from a FAISS index
+        newer than the vectors this store loaded: another process changed the index since it was opened."""
         all_fids, wanted = self.vectors[0], np.asarray(fids, dtype=np.int64)
-        rows = np.minimum(np.searchsorted(all_fids, wanted), max(len(all_fids) - 1, 0))
-        if len(wanted) and (not len(all_fids) or np.any(all_fids[rows] != wanted)):
+        table = self._row_table(all_fids)
+        if table is None:
+            rows = np.minimum(np.searchsorted(all_fids, wanted), max(len(all_fids) - 1, 0))
+            if len(wanted) and (not len(all_fids) or np.any(all_fids[rows] != wanted)):
+                raise self.changed()
+            return rows
+        if len(wanted) and (wanted.min() < 0 or wanted.max() >= len(table)):
+            raise self.changed()
+        rows = table[wanted]
+        if len(rows) and rows.min() < 0:
             raise self.changed()
         return rows
+
+    def _row_table(self, all_fids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64] | None:
+        """fid -> row (-1: no such item) for these fids, made once per generation: one gather per search instead
+        of a binary search per result. None where removals left ids so sparse that the table would be large."""
+        if self._rows is None or self._rows[0] is not all_fids:
+            top = int(all_fids[-1]) + 1 if len(all_fids) else 0
+            table = None
+            if top <= 4 * len(all_fids) + 1024:
+                table = np.full(top, -1, dtype=np.int64)
+                table[all_fids] = np.arange(len(all_fids))
+            self._rows = (all_fids, table)
+        return self._rows[1]
 
     def changed(self) -> IndexChanged:
         return IndexChanged(f"{self.path} changed since it was opened (re-indexed or items removed); open it again")
@@ -274,18 +301,24 @@ class IndexStore(ItemDatabase):
             set_search_params(self._faiss, self.manifest.params)
         self._searchers = {}
 
-    def searcher(self, column: str | None, exact: bool = False) -> tuple[FaissIndex, FaissSearchParameters | None]:
-        """The FAISS index to ask and its per-call parameters, restricted to the items that have `column`
+    def searcher(self, column: str | None, exact: bool = False) -> tuple[Searchable, FaissSearchParameters | None]:
+        """The index to ask and its per-call FAISS parameters, restricted to the items that have `column`
         (image_key or text_key), or to all items for None.
 
         exact=True asks a flat copy of the vectors, built in memory on first use: HNSW and IVF answer top-k and
-        θ approximately (HNSW's range search sees only its efSearch candidates). The item filter is built once
+        θ approximately (HNSW's range search sees only its efSearch candidates). A flat16 index is exact already:
+        its searcher is the fp16 scan re-ranked from the fp32 vectors (rerank.Reranked), one for every column,
+        so the largest vector norm its error bound needs is found once. The item filter is built once
         per generation, since selectors over many ids are slow to make; the parameters are new on every call,
         because FAISS's IDMap swaps the filter inside them during a search, so threads must not share them.
         """
         if (column, exact) not in self._searchers:
-            index = self.faiss
-            if exact and not isinstance(inner_index(index), faiss.IndexFlat):
+            scan = self.faiss
+            index: Searchable = scan
+            if is_flat16(scan):
+                shared = [s for s, _ in self._searchers.values() if isinstance(s, Reranked)]
+                index = shared[0] if shared else Reranked(scan, self.vectors[1], self.rows_of)
+            elif exact and not isinstance(inner_index(scan), faiss.IndexFlat):
                 if self._exact is None:
                     fids, vectors = self.vectors
                     self._check_budget(vectors.nbytes, "an exact answer (a flat copy of the vectors in memory)")
@@ -293,7 +326,8 @@ class IndexStore(ItemDatabase):
                 index = self._exact
             self._searchers[column, exact] = (index, self._selector(column))  # kept: parameters point to it, not own it
         index, selector = self._searchers[column, exact]
-        return index, search_parameters(index, self.manifest.params, selector)
+        scan = index.index if isinstance(index, Reranked) else index
+        return index, search_parameters(scan, self.manifest.params, selector)
 
     def _selector(self, column: str | None) -> Any:
         if column is None:
@@ -304,27 +338,32 @@ class IndexStore(ItemDatabase):
         total = fetch(self.db, "SELECT COUNT(*) FROM items")[0][0]
         return None if len(fids) == total else faiss.IDSelectorBatch(fids)
 
-    def result_rows(self, fids: Sequence[int]) -> dict[int, list[Any]]:
-        """What a search result shows: [id, path, captions, has image, has caption, extra] per FAISS id.
+    def result_records(
+        self, fids: Sequence[int] | npt.NDArray[np.int64], rows: npt.NDArray[np.int64] | None = None
+    ) -> list[list[Any]]:
+        """What each result shows, in the order of `fids` (repeats allowed): [id, path, captions, has image,
+        has caption, extra]. `rows` are the fids' rows_of, when the caller has them already.
 
-        From the memory-mapped records file when it is current: slicing the lines out and decoding them
-        with one json.loads is about 3x faster than SQLite for 10,000 results (see scripts/bench_search.py).
+        From the memory-mapped records file when it is current: slicing the lines out and decoding them with
+        one json.loads is about 3x faster than SQLite for 10,000 results (see scripts/bench_search.py).
         """
+        rows = self.rows_of(fids) if rows is None else rows
         if self.records is not None:
             offsets, data = self.records
-            rows = self._rows(fids)
-            lines = [data[a:b] for a, b in zip(offsets[rows].tolist(), offsets[rows + 1].tolist(), strict=True)]
+            lines = map(data.__getitem__, map(slice, offsets[rows].tolist(), offsets[rows + 1].tolist()))
             try:
                 records = json.loads(b"[" + b",".join(lines) + b"]")
-                if all(len(r) == 6 for r in records):
-                    return dict(zip(fids, records, strict=True))
-            except ValueError:
+                if set(map(len, records)) <= {6}:  # every line a record (a damaged one may still parse)
+                    return records
+            except (ValueError, TypeError):
                 pass
             self._records = False  # damaged in place: stop trusting it, the database has every record
-        found = {r[0]: r[1:] for r in self._json_rows(f"i.fid, {RESULT_COLUMNS}", fids)}
-        if len(found) != len(set(fids)):
-            raise self.changed()
-        return found
+        wanted = np.asarray(fids).tolist()
+        found = {r[0]: r[1:] for r in self._json_rows(f"i.fid, {RESULT_COLUMNS}", wanted)}
+        try:
+            return [found[fid] for fid in wanted]
+        except KeyError:
+            raise self.changed() from None
 
     def part_vectors(self, fids: Sequence[int]) -> dict[int, tuple[np.ndarray | None, np.ndarray | None]]:
         """(image vector, text vector) per item, None for a missing part."""

@@ -19,14 +19,19 @@ def calibrate_index(
     weight: float = 0.5,
     target_precision: float | None = None,
     rule: str = "flat",
+    fusion: str = "weighted",
 ) -> dict[str, Any]:
     """Choose a cutoff for R(q, D) on labelled queries and store it in the index's manifest, so that
     `search` applies it when no θ is given. rule `flat` stores a θ (F1-best, or the lowest reaching
-    target_precision); `top_relative` stores a margin below each query's top score (F1-best)."""
+    target_precision); `top_relative` stores a margin below each query's top score (F1-best).
+
+    For whole items the cutoff is chosen on the scores of a fusion rule (and weight), stored with it: `search`
+    applies it only under the same scoring. The manifest holds one entry per target, so calibrating items under
+    another rule replaces the entry."""
     from retrieval.index.store import IndexStore
 
-    q = labelled_queries(index_path, pairs, target, weight)  # the θ report alone: no index search, no top-k
-    t = threshold_report(q.query_emb, q.fused_blocks, q.relevance, target_precision)
+    q = labelled_queries(index_path, pairs, target, weight, fusion)  # the θ report alone: no index search, no top-k
+    t = threshold_report(q.query_emb, q.scores, q.relevance, target_precision)
     if rule == "flat":
         theta = t["best_f1_theta"] if target_precision is None else t.get("target_precision_theta")
         if theta is None:
@@ -39,6 +44,7 @@ def calibrate_index(
     entry = {
         "rule": rule,
         **chosen,
+        "fusion": q.fusion,
         "weight": q.weight,
         "n_queries": len(q.query_emb),
         "best_f1": t["best_f1"],

@@ -16,8 +16,10 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval.arrays import Embeddings
+from retrieval.choices import FUSIONS
 from retrieval.data.pairs import Pair
 from retrieval.errors import RetrievalError
+from retrieval.evaluation.fusion import fused_scores
 from retrieval.evaluation.metrics import (
     DEFAULT_KS,
     Relevance,
@@ -46,7 +48,8 @@ class LabelledQueries:
 
     index: Index
     target: str
-    weight: float  # w: 1 for images, 0 for captions
+    fusion: str  # how an item's image and caption scores make one (rules.fuse); weighted for images and captions
+    weight: float  # w: 1 for images, 0 for captions, 1/2 for the mean
     keep: np.ndarray  # (N,) bool: the items the target matches
     kept_fids: npt.NDArray[np.int64]
     vectors: np.ndarray  # (N, 2d) the stored fused vectors, memory-mapped
@@ -54,18 +57,27 @@ class LabelledQueries:
     relevance: Relevance
     unmatched: int  # captions whose relevant ids are not in the index
 
-    def fused_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """w e(x1) + (1 - w) e(x2) of the kept items, a block of the stored vectors at a time (for the θ report)."""
-        d, w = self.index.store.manifest.dim, self.weight
+    def scores(self, queries: Embeddings) -> Iterator[tuple[int, np.ndarray]]:
+        """sim(q, x1, x2) of queries (c, d) with the kept items under the rule, a block of the stored vectors at a
+        time: the θ report's Scorer (metrics.py). An item missing a part repeats the other in its stored vector,
+        so it is scored on the part it has, as the index scores it."""
+        d = self.index.store.manifest.dim
         return (
-            (start, w * block[:, :d] + (1 - w) * block[:, d:])
+            (start, fused_scores(queries, block[:, :d], block[:, d:], self.fusion, self.weight))
             for start, block in _kept_blocks(self.vectors, self.keep, THRESHOLD_BLOCK_ROWS)
         )
 
 
-def labelled_queries(index_path: str | Path, pairs: Sequence[Pair], target: str, weight: float) -> LabelledQueries:
+def labelled_queries(
+    index_path: str | Path, pairs: Sequence[Pair], target: str, weight: float, fusion: str = "weighted"
+) -> LabelledQueries:
     """Open the index and embed the pairs' captions as queries; their relevant items are the indexed items with
-    the pair's id (or the ids in its `relevant` field)."""
+    the pair's id (or the ids in its `relevant` field). fusion applies to whole items (target item); an image or
+    caption search scores that part alone (weighted, w = 1 or 0)."""
+    if fusion not in FUSIONS:
+        raise RetrievalError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if target != "item" and fusion != "weighted":
+        raise RetrievalError(f"--fusion {fusion} scores whole items: it goes with --target item, not {target}")
     index = Index.open(index_path)
     fids, ids, has_image, has_text = index.store.id_table()
     keep = {"image": has_image, "text": has_text}.get(target, np.ones(len(fids), dtype=bool))
@@ -81,7 +93,8 @@ def labelled_queries(index_path: str | Path, pairs: Sequence[Pair], target: str,
     return LabelledQueries(
         index,
         target,
-        {"image": 1.0, "text": 0.0}.get(target, weight),
+        fusion,
+        {"image": 1.0, "text": 0.0}.get(target, 0.5 if fusion == "mean" else weight),
         keep,
         fids[keep],
         vectors,
@@ -143,7 +156,7 @@ def evaluate_index(
     if curves:
         report["curves"] = {direction: recall_curve(ranks, min(100, k))}
     if thresholds:
-        report["threshold"] = threshold_report(q.query_emb, q.fused_blocks, q.relevance, target_precision)
+        report["threshold"] = threshold_report(q.query_emb, q.scores, q.relevance, target_precision)
     return report
 
 

@@ -17,6 +17,7 @@ from retrieval.data.pairs import default_split_file, load_split_pairs
 from retrieval.errors import RetrievalError
 from retrieval.models.config import FINETUNE_LR, ModelConfig, preset, with_heads, with_image_tower, with_text_tower
 from retrieval.models.modeldir import hf_config, hf_name
+from retrieval.threads import prepare_openmp
 
 DONE_FILE = "train_done.json"  # written last: its presence says the run finished
 
@@ -55,6 +56,7 @@ def train_model(
     the result is a Hugging Face checkpoint in `out`, loadable as hf:<out>. Without any split file, every
     pair trains and the last epoch is kept.
     """
+    prepare_openmp()  # before torch loads, for Python callers (the CLI has done it)
     from retrieval.train.checkpoint import read_log  # torch-heavy; imported only by the commands that train
     from retrieval.train.loop import train
 

@@ -3,6 +3,7 @@
 `create_app` opens and warms the index (a `LiveIndex`, which picks up a new generation with no restart) and
 routes each request to it: the route takes one generation at its start, runs its work on the request threads,
 and answers from that generation throughout; errors become statuses in `http_errors`, never a 500 unless a bug.
+Searches that arrive together share one FAISS call (`Batcher`, answered in searches.py).
 
 Security is by construction: a file is only ever opened through an item's stored path, looked up by id, so
 no part of a request reaches the filesystem; the page's own files are read into memory at start-up. CORS is
@@ -17,18 +18,16 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
-from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, Request, UploadFile
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from retrieval.data.images import read_image
-from retrieval.index.format import Item
+from retrieval.errors import RetrievalError
 from retrieval.index.handle import Index
-from retrieval.index.search import Hit
+from retrieval.server.batcher import CALLS_AT_ONCE, MAX_BATCH, Batcher
 from retrieval.server.http_errors import add_error_handlers
 from retrieval.server.live import RELOAD_CHECK_S, Generation, LiveIndex
 from retrieval.server.media import (
@@ -57,7 +56,8 @@ from retrieval.server.schemas import (
     UploadQ,
     Weight,
 )
-from retrieval.server.threads import request_pool
+from retrieval.server.searches import Query, SearchCall, embed_upload, item_or_404, run_search, thumb_url
+from retrieval.server.threads import pool_threads, request_pool
 
 STATIC_DIR = Path(__file__).with_name("static")
 PAGE_FILES = {
@@ -92,11 +92,15 @@ def create_app(
     decode_pixels: int | None = None,
     body_timeout_s: float = BODY_TIMEOUT_S,
     reload_check_s: float = RELOAD_CHECK_S,
+    max_batch: int = MAX_BATCH,
 ) -> FastAPI:
     """Open and warm the index, then build the app. `allowed_hosts` None answers any Host header; `threads`
     (default: one per CPU core) is how many requests do their work at once, the rest wait their turn;
-    `decode_pixels` (default DECODES_AT_ONCE x max_upload_pixels) how many uploaded pixels decode at once."""
+    `decode_pixels` (default DECODES_AT_ONCE x max_upload_pixels) how many uploaded pixels decode at once;
+    `max_batch` how many concurrent searches one FAISS call answers at most (1: each its own)."""
     pool = request_pool(threads)  # first: it refuses a sqlite3 the threads cannot share, before a load
+    calls = CALLS_AT_ONCE if max_batch > 1 else pool_threads(threads)  # unbatched: one search a thread, as before
+    batcher = Batcher(run_search, pool, calls, max_batch)
     live = LiveIndex.open(index_path, model, reload_check_s)
     budget = PixelBudget(decode_pixels or DECODES_AT_ONCE * max_upload_pixels)
     settings = Settings(max_upload_bytes, max_upload_pixels, thumb_folder(Path(index_path)) if thumb_cache else None)
@@ -130,12 +134,13 @@ def create_app(
         theta: Theta = None,
         weight: Weight = defaults["weight"],
         target: TargetQ = defaults["target"],
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Text search (`q`), or "more like this" (`like`): R(q, D), best first."""
-        query = {"q": q, "like": like, "k": k, "theta": theta, "weight": weight, "target": target}
-        return await work(
-            run_search, gen.index, query, text=q, like=like, k=k, theta=theta, weight=weight, target=target
-        )
+        if (q is None) == (like is None):
+            raise RetrievalError("give exactly one query: q (a text) or like (an item id)")
+        echo = {"q": q, "like": like, "k": k, "theta": theta, "weight": weight, "target": target}
+        query = Query(echo, time.perf_counter(), text=q, like=like)
+        return await batcher(SearchCall.of(gen.index, k, theta, weight, target), query)
 
     @app.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
     async def search_image(
@@ -145,14 +150,14 @@ def create_app(
         theta: Theta = None,
         weight: Weight = defaults["weight"],
         target: TargetQ = defaults["target"],
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Search by an uploaded image."""
-        query = {"image": file.filename, "k": k, "theta": theta, "weight": weight, "target": target}
+        t0 = time.perf_counter()
+        echo = {"image": file.filename, "k": k, "theta": theta, "weight": weight, "target": target}
         pixels = await work(upload_pixels, file, settings)
-        async with budget.hold(min(pixels, budget.limit)):  # decoded and searched in one go, so no image waits
-            return await work(
-                search_upload, gen.index, file, settings, query, k=k, theta=theta, weight=weight, target=target
-            )
+        async with budget.hold(min(pixels, budget.limit)):  # decoded and embedded in one go, so no image waits
+            vector = await work(embed_upload, gen.index, file, settings)
+        return await batcher(SearchCall.of(gen.index, k, theta, weight, target), Query(echo, t0, vector=vector))
 
     @app.get("/api/items/{item_id:path}", response_model=ItemOut, responses=ERRORS)
     async def item(gen: Current, item_id: str) -> dict[str, Any]:
@@ -213,43 +218,6 @@ async def current_generation(request: Request) -> Generation:
 
 
 Current = Annotated[Generation, Depends(current_generation)]
-
-
-def run_search(index: Index, query: dict[str, Any], **search_args: Any) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    if search_args.get("like") is not None:
-        item_or_404(index, search_args["like"])  # a 404, where Index.search would say only "bad request"
-    hits = index.search(**search_args)
-    return {
-        "query": query,
-        "count": len(hits),
-        "took_ms": 1000 * (time.perf_counter() - t0),
-        "results": [hit_json(rank, hit) for rank, hit in enumerate(hits, 1)],
-    }
-
-
-def hit_json(rank: int, hit: Hit) -> dict[str, Any]:
-    return {"rank": rank, **hit.to_json(), "thumb": thumb_url(hit.id) if hit.path else None}
-
-
-def thumb_url(item_id: str) -> str:
-    return f"/api/thumb/{quote(item_id, safe='')}"
-
-
-def item_or_404(index: Index, item_id: str) -> Item:
-    item = index.store.items_by_id([item_id]).get(item_id)
-    if item is None:
-        raise HTTPException(404, f"no item with id {item_id!r} in this index")
-    return item
-
-
-def search_upload(
-    index: Index, file: UploadFile, settings: Settings, query: dict[str, Any], **search_args: Any
-) -> dict[str, Any]:
-    """Decode an upload as an indexed file is decoded (one path: `read_image`, straight from the upload's bytes,
-    the pixel bound read from the header) and search with it; the image is dropped as soon as it is embedded."""
-    image = read_image(file.file, "the uploaded image", index.model().transform.size_hint, settings.max_upload_pixels)
-    return run_search(index, query, image=image, **search_args)
 
 
 def _page(body: bytes, media: str) -> Any:

@@ -9,6 +9,7 @@ its start and answers from it throughout, and none waits for a load.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -38,9 +39,23 @@ class Generation:
 
 
 def load(index: Index) -> Generation:
-    """A freshly opened index, warmed and counted before any request sees it."""
+    """A freshly opened index, warmed and counted before any request sees it, and set aside from the garbage
+    collector's full passes (`settle`)."""
     warm(index)
-    return Generation(index, loaded_counts(index))
+    generation = Generation(index, loaded_counts(index))
+    settle()
+    return generation
+
+
+def settle() -> None:
+    """Keep what is loaded out of the garbage collector's full passes (gc.freeze). A 100k-item index is about 150k
+    Python objects, and a full pass over them took 190 ms, every request waiting: under load one came about every
+    second (HNSW, 32 clients: p99 176 ms where p90 was 54). A reload hands back what the last freeze kept and
+    collects it first (one full pass), so the cycles of a generation replaced since are freed, not kept."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
+        gc.collect()
+    gc.freeze()
 
 
 def warm(index: Index) -> None:

@@ -46,7 +46,8 @@ class HitOut(BaseModel):
 class SearchOut(BaseModel):
     query: dict[str, Any]
     count: int
-    took_ms: float
+    took_ms: float  # from the request's start to its answer, waiting for its turn included
+    batch: int  # the requests answered by the FAISS call that answered this one
     results: list[HitOut]
 
 

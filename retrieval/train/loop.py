@@ -27,6 +27,7 @@ from retrieval.errors import RetrievalError
 from retrieval.models.config import ModelConfig, TrainConfig
 from retrieval.models.encoder import Encoder, use_bf16
 from retrieval.progress import progress_bar
+from retrieval.threads import ThreadFit
 from retrieval.train.augment import augment_batch
 from retrieval.train.bank import as_tensor, bank_images
 from retrieval.train.batches import batch_captions, epoch_batches, stream_seed
@@ -79,111 +80,118 @@ def train(
     if not train_pairs:
         raise RetrievalError("no training pairs with both an image and a caption; check the manifest and split")
     torch.manual_seed(train_cfg.seed)
-    state = load_state(out) if resume else None
-    model = build_model(model_cfg, train_cfg, train_pairs, state, init, freeze)
-    # torch's stubs lack Module.to's memory_format overload, which it takes at runtime
-    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    train_bank, val_bank = (
-        bank_images(train_pairs, model.transform, progress),
-        bank_images(val_pairs, model.transform, progress),
-    )
-    if len(train_bank.images) < 2:
-        raise RetrievalError(f"only {len(train_bank.images)} readable training image(s); need at least 2")
-
-    opt = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    start_epoch, best, elapsed_before = 0, -1.0, 0.0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, best, elapsed_before = state["epoch"] + 1, state["best"], state["elapsed"]
-    text_cache = None
-    if model.text_locked:
-        text_cache = TextCache(model, (c for p in train_bank.pairs + val_bank.pairs for c in p.captions), progress)
-    out.mkdir(parents=True, exist_ok=True)
-    trim_log(out, start_epoch)
-
-    images = as_tensor(train_bank.images)  # (N, 3, S', S') uint8
-    augmentation = train_cfg.augmentation if train_cfg.augment else None
-    batch_size = min(train_cfg.batch_size, len(images))
-    steps_per_epoch = len(images) // batch_size
-    total_steps = steps_per_epoch * train_cfg.epochs
-    budget = max_minutes * 60 if max_minutes else math.inf
-    bf16 = use_bf16(train_cfg.bf16)
-    t0 = time.monotonic() - elapsed_before
-    image_cache = val_cache = None
-    if getattr(model, "image_cacheable", False):
-        views_seed = stream_seed(train_cfg.seed, "cached views")
-        image_cache = ImageCache(model, images, train_cfg.views, augmentation, views_seed, bf16, progress)
-        if val_bank.images:
-            val_cache = ImageCache(model, as_tensor(val_bank.images), 1, None, views_seed, bf16, progress)
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, train_cfg.epochs):
-        generator = torch.Generator().manual_seed(stream_seed(train_cfg.seed, "draws", epoch))  # augmentation, captions
-        model.train()
-        losses, n_pairs, t_epoch = [], 0, time.monotonic()
-        bar = progress_bar(
-            epoch_batches(len(images), batch_size, train_cfg.seed, epoch),
-            desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
-            disable=not progress,
-            leave=False,
+    with ThreadFit() as threads:  # as many threads as cores other jobs leave free, re-counted as steps run
+        threads.update()
+        state = load_state(out) if resume else None
+        model = build_model(model_cfg, train_cfg, train_pairs, state, init, freeze)
+        # torch's stubs lack Module.to's memory_format overload, which it takes at runtime
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        train_bank, val_bank = (
+            bank_images(train_pairs, model.transform, progress),
+            bank_images(val_pairs, model.transform, progress),
         )
-        for rows in bar:
-            progress_frac = max(step / total_steps, (time.monotonic() - t0) / budget)
-            if progress_frac >= 1:
+        if len(train_bank.images) < 2:
+            raise RetrievalError(f"only {len(train_bank.images)} readable training image(s); need at least 2")
+
+        opt = torch.optim.AdamW(
+            param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=(0.9, 0.98), eps=1e-6
+        )
+        start_epoch, best, elapsed_before = 0, -1.0, 0.0
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            start_epoch, best, elapsed_before = state["epoch"] + 1, state["best"], state["elapsed"]
+        text_cache = None
+        if model.text_locked:
+            text_cache = TextCache(model, (c for p in train_bank.pairs + val_bank.pairs for c in p.captions), progress)
+        out.mkdir(parents=True, exist_ok=True)
+        trim_log(out, start_epoch)
+
+        images = as_tensor(train_bank.images)  # (N, 3, S', S') uint8
+        augmentation = train_cfg.augmentation if train_cfg.augment else None
+        batch_size = min(train_cfg.batch_size, len(images))
+        steps_per_epoch = len(images) // batch_size
+        total_steps = steps_per_epoch * train_cfg.epochs
+        budget = max_minutes * 60 if max_minutes else math.inf
+        bf16 = use_bf16(train_cfg.bf16)
+        t0 = time.monotonic() - elapsed_before
+        image_cache = val_cache = None
+        if getattr(model, "image_cacheable", False):
+            views_seed = stream_seed(train_cfg.seed, "cached views")
+            image_cache = ImageCache(model, images, train_cfg.views, augmentation, views_seed, bf16, progress)
+            if val_bank.images:
+                val_cache = ImageCache(model, as_tensor(val_bank.images), 1, None, views_seed, bf16, progress)
+        step = start_epoch * steps_per_epoch
+        for epoch in range(start_epoch, train_cfg.epochs):
+            seed = stream_seed(train_cfg.seed, "draws", epoch)
+            generator = torch.Generator().manual_seed(seed)  # augmentation, captions
+            model.train()
+            losses, n_pairs, t_epoch = [], 0, time.monotonic()
+            bar = progress_bar(
+                epoch_batches(len(images), batch_size, train_cfg.seed, epoch),
+                desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+                disable=not progress,
+                leave=False,
+            )
+            for rows in bar:
+                progress_frac = max(step / total_steps, (time.monotonic() - t0) / budget)
+                if progress_frac >= 1:
+                    break
+                threads.update()
+                for g in opt.param_groups:
+                    g["lr"] = train_cfg.lr * lr_factor(progress_frac, train_cfg.warmup_fraction)
+                if image_cache is not None:
+                    image_input, image_features = image_cache.sample(rows, generator), model.image_features_from_locked
+                else:
+                    image_input = augment_batch(
+                        images[rows],
+                        model.transform.size,
+                        model.transform.mean,
+                        model.transform.std,
+                        augmentation,
+                        generator,
+                    )
+                    image_features = model.image_features
+                texts, owner = batch_captions(train_bank.pairs, rows, train_cfg.all_captions, generator)
+                text = text_cache(texts) if text_cache is not None else torch.from_numpy(model.tokenize(texts))
+                loss = _step(model, opt, image_features, image_input, text, owner, train_cfg, bf16)
+                losses.append(loss)
+                n_pairs += len(rows)
+                step += 1
+                bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{n_pairs / (time.monotonic() - t_epoch):.0f}")
+            bar.close()
+            report = (
+                evaluate_bank(model, val_bank, train_cfg.eval_batch_size, text_cache, val_cache)
+                if val_bank.images
+                else None
+            )
+            score = selection_score(report) if report else float(epoch)
+            saved = is_best(score, best)
+            if saved:
+                best = score
+                model.save(out)
+            entry = {
+                "epoch": epoch + 1,
+                "step": step,
+                "loss": float(np.mean(losses)) if losses else None,
+                "lr": opt.param_groups[0]["lr"],
+                "inverse_temperature": model.inverse_temperature().item(),
+                "pairs_per_s": n_pairs / max(1e-9, time.monotonic() - t_epoch),
+                "bf16": bf16,
+                "threads": threads.threads,
+                "elapsed_s": time.monotonic() - t0,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "val": report,
+                "best": saved,  # this epoch's model is the one in `out` (is_best)
+                "skipped_images": len(train_bank.skipped) + len(val_bank.skipped),
+            }
+            append_log(out, entry)
+            save_state(out, model, opt, epoch, best, time.monotonic() - t0, train_cfg)
+            if on_epoch:
+                on_epoch(entry)
+            if step >= total_steps or time.monotonic() - t0 >= budget:
                 break
-            for g in opt.param_groups:
-                g["lr"] = train_cfg.lr * lr_factor(progress_frac, train_cfg.warmup_fraction)
-            if image_cache is not None:
-                image_input, image_features = image_cache.sample(rows, generator), model.image_features_from_locked
-            else:
-                image_input = augment_batch(
-                    images[rows],
-                    model.transform.size,
-                    model.transform.mean,
-                    model.transform.std,
-                    augmentation,
-                    generator,
-                )
-                image_features = model.image_features
-            texts, owner = batch_captions(train_bank.pairs, rows, train_cfg.all_captions, generator)
-            text = text_cache(texts) if text_cache is not None else torch.from_numpy(model.tokenize(texts))
-            loss = _step(model, opt, image_features, image_input, text, owner, train_cfg, bf16)
-            losses.append(loss)
-            n_pairs += len(rows)
-            step += 1
-            bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{n_pairs / (time.monotonic() - t_epoch):.0f}")
-        bar.close()
-        report = (
-            evaluate_bank(model, val_bank, train_cfg.eval_batch_size, text_cache, val_cache)
-            if val_bank.images
-            else None
-        )
-        score = selection_score(report) if report else float(epoch)
-        saved = is_best(score, best)
-        if saved:
-            best = score
-            model.save(out)
-        entry = {
-            "epoch": epoch + 1,
-            "step": step,
-            "loss": float(np.mean(losses)) if losses else None,
-            "lr": opt.param_groups[0]["lr"],
-            "inverse_temperature": model.inverse_temperature().item(),
-            "pairs_per_s": n_pairs / max(1e-9, time.monotonic() - t_epoch),
-            "bf16": bf16,
-            "elapsed_s": time.monotonic() - t0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "val": report,
-            "best": saved,  # this epoch's model is the one in `out` (is_best)
-            "skipped_images": len(train_bank.skipped) + len(val_bank.skipped),
-        }
-        append_log(out, entry)
-        save_state(out, model, opt, epoch, best, time.monotonic() - t0, train_cfg)
-        if on_epoch:
-            on_epoch(entry)
-        if step >= total_steps or time.monotonic() - t0 >= budget:
-            break
-    write_skipped(out, train_bank.skipped + val_bank.skipped)
-    return out
+        write_skipped(out, train_bank.skipped + val_bank.skipped)
+        return out
 
 
 def _step(

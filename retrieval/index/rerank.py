@@ -1,0 +1,150 @@
+"""flat16: exact top-k and θ from a scan of half-precision vectors, re-ranked against the fp32 ones.
+
+A flat scan is bound by memory bandwidth, so scanning fp16 copies of the fused vectors (QT_fp16 codes in
+FAISS, see faiss_ops.is_flat16) takes about half the time of an fp32 scan. Its scores are off by a little;
+the candidates it returns are then scored again from the fp32 vectors the store memory-maps (vectors.npy).
+A bound on the scan's error says how far down its list an item could still belong to the answer, so the
+re-ranked top-k and θ sets are those of an fp32 scan, not approximately. The fp32 score is FAISS's
+fvec_inner_product, the one a flat index computes with an item filter; without one, flat sums in another
+order, which can differ in the last bit (so a flat index's own answers can differ that much too).
+
+The bound, for a query q (D dimensions) and any stored item x of norm at most N, u = 2^-24 the fp32 unit
+roundoff and γ_D = Du / (1 - Du): fp16 rounds each component to within 2^-11 of itself (2^-25 absolute
+below 2^-14, where fp16 is subnormal), and an fp32 dot product of D terms, summed in any order, is within
+γ_D Σ|q_i x_i| of the true one (Higham, Accuracy and Stability of Numerical Algorithms, 3.1). The scan's
+score of x and its fp32 score then differ by at most (Cauchy-Schwarz for Σ|q_i x_i| <= ‖q‖ N)
+    ε(q) = (2^-11 + γ_D (2 + 2^-11)) ‖q‖ N + (1 + γ_D) 2^-25 ‖q‖₁,
+taken 1% larger for the arithmetic of the bound itself. No torch here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+from itertools import pairwise
+from typing import Any, TypeAlias
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from retrieval.arrays import Vectors
+
+FP16_RELATIVE = 2.0**-11  # fp16 keeps 11 significant bits: rounding moves a normal value by at most this fraction
+FP16_SUBNORMAL = 2.0**-25  # half the spacing of fp16's subnormals (below 2^-14): the most one moves absolutely
+FP32_ROUNDOFF = 2.0**-24
+BOUND_SLACK = 1.01  # the bound, rounded up for the float arithmetic that computes it
+CANDIDATES = 32  # top-k asks the scan for 2k + this many: on clustered vectors at 1M the bound then holds for
+# every query measured, so the fallback (a range search below the k-th score) is rare
+NO_RESULT = -np.finfo(np.float32).max  # FAISS's score beside id -1 in an inner-product search
+
+RowsOf = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.int64]]  # fids -> rows of the fp32 vectors
+
+
+def score_error_bound(qv: np.ndarray, max_norm: float) -> npt.NDArray[np.float64]:
+    """ε per query of qv (nq, D): how far the fp16 scan's score of any item of norm <= max_norm can be from its
+    fp32 score (see the module docstring)."""
+    qv = np.asarray(qv, dtype=np.float64)
+    dim = qv.shape[1]
+    gamma = dim * FP32_ROUNDOFF / (1 - dim * FP32_ROUNDOFF)
+    relative = FP16_RELATIVE + gamma * (2 + FP16_RELATIVE)
+    eps = relative * np.linalg.norm(qv, axis=1) * max_norm + (1 + gamma) * FP16_SUBNORMAL * np.abs(qv).sum(axis=1)
+    return eps * BOUND_SLACK  # (nq,)
+
+
+def floor32(x: float) -> float:
+    """The largest float32 at or below x: FAISS takes a radius as float32, and rounding up would drop items."""
+    y = np.float32(x)
+    return float(np.nextafter(y, np.float32(-np.inf)) if float(y) > x else y)  # float(y): compared in float64
+
+
+def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (score, id) pairs, best first, equal scores by ascending id; id -1 (no result) left out."""
+    found = ids >= 0
+    scores, ids = scores[found], ids[found]
+    order = np.lexsort((ids, -scores))[:k]
+    return scores[order], ids[order]
+
+
+class Reranked:
+    """A flat16 index as `ranked` asks it: `search` and `range_search` with FAISS's signatures and results,
+    answered by the fp16 scan and re-ranked exactly from the fp32 vectors; `index` is the scan alone."""
+
+    def __init__(self, index: faiss.Index, vectors: Vectors, rows_of: RowsOf):
+        self.index = index  # the fp16 scan (faiss_ops.is_flat16): answers with fids
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (n, D) fp32, rows in fid order (no copy)
+        self.rows_of = rows_of  # raises IndexChanged for a fid the vectors do not hold
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @cached_property
+    def max_norm(self) -> float:
+        """N in the bound: the largest stored vector's norm (√2 for unit parts). One pass over the vectors, once."""
+        if not len(self.vectors):
+            return 0.0
+        squares = np.empty(len(self.vectors), dtype=np.float32)
+        faiss.fvec_norms_L2sqr(  # type: ignore[attr-defined]  # not in faiss's stubs
+            faiss.swig_ptr(squares), faiss.swig_ptr(self.vectors), self.vectors.shape[1], len(self.vectors)
+        )
+        return float(np.sqrt(squares.max(), dtype=np.float64))
+
+    def exact_scores(self, qv: np.ndarray, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """(nq, m) fp32 inner products of query j with the items ids[j] (-1: NO_RESULT). FAISS's
+        fvec_inner_product scores each pair on its own, so a score never depends on the other candidates."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        found = ids >= 0
+        rows = np.full(ids.shape, -1, dtype=np.int64)
+        rows[found] = self.rows_of(ids[found])
+        out = np.full(ids.shape, NO_RESULT, dtype=np.float32)
+        faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's stubs
+            faiss.swig_ptr(out),
+            faiss.swig_ptr(qv),
+            faiss.swig_ptr(self.vectors),
+            faiss.swig_ptr(rows),
+            qv.shape[1],
+            ids.shape[0],
+            ids.shape[1],
+        )
+        out[~found] = NO_RESULT
+        return out
+
+    def search(self, qv: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (nq, k), best first: the exact top k. The scan's 2k + 32 best are re-ranked; when
+        the last of them could still beat the k-th re-ranked score (its scan score + ε >= it), every item the
+        scan puts above (k-th score - ε) is re-ranked instead, which holds each item that could score as high."""
+        qv = np.ascontiguousarray(qv, dtype=np.float32)
+        wanted = max(1, min(self.ntotal, 2 * k + CANDIDATES))
+        approx, ids = self.index.search(qv, wanted, params=params)  # (nq, wanted) each
+        scores, eps = self.exact_scores(qv, ids), score_error_bound(qv, self.max_norm)
+        out_scores = np.full((len(qv), k), NO_RESULT, dtype=np.float32)
+        out_ids = np.full((len(qv), k), -1, dtype=np.int64)
+        for j in range(len(qv)):
+            best, best_ids = top_k(scores[j], ids[j], k)
+            complete = ids[j, -1] < 0 or wanted == self.ntotal  # the scan returned every item it may
+            if not complete and approx[j, -1] + eps[j] >= best[-1]:
+                _, _, more = self.index.range_search(qv[j : j + 1], floor32(best[-1] - eps[j]), params=params)
+                best, best_ids = top_k(self.exact_scores(qv[j : j + 1], more[None])[0], more, k)
+            out_scores[j, : len(best)], out_ids[j, : len(best)] = best, best_ids
+        return out_scores, out_ids
+
+    def range_search(self, qv: np.ndarray, theta: float, params: Any = None) -> tuple[np.ndarray, ...]:
+        """(lims, scores, ids) as FAISS gives them: every item whose fp32 score is above θ (strictly, θ as FAISS
+        takes it, in float32). The scan's range search at θ - ε holds them all; re-ranking keeps those above θ."""
+        qv = np.ascontiguousarray(qv, dtype=np.float32)
+        eps = score_error_bound(qv, self.max_norm)
+        lims, _, ids = self.index.range_search(qv, floor32(theta - float(eps.max())), params=params)
+        bounds = lims.tolist()
+        scores = np.concatenate(
+            [np.zeros(0, np.float32)]
+            + [self.exact_scores(qv[j : j + 1], ids[a:b][None])[0] for j, (a, b) in enumerate(pairwise(bounds))]
+        )
+        keep = scores > np.float32(theta)
+        ends = np.asarray(lims, dtype=np.int64)
+        query = np.repeat(np.arange(len(qv)), ends[1:] - ends[:-1])  # each result's query
+        counts = np.bincount(query[keep], minlength=len(qv))
+        return np.concatenate([[0], np.cumsum(counts)]).astype(lims.dtype), scores[keep], ids[keep]
+
+
+Searchable: TypeAlias = faiss.Index | Reranked  # what IndexStore.searcher returns and `ranked` asks
