@@ -166,13 +166,16 @@ QUERIES: list[dict[str, Any]] = [
     *({"like": f"synth-0000{i:02d}", "k": 10} for i in range(10, 16)),
     {"like": "synth-000011", "k": 5, "target": "text"},
     {"like": "synth-000012", "k": 40, "theta": 0.3},
+    {"q": "a large green square", "k": 10, "fusion": "max"},  # other rules: calls of their own
+    {"q": "a large green square", "k": 10, "fusion": "min"},
+    {"like": "synth-000013", "k": 20, "theta": 0.3, "fusion": "max"},
 ]
 FAILING: list[tuple[dict[str, Any], int]] = [({"like": "no such item", "k": 10}, 404), ({"q": "   ", "k": 10}, 422)]
 
 
 def expected_hits(index, params: dict[str, Any]) -> list:
     args = {"k": params["k"], "theta": params.get("theta"), "weight": params.get("weight", 0.5)}
-    args["target"] = params.get("target", "item")
+    args["target"], args["fusion"] = params.get("target", "item"), params.get("fusion", "weighted")
     return index.search(text=params.get("q"), like=params.get("like"), **args)
 
 
@@ -220,6 +223,7 @@ def test_concurrent_mixed_requests_get_the_one_at_a_time_answers(
                 "theta": None,
                 "weight": 0.5,
                 "target": "item",
+                "fusion": "weighted",
                 **QUERIES[i],
             }
     assert max(body.get("batch", 0) for _, body in got) > 1  # searches did share calls

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,6 +170,22 @@ def test_search_in_the_browser(server: str, browser, tmp_path: Path, synth_data:
     page.locator("#theta").fill("-1")
     expect(page.locator("#theta-out")).to_have_text("off")
     expect(results).to_have_count(10)
+
+    # fusion: under max an item scores its better part; the page asks for it and shows what the API answers
+    page.select_option("#fusion", "max")
+    expect(page.locator("#weight")).to_be_disabled()  # only the weighted rule takes w
+    expect(page.locator("#weight-help")).to_contain_text("better of image and caption")
+    expect(page).to_have_url(re.compile(r"fusion=max"))
+    text = urllib.parse.quote("a small red circle left of a large blue square")
+    answer = json.loads(get(f"{server}/api/search?q={text}&k=10&fusion=max")[1])["results"]
+    expect(results.first).to_contain_text(answer[0]["caption"])  # the page waited for the max answer
+    assert scores(page) == pytest.approx([r["score"] for r in answer], abs=0.0006)  # shown to three decimals
+    assert all(
+        r["score"] == pytest.approx(max(s for s in (r["image_score"], r["text_score"]) if s is not None))
+        for r in answer
+    )
+    page.select_option("#fusion", "weighted")
+    expect(page.locator("#weight")).to_be_enabled()
 
     # keyboard: the first result opens with Enter, shows its captions, and Escape closes it
     results.first.locator(".open").focus()

@@ -45,6 +45,7 @@ from retrieval.server.media import (
 from retrieval.server.schemas import (
     ERRORS,
     MAX_K,
+    FusionQ,
     Health,
     ItemOut,
     K,
@@ -134,13 +135,14 @@ def create_app(
         theta: Theta = None,
         weight: Weight = defaults["weight"],
         target: TargetQ = defaults["target"],
+        fusion: FusionQ = "weighted",
     ) -> JSONResponse:
         """Text search (`q`), or "more like this" (`like`): R(q, D), best first."""
         if (q is None) == (like is None):
             raise RetrievalError("give exactly one query: q (a text) or like (an item id)")
-        echo = {"q": q, "like": like, "k": k, "theta": theta, "weight": weight, "target": target}
+        echo = {"q": q, "like": like, "k": k, "theta": theta, "weight": weight, "target": target, "fusion": fusion}
         query = Query(echo, time.perf_counter(), text=q, like=like)
-        return await batcher(SearchCall.of(gen.index, k, theta, weight, target), query)
+        return await batcher(SearchCall.of(gen.index, k, theta, weight, target, fusion), query)
 
     @app.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
     async def search_image(
@@ -150,14 +152,16 @@ def create_app(
         theta: Theta = None,
         weight: Weight = defaults["weight"],
         target: TargetQ = defaults["target"],
+        fusion: FusionQ = "weighted",
     ) -> JSONResponse:
         """Search by an uploaded image."""
         t0 = time.perf_counter()
-        echo = {"image": file.filename, "k": k, "theta": theta, "weight": weight, "target": target}
+        echo = {"image": file.filename, "k": k, "theta": theta, "weight": weight, "target": target, "fusion": fusion}
         pixels = await work(upload_pixels, file, settings)
         async with budget.hold(min(pixels, budget.limit)):  # decoded and embedded in one go, so no image waits
             vector = await work(embed_upload, gen.index, file, settings)
-        return await batcher(SearchCall.of(gen.index, k, theta, weight, target), Query(echo, t0, vector=vector))
+        call = SearchCall.of(gen.index, k, theta, weight, target, fusion)
+        return await batcher(call, Query(echo, t0, vector=vector))
 
     @app.get("/api/items/{item_id:path}", response_model=ItemOut, responses=ERRORS)
     async def item(gen: Current, item_id: str) -> dict[str, Any]:

@@ -22,6 +22,10 @@ Theta = Annotated[
 ]
 Weight = Annotated[float, Query(ge=0, le=1, description="w in sim = w cos(q, image) + (1-w) cos(q, caption).")]
 TargetQ = Annotated[Target, Query(description="Match whole items (fused), images only, or captions only.")]
+Fusion = Literal["mean", "weighted", "max", "min"]  # choices.FUSIONS, as a type the spec shows
+FusionQ = Annotated[
+    Fusion, Query(description="Whole items: weighted by w, mean, max (image or caption) or min (image and caption).")
+]
 TextQ = Annotated[str | None, Query(max_length=MAX_QUERY_CHARS, description="Text query.")]
 LikeQ = Annotated[str | None, Query(description="An indexed item's id: more like this.")]
 UploadQ = Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, ...).")]

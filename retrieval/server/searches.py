@@ -42,11 +42,14 @@ class SearchCall:
     margin: float | None
     weight: float
     target: str
+    fusion: str = "weighted"
 
     @classmethod
-    def of(cls, index: Index, k: int, theta: float | None, weight: float, target: str) -> SearchCall:
-        theta, margin = (theta, None) if theta is not None else index.calibrated(target, weight)
-        return cls(index, k, theta, margin, weight, target)
+    def of(
+        cls, index: Index, k: int, theta: float | None, weight: float, target: str, fusion: str = "weighted"
+    ) -> SearchCall:
+        theta, margin = (theta, None) if theta is not None else index.calibrated(target, weight, fusion)
+        return cls(index, k, theta, margin, weight, target, fusion)
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,7 +69,9 @@ def run_search(call: SearchCall, queries: list[Query]) -> list[JSONResponse | Ex
     vectors = embedded(call.index, queries)
     found = [v for v in vectors if not isinstance(v, Exception)]
     hits = iter(
-        call.index.search_vectors(np.stack(found), call.k, call.theta, call.weight, call.target, margin=call.margin)
+        call.index.search_vectors(
+            np.stack(found), call.k, call.theta, call.weight, call.target, margin=call.margin, fusion=call.fusion
+        )
         if found
         else []
     )

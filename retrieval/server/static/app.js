@@ -6,6 +6,7 @@ const $ = (id) => document.getElementById(id);
 const els = {
   form: $("search-form"), q: $("q"), imageInput: $("image-input"), imageLabel: $("image-label"),
   target: $("target"), k: $("k"), theta: $("theta"), weight: $("weight"), weightControl: $("weight-control"),
+  fusion: $("fusion"), weightHelp: $("weight-help"),
   kOut: $("k-out"), thetaOut: $("theta-out"), weightOut: $("weight-out"),
   queryBar: $("query-bar"), queryImage: $("query-image"), queryLabel: $("query-label"), clear: $("clear-query"),
   status: $("status"), error: $("error"), results: $("results"),
@@ -13,6 +14,12 @@ const els = {
   itemCaptions: $("item-captions"), itemExtra: $("item-extra"), itemLike: $("item-like"), drop: $("drop-overlay"),
 };
 const THETA_OFF = -1; // the slider's far left: no threshold, top k only
+const FUSION_HELP = {
+  weighted: "score = w·image + (1−w)·caption",
+  mean: "score = (image + caption) / 2",
+  max: "score = the better of image and caption",
+  min: "score = the worse of image and caption: both must match",
+};
 let info = null;
 let query = null; // {kind: "text", q} | {kind: "like", id} | {kind: "image", file, url}
 let inFlight = null; // AbortController of the running request
@@ -35,14 +42,19 @@ function updateOutputs() {
   const t = thetaValue();
   els.thetaOut.textContent = t === null ? "off" : t.toFixed(2);
   els.weightOut.textContent = Number(els.weight.value).toFixed(2);
-  els.weight.disabled = els.target.value !== "item";
+  els.fusion.disabled = els.target.value !== "item";
+  els.weight.disabled = els.target.value !== "item" || els.fusion.value !== "weighted"; // only weighted takes w
+  els.weightHelp.textContent = FUSION_HELP[els.fusion.value];
 }
 
 function searchParams() {
   const p = new URLSearchParams({ k: els.k.value, target: els.target.value });
   const t = thetaValue();
   if (t !== null) p.set("theta", String(t));
-  if (els.target.value === "item") p.set("weight", els.weight.value);
+  if (els.target.value === "item") {
+    p.set("fusion", els.fusion.value);
+    if (els.fusion.value === "weighted") p.set("weight", els.weight.value);
+  }
   return p;
 }
 
@@ -187,7 +199,7 @@ function bind() {
     if (!q) { showError("Type some words to search, or choose an image."); els.q.focus(); return; }
     setQuery({ kind: "text", q }, "");
   });
-  for (const input of [els.k, els.theta, els.weight, els.target]) input.addEventListener("input", onControlChange);
+  for (const input of [els.k, els.theta, els.weight, els.target, els.fusion]) input.addEventListener("input", onControlChange);
   els.imageInput.addEventListener("change", () => { searchImage(els.imageInput.files[0]); els.imageInput.value = ""; });
   els.imageLabel.addEventListener("keydown", (e) => {
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); els.imageInput.click(); }
@@ -230,6 +242,8 @@ function applyDefaults(defaults, url) {
   els.k.value = url.get("k") ?? defaults.k;
   els.theta.value = url.get("theta") ?? defaults.theta ?? THETA_OFF;
   els.weight.value = url.get("weight") ?? defaults.weight;
+  const fusion = url.get("fusion") ?? "weighted";
+  if ([...els.fusion.options].some((o) => o.value === fusion)) els.fusion.value = fusion;
   const target = url.get("target") ?? defaults.target;
   if ([...els.target.options].some((o) => o.value === target)) els.target.value = target;
   const { with_image, with_text } = info.counts;
