@@ -99,7 +99,7 @@ def free_port() -> int:
 
 
 def start_server(
-    index: Path, port: int, log: Path, started: list[subprocess.Popen], max_batch: int
+    index: Path, port: int, log: Path, started: list[subprocess.Popen], max_batch: int = 64
 ) -> tuple[subprocess.Popen, float]:
     """The real command; returns once /api/health answers, with the seconds that took. Kept in `started`,
     so the caller kills every server it started, whatever fails."""
