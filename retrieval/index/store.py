@@ -199,15 +199,15 @@ class IndexStore(ItemDatabase):
         on-disk index always are), so the OS pages in only the lists a query probes.
         """
         if self._faiss is None:
-            self._faiss = self._faiss_file()
-        if self._faiss is None:
-            fids, vectors = self.vectors
-            self._check_budget(vectors.nbytes, "rebuilding the FAISS index in memory (its file is stale or missing)")
-            self._faiss = build_faiss(
-                np.ascontiguousarray(vectors), fids, self.manifest.index_type, self.manifest.params
-            )
-        use_blas_from(self._faiss.d)
+            from_file = self._faiss_file()
+            self._faiss = from_file if from_file is not None else self._faiss_in_memory()
+            use_blas_from(self._faiss.d)  # once per load: the threshold suits the index being searched
         return self._faiss
+
+    def _faiss_in_memory(self) -> FaissIndex:
+        fids, vectors = self.vectors
+        self._check_budget(vectors.nbytes, "rebuilding the FAISS index in memory (its file is stale or missing)")
+        return build_faiss(np.ascontiguousarray(vectors), fids, self.manifest.index_type, self.manifest.params)
 
     def _faiss_file(self) -> FaissIndex | None:
         """The FAISS file, its search knobs set, when it reflects the database as it is now, else None (stale,
