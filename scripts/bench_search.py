@@ -19,8 +19,9 @@ For each N and index type, on the same index object:
   type and knob, and what each rule answers against the exact answer under that rule (`exact=True`);
 - with --model: a cold `retrieval search --text` end to end (a fresh process) on a real 10k-item index.
 Vectors are unit vectors clustered on a 32-dimensional subspace of R^dim, as real embeddings are: uniform
-random vectors are a worst case for ANN recall. Single queries run on one thread (as fast as two here),
-builds and batches on two. Prints a table and writes JSON.
+random vectors are a worst case for ANN recall. Single queries run on the threads our path gives them
+(search_threads: one, but a flat16 scan of 200k items or more splits between two), builds and batches on two.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
-from retrieval.index.search import query_vectors, ranked
+from retrieval.index.search import query_vectors, ranked, search_threads
 from retrieval.index.store import IndexStore
 
 KNOBS = {"hnsw": ("ef_search", (64, 128, 256)), "ivf": ("nprobe", (16, 64, 256))}
@@ -126,7 +127,8 @@ def bench_type(
             index.tune(**{knob: value})
         raw = store.faiss  # the FAISS index alone (flat16: its fp16 scan, without the re-rank)
         tag = f"{prefix} {index_type}" + (f" {knob}={value}" if knob else "")
-        faiss.omp_set_num_threads(1)
+        faiss.omp_set_num_threads(2)
+        faiss.omp_set_num_threads(search_threads(store.searcher(None)[0], 1))  # raw runs on the threads ours does
         rows += side_by_side(
             f"{tag} top-10",
             lambda r, raw=raw: raw.search(qv[r : r + 1], 10),  # this knob value's searcher, bound now

@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from retrieval.atomic import save_npy
 from retrieval.cli.main import main
+from retrieval.index import search
+from retrieval.index.faiss_ops import FLAT16_LISTS
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
 from retrieval.index.rerank import CANDIDATES, Reranked, floor32, score_error_bound
-from retrieval.index.search import Hit, query_vectors
+from retrieval.index.search import Hit, query_vectors, search_threads
 from retrieval.index.store import IndexStore
 
 
@@ -119,12 +122,47 @@ def tied_order(hits) -> list[str]:
 def test_flat16_stores_half_and_searches_through_the_reranker(clustered) -> None:
     flat, flat16 = clustered
     store = flat16.store
-    assert isinstance(faiss.downcast_index(store.faiss.index), faiss.IndexIVFScalarQuantizer)
+    scan = store.faiss
+    assert isinstance(scan, faiss.IndexIVFScalarQuantizer) and scan.nlist == FLAT16_LISTS
+    assert scan.nprobe == FLAT16_LISTS and scan.parallel_mode == 1  # every list, split between threads
+    sizes = [scan.invlists.list_size(j) for j in range(scan.nlist)]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 1500  # dealt round-robin: even work per thread
     assert store.manifest.faiss_bytes < 0.6 * flat.store.manifest.faiss_bytes
     searchers = {store.searcher(column, exact)[0] for column in (None, "image_key") for exact in (False, True)}
     assert len(searchers) == 1 and isinstance(searchers.pop(), Reranked)  # one, its max norm found once
     q = unit(np.random.default_rng(2).standard_normal(32))
     assert flat16.search_vector(q, k=7, exact=True) == flat16.search_vector(q, k=7)
+
+
+def test_a_flat16_file_of_one_list_still_answers_as_flat(clustered, tmp_path: Path) -> None:
+    """flat16 files written before the parallel lists hold IDMap2,IVF1,SQfp16: opened, they answer as flat."""
+    flat, flat16 = clustered
+    shutil.copytree(flat16.store.path, tmp_path / "old")
+    store = IndexStore.open(tmp_path / "old")
+    fids, vectors = store.vectors
+    old = faiss.index_factory(vectors.shape[1], "IDMap2,IVF1,SQfp16", faiss.METRIC_INNER_PRODUCT)
+    inner = faiss.downcast_index(old.index)
+    inner.by_residual = False
+    inner.quantizer.add(np.zeros((1, vectors.shape[1]), dtype=np.float32))
+    inner.is_trained = old.is_trained = True
+    old.add_with_ids(np.ascontiguousarray(vectors), fids)
+    store.publish(old, fids, lambda tmp: save_npy(tmp, vectors), 0.0)
+    reopened = Index(IndexStore.open(tmp_path / "old"), tmp_path)
+    assert isinstance(reopened.store.faiss, faiss.IndexIDMap2)  # the old file, not a rebuild
+    queries = unit(np.random.default_rng(4).standard_normal((6, 32)))
+    for k, theta in ((10, None), (None, 0.3)):
+        want = flat.search_vectors(queries, k=k, theta=theta)
+        got = reopened.search_vectors(queries, k=k, theta=theta)
+        assert [tied_order(g) for g in got] == [tied_order(w) for w in want]
+
+
+def test_a_large_flat16_scan_splits_one_query_between_threads(clustered, monkeypatch: pytest.MonkeyPatch) -> None:
+    flat, flat16 = clustered
+    reranked, scan = flat16.store.searcher(None)[0], flat.store.searcher(None)[0]
+    assert search_threads(reranked, 1) == search_threads(scan, 1) == 1  # 1,500 items: one thread is enough
+    monkeypatch.setattr(search, "PARALLEL_SCAN_FROM", 1000)
+    assert search_threads(reranked, 1) == faiss.omp_get_max_threads() and search_threads(scan, 1) == 1
+    assert search_threads(scan, search.FEW_QUERIES + 1) == faiss.omp_get_max_threads()  # a batch: every thread
 
 
 def test_fewer_items_than_k_and_an_empty_index(tmp_path: Path) -> None:
@@ -181,12 +219,14 @@ def test_theta_set_at_the_boundary_equals_flat(boundary, target: str) -> None:
 
 @pytest.mark.parametrize("target", ["item", "image", "text"])
 def test_top_k_at_the_boundary_equals_flat(boundary, target: str) -> None:
-    """k = 4 needs B, which the scan ties with 101 others at 0.5: past its 2k + 32 candidates, so the re-rank
-    must look below them. Ties go to the lower id; flat keeps the same scores."""
+    """k = 4 needs B, which the scan ties with 101 others at 0.5, more than its 2k + 32 candidates hold: which
+    of them it returns is the scan's choice (its threads'), so the re-rank must look below them. Ties go to the
+    lower id; flat keeps the same scores."""
     flat, flat16, a = boundary
     q = np.array([1, 0, 0, 0], dtype=np.float32)
     qv = query_vectors(q[None], target, 0.5)
-    assert 106 not in flat16.store.faiss.search(qv, 2 * 4 + CANDIDATES)[1]  # fid 106 is item105, B
+    scan_scores = flat16.store.faiss.search(qv, len(a))[0][0]
+    assert scan_scores[3] == 0.5 and np.sum(scan_scores == 0.5) > 2 * 4 + CANDIDATES  # B among them
     for k in (1, 2, 3, 4, 5):
         got = flat16.search_vector(q, k=k, target=target)
         assert [h.id for h in got] == obvious(a, k, None)

@@ -27,6 +27,7 @@ from retrieval.index.format import IVFDATA_SUFFIX
 DIGEST_SPAN = 2**20  # bytes of the FAISS file's head and tail that faiss_digest hashes
 
 FLAT_MAX_ITEMS = 200_000  # auto: exact search stays fast (< ~15 ms at d = 2 x 128) up to about here
+FLAT16_LISTS = 16  # flat16's codes, dealt round-robin into lists that threads scan in parallel (is_flat16)
 
 # faiss scans exhaustively with BLAS when nq * d >= its threshold, else query by query with SIMD. BLAS for one
 # query is about 3x slower than the SIMD scan (37 vs 11 ms at 200k x 256), but reads the vectors once for the
@@ -55,7 +56,7 @@ def factory_string(index_type: str, n: int, dim2: int) -> str:
     if index_type == "flat":
         return "IDMap2,Flat"
     if index_type == "flat16":
-        return "IDMap2,IVF1,SQfp16"  # see is_flat16
+        return f"IVF{FLAT16_LISTS},SQfp16"  # see is_flat16: the IVF holds the ids itself
     if index_type == "hnsw":
         return "IDMap2,HNSW32"
     nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
@@ -80,17 +81,28 @@ def build_faiss(vectors: Vectors, fids: npt.NDArray[np.int64], index_type: str, 
     inner = inner_index(index)  # factory_string's IDMap2 wraps the index that searches
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efConstruction = search_knob(params, "ef_construction", 80)
-    if isinstance(inner, faiss.IndexIVFScalarQuantizer):  # flat16 (is_flat16): fp16 codes of the vectors, untrained
-        inner.by_residual = False
-        inner.quantizer.add(np.zeros((1, vectors.shape[1]), dtype=np.float32))
-        inner.is_trained = index.is_trained = True
-    if not index.is_trained:
-        sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: 256 * 1024]]
-        index.train(sample)
-    if len(vectors):
-        index.add_with_ids(vectors, fids)
+    if is_flat16(index):
+        fill_flat16(inner, vectors, fids)
+    else:
+        if not index.is_trained:
+            index.train(vectors[np.random.default_rng(0).permutation(len(vectors))[: 256 * 1024]])
+        if len(vectors):
+            index.add_with_ids(vectors, fids)
     set_search_params(index, params)
     return index
+
+
+def fill_flat16(index: faiss.IndexIVFScalarQuantizer, vectors: Vectors, fids: npt.NDArray[np.int64]) -> None:
+    """fp16 codes of the vectors themselves (no residuals, no training), item i in list i mod nlist: lists of
+    equal size, which is what parallel threads want, where an assignment by content would give uneven ones."""
+    index.by_residual = False
+    index.quantizer.add(np.zeros((index.nlist, index.d), dtype=np.float32))  # placeholders: every list is probed
+    index.is_trained = True
+    if len(vectors):
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(fids, dtype=np.int64)
+        lists = np.arange(len(x), dtype=np.int64) % index.nlist  # named: swig_ptr keeps no reference to its array
+        index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
 
 def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
@@ -98,7 +110,9 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efSearch = search_knob(params, "ef_search", 128)
     if isinstance(inner, faiss.IndexIVF):
-        inner.nprobe = 1 if is_flat16(index) else search_knob(params, "nprobe", 16)
+        inner.nprobe = nprobe_of(index, params)
+    if is_flat16(index):
+        inner.parallel_mode = 1  # threads share one query's lists (0 would give each thread whole queries)
 
 
 def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any) -> faiss.SearchParameters | None:
@@ -111,7 +125,7 @@ def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any)
         )
     if isinstance(inner, faiss.IndexIVF):
         return faiss.SearchParametersIVF(  # type: ignore[call-arg]
-            sel=selector, nprobe=1 if is_flat16(index) else search_knob(params, "nprobe", 16)
+            sel=selector, nprobe=nprobe_of(index, params)
         )
     return faiss.SearchParameters(sel=selector) if selector is not None else None  # type: ignore[call-arg]
 
@@ -120,11 +134,18 @@ def inner_index(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
+def nprobe_of(index: faiss.Index, params: dict[str, Any]) -> int:
+    """IVF lists a search probes: all of flat16's (a scan), the nprobe knob's on ivf and ivfpq."""
+    return int(inner_index(index).nlist) if is_flat16(index) else search_knob(params, "nprobe", 16)
+
+
 def is_flat16(index: faiss.Index) -> bool:
-    """flat16's FAISS index (see index/rerank.py): an IVF of one list holding fp16 codes of the vectors themselves,
-    not residuals, so probing it is a flat scan of half the bytes of fp32. One IVF list rather than FAISS's
-    IndexScalarQuantizer: the same scan for top-k, but IVF's range search runs the SIMD scanner (15x faster at
-    100k). fp16 rather than SQ8: 42 vs 54 ms at 1M x 256 here (SQ8's decode costs more than its bytes save)."""
+    """flat16's FAISS index (see index/rerank.py): an IVF whose lists hold fp16 codes of the vectors themselves,
+    not residuals, and are all probed, so a search is a flat scan of half the bytes of fp32. An IVF rather than
+    FAISS's IndexScalarQuantizer: the same scan for top-k, but IVF's range search runs the SIMD scanner (15x
+    faster at 100k), and its lists split one query's scan between threads (parallel_mode 1: 1M x 256 in 35 ms
+    on two threads, 75 on one). Indexes built before that hold one list (IDMap2,IVF1,SQfp16) and scan on one
+    thread. fp16 rather than SQ8: 42 vs 54 ms at 1M x 256 here (SQ8's decode costs more than its bytes save)."""
     return isinstance(inner_index(index), faiss.IndexIVFScalarQuantizer)
 
 

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 from PIL import Image
 
@@ -20,7 +19,6 @@ from retrieval.errors import RetrievalError
 from retrieval.index.format import check_model
 from retrieval.index.fusion import ranked_by_rule
 from retrieval.index.search import (
-    FEW_QUERIES,
     MAX_QUERY_CHARS,
     Hit,
     Results,
@@ -29,6 +27,7 @@ from retrieval.index.search import (
     part_scores,
     query_vectors,
     ranked,
+    search_threads,
     with_margin,
 )
 from retrieval.index.store import IndexStore
@@ -208,7 +207,7 @@ class Index:
                 return ranked_by_rule(index, queries, k, theta, fusion, params, self._part_scores)
             return ranked(index, qv, k, theta, params)
 
-        with faiss_threads(1 if len(queries) <= FEW_QUERIES else faiss.omp_get_max_threads()):
+        with faiss_threads(search_threads(index, len(queries))):
             results = rank(k, theta) if margin is None else with_margin(rank, k, theta, margin)
         return self.hits_for(queries, results)
 

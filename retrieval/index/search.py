@@ -21,10 +21,13 @@ import numpy as np
 
 from retrieval.choices import FUSIONS, TARGETS
 from retrieval.errors import RetrievalError
-from retrieval.index.rerank import Searchable
+from retrieval.index.rerank import Reranked, Searchable
 
 Results = list[tuple[np.ndarray, np.ndarray]]  # per query: (scores, FAISS ids), best first
-FEW_QUERIES = 8  # up to this many queries in one call, FAISS runs on one thread (see faiss_threads)
+FEW_QUERIES = 8  # up to this many queries in one call, FAISS runs on one thread (see search_threads)
+# items from which one query's flat16 scan runs on every thread. Measured at 100k x 256 here, p50/p99 ms: 2.8/8.0
+# on one thread, 1.4/1.7 on two; beside a nice-0 busy loop 3.1/10.8 and 3.7/32 (at 1M: 62 and 47 ms p50)
+PARALLEL_SCAN_FROM = 200_000
 MAX_QUERY_CHARS = 10_000  # beyond this a "query" is a document; the tokenizer would cut it anyway
 
 
@@ -83,11 +86,18 @@ def query_vectors(queries: np.ndarray, target: str, weight: float) -> np.ndarray
     )  # (nq, 2d)
 
 
+def search_threads(index: Searchable, nq: int) -> int:
+    """FAISS threads for one call of nq queries. A few queries run on one: a second thread only waits at
+    barriers, and when the other core is busy the wait is long (HNSW, one query: 16 ms on two threads, under
+    1 ms on one, measured here beside a training job). A large flat16 scan is the exception: its lists split
+    one query between threads (faiss_ops.is_flat16), and a thread that waits on a busy core waits for one list."""
+    many = nq > FEW_QUERIES or (isinstance(index, Reranked) and index.ntotal >= PARALLEL_SCAN_FROM)
+    return faiss.omp_get_max_threads() if many else 1
+
+
 @contextmanager
 def faiss_threads(n: int) -> Iterator[None]:
-    """FAISS's OpenMP threads in this thread for a while. A few queries run fastest on one: a second
-    thread only waits at barriers, and when the other core is busy the wait is long (HNSW, one query:
-    16 ms on two threads, under 1 ms on one, measured here beside a training job)."""
+    """FAISS's OpenMP threads in this thread for a while (see search_threads)."""
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(n)
     try:
@@ -112,7 +122,7 @@ def ranked(index: Searchable, qv: np.ndarray, k: int | None, theta: float | None
     lims, scores, ids = index.range_search(qv, theta, params=params)  # query j's results: [lims[j], lims[j + 1])
     out = []
     for a, b in zip(lims[:-1].tolist(), lims[1:].tolist(), strict=True):
-        order = np.argsort(-scores[a:b], kind="stable")
+        order = np.lexsort((ids[a:b], -scores[a:b]))  # equal scores by id: threads return them in any order
         out.append((scores[a:b][order], ids[a:b][order]))
     return out
 
