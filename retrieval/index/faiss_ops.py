@@ -81,7 +81,7 @@ def build_faiss(vectors: Vectors, fids: npt.NDArray[np.int64], index_type: str, 
     inner = inner_index(index)  # factory_string's IDMap2 wraps the index that searches
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efConstruction = search_knob(params, "ef_construction", 80)
-    if is_flat16(index):
+    if isinstance(inner, faiss.IndexIVFScalarQuantizer):  # flat16 (is_flat16)
         fill_flat16(inner, vectors, fids)
     else:
         if not index.is_trained:
@@ -111,7 +111,7 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
         inner.hnsw.efSearch = search_knob(params, "ef_search", 128)
     if isinstance(inner, faiss.IndexIVF):
         inner.nprobe = nprobe_of(index, params)
-    if is_flat16(index):
+    if isinstance(inner, faiss.IndexIVFScalarQuantizer):  # flat16 (is_flat16)
         inner.parallel_mode = 1  # threads share one query's lists (0 would give each thread whole queries)
 
 
@@ -136,7 +136,8 @@ def inner_index(index: faiss.Index) -> faiss.Index:
 
 def nprobe_of(index: faiss.Index, params: dict[str, Any]) -> int:
     """IVF lists a search probes: all of flat16's (a scan), the nprobe knob's on ivf and ivfpq."""
-    return int(inner_index(index).nlist) if is_flat16(index) else search_knob(params, "nprobe", 16)
+    inner = inner_index(index)
+    return int(inner.nlist) if isinstance(inner, faiss.IndexIVFScalarQuantizer) else search_knob(params, "nprobe", 16)
 
 
 def is_flat16(index: faiss.Index) -> bool:
