@@ -27,7 +27,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from retrieval.errors import RetrievalError
 from retrieval.index.handle import Index
-from retrieval.server.batcher import CALLS_AT_ONCE, MAX_BATCH, Batcher
+from retrieval.server.batcher import MAX_BATCH, Batcher
 from retrieval.server.http_errors import add_error_handlers
 from retrieval.server.live import RELOAD_CHECK_S, Generation, LiveIndex
 from retrieval.server.media import (
@@ -100,8 +100,7 @@ def create_app(
     `decode_pixels` (default DECODES_AT_ONCE x max_upload_pixels) how many uploaded pixels decode at once;
     `max_batch` how many concurrent searches one FAISS call answers at most (1: each its own)."""
     pool = request_pool(threads)  # first: it refuses a sqlite3 the threads cannot share, before a load
-    calls = CALLS_AT_ONCE if max_batch > 1 else pool_threads(threads)  # unbatched: one search a thread, as before
-    batcher = Batcher(run_search, pool, calls, max_batch)
+    batcher = Batcher(run_search, pool, pool_threads(threads), max_batch)  # a call on each request thread at most
     live = LiveIndex.open(index_path, model, reload_check_s)
     budget = PixelBudget(decode_pixels or DECODES_AT_ONCE * max_upload_pixels)
     settings = Settings(max_upload_bytes, max_upload_pixels, thumb_folder(Path(index_path)) if thumb_cache else None)
