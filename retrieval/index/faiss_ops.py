@@ -116,7 +116,10 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
 
 
 def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any) -> faiss.SearchParameters | None:
-    """Per-call parameters: the item filter, with the ANN knobs of the index type (a selector replaces them)."""
+    """Per-call parameters: the item filter, with the ANN knobs of the index type (a selector replaces them).
+    Without a filter, None: the index holds the same knobs (set_search_params), and a search skips making them."""
+    if selector is None:
+        return None
     inner = inner_index(index)
     # faiss's stubs lack SearchParametersHNSW and the keyword arguments its wrappers give every SearchParameters
     if isinstance(inner, faiss.IndexHNSW):
@@ -124,10 +127,8 @@ def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any)
             sel=selector, efSearch=search_knob(params, "ef_search", 128)
         )
     if isinstance(inner, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(  # type: ignore[call-arg]
-            sel=selector, nprobe=nprobe_of(index, params)
-        )
-    return faiss.SearchParameters(sel=selector) if selector is not None else None  # type: ignore[call-arg]
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe_of(index, params))  # type: ignore[call-arg]
+    return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
 
 
 def inner_index(index: faiss.Index) -> faiss.Index:

@@ -131,7 +131,8 @@ class Reranked:
 
     def range_search(self, qv: np.ndarray, theta: float, params: Any = None) -> tuple[np.ndarray, ...]:
         """(lims, scores, ids) as FAISS gives them: every item whose fp32 score is above θ (strictly, θ as FAISS
-        takes it, in float32). The scan's range search at θ - ε holds them all; re-ranking keeps those above θ."""
+        takes it, in float32), each query's in id order. The scan's range search at θ - ε holds them all;
+        re-ranking keeps those above θ."""
         qv = np.ascontiguousarray(qv, dtype=np.float32)
         eps = score_error_bound(qv, self.max_norm)
         lims, _, ids = self.index.range_search(qv, floor32(theta - float(eps.max())), params=params)
@@ -140,9 +141,10 @@ class Reranked:
             [np.zeros(0, np.float32)]
             + [self.exact_scores(qv[j : j + 1], ids[a:b][None])[0] for j, (a, b) in enumerate(pairwise(bounds))]
         )
-        keep = scores > np.float32(theta)
         ends = np.asarray(lims, dtype=np.int64)
         query = np.repeat(np.arange(len(qv)), ends[1:] - ends[:-1])  # each result's query
+        by_id = np.lexsort((ids, query))  # each query's results by id: the scan's threads return them in any order
+        keep = by_id[scores[by_id] > np.float32(theta)]
         counts = np.bincount(query[keep], minlength=len(qv))
         return np.concatenate([[0], np.cumsum(counts)]).astype(lims.dtype), scores[keep], ids[keep]
 

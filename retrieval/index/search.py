@@ -122,7 +122,7 @@ def ranked(index: Searchable, qv: np.ndarray, k: int | None, theta: float | None
     lims, scores, ids = index.range_search(qv, theta, params=params)  # query j's results: [lims[j], lims[j + 1])
     out = []
     for a, b in zip(lims[:-1].tolist(), lims[1:].tolist(), strict=True):
-        order = np.lexsort((ids[a:b], -scores[a:b]))  # equal scores by id: threads return them in any order
+        order = np.argsort(-scores[a:b], kind="stable")  # equal scores as the index returned them
         out.append((scores[a:b][order], ids[a:b][order]))
     return out
 
