@@ -115,6 +115,17 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
         inner.parallel_mode = 1  # threads share one query's lists (0 would give each thread whole queries)
 
 
+def search_knobs(index: faiss.Index) -> dict[str, int]:
+    """The ANN knobs its searches run with (set_search_params; a filter's parameters carry the same): none for
+    flat and flat16."""
+    inner = inner_index(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return {"ef_search": int(inner.hnsw.efSearch)}
+    if isinstance(inner, faiss.IndexIVF) and not is_flat16(index):
+        return {"nprobe": int(inner.nprobe)}
+    return {}
+
+
 def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any) -> faiss.SearchParameters | None:
     """Per-call parameters: the item filter, with the ANN knobs of the index type (a selector replaces them).
     Without a filter, None: the index holds the same knobs (set_search_params), and a search skips making them."""

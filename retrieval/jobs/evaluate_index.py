@@ -126,6 +126,7 @@ def evaluate_index(
     max(ks)) long: a relevant item beyond them is not found (rank K + 1, adding 0 to AP).
     The threshold report needs every (query, item) score: it is exact, streamed over the stored vectors too.
     """
+    from retrieval.index.faiss_ops import search_knobs
     from retrieval.index.search import query_vectors, ranked
 
     q = labelled_queries(index_path, pairs, target, weight)
@@ -147,7 +148,7 @@ def evaluate_index(
         "weight": q.weight,
         "unmatched_queries": q.unmatched,
         "index_type": store.manifest.index_type,
-        "search_params": _search_knobs(params),
+        "search_params": search_knobs(store.faiss),
         "depth": k,
         direction: summarise(ranks, ks, ap),
         "exact": {direction: summarise(exact_ranks, ks, exact_ap)},
@@ -206,12 +207,3 @@ def _exact_scores(store: IndexStore, qv: np.ndarray, found_fids: npt.NDArray[np.
         rows = store.fused_vectors(part[valid])  # (n, 2d)
         out[s : s + chunk][valid] = np.einsum("nd,nd->n", rows, np.repeat(qv[s : s + chunk], valid.sum(1), axis=0))
     return out
-
-
-def _search_knobs(params: Any) -> dict[str, int]:
-    """The ANN knobs the search ran with, read back from its FAISS parameters (none for flat)."""
-    return {
-        name: int(getattr(params, attr))
-        for name, attr in (("ef_search", "efSearch"), ("nprobe", "nprobe"))
-        if hasattr(params, attr)
-    }
