@@ -127,8 +127,8 @@ def bench_type(
             index.tune(**{knob: value})
         raw = store.faiss  # the FAISS index alone (flat16: its fp16 scan, without the re-rank)
         tag = f"{prefix} {index_type}" + (f" {knob}={value}" if knob else "")
-        faiss.omp_set_num_threads(2)
-        faiss.omp_set_num_threads(search_threads(store.searcher(None)[0], 1))  # raw runs on the threads ours does
+        faiss.omp_set_num_threads(2)  # both cores, then as many of them as our path gives one query: raw gets the same
+        faiss.omp_set_num_threads(search_threads(store.searcher(None)[0], 1))
         rows += side_by_side(
             f"{tag} top-10",
             lambda r, raw=raw: raw.search(qv[r : r + 1], 10),  # this knob value's searcher, bound now

@@ -81,8 +81,9 @@ def build_faiss(vectors: Vectors, fids: npt.NDArray[np.int64], index_type: str, 
     inner = inner_index(index)  # factory_string's IDMap2 wraps the index that searches
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efConstruction = search_knob(params, "ef_construction", 80)
-    if isinstance(inner, faiss.IndexIVFScalarQuantizer):  # flat16 (is_flat16)
-        fill_flat16(inner, vectors, fids)
+    scan = flat16_scan(index)
+    if scan is not None:
+        fill_flat16(scan, vectors, fids)
     else:
         if not index.is_trained:
             index.train(vectors[np.random.default_rng(0).permutation(len(vectors))[: 256 * 1024]])
@@ -109,10 +110,12 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
     inner = inner_index(index)
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efSearch = search_knob(params, "ef_search", 128)
-    if isinstance(inner, faiss.IndexIVF):
-        inner.nprobe = nprobe_of(index, params)
-    if isinstance(inner, faiss.IndexIVFScalarQuantizer):  # flat16 (is_flat16)
-        inner.parallel_mode = 1  # threads share one query's lists (0 would give each thread whole queries)
+    scan = flat16_scan(index)
+    if scan is not None:
+        scan.nprobe = scan.nlist  # a scan: every list
+        scan.parallel_mode = 1  # threads share one query's lists (0 would give each thread whole queries)
+    elif isinstance(inner, faiss.IndexIVF):
+        inner.nprobe = search_knob(params, "nprobe", 16)
 
 
 def search_knobs(index: faiss.Index) -> dict[str, int]:
@@ -121,24 +124,22 @@ def search_knobs(index: faiss.Index) -> dict[str, int]:
     inner = inner_index(index)
     if isinstance(inner, faiss.IndexHNSW):
         return {"ef_search": int(inner.hnsw.efSearch)}
-    if isinstance(inner, faiss.IndexIVF) and not is_flat16(index):
+    if isinstance(inner, faiss.IndexIVF) and not is_flat16(index):  # flat16 probes every list: a scan
         return {"nprobe": int(inner.nprobe)}
     return {}
 
 
-def search_parameters(index: faiss.Index, params: dict[str, Any], selector: Any) -> faiss.SearchParameters | None:
-    """Per-call parameters: the item filter, with the ANN knobs of the index type (a selector replaces them).
-    Without a filter, None: the index holds the same knobs (set_search_params), and a search skips making them."""
+def search_parameters(index: faiss.Index, selector: Any) -> faiss.SearchParameters | None:
+    """Per-call parameters for the item filter; a filter's parameters replace the index's knobs, so they carry
+    the index's own (set_search_params). Without a filter, None: a search skips making them."""
     if selector is None:
         return None
     inner = inner_index(index)
     # faiss's stubs lack SearchParametersHNSW and the keyword arguments its wrappers give every SearchParameters
     if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
-            sel=selector, efSearch=search_knob(params, "ef_search", 128)
-        )
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)  # type: ignore[attr-defined]
     if isinstance(inner, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe_of(index, params))  # type: ignore[call-arg]
+        return faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)  # type: ignore[call-arg]
     return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
 
 
@@ -146,10 +147,10 @@ def inner_index(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
-def nprobe_of(index: faiss.Index, params: dict[str, Any]) -> int:
-    """IVF lists a search probes: all of flat16's (a scan), the nprobe knob's on ivf and ivfpq."""
+def flat16_scan(index: faiss.Index) -> faiss.IndexIVFScalarQuantizer | None:
+    """flat16's scan (is_flat16) inside `index`, or None for every other type."""
     inner = inner_index(index)
-    return int(inner.nlist) if isinstance(inner, faiss.IndexIVFScalarQuantizer) else search_knob(params, "nprobe", 16)
+    return inner if isinstance(inner, faiss.IndexIVFScalarQuantizer) else None
 
 
 def is_flat16(index: faiss.Index) -> bool:
@@ -159,7 +160,7 @@ def is_flat16(index: faiss.Index) -> bool:
     faster at 100k), and its lists split one query's scan between threads (parallel_mode 1: 1M x 256 in 35 ms
     on two threads, 75 on one). Indexes built before that hold one list (IDMap2,IVF1,SQfp16) and scan on one
     thread. fp16 rather than SQ8: 42 vs 54 ms at 1M x 256 here (SQ8's decode costs more than its bytes save)."""
-    return isinstance(inner_index(index), faiss.IndexIVFScalarQuantizer)
+    return flat16_scan(index) is not None
 
 
 def fused(image_vec: np.ndarray | None, text_vec: np.ndarray | None) -> np.ndarray:

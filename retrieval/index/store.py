@@ -327,7 +327,7 @@ class IndexStore(ItemDatabase):
             self._searchers[column, exact] = (index, self._selector(column))  # kept: parameters point to it, not own it
         index, selector = self._searchers[column, exact]
         scan = index.index if isinstance(index, Reranked) else index
-        return index, search_parameters(scan, self.manifest.params, selector)
+        return index, search_parameters(scan, selector)
 
     def _selector(self, column: str | None) -> Any:
         if column is None:
