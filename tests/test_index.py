@@ -25,6 +25,7 @@ from retrieval.index.build import BuildOptions, build_index, remove_items
 from retrieval.index.faiss_ops import FLAT_MAX_ITEMS, choose_index_type
 from retrieval.index.format import FORMAT_VERSION, Item, Manifest, read_manifest, upgraded
 from retrieval.index.handle import Index
+from retrieval.index.search import Hit
 from retrieval.index.store import IndexStore
 from retrieval.models.modeldir import fingerprint
 
@@ -386,10 +387,16 @@ def test_result_records_file_equals_the_database(tmp_path) -> None:
     store._files_current = lambda: False  # as when the files lag the database: SQLite answers
     assert store.records is None
     assert from_file == store.result_records(fids)
-    assert from_file[1] == ["a", "/x/a.png", ["un chat \u00e9", "line\nbreak"], True, True, {"n": 1, "tags": ["x"]}]
-    assert from_file[3] == from_file[1]
-    assert from_file[2][1:5] == [None, ["text only"], False, True]
-    assert from_file[0][3:5] == [True, False]
+    assert from_file[1] == Hit("a", "/x/a.png", ["un chat \u00e9", "line\nbreak"], True, True, {"n": 1, "tags": ["x"]})
+    assert from_file[3] == from_file[1] and from_file[3] is not from_file[1]  # each result is scored on its own
+    assert (from_file[2].path, from_file[2].captions, from_file[2].has_image, from_file[2].has_caption) == (
+        None,
+        ["text only"],
+        False,
+        True,
+    )
+    assert (from_file[0].has_image, from_file[0].has_caption) == (True, False)
+    assert {(h.score, h.image_score, h.text_score) for h in from_file} == {(0.0, None, None)}  # not yet scored
 
 
 @pytest.mark.slow

@@ -20,10 +20,10 @@ from retrieval.index.format import check_model
 from retrieval.index.fusion import ranked_by_rule
 from retrieval.index.search import (
     MAX_QUERY_CHARS,
+    FaissThreads,
     Hit,
     Results,
     check_search_args,
-    faiss_threads,
     part_scores,
     query_vectors,
     ranked,
@@ -207,7 +207,7 @@ class Index:
                 return ranked_by_rule(index, queries, k, theta, fusion, params, self._part_scores)
             return ranked(index, qv, k, theta, params)
 
-        with faiss_threads(search_threads(index, len(queries))):
+        with FaissThreads(search_threads(index, len(queries))):
             results = rank(k, theta) if margin is None else with_margin(rank, k, theta, margin)
         return self.hits_for(queries, results)
 
@@ -222,22 +222,20 @@ class Index:
     def hits_for(self, queries: np.ndarray, results: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[list[Hit]]:
         """Result records per query: metadata from the store and per-modality scores from the vectors, fetched
         for all queries at once (each item's row is looked up once, for its record and its vector)."""
-        ids = np.concatenate([found for _, found in results]) if results else np.zeros(0, np.int64)
+        ids = results[0][1] if len(results) == 1 else np.concatenate([np.zeros(0, np.int64), *(i for _, i in results)])
         rows = self.store.rows_of(ids)
-        records, vectors = self.store.result_records(ids, rows), self.store.vectors[1][rows]  # vectors: (n, 2d)
+        hits, vectors = self.store.result_records(ids, rows), self.store.vectors[1][rows]  # vectors: (n, 2d)
         out, start = [], 0
         for q, (scores, found) in zip(queries, results, strict=True):
             end = start + len(found)
-            parts = part_scores(vectors[start:end], q)  # (n, 2): cos(q, x1), cos(q, x2)
-            image_scores, text_scores = parts[:, 0].tolist(), parts[:, 1].tolist()  # flat lists: 4x faster
-            out.append(
-                [
-                    Hit(r[0], r[1], r[2], score, si if r[3] else None, st if r[4] else None, r[5])
-                    for score, r, si, st in zip(
-                        scores.tolist(), records[start:end], image_scores, text_scores, strict=True
-                    )
-                ]
-            )
+            parts = part_scores(vectors[start:end], q).tolist()  # per hit: [cos(q, x1), cos(q, x2)]
+            for hit, score, (image_score, text_score) in zip(hits[start:end], scores.tolist(), parts, strict=True):
+                hit.score = score
+                if hit.has_image:
+                    hit.image_score = image_score
+                if hit.has_caption:
+                    hit.text_score = text_score
+            out.append(hits[start:end])
             start = end
         return out
 

@@ -11,12 +11,11 @@ search sees only its efSearch candidates), and `exact=True` answers from a flat 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import faiss
+import msgspec
 import numpy as np
 
 from retrieval.choices import FUSIONS, TARGETS
@@ -31,15 +30,20 @@ PARALLEL_SCAN_FROM = 200_000
 MAX_QUERY_CHARS = 10_000  # beyond this a "query" is a document; the tokenizer would cut it anyway
 
 
-@dataclass(slots=True)
-class Hit:
+class Hit(msgspec.Struct, array_like=True):
+    """A result: what its item shows, and its scores against the query. A line of the index's records file
+    (store.py) decodes straight into one, in C, with the scores still unset; Index.hits_for sets them. That is
+    3x faster than making a Hit in Python from each decoded line (115 results: 117 -> 78 µs here)."""
+
     id: str
     path: str | None
     captions: list[str]
-    score: float  # the fused sim(q, x1, x2)
-    image_score: float | None  # cos(q, x1); None when the item has no image
-    text_score: float | None  # cos(q, x2); None when the item has no caption
-    extra: dict[str, Any] = field(default_factory=dict)
+    has_image: bool
+    has_caption: bool
+    extra: dict[str, Any]
+    score: float = 0.0  # the fused sim(q, x1, x2)
+    image_score: float | None = None  # cos(q, x1); None when the item has no image
+    text_score: float | None = None  # cos(q, x2); None when the item has no caption
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,9 +85,11 @@ def check_search_args(
 def query_vectors(queries: np.ndarray, target: str, weight: float) -> np.ndarray:
     """[w q, (1 - w) q] per row: its inner product with [e(x1), e(x2)] is w cos(q, x1) + (1 - w) cos(q, x2)."""
     w = {"image": 1.0, "text": 0.0}.get(target, weight)
-    return np.ascontiguousarray(
-        np.concatenate([w * queries, (1.0 - w) * queries], axis=1), dtype=np.float32
-    )  # (nq, 2d)
+    nq, d = queries.shape
+    out = np.empty((nq, 2 * d), dtype=np.float32)
+    np.multiply(queries, w, out=out[:, :d])
+    np.multiply(queries, 1.0 - w, out=out[:, d:])
+    return out
 
 
 def search_threads(index: Searchable, nq: int) -> int:
@@ -95,21 +101,27 @@ def search_threads(index: Searchable, nq: int) -> int:
     return faiss.omp_get_max_threads() if many else 1
 
 
-@contextmanager
-def faiss_threads(n: int) -> Iterator[None]:
-    """FAISS's OpenMP threads in this thread for a while (see search_threads)."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
+class FaissThreads:
+    """FAISS's OpenMP threads in this thread for a while (see search_threads). A class, not a @contextmanager
+    generator: a search pays for it on every call, and setting only what changes saves about 10 µs of 0.2 ms."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.before = n, n
+
+    def __enter__(self) -> None:
+        self.before = faiss.omp_get_max_threads()
+        if self.before != self.n:
+            faiss.omp_set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.before != self.n:
+            faiss.omp_set_num_threads(self.before)
 
 
 def part_scores(vectors: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """(n, 2) cosines of q with each fused vector's halves: [e(x1), e(x2)] seen as (n, 2, d), times q. One batched
-    matrix-vector product: 10x faster than a matrix product with [[q, 0], [0, q]] for 10,000 vectors."""
-    return vectors.reshape(len(vectors), 2, len(q)) @ q
+    """(n, 2) cosines of q with each fused vector's halves: [e(x1), e(x2)] seen as (2n, d) rows, times q. One
+    BLAS matrix-vector product: 2.7x faster than numpy's batched (n, 2, d) @ q, for 115 vectors and for 10,000."""
+    return (vectors.reshape(2 * len(vectors), len(q)) @ q).reshape(len(vectors), 2)
 
 
 def ranked(index: Searchable, qv: np.ndarray, k: int | None, theta: float | None, params: Any) -> Results:
