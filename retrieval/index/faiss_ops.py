@@ -147,6 +147,46 @@ def inner_index(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
+def inner_products_at(x: np.ndarray, y: Vectors, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    """(nx, m) inner products of x[j] with y[rows[j, i]], for x (nx, d) and y (n, d) read in place (no gathered
+    copy): FAISS's fvec_inner_product per pair, so a score never depends on the other rows. FAISS skips rows < 0,
+    whose entries are left as they come (the caller fills them)."""
+    x, rows = np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(rows, dtype=np.int64)
+    assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape[1] == x.shape[1] and rows.shape[0] == len(x)
+    out = np.empty(rows.shape, dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's stubs
+        faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(y), faiss.swig_ptr(rows), x.shape[1], *rows.shape
+    )
+    return out
+
+
+class _Owned:
+    """The base of an array over FAISS's memory: holding the index that owns it, it keeps it alive with the array."""
+
+    def __init__(self, view: np.ndarray, owner: faiss.Index):
+        self.__array_interface__ = view.__array_interface__
+        self.owner = owner
+
+
+def stored_vectors(index: faiss.Index, fids: npt.NDArray[np.int64]) -> Vectors | None:
+    """The vectors a flat or HNSW index holds, as a read-only array over its memory (no copy), when its i-th vector
+    is the item at row i of `fids`; None for every other index. A search has just read its results' vectors there,
+    so scoring them from it finds them in cache."""
+    inner = inner_index(index)
+    flat = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+    if (
+        not isinstance(index, faiss.IndexIDMap)
+        or type(flat) not in (faiss.IndexFlat, faiss.IndexFlatIP)
+        or not np.array_equal(faiss.vector_to_array(index.id_map), fids)
+    ):
+        return None
+    xb = flat.get_xb()  # type: ignore[attr-defined]  # IndexFlat's, not in faiss's stubs
+    view = faiss.rev_swig_ptr(xb, flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+    array = np.asarray(_Owned(view, index))
+    array.flags.writeable = False
+    return array
+
+
 def flat16_scan(index: faiss.Index) -> faiss.IndexIVFScalarQuantizer | None:
     """flat16's scan (is_flat16) inside `index`, or None for every other type."""
     inner = inner_index(index)

@@ -213,7 +213,7 @@ class Index:
 
     def _part_scores(self, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
         """(n, 2) exact cosines of q with the items' images and captions, from the stored vectors."""
-        return part_scores(self.store.vectors[1][self.store.rows_of(ids)], q)
+        return part_scores(self.store.scoring_vectors, self.store.rows_of(ids), q)
 
     def hits(self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         """Result records of one query q (d,): `ids` (FAISS ids) with their fused `scores`."""
@@ -224,11 +224,11 @@ class Index:
         for all queries at once (each item's row is looked up once, for its record and its vector)."""
         ids = results[0][1] if len(results) == 1 else np.concatenate([np.zeros(0, np.int64), *(i for _, i in results)])
         rows = self.store.rows_of(ids)
-        hits, vectors = self.store.result_records(ids, rows), self.store.vectors[1][rows]  # vectors: (n, 2d)
+        hits, vectors = self.store.result_records(ids, rows), self.store.scoring_vectors
         out, start = [], 0
         for q, (scores, found) in zip(queries, results, strict=True):
             end = start + len(found)
-            parts = part_scores(vectors[start:end], q).tolist()  # per hit: [cos(q, x1), cos(q, x2)]
+            parts = part_scores(vectors, rows[start:end], q).tolist()  # per hit: [cos(q, x1), cos(q, x2)]
             for hit, score, (image_score, text_score) in zip(hits[start:end], scores.tolist(), parts, strict=True):
                 hit.score = score
                 if hit.has_image:

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval.arrays import Vectors
+from retrieval.index.faiss_ops import inner_products_at
 
 FP16_RELATIVE = 2.0**-11  # fp16 keeps 11 significant bits: rounding moves a normal value by at most this fraction
 FP16_SUBNORMAL = 2.0**-25  # half the spacing of fp16's subnormals (below 2^-14): the most one moves absolutely
@@ -97,16 +98,7 @@ class Reranked:
         found = ids >= 0
         rows = np.full(ids.shape, -1, dtype=np.int64)
         rows[found] = self.rows_of(ids[found])
-        out = np.full(ids.shape, NO_RESULT, dtype=np.float32)
-        faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's stubs
-            faiss.swig_ptr(out),
-            faiss.swig_ptr(qv),
-            faiss.swig_ptr(self.vectors),
-            faiss.swig_ptr(rows),
-            qv.shape[1],
-            ids.shape[0],
-            ids.shape[1],
-        )
+        out = inner_products_at(qv, self.vectors, rows)
         out[~found] = NO_RESULT
         return out
 

@@ -17,9 +17,12 @@ from typing import Any
 import faiss
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
+from retrieval.arrays import Vectors
 from retrieval.choices import FUSIONS, TARGETS
 from retrieval.errors import RetrievalError
+from retrieval.index.faiss_ops import inner_products_at
 from retrieval.index.rerank import Reranked, Searchable
 
 Results = list[tuple[np.ndarray, np.ndarray]]  # per query: (scores, FAISS ids), best first
@@ -118,10 +121,13 @@ class FaissThreads:
             faiss.omp_set_num_threads(self.before)
 
 
-def part_scores(vectors: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """(n, 2) cosines of q with each fused vector's halves: [e(x1), e(x2)] seen as (2n, d) rows, times q. One
-    BLAS matrix-vector product: 2.7x faster than numpy's batched (n, 2, d) @ q, for 115 vectors and for 10,000."""
-    return (vectors.reshape(2 * len(vectors), len(q)) @ q).reshape(len(vectors), 2)
+def part_scores(vectors: Vectors, rows: npt.NDArray[np.int64], q: np.ndarray) -> np.ndarray:
+    """(m, 2) cosines of q (d,) with the image and caption halves of the fused vectors (n, 2d) at `rows`: the
+    matrix read in place as (2n, d) halves, without gathering the rows (18 µs less for 115 results here)."""
+    halves = np.empty((len(rows), 2), dtype=np.int64)
+    np.multiply(rows, 2, out=halves[:, 0])
+    np.add(halves[:, 0], 1, out=halves[:, 1])
+    return inner_products_at(q[None], vectors.reshape(2 * len(vectors), len(q)), halves.reshape(1, -1)).reshape(-1, 2)
 
 
 def ranked(index: Searchable, qv: np.ndarray, k: int | None, theta: float | None, params: Any) -> Results:

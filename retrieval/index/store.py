@@ -34,6 +34,7 @@ from retrieval.index.faiss_ops import (
     read_faiss,
     search_parameters,
     set_search_params,
+    stored_vectors,
     use_blas_from,
     write_faiss,
 )
@@ -77,6 +78,7 @@ class IndexStore(ItemDatabase):
         self._exact: FaissIndex | None = None  # a flat copy for exact answers on an ANN index
         self._searchers: dict[tuple[str | None, bool], tuple[Searchable, Any]] = {}
         self._rows: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None] | None = None  # see _row_table
+        self._stored: tuple[FaissIndex, npt.NDArray[np.int64], Vectors | None] | None = None  # see scoring_vectors
 
     @classmethod
     def open(cls, path: str | Path, max_memory: int | None = None) -> IndexStore:
@@ -262,6 +264,18 @@ class IndexStore(ItemDatabase):
                 f"{what} needs {nbytes / 2**30:.2f} GiB, over --max-memory "
                 f"{self.max_memory / 2**30:.2f} GiB; raise --max-memory or build an ivf/ivfpq index"
             )
+
+    @property
+    def scoring_vectors(self) -> Vectors:
+        """`vectors`' matrix, to score results' parts from: FAISS's own copy where it holds the same rows (flat,
+        HNSW), since a search has just read its results there (17 µs of a 0.2 ms θ query at 100k HNSW), else the
+        memory-mapped one. Never loads FAISS for it."""
+        fids, vectors = self.vectors
+        if self._faiss is None:
+            return vectors
+        if self._stored is None or self._stored[0] is not self._faiss or self._stored[1] is not fids:
+            self._stored = (self._faiss, fids, stored_vectors(self._faiss, fids))
+        return vectors if self._stored[2] is None else self._stored[2]
 
     def fused_vectors(self, fids: Sequence[int] | npt.NDArray[np.int64]) -> Vectors:
         """(n, 2d) fused vectors of the given items, from the memory-mapped matrix."""
