@@ -7,6 +7,7 @@ image-only items. θ boundaries use hand-made axis vectors whose scores are exac
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from click.testing import CliRunner
 from retrieval.cli.main import main
 from retrieval.errors import ImageError, RetrievalError
 from retrieval.index.build import BuildOptions, build_index
+from retrieval.index.faiss_ops import stored_vectors
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
 from retrieval.index.search import MAX_QUERY_CHARS, TARGETS
@@ -192,6 +194,50 @@ def test_per_modality_scores_are_the_part_cosines(index: Index, parts: Parts) ->
             assert h.text_score == pytest.approx(float(q @ vt), abs=TOL)
         if vi is not None and vt is not None:
             assert h.score == pytest.approx(0.3 * h.image_score + 0.7 * h.text_score, abs=TOL)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf", "flat16"])
+def test_part_scores_are_the_part_cosines_on_every_index_type(tmp_path: Path, index_type: str) -> None:
+    """Flat and HNSW score results' parts from FAISS's own copy of the vectors (stored_vectors), the others from
+    vectors.npy; the copy is an array over FAISS's memory, and it must outlive every other reference to the index."""
+    rng = np.random.default_rng(7)
+    d, n = 8, 240
+    unit = rng.standard_normal((2 * n, d)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    no_image, no_caption = (lambda j: j % 5 == 1), (lambda j: j % 7 == 2 and j % 5 != 1)  # never both
+    items = [
+        Item(
+            0,
+            f"i{j}",
+            None if no_image(j) else f"/x/{j}.png",
+            [] if no_caption(j) else [f"c{j}"],
+            None if no_image(j) else f"v{2 * j}",
+            None if no_caption(j) else f"v{2 * j + 1}",
+        )
+        for j in range(n)
+    ]
+    store = IndexStore.create(tmp_path / "idx", Manifest("no-model", "0" * 16, d, index_type))
+    store.commit(items, {f"v{j}": v for j, v in enumerate(unit)})
+    store.rebuild()
+    index = Index(IndexStore.open(tmp_path / "idx"), tmp_path)
+    q = unit[0]
+    hits = index.search_vector(q, k=None, theta=-1.0, exact=True)
+    assert len(hits) == n
+    for h in hits:
+        j = int(h.id[1:])
+        assert (h.image_score is None) == no_image(j) and (h.text_score is None) == no_caption(j)
+        if h.image_score is not None:
+            assert h.image_score == pytest.approx(float(q @ unit[2 * j]), abs=TOL)
+        if h.text_score is not None:
+            assert h.text_score == pytest.approx(float(q @ unit[2 * j + 1]), abs=TOL)
+    fids, vectors = index.store.vectors
+    stored = stored_vectors(index.store.faiss, fids)
+    assert (stored is not None) == (index_type in ("flat", "hnsw"))
+    assert (index.store.scoring_vectors is vectors) == (stored is None)
+    if stored is not None:
+        index.store._faiss = index.store._stored = None  # the array is now the index's last holder
+        gc.collect()
+        assert np.array_equal(stored, vectors) and not stored.flags.writeable
 
 
 # --- θ boundary and mixed items, on exact vectors ----------------------------------------------------
