@@ -263,6 +263,25 @@ def exact(tmp_path: Path) -> Index:
 BELOW = float(np.nextafter(np.float32(0.5), np.float32(0)))
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_making_many_results_runs_no_garbage_collection(exact: Index, enabled: bool) -> None:
+    """Before: a young collection every 700 results, and every few calls of 10,000 a full one (60-90 ms). The
+    GC is left as the caller had it."""
+    fids = np.resize(exact.store.vectors[0], 5000)  # repeats: each is a result of its own
+    phases: list[str] = []
+    record = lambda phase, info: phases.append(phase)
+    gc.enable() if enabled else gc.disable()
+    gc.callbacks.append(record)
+    try:
+        hits = exact.hits(np.eye(4, dtype=np.float32)[0], np.zeros(len(fids), np.float32), fids)
+        assert gc.isenabled() == enabled
+    finally:
+        gc.callbacks.remove(record)
+        gc.enable()
+    assert len(hits) == 5000 and len({id(h) for h in hits}) == 5000 and phases == []
+    assert [h.image_score for h in hits[:4]] == [1.0, None, 0.0, -1.0]
+
+
 @pytest.mark.parametrize("k", [None, 10])  # range_search, and top-k then filter
 def test_theta_is_strict(exact: Index, k: int | None) -> None:
     q = np.eye(4, dtype=np.float32)[0]

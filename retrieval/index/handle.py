@@ -21,6 +21,7 @@ from retrieval.index.fusion import ranked_by_rule
 from retrieval.index.search import (
     MAX_QUERY_CHARS,
     FaissThreads,
+    GcPaused,
     Hit,
     Results,
     check_search_args,
@@ -223,20 +224,21 @@ class Index:
         """Result records per query: metadata from the store and per-modality scores from the vectors, fetched
         for all queries at once (each item's row is looked up once, for its record and its vector)."""
         ids = results[0][1] if len(results) == 1 else np.concatenate([np.zeros(0, np.int64), *(i for _, i in results)])
-        rows = self.store.rows_of(ids)
-        hits, vectors = self.store.result_records(ids, rows), self.store.scoring_vectors
+        rows, vectors = self.store.rows_of(ids), self.store.scoring_vectors
         out, start = [], 0
-        for q, (scores, found) in zip(queries, results, strict=True):
-            end = start + len(found)
-            parts = part_scores(vectors, rows[start:end], q).tolist()  # per hit: [cos(q, x1), cos(q, x2)]
-            for hit, score, (image_score, text_score) in zip(hits[start:end], scores.tolist(), parts, strict=True):
-                hit.score = score
-                if hit.has_image:
-                    hit.image_score = image_score
-                if hit.has_caption:
-                    hit.text_score = text_score
-            out.append(hits[start:end])
-            start = end
+        with GcPaused():
+            hits = self.store.result_records(ids, rows)
+            for q, (scores, found) in zip(queries, results, strict=True):
+                end = start + len(found)
+                parts = part_scores(vectors, rows[start:end], q).tolist()  # per hit: [cos(q, x1), cos(q, x2)]
+                for hit, score, (image_score, text_score) in zip(hits[start:end], scores.tolist(), parts, strict=True):
+                    hit.score = score
+                    if hit.has_image:
+                        hit.image_score = image_score
+                    if hit.has_caption:
+                        hit.text_score = text_score
+                out.append(hits[start:end])
+                start = end
         return out
 
     def tune(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
