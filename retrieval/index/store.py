@@ -55,9 +55,7 @@ from retrieval.index.rerank import Reranked, Searchable
 from retrieval.index.search import Hit
 
 RESULT_COLUMNS = "i.id, i.path, json(i.captions), i.image_key IS NOT NULL, i.text_key IS NOT NULL, json(i.extra)"
-
-
-# records.jsonl lines are arrays of RESULT_COLUMNS, whose 0/1 flags become Hit's has_image and has_caption
+# records.jsonl's lines are arrays of RESULT_COLUMNS: a search's lines decode into Hits, 0/1 flags into booleans
 RECORDS = msgspec.json.Decoder(list[Hit], strict=False)
 # IndexStore's `faiss` property shadows the module inside the class body, so its annotations use these names
 FaissIndex: TypeAlias = faiss.Index
