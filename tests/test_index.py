@@ -387,7 +387,14 @@ def test_result_records_file_equals_the_database(tmp_path) -> None:
     store._files_current = lambda: False  # as when the files lag the database: SQLite answers
     assert store.records is None
     assert from_file == store.result_records(fids)
-    assert from_file[1] == Hit("a", "/x/a.png", ["un chat \u00e9", "line\nbreak"], True, True, {"n": 1, "tags": ["x"]})
+    assert from_file[1] == Hit(
+        id="a",
+        path="/x/a.png",
+        captions=["un chat \u00e9", "line\nbreak"],
+        has_image=True,
+        has_caption=True,
+        extra={"n": 1, "tags": ["x"]},
+    )
     assert from_file[3] == from_file[1] and from_file[3] is not from_file[1]  # each result is scored on its own
     assert (from_file[2].path, from_file[2].captions, from_file[2].has_image, from_file[2].has_caption) == (
         None,
@@ -397,6 +404,31 @@ def test_result_records_file_equals_the_database(tmp_path) -> None:
     )
     assert (from_file[0].has_image, from_file[0].has_caption) == (True, False)
     assert {(h.score, h.image_score, h.text_score) for h in from_file} == {(0.0, None, None)}  # not yet scored
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        b'["b",null,["t"],0,1,{},7.0,0.99]',  # parses, with values for fields the file never holds
+        b'["b",null,["t"],0,1,{}],["c",null,[],1,0,{}]',  # parses, as two records
+    ],
+)
+def test_a_damaged_records_line_never_reaches_a_result(tmp_path, damaged: bytes) -> None:
+    """Before: the first line gave a text-only item an image score of 0.99, the second crashed the search."""
+    store = IndexStore.create(tmp_path / "idx", Manifest("no-model", "0" * 16, 4, "flat"))
+    v = np.eye(4, dtype=np.float32)
+    store.commit(
+        [Item(0, "a", "/x/a.png", ["c"], "i0", "t0"), Item(0, "b", None, ["t"], None, "t1")],
+        {"i0": v[0], "t0": v[1], "t1": v[2]},
+    )
+    store.rebuild()
+    index = Index(IndexStore.open(tmp_path / "idx"), tmp_path)
+    want = [(h.id, h.score, h.image_score, h.text_score) for h in index.search_vector(v[2], k=5)]
+    assert want[0] == ("b", pytest.approx(1.0), None, pytest.approx(1.0))
+    lines = bytes(index.store.records[1]).splitlines()
+    lines[1] = damaged
+    index.store._records = (np.cumsum([0] + [len(line) + 1 for line in lines]), b"".join(x + b"\n" for x in lines))
+    assert [(h.id, h.score, h.image_score, h.text_score) for h in index.search_vector(v[2], k=5)] == want
 
 
 @pytest.mark.slow

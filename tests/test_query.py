@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from retrieval.cli.main import main
 from retrieval.errors import ImageError, RetrievalError
 from retrieval.index.build import BuildOptions, build_index
-from retrieval.index.faiss_ops import stored_vectors
+from retrieval.index.faiss_ops import inner_products_at, stored_vectors
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
 from retrieval.index.search import MAX_QUERY_CHARS, TARGETS
@@ -194,6 +194,16 @@ def test_per_modality_scores_are_the_part_cosines(index: Index, parts: Parts) ->
             assert h.text_score == pytest.approx(float(q @ vt), abs=TOL)
         if vi is not None and vt is not None:
             assert h.score == pytest.approx(0.3 * h.image_score + 0.7 * h.text_score, abs=TOL)
+
+
+def test_in_place_inner_products_refuse_rows_outside_the_matrix() -> None:
+    """FAISS reads raw memory: a row past the end would read another object's bytes, so it is refused."""
+    y = np.eye(4, dtype=np.float32)
+    assert inner_products_at(y[:1], y, np.array([[0, 3, -1]])).tolist() == [[1.0, 0.0, -np.inf]]
+    with pytest.raises(IndexError):
+        inner_products_at(y[:1], y, np.array([[4]]))
+    with pytest.raises(ValueError):
+        inner_products_at(y[:1, :3], y, np.array([[0]]))
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf", "flat16"])

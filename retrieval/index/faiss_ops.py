@@ -149,10 +149,13 @@ def inner_index(index: faiss.Index) -> faiss.Index:
 
 def inner_products_at(x: np.ndarray, y: Vectors, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
     """(nx, m) inner products of x[j] with y[rows[j, i]], for x (nx, d) and y (n, d) read in place (no gathered
-    copy): FAISS's fvec_inner_product per pair, so a score never depends on the other rows. FAISS skips rows < 0,
-    whose entries are left as they come (the caller fills them)."""
+    copy): FAISS's fvec_inner_product per pair, so a score never depends on the other rows. A row < 0 gets -inf.
+    FAISS reads raw memory, so shapes and rows are checked here, with errors rather than asserts."""
     x, rows = np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(rows, dtype=np.int64)
-    assert y.dtype == np.float32 and y.flags.c_contiguous and y.shape[1] == x.shape[1] and rows.shape[0] == len(x)
+    if y.dtype != np.float32 or not y.flags.c_contiguous or y.shape[1] != x.shape[1] or rows.shape[0] != len(x):
+        raise ValueError(f"inner products of {x.shape} with rows {rows.shape} of {y.dtype} {y.shape}: shapes differ")
+    if rows.size and rows.max() >= len(y):
+        raise IndexError(f"row {rows.max()} of a matrix of {len(y)} rows")
     out = np.empty(rows.shape, dtype=np.float32)
     faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's stubs
         faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(y), faiss.swig_ptr(rows), x.shape[1], *rows.shape

@@ -233,10 +233,8 @@ class Index:
                 parts = part_scores(vectors, rows[start:end], q).tolist()  # per hit: [cos(q, x1), cos(q, x2)]
                 for hit, score, (image_score, text_score) in zip(hits[start:end], scores.tolist(), parts, strict=True):
                     hit.score = score
-                    if hit.has_image:
-                        hit.image_score = image_score
-                    if hit.has_caption:
-                        hit.text_score = text_score
+                    hit.image_score = image_score if hit.has_image else None
+                    hit.text_score = text_score if hit.has_caption else None
                 out.append(hits[start:end])
                 start = end
         return out

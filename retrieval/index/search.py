@@ -34,12 +34,12 @@ PARALLEL_SCAN_FROM = 200_000
 MAX_QUERY_CHARS = 10_000  # beyond this a "query" is a document; the tokenizer would cut it anyway
 
 
-class Hit(msgspec.Struct, array_like=True, gc=False):
+class Hit(msgspec.Struct, array_like=True, gc=False, kw_only=True):
     """A result: what its item shows, and its scores against the query. A line of the index's records file
-    (store.py) decodes straight into one, in C, with the scores still unset; Index.hits_for sets them. That is
-    3x faster than making a Hit in Python from each decoded line (115 results: 117 -> 78 µs here). Not tracked by
-    the GC (gc=False: one object less per result for it to count and scan); a Hit put inside its own `extra`
-    would never be freed."""
+    (store.py) decodes straight into one, in C; Index.hits_for then sets every score. That is 3x faster than
+    making a Hit in Python from each decoded line (115 results: 117 -> 78 µs here). Python code makes one by
+    keyword only (the fields' order is the records file's). Not tracked by the GC (gc=False: one object less per
+    result for it to count and scan); a Hit put inside its own `extra` would never be freed."""
 
     id: str
     path: str | None

@@ -91,6 +91,7 @@ class IndexStore(ItemDatabase):
 
     def _committed(self) -> None:
         self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
+        self._stored = None  # FAISS's vectors: freed with the index they lie in
 
     def rebuild(self) -> None:
         """Rebuild the FAISS index from the database and write it and the manifest atomically."""
@@ -138,6 +139,7 @@ class IndexStore(ItemDatabase):
             if stale.name != ivfdata_name(self.manifest.generation):
                 stale.unlink()
         self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
+        self._stored = None  # FAISS's vectors: freed with the index they lie in
 
     def _files_current(self) -> bool:
         """Do the derived files (FAISS, fids, vectors) reflect the database as it is now?"""
@@ -369,14 +371,17 @@ class IndexStore(ItemDatabase):
             offsets, data = self.records
             lines = map(data.__getitem__, map(slice, offsets[rows].tolist(), offsets[rows + 1].tolist()))
             try:
-                return RECORDS.decode(b"[" + b",".join(lines) + b"]")
-            except msgspec.DecodeError:  # damaged in place: stop trusting it, the database has every record
-                self._records = False
+                hits = RECORDS.decode(b"[" + b",".join(lines) + b"]")
+                if len(hits) == len(rows):  # a damaged line may still parse, as none or as two
+                    return hits
+            except msgspec.DecodeError:
+                pass
+            self._records = False  # damaged in place: stop trusting it, the database has every record
         wanted = np.asarray(fids).tolist()
         found = {r[0]: r[1:] for r in self._json_rows(f"i.fid, {RESULT_COLUMNS}", wanted)}
         try:
             return [
-                Hit(i, path, captions, bool(image), bool(text), extra)
+                Hit(id=i, path=path, captions=captions, has_image=bool(image), has_caption=bool(text), extra=extra)
                 for i, path, captions, image, text, extra in map(found.__getitem__, wanted)
             ]
         except KeyError:
