@@ -52,10 +52,10 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 # --- the error bound ----------------------------------------------------------------------------------
 def test_score_error_bound_on_hand_worked_numbers() -> None:
-    """q = (3, 4): ‖q‖ = 5, ‖q‖₁ = 7; N = 2; D = 2, so γ = 2u / (1 - 2u) = 1.1920930e-7 (u = 2^-24).
-    (2^-11 + γ (2 + 2^-11)) · 5 · 2 = 4.8851973e-3, (1 + γ) · 2^-25 · 7 = 2.0861628e-7; sum 4.8854059e-3,
-    times 1.01 = 4.9342599e-3."""
-    assert score_error_bound(np.array([[3.0, 4.0]]), 2.0) == pytest.approx([4.9342599e-3], rel=1e-7)
+    """q = (3, 4): ‖q‖ = 5; N = 2; D = 2, so γ = 2u / (1 - 2u) = 1.1920930e-7 (u = 2^-24).
+    (2^-11 + γ (2 + 2^-11)) · 2 · 5 = 4.8851973e-3, (1 + γ) · 2^-25 · √2 · 5 = 2.1073427e-7 (√2 · 5 >= ‖q‖₁ = 7);
+    sum 4.8854080e-3, times 1.01 = 4.9342621e-3."""
+    assert score_error_bound(np.array([[3.0, 4.0]], dtype=np.float32), 2.0) == pytest.approx([4.9342621e-3], rel=1e-7)
     assert score_error_bound(np.zeros((1, 2)), 2.0) == [0.0]  # a zero query scores 0 exactly either way
 
 

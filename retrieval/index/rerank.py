@@ -12,8 +12,9 @@ The bound, for a query q (D dimensions) and any stored item x of norm at most N,
 roundoff and γ_D = Du / (1 - Du): fp16 rounds each component to within 2^-11 of itself (2^-25 absolute
 below 2^-14, where fp16 is subnormal), and an fp32 dot product of D terms, summed in any order, is within
 γ_D Σ|q_i x_i| of the true one (Higham, Accuracy and Stability of Numerical Algorithms, 3.1). The scan's
-score of x and its fp32 score then differ by at most (Cauchy-Schwarz for Σ|q_i x_i| <= ‖q‖ N)
-    ε(q) = (2^-11 + γ_D (2 + 2^-11)) ‖q‖ N + (1 + γ_D) 2^-25 ‖q‖₁,
+score of x and its fp32 score then differ by at most (Cauchy-Schwarz for Σ|q_i x_i| <= ‖q‖ N, and for
+‖q‖₁ <= √D ‖q‖, which is tight only for a query of equal |q_i| and keeps the bound one norm per query)
+    ε(q) = ((2^-11 + γ_D (2 + 2^-11)) N + (1 + γ_D) 2^-25 √D) ‖q‖,
 taken 1% larger for the arithmetic of the bound itself. No torch here.
 """
 
@@ -45,12 +46,10 @@ RowsOf = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.int64]]  # fids -> row
 def score_error_bound(qv: np.ndarray, max_norm: float) -> npt.NDArray[np.float64]:
     """ε per query of qv (nq, D): how far the fp16 scan's score of any item of norm <= max_norm can be from its
     fp32 score (see the module docstring)."""
-    qv = np.asarray(qv, dtype=np.float64)
     dim = qv.shape[1]
     gamma = dim * FP32_ROUNDOFF / (1 - dim * FP32_ROUNDOFF)
-    relative = FP16_RELATIVE + gamma * (2 + FP16_RELATIVE)
-    eps = relative * np.linalg.norm(qv, axis=1) * max_norm + (1 + gamma) * FP16_SUBNORMAL * np.abs(qv).sum(axis=1)
-    return eps * BOUND_SLACK  # (nq,)
+    per_norm = (FP16_RELATIVE + gamma * (2 + FP16_RELATIVE)) * max_norm + (1 + gamma) * FP16_SUBNORMAL * np.sqrt(dim)
+    return np.sqrt(np.einsum("ij,ij->i", qv, qv, dtype=np.float64)) * (per_norm * BOUND_SLACK)  # (nq,)
 
 
 def floor32(x: float) -> float:
