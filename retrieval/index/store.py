@@ -90,8 +90,9 @@ class IndexStore(ItemDatabase):
         return cls(path, manifest, connect(path / DB_FILE), max_memory)
 
     def _committed(self) -> None:
+        """Forget what was loaded from the derived files; FAISS's stored vectors go with the index they lie in."""
         self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
-        self._stored = None  # FAISS's vectors: freed with the index they lie in
+        self._stored = None
 
     def rebuild(self) -> None:
         """Rebuild the FAISS index from the database and write it and the manifest atomically."""
@@ -138,8 +139,7 @@ class IndexStore(ItemDatabase):
         for stale in self.path.glob(f"*{IVFDATA_SUFFIX}"):  # on-disk lists of an earlier merge, no longer named
             if stale.name != ivfdata_name(self.manifest.generation):
                 stale.unlink()
-        self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
-        self._stored = None  # FAISS's vectors: freed with the index they lie in
+        self._committed()  # what was loaded belongs to the previous generation
 
     def _files_current(self) -> bool:
         """Do the derived files (FAISS, fids, vectors) reflect the database as it is now?"""
