@@ -157,7 +157,7 @@ def test_bench_shared_runs_and_writes_its_rows(tmp_path: Path) -> None:
     """At a tiny size: every (part, load, policy) row, before and after side by side; no speed asserted here."""
     out = tmp_path / "bench.json"
     args = ["--parts", "train,index", "--loads", "idle,nice0", "--reps", "1", "--preset", "tiny", "--n", "40"]
-    args += ["--epochs", "2", "--index-n", "60", "--work", str(tmp_path / "work"), "--json", str(out)]
+    args += ["--epochs", "2", "--index-n", "300", "--work", str(tmp_path / "work"), "--json", str(out)]
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, str(root / "scripts" / "bench_shared.py"), *args], capture_output=True, text=True, timeout=600
