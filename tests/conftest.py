@@ -46,6 +46,16 @@ def read_log(model_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
 
 
+def same_ranking(got: list[tuple[str, float]], want: list[tuple[str, float]], tol: float = 1e-5) -> None:
+    """(id, score) lists alike: scores to float rounding, ids in the same order except where scores tie within
+    that rounding (a batched call may add up a score in another order, so such items may change places)."""
+    assert len(got) == len(want)
+    assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=tol)
+    for (i, _), (j, score) in zip(got, want, strict=True):
+        if i != j:
+            assert any(k == i and abs(t - score) <= tol for k, t in want), (i, j)
+
+
 @pytest.fixture(scope="module")
 def torch_single_thread():
     """One torch thread while a module encodes: on a 2-core machine shared with a training job, two

@@ -125,6 +125,7 @@ def scores(page) -> list[float]:
 def test_search_in_the_browser(server: str, browser, tmp_path: Path, synth_data: Path) -> None:
     from playwright.sync_api import expect
 
+    expect.set_options(timeout=30_000)  # not the default 5 s: chromium, the server and pytest share 2 cores
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -175,7 +176,8 @@ def test_search_in_the_browser(server: str, browser, tmp_path: Path, synth_data:
     page.select_option("#fusion", "max")
     expect(page.locator("#weight")).to_be_disabled()  # only the weighted rule takes w
     expect(page.locator("#weight-help")).to_contain_text("better of image and caption")
-    expect(page).to_have_url(re.compile(r"fusion=max"))
+    expect(page).to_have_url(re.compile(r"fusion=max"))  # set as the request is sent, with aria-busy
+    expect(page.locator("#results")).not_to_have_attribute("aria-busy", "true")  # answered and shown
     text = urllib.parse.quote("a small red circle left of a large blue square")
     answer = json.loads(get(f"{server}/api/search?q={text}&k=10&fusion=max")[1])["results"]
     expect(results.first).to_contain_text(answer[0]["caption"])  # the page waited for the max answer

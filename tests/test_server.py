@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import same_ranking
 from hypothesis import HealthCheck, given, settings
 
 pytest.importorskip("fastapi", reason="the server extra is not installed: pip install -e '.[dev,serve]'")
@@ -351,8 +352,7 @@ def test_concurrent_requests_get_the_sequential_answers(client: TestClient) -> N
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(answer, queries * 4))
     for hits, want in zip(got, expected * 4, strict=True):
-        assert [i for i, _ in hits] == [i for i, _ in want]
-        assert [s for _, s in hits] == pytest.approx([s for _, s in want], abs=1e-6)
+        same_ranking(hits, want)
 
 
 # --- the command ------------------------------------------------------------------------------------
