@@ -9,7 +9,10 @@ slow here too, so a new test cannot pull a training run into the fast tier by ac
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -44,6 +47,17 @@ def tiny_model(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def read_log(model_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def slowed(fn: Callable[..., Any], seconds: float) -> Callable[..., Any]:
+    """fn, taking at least `seconds` longer: a test that needs work to overlap or a clock to pass gets it on any
+    machine, however fast."""
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+
+    return slow
 
 
 def same_ranking(got: list[tuple[str, float]], want: list[tuple[str, float]], tol: float = 1e-5) -> None:

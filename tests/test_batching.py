@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import same_ranking
+from conftest import same_ranking, slowed
 
 from retrieval.server.batcher import Batcher
 
@@ -153,13 +153,7 @@ def slow_searches(monkeypatch: pytest.MonkeyPatch) -> None:
     calls on any machine, however fast its searches."""
     from retrieval.server import app
 
-    real = app.run_search
-
-    def slow(*args: Any) -> Any:
-        time.sleep(0.02)
-        return real(*args)
-
-    monkeypatch.setattr(app, "run_search", slow)
+    monkeypatch.setattr(app, "run_search", slowed(app.run_search, 0.02))
 
 
 QUERIES: list[dict[str, Any]] = [

@@ -521,7 +521,7 @@ def test_a_head_that_trickles_or_never_ends_is_cut_off(jpeg_index: Path, monkeyp
             # one byte past the bound in one send, never ending: the server has read every byte when it answers,
             # so its close sends no reset that could overtake the answer
             start = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: "
-            endless.sendall(start + b"x" * (64 * 1024 + 1 - len(start)))
+            endless.sendall(start + b"x" * (HeadDeadline.max_head_bytes + 1 - len(start)))
             assert endless.recv(1000).startswith(b"HTTP/1.1 400")
     finally:
         server.should_exit = True

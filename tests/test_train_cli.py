@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import read_log
+from conftest import read_log, slowed
 
 from retrieval.cli.main import main
 from retrieval.models.encoder import use_bf16
@@ -138,8 +137,7 @@ def test_a_time_budget_ends_the_run_early_and_the_log_shows_it(
     schedule runs on time, so the first epoch stops within its steps once 120 ms have passed, and the run
     ends after that epoch's evaluation instead of going on to epoch 2. Each step takes at least 70 ms, so two
     pass the budget on any machine (a fast one ran all three tiny steps in under 120 ms)."""
-    real_step = loop._step
-    monkeypatch.setattr(loop, "_step", lambda *args: (time.sleep(0.07), real_step(*args))[1])
+    monkeypatch.setattr(loop, "_step", slowed(loop._step, 0.07))
     out = tmp_path / "m"
     code, text = run(
         "train", "--data", str(synth_data), "--out", str(out), "--preset", "tiny", "--max-minutes", "0.002"
