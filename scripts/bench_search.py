@@ -5,7 +5,9 @@
 
 For each N and index type, on the same index object:
 - single query top-10, p50/p99: raw `index.search` vs `Index.search_vector` (fused query, metadata and
-  per-modality scores), and the overhead as a ratio; with text encoding: `Index.search(text=...)`;
+  per-modality scores), and the overhead as a ratio; with text encoding: `Index.search(text=...)`. "Raw" is the
+  FAISS call our path makes: on flat, the scan of the combined vectors (index/combined.py), shown first beside
+  the fused scan it replaced;
 - θ (range search) at a θ that returns about 100 items: raw `range_search` vs ours, and on ANN types how
   many of the exact answers were found;
 - batched QPS (all queries in one call, 2 threads): raw vs `Index.search_vectors`;
@@ -39,8 +41,10 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from retrieval.index.combined import Combined
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
+from retrieval.index.rerank import Reranked
 from retrieval.index.search import query_vectors, ranked, search_threads
 from retrieval.index.store import IndexStore
 
@@ -125,30 +129,37 @@ def bench_type(
     for value in values:  # one build, a sweep of the search knob
         if knob:
             index.tune(**{knob: value})
-        raw = store.faiss  # the FAISS index alone (flat16: its fp16 scan, without the re-rank)
+        raw, raw_q = raw_call(store, qv)
         tag = f"{prefix} {index_type}" + (f" {knob}={value}" if knob else "")
         faiss.omp_set_num_threads(2)  # both cores, then as many of them as our path gives one query: raw gets the same
-        faiss.omp_set_num_threads(search_threads(store.searcher(None)[0], 1))
+        faiss.omp_set_num_threads(search_threads(store.searcher(None, weight=0.5)[0], 1))
+        if raw is not store.faiss:  # flat: our path scans the combined vectors; beside it, the fused scan it replaced
+            rows += side_by_side(
+                f"{tag} top-10, one query: fused (n, 2d) scan vs combined (n, d)",
+                lambda r: store.faiss.search(qv[r : r + 1], 10),
+                lambda r, raw=raw, raw_q=raw_q: raw.search(raw_q[r : r + 1], 10),
+                reps,
+            )
         rows += side_by_side(
             f"{tag} top-10",
-            lambda r, raw=raw: raw.search(qv[r : r + 1], 10),  # this knob value's searcher, bound now
+            lambda r, raw=raw, raw_q=raw_q: raw.search(raw_q[r : r + 1], 10),  # this knob value's searcher, bound now
             lambda r: index.search_vector(queries[r], k=10),
             reps,
         )
-        rows[-1]["recall_at_10"] = recall_at_10(raw.search(qv, 10)[1], truth)
+        rows[-1]["recall_at_10"] = recall_at_10(raw.search(raw_q, 10)[1], truth)
         rows += side_by_side(
             f"{tag} theta (~100 results)",
-            lambda r, raw=raw: raw.range_search(qv[r : r + 1], theta),
+            lambda r, raw=raw, raw_q=raw_q: raw.range_search(raw_q[r : r + 1], theta),
             lambda r: index.search_vector(queries[r], k=None, theta=theta),
             reps,
         )
-        lims = raw.range_search(qv, theta)[0]
+        lims = raw.range_search(raw_q, theta)[0]
         rows[-1]["mean_results"] = float(np.mean(np.diff(lims)))
         rows[-1]["theta_completeness"] = float(np.sum(np.diff(lims)) / max(1, sum(map(len, exact_sets))))
         faiss.omp_set_num_threads(2)
         for _ in range(2):  # warm-up, then measure
             t = time.perf_counter()
-            raw.search(qv, 10)
+            raw.search(raw_q, 10)
             raw_qps = reps / (time.perf_counter() - t)
             t = time.perf_counter()
             index.search_vectors(queries, k=10)
@@ -161,6 +172,15 @@ def bench_type(
             faiss.omp_set_num_threads(1)
             rows += fusion_rows(index, tag, queries, theta)
     return rows
+
+
+def raw_call(store: IndexStore, qv: np.ndarray) -> tuple[faiss.Index, np.ndarray]:
+    """The FAISS index our path asks for a weighted search, and the query rows it asks with: flat16's fp16 scan
+    (without the re-rank), flat's scan of the combined vectors (the query q itself), else the index itself."""
+    searcher = store.searcher(None, weight=0.5)[0]
+    if isinstance(searcher, Combined):
+        return searcher.index, Combined.query(qv)
+    return (searcher.index if isinstance(searcher, Reranked) else searcher), qv
 
 
 def fusion_rows(index: Index, tag: str, queries: np.ndarray, theta: float) -> list[dict]:
@@ -197,7 +217,7 @@ def theta_sets(results) -> list[set[int]]:
 def agreement(store: IndexStore, qv: np.ndarray, truth: np.ndarray, theta: float, exact_sets: list[set[int]]) -> dict:
     """What our search path answers (the index type's searcher: flat16 re-ranks) against exact flat fp32: recall@10
     and the fraction of queries whose θ set is identical."""
-    searcher, params = store.searcher(None)
+    searcher, params = store.searcher(None, weight=0.5)
     top = [ids for _, ids in ranked(searcher, qv, 10, None, params)]
     same = [a == b for a, b in zip(theta_sets(ranked(searcher, qv, None, theta, params)), exact_sets, strict=True)]
     return {"recall_at_10": recall_at_10(top, truth), "theta_sets_identical": float(np.mean(same))}

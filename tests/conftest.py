@@ -14,11 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from retrieval.cli.main import main
 from retrieval.data.synth import generate
+from retrieval.index.format import Item, Manifest
+from retrieval.index.store import IndexStore
 
 TRAINED_FIXTURES = frozenset({"tiny_model", "served_index"})  # each trains the tiny model (about 10 s on 2 cores)
 
@@ -68,6 +71,25 @@ def same_ranking(got: list[tuple[str, float]], want: list[tuple[str, float]], to
     for (i, _), (j, score) in zip(got, want, strict=True):
         if i != j:
             assert any(k == i and abs(t - score) <= tol for k, t in want), (i, j)
+
+
+def store_of(path: Path, index_type: str, images: np.ndarray, texts: np.ndarray, parts: str = "") -> IndexStore:
+    """Item j has images[j] and texts[j]; parts[j] == "i" (or "t") gives item j its image (or caption) only."""
+    store = IndexStore.create(path, Manifest("no-model", "0" * 16, images.shape[1], index_type))
+    items = [
+        Item(
+            0,
+            f"item{j}",
+            f"/x/{j}.png",
+            [f"caption {j}"] * (kind != "i"),
+            None if kind == "t" else f"i{j}",
+            None if kind == "i" else f"t{j}",
+        )
+        for j, kind in enumerate(parts.ljust(len(images), "b"))
+    ]
+    store.commit(items, {**{f"i{j}": v for j, v in enumerate(images)}, **{f"t{j}": v for j, v in enumerate(texts)}})
+    store.rebuild()
+    return IndexStore.open(path)  # reads the FAISS file back, as a search process does
 
 
 @pytest.fixture(scope="module")

@@ -15,35 +15,16 @@ import faiss
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import store_of
 
 from retrieval.atomic import save_npy
 from retrieval.cli.main import main
 from retrieval.index import search
 from retrieval.index.faiss_ops import FLAT16_LISTS
-from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
 from retrieval.index.rerank import CANDIDATES, Reranked, floor32, score_error_bound
 from retrieval.index.search import Hit, query_vectors, search_threads
 from retrieval.index.store import IndexStore
-
-
-def store_of(path: Path, index_type: str, images: np.ndarray, texts: np.ndarray, parts: str = "") -> IndexStore:
-    """Item j has images[j] and texts[j]; parts[j] == "i" (or "t") gives item j its image (or caption) only."""
-    store = IndexStore.create(path, Manifest("no-model", "0" * 16, images.shape[1], index_type))
-    items = [
-        Item(
-            0,
-            f"item{j}",
-            f"/x/{j}.png",
-            [f"caption {j}"] * (kind != "i"),
-            None if kind == "t" else f"i{j}",
-            None if kind == "i" else f"t{j}",
-        )
-        for j, kind in enumerate(parts.ljust(len(images), "b"))
-    ]
-    store.commit(items, {**{f"i{j}": v for j, v in enumerate(images)}, **{f"t{j}": v for j, v in enumerate(texts)}})
-    store.rebuild()
-    return IndexStore.open(path)  # reads the FAISS file back, as a search process does
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -29,10 +29,11 @@ from retrieval.models.load import load_model
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 BF16 = use_bf16(True)
-# bf16 against fp32, per image, on the zero-shot model: these synthetic scenes measured 0.991-0.9998 (flat shapes
-# scaled up 48 -> 224 px are far from ImageNet; Flickr8k photos: 0.993-1, mean 0.9993, R@1/5/10 on 300 test images
-# within 0.5 points of fp32). A wrong layout or a dtype left in bf16 lands far below.
-BF16_MIN_COSINE, BF16_MEAN_COSINE = 0.98, 0.995
+# bf16 against fp32, per image, on the zero-shot model: these synthetic scenes measured 0.991-0.9998 on a Xeon
+# with AMX and 0.985-0.9999 (mean 0.9943) on an AMD EPYC with AVX-512 bf16, whose kernels round differently (flat
+# shapes scaled up 48 -> 224 px are far from ImageNet; Flickr8k photos: 0.993-1, mean 0.9993, R@1/5/10 on 300 test
+# images within 0.5 points of fp32). A wrong layout or a dtype left in bf16 lands far below.
+BF16_MIN_COSINE, BF16_MEAN_COSINE = 0.975, 0.99
 
 
 @pytest.fixture(scope="module")

@@ -219,6 +219,11 @@ class ItemDatabase:
             vectors[row] = fused(vector_from_blob(vi), vector_from_blob(vt))
         return fids, vectors
 
+    def fids_having(self, column: str) -> npt.NDArray[np.int64] | None:
+        """The fids of the items whose `column` (image_key, text_key) is set; None when every item has it."""
+        fids = np.array([r[0] for r in fetch(self.db, f"SELECT fid FROM items WHERE {column} IS NOT NULL")], np.int64)
+        return None if len(fids) == fetch(self.db, "SELECT COUNT(*) FROM items")[0][0] else fids
+
     def items(self, fids: Sequence[int]) -> dict[int, Item]:
         """Metadata for many FAISS ids in one query, returned by SQLite as one JSON document.
 

@@ -33,7 +33,8 @@ FLAT16_LISTS = 16  # flat16's codes, dealt round-robin into lists that threads s
 # query is about 3x slower than the SIMD scan (37 vs 11 ms at 200k x 256), but reads the vectors once for the
 # whole batch: at 100k x 256 on one thread, SIMD costs 14.5 ms per query, BLAS 28 ms + 0.5 ms per query, so BLAS
 # pays from 3 queries (a server's batch, max/min's two part queries are a wash). The threshold is global:
-# use_blas_from sets it for the index searched (4096 until one is: batches of 16 at d = 256).
+# use_blas_from sets it for an index's embedding dimension d, the width of its combined vectors (combined.py), so
+# its fused 2d-wide vectors pass it from 2 queries (4096 until an index is loaded: batches of 16 at 2d = 256).
 BLAS_FROM_QUERIES = 3
 faiss.cvar.distance_compute_blas_threshold = 4096
 
@@ -145,6 +146,23 @@ def search_parameters(index: faiss.Index, selector: Any) -> faiss.SearchParamete
 
 def inner_index(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
+def holds_vectors(index: faiss.Index, fids: npt.NDArray[np.int64], vectors: Vectors) -> bool:
+    """For a manifest from before the digest: does a FAISS index hold these vectors, not another index's (a copied
+    file)? Its dimension, count and ids, and for an exact store its first and last vectors (same ids is not
+    enough: two indexes of 600 items both have ids 1..600; an IVF copy passes)."""
+    if index.d != vectors.shape[1] or index.ntotal != len(fids):
+        return False
+    if isinstance(index, faiss.IndexIDMap) and not np.array_equal(faiss.vector_to_array(index.id_map), fids):
+        return False
+    if (
+        len(fids)
+        and isinstance(index, faiss.IndexIDMap2)
+        and isinstance(inner_index(index), (faiss.IndexFlat, faiss.IndexHNSW))
+    ):
+        return all(np.array_equal(index.reconstruct(int(fids[row])), vectors[row]) for row in (0, len(fids) - 1))
+    return True
 
 
 def inner_products_at(x: np.ndarray, y: Vectors, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:

@@ -121,7 +121,7 @@ def upgraded(d: dict[str, Any]) -> dict[str, Any]:
 
     1 -> 2: the manifest gains image_precision and faiss_digest, unknown ("") for an index written before them:
     image queries are then encoded as the model runs today, and the FAISS file is checked against the database
-    instead of its digest (IndexStore._holds_database).
+    instead of its digest (faiss_ops.holds_vectors).
     2 -> 3: nothing to change; 3 adds the index type flat16, which a reader of 2 would call damaged."""
     if d["format_version"] < 2:
         d = {"image_precision": "", "faiss_digest": "", **d}

@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.index.rerank import Searchable
-from retrieval.index.search import Results, ranked
+from retrieval.index.search import Results, Searchable, ranked
 from retrieval.rules import fuse
 
 PartScores = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (ids (n,), q (d,)) -> (n, 2) exact part cosines

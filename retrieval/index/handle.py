@@ -29,6 +29,7 @@ from retrieval.index.search import (
     query_vectors,
     ranked,
     search_threads,
+    target_weight,
     with_margin,
 )
 from retrieval.index.store import IndexStore
@@ -199,9 +200,10 @@ class Index:
         column = {"image": "image_key", "text": "text_key"}.get(target)  # only image/text targets filter items
         if not len(queries):
             return []
-        index, params = self.store.searcher(column, exact)
         by_rule = target == "item" and fusion in ("max", "min")
-        qv = query_vectors(queries, target, 0.5 if fusion == "mean" else weight)
+        w = target_weight(target, 0.5 if fusion == "mean" else weight)
+        index, params = self.store.searcher(column, exact, None if by_rule else w)  # max, min: part queries
+        qv = query_vectors(queries, target, w)
 
         def rank(k: int | None, theta: float | None) -> Results:
             if by_rule:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cached_property
 from itertools import pairwise
-from typing import Any, TypeAlias
+from typing import Any
 
 import faiss
 import numpy as np
@@ -138,6 +138,3 @@ class Reranked:
         keep = by_id[scores[by_id] > np.float32(theta)]
         counts = np.bincount(query[keep], minlength=len(qv))
         return np.concatenate([[0], np.cumsum(counts)]).astype(lims.dtype), scores[keep], ids[keep]
-
-
-Searchable: TypeAlias = faiss.Index | Reranked  # what IndexStore.searcher returns and `ranked` asks

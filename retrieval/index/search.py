@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import faiss
 import msgspec
@@ -23,9 +23,11 @@ import numpy.typing as npt
 from retrieval.arrays import Vectors
 from retrieval.choices import FUSIONS, TARGETS
 from retrieval.errors import RetrievalError
+from retrieval.index.combined import Combined
 from retrieval.index.faiss_ops import inner_products_at
-from retrieval.index.rerank import Reranked, Searchable
+from retrieval.index.rerank import Reranked
 
+Searchable: TypeAlias = faiss.Index | Reranked | Combined  # what IndexStore.searcher returns and `ranked` asks
 Results = list[tuple[np.ndarray, np.ndarray]]  # per query: (scores, FAISS ids), best first
 FEW_QUERIES = 8  # up to this many queries in one call, FAISS runs on one thread (see search_threads)
 # items from which one query's flat16 scan runs on every thread. Measured at 100k x 256 here, p50/p99 ms: 2.8/8.0
@@ -89,9 +91,14 @@ def check_search_args(
         raise RetrievalError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
 
 
+def target_weight(target: str, weight: float) -> float:
+    """The w a search scores with: 1 for images only, 0 for captions only, else the weight given."""
+    return {"image": 1.0, "text": 0.0}.get(target, weight)
+
+
 def query_vectors(queries: np.ndarray, target: str, weight: float) -> np.ndarray:
     """[w q, (1 - w) q] per row: its inner product with [e(x1), e(x2)] is w cos(q, x1) + (1 - w) cos(q, x2)."""
-    w = {"image": 1.0, "text": 0.0}.get(target, weight)
+    w = target_weight(target, weight)
     nq, d = queries.shape
     out = np.empty((nq, 2 * d), dtype=np.float32)
     np.multiply(queries, w, out=out[:, :d])

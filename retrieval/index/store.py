@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import mmap
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,11 +24,13 @@ from retrieval.arrays import Vectors
 from retrieval.atomic import atomic_write, save_npy
 from retrieval.choices import check_max_memory
 from retrieval.errors import IndexChanged, RetrievalError
-from retrieval.index.connect import connect, fetch
+from retrieval.index.combined import COMBINED_WEIGHTS, Combined, combined_index
+from retrieval.index.connect import connect
 from retrieval.index.database import ItemDatabase
 from retrieval.index.faiss_ops import (
     build_faiss,
     faiss_digest,
+    holds_vectors,
     inner_index,
     is_flat16,
     ivfdata_name,
@@ -51,8 +54,8 @@ from retrieval.index.format import (
     Manifest,
     read_manifest,
 )
-from retrieval.index.rerank import Reranked, Searchable
-from retrieval.index.search import Hit
+from retrieval.index.rerank import Reranked
+from retrieval.index.search import Hit, Searchable
 
 RESULT_COLUMNS = "i.id, i.path, json(i.captions), i.image_key IS NOT NULL, i.text_key IS NOT NULL, json(i.extra)"
 # records.jsonl's lines are arrays of RESULT_COLUMNS: a search's lines decode into Hits, 0/1 flags into booleans
@@ -74,7 +77,9 @@ class IndexStore(ItemDatabase):
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
         self._records: tuple[npt.NDArray[np.int64], bytes | mmap.mmap] | bool | None = None  # False: damaged
         self._exact: FaissIndex | None = None  # a flat copy for exact answers on an ANN index
-        self._searchers: dict[tuple[str | None, bool], tuple[Searchable, Any]] = {}
+        self._combined: dict[float, FaissIndex] = {}  # weight -> flat index of its combined vectors (combined.py)
+        self._loading = threading.Lock()  # server threads share a store: one of them loads FAISS or combines
+        self._searchers: dict[tuple[str | None, bool, float | None], tuple[Searchable, Any]] = {}
         self._rows: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None] | None = None  # see _row_table
         self._stored: tuple[FaissIndex, npt.NDArray[np.int64], Vectors | None] | None = None  # see scoring_vectors
 
@@ -92,7 +97,7 @@ class IndexStore(ItemDatabase):
     def _committed(self) -> None:
         """Forget what was loaded from the derived files; FAISS's stored vectors go with the index they lie in."""
         self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
-        self._stored = None
+        self._stored, self._combined = None, {}
 
     def rebuild(self) -> None:
         """Rebuild the FAISS index from the database and write it and the manifest atomically."""
@@ -205,11 +210,12 @@ class IndexStore(ItemDatabase):
         Over max_memory, an IVF index's inverted lists are memory-mapped (IO_FLAG_MMAP; the lists of a merged
         on-disk index always are), so the OS pages in only the lists a query probes.
         """
-        if self._faiss is None:
-            from_file = self._faiss_file()
-            self._faiss = from_file if from_file is not None else self._faiss_in_memory()
-            use_blas_from(self._faiss.d)  # once per load: the threshold suits the index being searched
-        return self._faiss
+        with self._loading:
+            if self._faiss is None:
+                from_file = self._faiss_file()
+                self._faiss = from_file if from_file is not None else self._faiss_in_memory()
+                use_blas_from(self.manifest.dim)  # the combined vectors' d: the fused index's 2d then passes it sooner
+            return self._faiss
 
     def _faiss_in_memory(self) -> FaissIndex:
         fids, vectors = self.vectors
@@ -233,27 +239,10 @@ class IndexStore(ItemDatabase):
             index = read_faiss(file, mmap=self._over_budget(size) and not on_disk)
         except RuntimeError:
             return None  # truncated or not a FAISS file
-        if not (self.manifest.faiss_digest or self._holds_database(index)):
+        if not (self.manifest.faiss_digest or holds_vectors(index, *self.vectors)):
             return None
         set_search_params(index, self.manifest.params)
         return index
-
-    def _holds_database(self, index: FaissIndex) -> bool:
-        """For a manifest from before the digest: checks that a FAISS index holds this database's vectors, not
-        another index's (a copied file): its dimension, count and ids, and for an exact store its first and last
-        vectors (same ids is not enough: two indexes of 600 items both have ids 1..600; an IVF copy passes)."""
-        fids, vectors = self.vectors
-        if index.d != vectors.shape[1] or index.ntotal != len(fids):
-            return False
-        if isinstance(index, faiss.IndexIDMap) and not np.array_equal(faiss.vector_to_array(index.id_map), fids):
-            return False
-        if (
-            len(fids)
-            and isinstance(index, faiss.IndexIDMap2)
-            and isinstance(inner_index(index), (faiss.IndexFlat, faiss.IndexHNSW))
-        ):
-            return all(np.array_equal(index.reconstruct(int(fids[row])), vectors[row]) for row in (0, len(fids) - 1))
-        return True
 
     def _over_budget(self, nbytes: int) -> bool:
         return self.max_memory is not None and nbytes > self.max_memory
@@ -320,42 +309,56 @@ class IndexStore(ItemDatabase):
             set_search_params(self._faiss, self.manifest.params)
         self._searchers = {}
 
-    def searcher(self, column: str | None, exact: bool = False) -> tuple[Searchable, FaissSearchParameters | None]:
+    def searcher(
+        self, column: str | None, exact: bool = False, weight: float | None = None
+    ) -> tuple[Searchable, FaissSearchParameters | None]:
         """The index to ask and its per-call FAISS parameters, restricted to the items that have `column`
         (image_key or text_key), or to all items for None.
 
         exact=True asks a flat copy of the vectors, built in memory on first use: HNSW and IVF answer top-k and
         θ approximately (HNSW's range search sees only its efSearch candidates). A flat16 index is exact already:
-        its searcher is the fp16 scan re-ranked from the fp32 vectors (rerank.Reranked), one for every column,
-        so the largest vector norm its error bound needs is found once. The item filter is built once
-        per generation, since selectors over many ids are slow to make; the parameters are new on every call,
-        because FAISS's IDMap swaps the filter inside them during a search, so threads must not share them.
-        """
-        if (column, exact) not in self._searchers:
-            scan = self.faiss
-            index: Searchable = scan
-            if is_flat16(scan):
-                shared = [s for s, _ in self._searchers.values() if isinstance(s, Reranked)]
-                index = shared[0] if shared else Reranked(scan, self.vectors[1], self.rows_of)
-            elif exact and not isinstance(inner_index(scan), faiss.IndexFlat):
-                if self._exact is None:
-                    fids, vectors = self.vectors
-                    self._check_budget(vectors.nbytes, "an exact answer (a flat copy of the vectors in memory)")
-                    self._exact = build_faiss(np.ascontiguousarray(vectors), fids, "flat", {})
-                index = self._exact
-            self._searchers[column, exact] = (index, self._selector(column))  # kept: parameters point to it, not own it
-        index, selector = self._searchers[column, exact]
-        scan = index.index if isinstance(index, Reranked) else index
+        its searcher is the fp16 scan re-ranked from the fp32 vectors (rerank.Reranked), one for every column, so
+        the largest vector norm its error bound needs is found once. `weight`, a weighted search's w: for w in
+        COMBINED_WEIGHTS an exact scan reads the combined vectors (combined.py). The item filter is built once
+        per generation (selectors over many ids are slow to make); the parameters are new on every call, since
+        FAISS's IDMap swaps the filter inside them during a search, so threads must not share them."""
+        scans = self.manifest.index_type == "flat" or (exact and self.manifest.index_type != "flat16")
+        key = (column, exact, weight if scans and weight in COMBINED_WEIGHTS else None)
+        if key not in self._searchers:
+            index: Searchable
+            if key[2] is not None:
+                index = Combined(self._combined_index(key[2]), key[2])
+            else:
+                index = scan = self.faiss
+                if is_flat16(scan):
+                    shared = [s for s, _ in self._searchers.values() if isinstance(s, Reranked)]
+                    index = shared[0] if shared else Reranked(scan, self.vectors[1], self.rows_of)
+                elif exact and not isinstance(inner_index(scan), faiss.IndexFlat):
+                    if self._exact is None:
+                        fids, vectors = self.vectors
+                        self._check_budget(vectors.nbytes, "an exact answer (a flat copy of the vectors in memory)")
+                        self._exact = build_faiss(np.ascontiguousarray(vectors), fids, "flat", {})
+                    index = self._exact
+            self._searchers[key] = (index, self._selector(column))  # kept: parameters point to it, not own it
+        index, selector = self._searchers[key]
+        scan = index.index if isinstance(index, (Reranked, Combined)) else index
         return index, search_parameters(scan, selector)
 
+    def _combined_index(self, weight: float) -> FaissIndex:
+        """The flat index of this weight's combined vectors, built on first use, by one thread at a time."""
+        with self._loading:
+            if weight not in self._combined:
+                fids, vectors = self.vectors
+                flat = self.manifest.index_type == "flat"
+                what = "the flat index (only ivf and ivfpq search from disk)" if flat else "an exact answer"
+                self._check_budget(vectors.nbytes // 2, f"{what} (its vectors combined at w = {weight})")
+                self._combined[weight] = combined_index(vectors, fids, weight)
+                use_blas_from(self.manifest.dim)
+            return self._combined[weight]
+
     def _selector(self, column: str | None) -> Any:
-        if column is None:
-            return None
-        fids = np.array(
-            [r[0] for r in fetch(self.db, f"SELECT fid FROM items WHERE {column} IS NOT NULL")], dtype=np.int64
-        )
-        total = fetch(self.db, "SELECT COUNT(*) FROM items")[0][0]
-        return None if len(fids) == total else faiss.IDSelectorBatch(fids)
+        fids = None if column is None else self.fids_having(column)
+        return None if fids is None else faiss.IDSelectorBatch(fids)
 
     def result_records(
         self, fids: Sequence[int] | npt.NDArray[np.int64], rows: npt.NDArray[np.int64] | None = None

@@ -59,7 +59,8 @@ def settle() -> None:
 
 
 def warm(index: Index) -> None:
-    """Load the text tower, the image model, the FAISS index and the item filters now, not on a request."""
+    """Load the text tower, the image model, the FAISS index (a flat index: its combined vectors for each target)
+    and the item filters now, not on a request."""
     for target in ("item", "image", "text"):
         index.search(text="warm up", k=1, target=target)
     index.search(image=Image.new("RGB", (64, 64)), k=1)
@@ -69,9 +70,10 @@ def loaded_counts(index: Index) -> dict[str, int]:
     """The counts of the generation loaded: its manifest's, written with the files loaded, and not the database's
     now, which a writer changes batch by batch until it publishes (hours on a big run). A store that rebuilt its
     FAISS index from a database ahead of the manifest (a writer was part way through as it opened) counts that
-    database, here, once."""
+    database, here, once. Counted from the vectors, not the FAISS index: a flat index's weighted searches never
+    load its fused FAISS index (index/combined.py)."""
     counts = index.store.manifest.counts
-    return dict(counts) if counts.get("items") == index.store.faiss.ntotal else index.store.counts()
+    return dict(counts) if counts.get("items") == len(index.store.vectors[0]) else index.store.counts()
 
 
 class LiveIndex:
