@@ -21,7 +21,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -135,7 +135,7 @@ def create_app(
         weight: Weight = defaults["weight"],
         target: TargetQ = defaults["target"],
         fusion: FusionQ = "weighted",
-    ) -> JSONResponse:
+    ) -> Response:
         """Text search (`q`), or "more like this" (`like`): R(q, D), best first."""
         if (q is None) == (like is None):
             raise RetrievalError("give exactly one query: q (a text) or like (an item id)")
@@ -152,7 +152,7 @@ def create_app(
         weight: Weight = defaults["weight"],
         target: TargetQ = defaults["target"],
         fusion: FusionQ = "weighted",
-    ) -> JSONResponse:
+    ) -> Response:
         """Search by an uploaded image."""
         t0 = time.perf_counter()
         echo = {"image": file.filename, "k": k, "theta": theta, "weight": weight, "target": target, "fusion": fusion}
