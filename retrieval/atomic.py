@@ -19,13 +19,15 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
 
 TMP_SUFFIX = ".tmp"  # the end of every temporary name written here
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any], *, unique: bool = False) -> None:
-    """Replace `path` whole by what `write` writes to the temporary path it is given.
+def atomic_write(path: str | Path, write: Callable[[Path], T], *, unique: bool = False) -> T:
+    """Replace `path` whole by what `write` writes to the temporary path it is given; return what `write` returns.
 
     unique: a fresh temporary name per call (`NAME.<random>.tmp`, created exclusively), for targets that two
     writers may write at once (server thumbnails, shards written by retried workers); else `NAME.tmp`, for a
@@ -34,13 +36,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], *, unique: bool
     path = Path(path)
     tmp = _unique_tmp(path) if unique else path.with_name(path.name + TMP_SUFFIX)
     try:
-        write(tmp)
+        result = write(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)  # the rename itself
+    return result
 
 
 def atomic_write_stream(path: str | Path, write: Callable[[IO[bytes]], Any], *, unique: bool = False) -> None:

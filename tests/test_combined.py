@@ -6,6 +6,8 @@ and the fused scans must agree to the bit, items at exactly θ included; on real
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -15,11 +17,13 @@ from conftest import store_of
 
 from retrieval.index import combined
 from retrieval.index.combined import COMBINED_WEIGHTS, Combined, combine
+from retrieval.index.format import Item
 from retrieval.index.handle import Index
-from retrieval.index.search import query_vectors, ranked
+from retrieval.index.search import query_vectors, ranked, target_weight
 from retrieval.index.store import IndexStore
 
 D = 8
+COLUMNS = {"image": "image_key", "text": "text_key"}  # the filter of an image or text target
 
 
 def index_of(path: Path, images: np.ndarray, texts: np.ndarray, index_type: str = "flat", parts: str = "") -> Index:
@@ -38,10 +42,13 @@ def dyadic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Index, np.ndarray]
     return index, (rng.integers(-2, 3, size=(5, D)) / 8).astype(np.float32)
 
 
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
 def fused_answer(index: Index, queries: np.ndarray, target: str, w: float, k, theta) -> list[list[tuple[str, float]]]:
     """The fused (n, 2d) scan's answer, through the same `ranked` and records as a search."""
-    column = {"image": "image_key", "text": "text_key"}.get(target)
-    fused, params = index.store.searcher(column)  # no weight: the fused FAISS index
+    fused, params = index.store.searcher(COLUMNS.get(target))  # no weight: the fused FAISS index
     assert isinstance(fused, faiss.Index)
     results = ranked(fused, query_vectors(queries, target, w), k, theta, params)
     return [[(h.id, h.score) for h in hits] for hits in index.hits_for(queries, results)]
@@ -65,27 +72,29 @@ def test_the_fused_query_gives_q_back_exactly(weight: float) -> None:
 @pytest.mark.parametrize(("k", "theta"), [(7, None), (None, 1 / 32), (5, 0.0)])
 def test_combined_scan_answers_as_the_fused_scan_to_the_bit(dyadic, target: str, weight: float, k, theta) -> None:
     index, queries = dyadic
-    searcher, _ = index.store.searcher({"image": "image_key", "text": "text_key"}.get(target), weight=weight)
-    assert isinstance(searcher, Combined)
-    w = {"image": 1.0, "text": 0.0}.get(target, weight)
+    w = target_weight(target, weight)
+    assert isinstance(index.store.searcher(COLUMNS.get(target), weight=w)[0], Combined)
     got = [[(h.id, h.score) for h in hits] for hits in index.search_vectors(queries, k, theta, weight, target)]
     assert got == fused_answer(index, queries, target, w, k, theta)
     assert any(got), "the cases must find something"
 
 
-def test_other_weights_and_fusion_rules_scan_the_fused_vectors(dyadic) -> None:
+@pytest.mark.parametrize("kwargs", [{"weight": 0.25}, {"fusion": "max"}, {"fusion": "min"}])
+def test_other_weights_and_fusion_rules_scan_the_fused_vectors(dyadic, kwargs: dict) -> None:
+    """max and min ask with part queries [q, 0] and [0, q], which only the fused vectors answer."""
     index, queries = dyadic
-    assert isinstance(index.store.searcher(None, weight=0.25)[0], faiss.Index)
-    assert isinstance(index.store.searcher(None)[0], faiss.Index)  # max and min ask with part queries
-    assert [[h.id for h in hits] for hits in index.search_vectors(queries, 5, weight=0.25)] == [
-        [i for i, _ in hits] for hits in fused_answer(index, queries, "item", 0.25, 5, None)
-    ]
+    store = IndexStore.open(index.store.path)
+    got = Index(store, Path("no-model")).search_vectors(queries, 5, **kwargs)
+    assert store._combined == {} and store._faiss is not None
+    if "weight" in kwargs:
+        assert [[h.id for h in hits] for hits in got] == [
+            [i for i, _ in hits] for hits in fused_answer(index, queries, "item", 0.25, 5, None)
+        ]
 
 
 def test_real_valued_vectors_agree_to_rounding_and_exact_on_hnsw_scans_combined(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    images, texts = (rng.standard_normal((300, D)).astype(np.float32) for _ in range(2))
-    queries = rng.standard_normal((6, D)).astype(np.float32)
+    images, texts, queries = (unit(rng.standard_normal((n, D))) for n in (300, 300, 6))
     flat = index_of(tmp_path / "flat", images, texts)
     hnsw = index_of(tmp_path / "hnsw", images, texts, "hnsw")
     assert isinstance(hnsw.store.searcher(None, exact=True, weight=0.5)[0], Combined)
@@ -105,3 +114,42 @@ def test_the_combined_vectors_are_built_once_and_not_the_fused_index(dyadic) -> 
     built = store._combined[0.5]
     Index(store, Path("no-model")).search_vectors(queries, 3, target="item", fusion="mean")
     assert store._combined[0.5] is built and set(store._combined) == {0.5}
+
+
+def test_a_new_generation_drops_the_combined_vectors(tmp_path: Path) -> None:
+    images = unit(np.random.default_rng(4).standard_normal((20, D)))
+    store = store_of(tmp_path / "index", "flat", images, images)
+    new = unit(np.ones((1, D)))[0]
+    with IndexStore.open_writer(store.path, lambda: store.manifest).writer() as writer:
+        assert isinstance(writer.searcher(None, weight=0.5)[0], Combined) and writer._combined
+        writer.commit([Item(0, "new", None, ["new"], "inew", "tnew")], {"inew": new, "tnew": new})
+        writer.rebuild()
+        assert writer._combined == {}, "publishing a generation forgets the vectors combined from the last one"
+        assert [h.id for h in Index(writer, Path("no-model")).search_vector(new, k=1)] == ["new"]
+
+
+def test_beyond_max_memory_the_fused_vectors_answer(dyadic) -> None:
+    """Each weight's combined matrix here is 60 x 8 x 4 = 1,920 B, so two fit in 5,000 B and a third does not;
+    the fused index's file (4,410 B) does."""
+    index, queries = dyadic
+    store = IndexStore.open(index.store.path, max_memory=5_000)
+    assert isinstance(store.searcher(None, weight=0.5)[0], Combined)
+    assert isinstance(store.searcher("image_key", weight=1.0)[0], Combined)
+    assert isinstance(store.searcher("text_key", weight=0.0)[0], faiss.Index)
+    got = Index(store, Path("no-model")).search_vectors(queries, 5, target="text")
+    want = fused_answer(index, queries, "text", 0.0, 5, None)
+    assert [[(h.id, h.score) for h in hits] for hits in got] == want
+
+
+def test_threads_that_first_ask_for_a_weight_at_once_share_one_matrix(dyadic) -> None:
+    index, _ = dyadic
+    store = IndexStore.open(index.store.path)
+    start = threading.Barrier(4)
+
+    def ask(_: int) -> object:
+        start.wait()
+        return store.searcher(None, weight=0.5)[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        searchers = list(pool.map(ask, range(4)))
+    assert len({id(s) for s in searchers}) == 1 and len(store._combined) == 1

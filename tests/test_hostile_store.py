@@ -38,9 +38,10 @@ import retrieval.index.connect as connect_module
 import retrieval.index.database as database_module
 import retrieval.index.faiss_ops as faiss_ops_module
 import retrieval.index.folder as folder_module
+import retrieval.index.records as records_module
 import retrieval.index.store as index_module
 
-WRITERS = (index_module, faiss_ops_module, folder_module)  # the modules that open files in the index folder
+WRITERS = (index_module, records_module, faiss_ops_module, folder_module)  # modules that open files in an index
 from retrieval.cli.main import main
 from retrieval.errors import IndexChanged, NoSpaceError, ReadOnlyError, RetrievalError
 from retrieval.index.build import BuildOptions, build_index, remove_items

@@ -1,11 +1,12 @@
 """An exact scan of half the bytes for the weights nearly every search uses: the combined vectors w x1 + (1 - w) x2.
 
 The weighted score w cos(q, x1) + (1 - w) cos(q, x2) is q · (w x1 + (1 - w) x2), so for a fixed w a flat scan of
-the combined (n, d) vectors answers it exactly, reading half of what the fused (n, 2d) vectors take: 1.7 vs 4.0 ms
-for one query at 100k x 2 x 128 here, and half the flops for a server's batch. Kept only for
+the combined (n, d) vectors answers it exactly, reading half of what the fused (n, 2d) vectors take: 1.7 against
+3.1-4.0 ms for one query at 100k x 2 x 128 here, and half the flops for a server's batch. Kept only for
 COMBINED_WEIGHTS (captions, the default mean, images), since each weight's vectors cost half the fused matrix in
 memory and the first search with it pays for building them; any other weight scans the fused vectors. The score
-is the same sum as the fused one, added up in another order, so the two differ at most in the last bits. No torch.
+is the same value rounded at other steps (w x1 + (1 - w) x2 is rounded once per component, then summed in another
+order), so the two differ at most in the last bits; on dyadic values, exactly representable, not at all. No torch.
 """
 
 from __future__ import annotations

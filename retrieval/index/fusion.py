@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.index.combined import Combined
 from retrieval.index.search import Results, Searchable, ranked
 from retrieval.rules import fuse
 
@@ -53,6 +54,7 @@ def ranked_by_rule(
     parts_of: PartScores,
 ) -> Results:
     """Per query of queries (nq, d): (scores, ids) best first under max or min; top-k, above θ, or both."""
+    assert not isinstance(index, Combined), "part queries [q, 0] and [0, q] need the fused vectors"
     if fusion == "min" and k is not None:
         return _min_top_k(index, queries, k, theta, params, parts_of)
     lists = ranked(index, part_queries(queries), k, _below(theta), params)

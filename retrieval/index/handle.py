@@ -62,7 +62,7 @@ class Index:
     def reopen(self) -> Index:
         """This index as it is on disk now (another process may have re-indexed it), opened with the same model
         override and memory bound. The loaded model and text encoder are kept while it names the same model, so a
-        server picks up a new generation in the time it takes to read the FAISS file."""
+        server picks up a new generation in the time it takes to read its FAISS file or vectors."""
         fresh = Index.open(self.store.path, self.model_override, self.store.max_memory)
         if fresh.store.manifest.fingerprint == self.store.manifest.fingerprint:
             fresh._model, fresh._text_encoder = self._model, self._text_encoder

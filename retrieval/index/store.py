@@ -7,8 +7,6 @@ generation they reflect, so a stale, missing or foreign file is rebuilt in memor
 
 from __future__ import annotations
 
-import array
-import mmap
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import faiss
-import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -54,12 +51,10 @@ from retrieval.index.format import (
     Manifest,
     read_manifest,
 )
+from retrieval.index.records import RESULT_COLUMNS, Records, decode_records, open_records, write_records
 from retrieval.index.rerank import Reranked
 from retrieval.index.search import Hit, Searchable
 
-RESULT_COLUMNS = "i.id, i.path, json(i.captions), i.image_key IS NOT NULL, i.text_key IS NOT NULL, json(i.extra)"
-# records.jsonl's lines are arrays of RESULT_COLUMNS: a search's lines decode into Hits, 0/1 flags into booleans
-RECORDS = msgspec.json.Decoder(list[Hit], strict=False)
 # IndexStore's `faiss` property shadows the module inside the class body, so its annotations use these names
 FaissIndex: TypeAlias = faiss.Index
 
@@ -75,10 +70,10 @@ class IndexStore(ItemDatabase):
         self.max_memory = max_memory  # bytes of RAM the FAISS index may take when searching; None: no limit
         self._faiss: FaissIndex | None = None
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
-        self._records: tuple[npt.NDArray[np.int64], bytes | mmap.mmap] | bool | None = None  # False: damaged
+        self._records: Records | bool | None = None  # False: damaged
         self._exact: FaissIndex | None = None  # a flat copy for exact answers on an ANN index
         self._combined: dict[float, FaissIndex] = {}  # weight -> flat index of its combined vectors (combined.py)
-        self._loading = threading.Lock()  # server threads share a store: one of them loads FAISS or combines
+        self._loading = threading.RLock()  # server threads share a store: one loads, combines or makes a searcher
         self._searchers: dict[tuple[str | None, bool, float | None], tuple[Searchable, Any]] = {}
         self._rows: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None] | None = None  # see _row_table
         self._stored: tuple[FaissIndex, npt.NDArray[np.int64], Vectors | None] | None = None  # see scoring_vectors
@@ -96,8 +91,9 @@ class IndexStore(ItemDatabase):
 
     def _committed(self) -> None:
         """Forget what was loaded from the derived files; FAISS's stored vectors go with the index they lie in."""
-        self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
-        self._stored, self._combined = None, {}
+        with self._loading:
+            self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
+            self._stored, self._combined = None, {}
 
     def rebuild(self) -> None:
         """Rebuild the FAISS index from the database and write it and the manifest atomically."""
@@ -122,17 +118,8 @@ class IndexStore(ItemDatabase):
         atomic_write(self.path / FAISS_FILE, lambda tmp: write_faiss(index, tmp))
         atomic_write(self.path / FIDS_FILE, lambda tmp: save_npy(tmp, fids))
         atomic_write(self.path / VECTORS_FILE, write_vectors)
-        ends = array.array("q", [0])  # byte offset of each line's end: 8 B per item, not the lines themselves
-
-        def write_records(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                for (line,) in self.db.execute(f"SELECT json_array({RESULT_COLUMNS}) FROM items i ORDER BY i.fid"):
-                    data = line.encode() + b"\n"
-                    f.write(data)
-                    ends.append(ends[-1] + len(data))
-
-        atomic_write(self.path / RECORDS_FILE, write_records)
-        atomic_write(self.path / OFFSETS_FILE, lambda tmp: save_npy(tmp, np.frombuffer(ends, dtype=np.int64)))
+        ends = atomic_write(self.path / RECORDS_FILE, lambda tmp: write_records(self.db, tmp))
+        atomic_write(self.path / OFFSETS_FILE, lambda tmp: save_npy(tmp, ends))
         self.manifest.generation = self.generation()
         self.manifest.counts = self.counts()
         if (self.path / MANIFEST_FILE).is_file():  # a `calibrate` that ran since this store opened must survive
@@ -190,17 +177,10 @@ class IndexStore(ItemDatabase):
         return self._vectors
 
     @property
-    def records(self) -> tuple[npt.NDArray[np.int64], bytes | mmap.mmap] | None:
+    def records(self) -> Records | None:
         """(byte offsets (n + 1), the records file memory-mapped) when current, else None: ask SQLite."""
         if self._records is None and self._files_current():
-            try:
-                offsets = np.load(self.path / OFFSETS_FILE)
-                with open(self.path / RECORDS_FILE, "rb") as f:  # the map outlives the file object
-                    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if offsets[-1] else b""
-            except (OSError, ValueError, EOFError, IndexError):
-                return None  # missing, empty or truncated: the database has every record
-            if len(offsets) == len(self.vectors[0]) + 1 and len(data) == offsets[-1]:
-                self._records = (offsets, data)
+            self._records = open_records(self.path / RECORDS_FILE, self.path / OFFSETS_FILE, len(self.vectors[0]))
         return self._records if isinstance(self._records, tuple) else None  # False: damaged
 
     @property
@@ -256,9 +236,9 @@ class IndexStore(ItemDatabase):
 
     @property
     def scoring_vectors(self) -> Vectors:
-        """`vectors`' matrix, to score results' parts from: FAISS's own copy where it holds the same rows (flat,
-        HNSW), since a search has just read its results there (17 µs of a 0.2 ms θ query at 100k HNSW), else the
-        memory-mapped one. Never loads FAISS for it."""
+        """`vectors`' matrix, to score results' parts from: FAISS's own copy where it holds the same rows (HNSW,
+        flat once loaded), since a search has just read its results there (17 µs of a 0.2 ms θ query at 100k
+        HNSW), else the memory-mapped one (flat's weighted searches read the combined vectors). Never loads FAISS."""
         fids, vectors = self.vectors
         if self._faiss is None:
             return vectors
@@ -305,9 +285,10 @@ class IndexStore(ItemDatabase):
     def tune(self, params: dict[str, Any]) -> None:
         """Change search knobs (ef_search, nprobe) for this process's searches; the manifest on disk keeps its own."""
         self.manifest.params = {**self.manifest.params, **params}
-        if self._faiss is not None:
-            set_search_params(self._faiss, self.manifest.params)
-        self._searchers = {}
+        with self._loading:
+            if self._faiss is not None:
+                set_search_params(self._faiss, self.manifest.params)
+            self._searchers = {}
 
     def searcher(
         self, column: str | None, exact: bool = False, weight: float | None = None
@@ -324,34 +305,39 @@ class IndexStore(ItemDatabase):
         FAISS's IDMap swaps the filter inside them during a search, so threads must not share them."""
         scans = self.manifest.index_type == "flat" or (exact and self.manifest.index_type != "flat16")
         key = (column, exact, weight if scans and weight in COMBINED_WEIGHTS else None)
-        if key not in self._searchers:
-            index: Searchable
-            if key[2] is not None:
-                index = Combined(self._combined_index(key[2]), key[2])
-            else:
-                index = scan = self.faiss
-                if is_flat16(scan):
-                    shared = [s for s, _ in self._searchers.values() if isinstance(s, Reranked)]
-                    index = shared[0] if shared else Reranked(scan, self.vectors[1], self.rows_of)
-                elif exact and not isinstance(inner_index(scan), faiss.IndexFlat):
-                    if self._exact is None:
-                        fids, vectors = self.vectors
-                        self._check_budget(vectors.nbytes, "an exact answer (a flat copy of the vectors in memory)")
-                        self._exact = build_faiss(np.ascontiguousarray(vectors), fids, "flat", {})
-                    index = self._exact
-            self._searchers[key] = (index, self._selector(column))  # kept: parameters point to it, not own it
-        index, selector = self._searchers[key]
+        entry = self._searchers.get(key)
+        if entry is None:
+            with self._loading:  # re-entrant: loading FAISS and combining take it too
+                entry = self._searchers.get(key) or self._searchers.setdefault(key, self._new_searcher(*key))
+        index, selector = entry  # kept: parameters point to the filter, not own it
         scan = index.index if isinstance(index, (Reranked, Combined)) else index
         return index, search_parameters(scan, selector)
 
-    def _combined_index(self, weight: float) -> FaissIndex:
-        """The flat index of this weight's combined vectors, built on first use, by one thread at a time."""
+    def _new_searcher(self, column: str | None, exact: bool, weight: float | None) -> tuple[Searchable, Any]:
+        index: Searchable
+        if weight is not None and (combined := self._combined_index(weight)) is not None:
+            index = Combined(combined, weight)
+        elif is_flat16(self.faiss):
+            shared = [s for s, _ in self._searchers.values() if isinstance(s, Reranked)]
+            index = shared[0] if shared else Reranked(self.faiss, self.vectors[1], self.rows_of)
+        elif exact and not isinstance(inner_index(self.faiss), faiss.IndexFlat):
+            if self._exact is None:
+                fids, vectors = self.vectors
+                self._check_budget(vectors.nbytes, "an exact answer (a flat copy of the vectors in memory)")
+                self._exact = build_faiss(np.ascontiguousarray(vectors), fids, "flat", {})
+            index = self._exact
+        else:
+            index = self.faiss
+        return index, self._selector(column)
+
+    def _combined_index(self, weight: float) -> FaissIndex | None:
+        """The flat index of this weight's combined vectors, built on first use; None, so the fused vectors
+        answer, where it would take the combined ones together over max_memory."""
         with self._loading:
             if weight not in self._combined:
                 fids, vectors = self.vectors
-                flat = self.manifest.index_type == "flat"
-                what = "the flat index (only ivf and ivfpq search from disk)" if flat else "an exact answer"
-                self._check_budget(vectors.nbytes // 2, f"{what} (its vectors combined at w = {weight})")
+                if self._over_budget(vectors.nbytes // 2 * (len(self._combined) + 1)):
+                    return None
                 self._combined[weight] = combined_index(vectors, fids, weight)
                 use_blas_from(self.manifest.dim)
             return self._combined[weight]
@@ -366,19 +352,13 @@ class IndexStore(ItemDatabase):
         """What each result shows, as a new Hit without scores, in the order of `fids` (repeats allowed). `rows`
         are the fids' rows_of, when the caller has them already.
 
-        From the memory-mapped records file when it is current: slicing the lines out and decoding them in one
-        call is about 3x faster than SQLite for 10,000 results (see scripts/bench_search.py).
+        From the memory-mapped records file when it is current (records.py), else from SQLite.
         """
         rows = self.rows_of(fids) if rows is None else rows
         if self.records is not None:
-            offsets, data = self.records
-            lines = map(data.__getitem__, map(slice, offsets[rows].tolist(), offsets[rows + 1].tolist()))
-            try:
-                hits = RECORDS.decode(b"[" + b",".join(lines) + b"]")
-                if len(hits) == len(rows):  # a damaged line may still parse, as none or as two
-                    return hits
-            except msgspec.DecodeError:
-                pass
+            hits = decode_records(self.records, rows)
+            if hits is not None:
+                return hits
             self._records = False  # damaged in place: stop trusting it, the database has every record
         wanted = np.asarray(fids).tolist()
         found = {r[0]: r[1:] for r in self._json_rows(f"i.fid, {RESULT_COLUMNS}", wanted)}

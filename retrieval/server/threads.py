@@ -3,11 +3,10 @@
 The work of a request (embedding, FAISS, SQLite, decoding) runs on this pool; the event loop only parses and
 answers. A batch of searches (batcher.py) runs on one of these threads, single-threaded too: with two OpenMP
 threads, a flat batch beside other jobs took QPS from 300 to 76 (100k, 32 clients; threads spin at barriers).
-The threads share each `Index` with no lock of theirs: after `warm` its only lazy state is what the store loads
-under its own lock (a flat index's fused FAISS index, for a weight or rule its combined vectors cannot answer),
-FAISS searches are read-only (their parameters, which FAISS changes during a search, are made per call), and
-Python's sqlite3 is built serialized here (threadsafety 3: threads may share a connection), which
-`request_pool` checks.
+The threads share each `Index` with no lock of theirs: after `warm` it holds no lazy state but the searchers a
+weight or `exact` makes on first use, which the store makes under its own lock; FAISS searches are read-only
+(their parameters, which FAISS changes during a search, are made per call), and Python's sqlite3 is built
+serialized here (threadsafety 3: threads may share a connection), which `request_pool` checks.
 """
 
 from __future__ import annotations
