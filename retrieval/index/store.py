@@ -308,7 +308,9 @@ class IndexStore(ItemDatabase):
         entry = self._searchers.get(key)
         if entry is None:
             with self._loading:  # re-entrant: loading FAISS and combining take it too
-                entry = self._searchers.get(key) or self._searchers.setdefault(key, self._new_searcher(*key))
+                entry = self._searchers.get(key)  # another thread may have made it meanwhile
+                if entry is None:
+                    entry = self._searchers[key] = self._new_searcher(*key)
         index, selector = entry  # kept: parameters point to the filter, not own it
         scan = index.index if isinstance(index, (Reranked, Combined)) else index
         return index, search_parameters(scan, selector)
