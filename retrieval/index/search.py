@@ -2,7 +2,8 @@
 
 sim(q, x1, x2) = w cos(q, x1) + (1 - w) cos(q, x2), where x1 is an item's image and x2 its caption(s).
 Every item is stored as the fused vector [e(x1), e(x2)], so the query [w q, (1 - w) q] scores sim with
-one inner product: `target` picks w = 1 (images), w = 0 (captions) or the given w (whole items).
+one inner product: `target` picks w = 1 (images), w = 0 (captions) or the given w (whole items). An exact
+scan at w = 0, 1/2 or 1 reads combined vectors instead, with the same query (combined.py).
 θ runs through FAISS range_search, which is strict (>) as the formula is; top-k through search; with
 both, the result is the top k of those above θ. Range results stay as FAISS's (lims, D, I) until they
 become `Hit` records. On flat indexes the answer is exact; on HNSW and IVF it is approximate (HNSW's range
