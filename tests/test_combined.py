@@ -16,14 +16,13 @@ import pytest
 from conftest import store_of
 
 from retrieval.index import combined
-from retrieval.index.combined import COMBINED_WEIGHTS, Combined, combine
+from retrieval.index.combined import COMBINED_WEIGHTS, Combined, combine, combined_index
 from retrieval.index.format import Item
 from retrieval.index.handle import Index
-from retrieval.index.search import query_vectors, ranked, target_weight
+from retrieval.index.search import query_vectors, ranked, target_column, target_weight
 from retrieval.index.store import IndexStore
 
 D = 8
-COLUMNS = {"image": "image_key", "text": "text_key"}  # the filter of an image or text target
 
 
 def index_of(path: Path, images: np.ndarray, texts: np.ndarray, index_type: str = "flat", parts: str = "") -> Index:
@@ -48,7 +47,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def fused_answer(index: Index, queries: np.ndarray, target: str, w: float, k, theta) -> list[list[tuple[str, float]]]:
     """The fused (n, 2d) scan's answer, through the same `ranked` and records as a search."""
-    fused, params = index.store.searcher(COLUMNS.get(target))  # no weight: the fused FAISS index
+    fused, params = index.store.searcher(target_column(target))  # no weight: the fused FAISS index
     assert isinstance(fused, faiss.Index)
     results = ranked(fused, query_vectors(queries, target, w), k, theta, params)
     return [[(h.id, h.score) for h in hits] for hits in index.hits_for(queries, results)]
@@ -60,6 +59,9 @@ def test_combine_gives_each_part_bit_for_bit_and_the_mean_across_chunks(monkeypa
     assert np.array_equal(combine(vectors, 1.0), vectors[:, :D])
     assert np.array_equal(combine(vectors, 0.0), vectors[:, D:])
     assert np.array_equal(combine(vectors, 0.5), np.float32(0.5) * vectors[:, :D] + np.float32(0.5) * vectors[:, D:])
+    fids = np.arange(10, dtype=np.int64) * 7 + 1
+    index = combined_index(vectors, fids, 0.5)  # added a chunk at a time, with each row's id
+    assert np.array_equal(np.stack([index.reconstruct(int(f)) for f in fids]), combine(vectors, 0.5))
 
 
 @pytest.mark.parametrize("weight", COMBINED_WEIGHTS)
@@ -73,7 +75,7 @@ def test_the_fused_query_gives_q_back_exactly(weight: float) -> None:
 def test_combined_scan_answers_as_the_fused_scan_to_the_bit(dyadic, target: str, weight: float, k, theta) -> None:
     index, queries = dyadic
     w = target_weight(target, weight)
-    assert isinstance(index.store.searcher(COLUMNS.get(target), weight=w)[0], Combined)
+    assert isinstance(index.store.searcher(target_column(target), weight=w)[0], Combined)
     got = [[(h.id, h.score) for h in hits] for hits in index.search_vectors(queries, k, theta, weight, target)]
     assert got == fused_answer(index, queries, target, w, k, theta)
     assert any(got), "the cases must find something"

@@ -20,29 +20,26 @@ import numpy.typing as npt
 from retrieval.arrays import Vectors
 
 COMBINED_WEIGHTS = (0.0, 0.5, 1.0)  # w = 0: captions only; 1/2: the default weighted and mean fusion; 1: images only
-CHUNK_ROWS = 65_536  # rows combined at a time, so building never holds a temporary the size of the matrix
+CHUNK_ROWS = 65_536  # rows combined and added at a time: building holds no second copy of the matrix
 
 
 def combine(vectors: Vectors, weight: float) -> npt.NDArray[np.float32]:
     """(n, d) rows w x1 + (1 - w) x2 of the fused (n, 2d) vectors [x1, x2], in float32; for w of 0 and 1 the
     part itself, bit for bit (an item missing a part repeats the part it has, so its row is that part)."""
-    n, d = vectors.shape[0], vectors.shape[1] // 2
-    out = np.empty((n, d), dtype=np.float32)
-    for s in range(0, n, CHUNK_ROWS):
-        block = vectors[s : s + CHUNK_ROWS]
-        if weight in (0.0, 1.0):
-            out[s : s + CHUNK_ROWS] = block[:, :d] if weight == 1.0 else block[:, d:]
-        else:
-            np.multiply(block[:, :d], np.float32(weight), out=out[s : s + CHUNK_ROWS])
-            out[s : s + CHUNK_ROWS] += np.float32(1 - weight) * block[:, d:]
+    d = vectors.shape[1] // 2
+    if weight in (0.0, 1.0):
+        return np.ascontiguousarray(vectors[:, :d] if weight == 1.0 else vectors[:, d:], dtype=np.float32)
+    out = np.multiply(vectors[:, :d], np.float32(weight), dtype=np.float32)
+    out += np.float32(1 - weight) * vectors[:, d:]
     return out
 
 
 def combined_index(vectors: Vectors, fids: npt.NDArray[np.int64], weight: float) -> faiss.Index:
     """A flat inner-product index of the combined vectors, with the items' FAISS ids (so item filters apply)."""
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1] // 2))
-    if len(vectors):
-        index.add_with_ids(combine(vectors, weight), np.ascontiguousarray(fids, dtype=np.int64))
+    for s in range(0, len(vectors), CHUNK_ROWS):
+        ids = np.ascontiguousarray(fids[s : s + CHUNK_ROWS], dtype=np.int64)
+        index.add_with_ids(combine(vectors[s : s + CHUNK_ROWS], weight), ids)
     return index
 
 
@@ -50,9 +47,8 @@ class Combined:
     """A flat scan of one weight's combined vectors, asked as `ranked` asks any index: with the fused query rows
     [w q, (1 - w) q], whose halves add up to q exactly for every weight in COMBINED_WEIGHTS."""
 
-    def __init__(self, index: faiss.Index, weight: float):
-        assert weight in COMBINED_WEIGHTS, "only these weights give q back exactly from the fused query"
-        self.index, self.weight = index, weight
+    def __init__(self, index: faiss.Index):
+        self.index = index  # combined_index's, for a weight in COMBINED_WEIGHTS (only they give q back exactly)
 
     @property
     def ntotal(self) -> int:

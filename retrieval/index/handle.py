@@ -29,6 +29,7 @@ from retrieval.index.search import (
     query_vectors,
     ranked,
     search_threads,
+    target_column,
     target_weight,
     with_margin,
 )
@@ -197,7 +198,7 @@ class Index:
         d = self.store.manifest.dim
         if queries.ndim != 2 or queries.shape[1] != d:
             raise RetrievalError(f"query vectors have shape {queries.shape[1:]}, the index holds {d}-d vectors")
-        column = {"image": "image_key", "text": "text_key"}.get(target)  # only image/text targets filter items
+        column = target_column(target)
         if not len(queries):
             return []
         by_rule = target == "item" and fusion in ("max", "min")

@@ -92,6 +92,11 @@ def check_search_args(
         raise RetrievalError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
 
 
+def target_column(target: str) -> str | None:
+    """The item column an image or text target filters on (items without that part are left out); None for items."""
+    return {"image": "image_key", "text": "text_key"}.get(target)
+
+
 def target_weight(target: str, weight: float) -> float:
     """The w a search scores with: 1 for images only, 0 for captions only, else the weight given."""
     return {"image": 1.0, "text": 0.0}.get(target, weight)

@@ -318,7 +318,7 @@ class IndexStore(ItemDatabase):
     def _new_searcher(self, column: str | None, exact: bool, weight: float | None) -> tuple[Searchable, Any]:
         index: Searchable
         if weight is not None and (combined := self._combined_index(weight)) is not None:
-            index = Combined(combined, weight)
+            index = Combined(combined)
         elif is_flat16(self.faiss):
             shared = [s for s, _ in self._searchers.values() if isinstance(s, Reranked)]
             index = shared[0] if shared else Reranked(self.faiss, self.vectors[1], self.rows_of)
