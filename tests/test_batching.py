@@ -126,6 +126,24 @@ def test_a_call_waits_for_company_at_most_wait_s_and_not_at_all_when_full() -> N
         assert calls == [[0, 1, 2], [3, 4, 5]] and took < 5  # full: no wait
 
 
+def test_idle_slots_split_a_group_and_answer_it_side_by_side() -> None:
+    """Both slots free when 10 requests arrive together: two calls of 5 that run at once, not one of 10 on one
+    core while the other idles."""
+    both, calls = threading.Barrier(2, timeout=10), []
+
+    def answer(key: str, queries: list[int]) -> list[int]:
+        calls.append(len(queries))
+        both.wait()  # each call waits for the other: they run at the same time
+        return queries
+
+    async def together(batcher: Batcher) -> list[int]:
+        return await asyncio.gather(*(batcher("k", i) for i in range(10)))
+
+    with ThreadPoolExecutor(2) as pool:
+        assert asyncio.run(together(Batcher(answer, pool, slots=2, wait_s=0.2))) == list(range(10))
+    assert calls == [5, 5]
+
+
 def test_requests_from_many_threads_and_loops_are_all_answered() -> None:
     """A test client runs each request on a loop of its own, in its own thread: the batcher is bound to none."""
     seen: list[int] = []
@@ -234,22 +252,23 @@ def test_concurrent_mixed_requests_get_the_one_at_a_time_answers(
     assert max(body.get("batch", 0) for _, body in got) > 1  # searches did share calls
 
 
-def app_answering_from(served_index: Path, gens: dict[str, Any]) -> Any:
-    """A test client of an app whose requests each take the generation named by their `gen` parameter."""
+def app_answering_from(served_index: Path, gens: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A test client of an app whose searches each take the generation named by their `gen` parameter."""
     from fastapi.testclient import TestClient
 
-    from retrieval.server.app import create_app, current_generation
+    from retrieval.server import app
 
-    async def by_param(gen: str) -> Any:
-        return gens[gen]
+    async def by_param(request: Any) -> Any:
+        return gens[request.query_params["gen"]]
 
-    app = create_app(served_index, threads=1)  # one thread searches, so batches form
-    app.dependency_overrides[current_generation] = by_param
-    return TestClient(app)
+    monkeypatch.setattr(app, "current_generation", by_param)
+    return TestClient(app.create_app(served_index, threads=1))  # one thread searches, so batches form
 
 
 @pytest.mark.slow
-def test_a_call_never_mixes_generations(served_index: Path, tmp_path: Path, torch_single_thread, slow_searches) -> None:
+def test_a_call_never_mixes_generations(
+    served_index: Path, tmp_path: Path, torch_single_thread, slow_searches, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Requests that took the old generation and requests that took a new one (half the items removed) arrive
     together, with the same parameters; each is answered from its own generation."""
     pytest.importorskip("fastapi")
@@ -260,7 +279,7 @@ def test_a_call_never_mixes_generations(served_index: Path, tmp_path: Path, torc
     shutil.copytree(served_index, tmp_path / "index", ignore=shutil.ignore_patterns("thumbs"))
     remove_items(tmp_path / "index", [f"synth-{i:06d}" for i in range(10, 300, 2)])
     gens = {"old": live.load(Index.open(served_index)), "new": live.load(Index.open(tmp_path / "index"))}
-    client = app_answering_from(served_index, gens)
+    client = app_answering_from(served_index, gens, monkeypatch)
     params = [*({"q": p["q"], "k": 20} for p in QUERIES[:6]), {"like": "synth-000011", "k": 20}]
     expected = {gen: [expected_hits(g.index, p) for p in params] for gen, g in gens.items()}
     assert all(expected["old"][i] != expected["new"][i] for i in range(len(params)))  # the two tell apart
@@ -274,7 +293,9 @@ def test_a_call_never_mixes_generations(served_index: Path, tmp_path: Path, torc
 
 
 @pytest.mark.slow
-def test_a_request_without_theta_gets_the_calibrated_cutoff(served_index: Path, torch_single_thread) -> None:
+def test_a_request_without_theta_gets_the_calibrated_cutoff(
+    served_index: Path, torch_single_thread, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """As `Index.search` does: the θ `retrieval calibrate` stored for the target and weight, if any."""
     pytest.importorskip("fastapi")
     from retrieval.index.handle import Index
@@ -282,7 +303,7 @@ def test_a_request_without_theta_gets_the_calibrated_cutoff(served_index: Path, 
 
     gen = live.load(Index.open(served_index))
     gen.index.store.manifest.calibration["item"] = {"weight": 0.5, "theta": 0.25}  # as `calibrate` leaves it
-    client = app_answering_from(served_index, {"calibrated": gen})
+    client = app_answering_from(served_index, {"calibrated": gen}, monkeypatch)
     params = [{"q": p["q"], "k": 300, "gen": "calibrated"} for p in QUERIES[:4]]
     params += [{**p, "weight": 0.9} for p in params]  # calibrated for w = 0.5 only: top k at 0.9
     with ThreadPoolExecutor(8) as clients:

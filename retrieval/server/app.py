@@ -42,20 +42,17 @@ from retrieval.server.media import (
     thumbnail,
     upload_pixels,
 )
+from retrieval.server.query_route import QueryRoute
 from retrieval.server.schemas import (
     ERRORS,
     MAX_K,
-    FusionQ,
     Health,
     ItemOut,
-    K,
-    LikeQ,
+    SearchOptions,
+    SearchOptionsQ,
     SearchOut,
-    TargetQ,
-    TextQ,
-    Theta,
+    TextSearchQ,
     UploadQ,
-    Weight,
 )
 from retrieval.server.searches import Query, SearchCall, embed_upload, item_or_404, run_search, thumb_url
 from retrieval.server.threads import pool_threads, request_pool
@@ -78,7 +75,9 @@ T = TypeVar("T")
 def search_defaults(index: Index) -> dict[str, Any]:
     """What the page starts with (θ: the cutoff calibrated for whole items at w = 0.5, if any). A request
     without θ gets what `Index.search` does: the cutoff calibrated for its own target and weight, or top-k."""
-    return {"k": 10, "theta": index.calibrated("item", 0.5)[0], "weight": 0.5, "target": "item"}
+    defaults = SearchOptions()
+    theta = index.calibrated(defaults.target, defaults.weight)[0]
+    return {"k": defaults.k, "theta": theta, "weight": defaults.weight, "target": defaults.target}
 
 
 def create_app(
@@ -105,7 +104,6 @@ def create_app(
     budget = PixelBudget(decode_pixels or DECODES_AT_ONCE * max_upload_pixels)
     settings = Settings(max_upload_bytes, max_upload_pixels, thumb_folder(Path(index_path)) if thumb_cache else None)
     pages = {route: ((STATIC_DIR / name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
-    defaults = search_defaults(live.current.index)  # the parameters' defaults in the spec; /api/info: the current
 
     async def work(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args, **kwargs))
@@ -125,42 +123,27 @@ def create_app(
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     add_error_handlers(app)
 
-    @app.get("/api/search", response_model=SearchOut, responses=ERRORS)
-    async def search(
-        gen: Current,
-        q: TextQ = None,
-        like: LikeQ = None,
-        k: K = defaults["k"],
-        theta: Theta = None,
-        weight: Weight = defaults["weight"],
-        target: TargetQ = defaults["target"],
-        fusion: FusionQ = "weighted",
-    ) -> Response:
+    async def search(request: Request, params: TextSearchQ) -> Response:
         """Text search (`q`), or "more like this" (`like`): R(q, D), best first."""
-        if (q is None) == (like is None):
+        if (params.q is None) == (params.like is None):
             raise RetrievalError("give exactly one query: q (a text) or like (an item id)")
-        echo = {"q": q, "like": like, "k": k, "theta": theta, "weight": weight, "target": target, "fusion": fusion}
-        query = Query(echo, time.perf_counter(), text=q, like=like)
-        return await batcher(SearchCall.of(gen.index, k, theta, weight, target, fusion), query)
+        query = Query(params.model_dump(), time.perf_counter(), text=params.q, like=params.like)
+        gen = await current_generation(request)
+        return await batcher(SearchCall.of(gen.index, params), query)
+
+    app.router.add_api_route(
+        "/api/search", search, response_model=SearchOut, responses=ERRORS, route_class_override=QueryRoute
+    )  # every search passes here: checked against its model without FastAPI's dependency solving (query_route.py)
 
     @app.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
-    async def search_image(
-        gen: Current,
-        file: UploadQ,
-        k: K = defaults["k"],
-        theta: Theta = None,
-        weight: Weight = defaults["weight"],
-        target: TargetQ = defaults["target"],
-        fusion: FusionQ = "weighted",
-    ) -> Response:
+    async def search_image(gen: Current, file: UploadQ, options: SearchOptionsQ) -> Response:
         """Search by an uploaded image."""
         t0 = time.perf_counter()
-        echo = {"image": file.filename, "k": k, "theta": theta, "weight": weight, "target": target, "fusion": fusion}
         pixels = await work(upload_pixels, file, settings)
         async with budget.hold(min(pixels, budget.limit)):  # decoded and embedded in one go, so no image waits
             vector = await work(embed_upload, gen.index, file, settings)
-        call = SearchCall.of(gen.index, k, theta, weight, target, fusion)
-        return await batcher(call, Query(echo, t0, vector=vector))
+        query = Query({"image": file.filename, **options.model_dump()}, t0, vector=vector)
+        return await batcher(SearchCall.of(gen.index, options), query)
 
     @app.get("/api/items/{item_id:path}", response_model=ItemOut, responses=ERRORS)
     async def item(gen: Current, item_id: str) -> dict[str, Any]:

@@ -7,6 +7,8 @@ one call can answer share it). At most `slots` calls run at once, each on a thre
 takes the oldest group, up to `max_batch` of its requests, once the group is full or its first request has
 waited `wait_s`. So the requests that arrive while a call runs, and those that come a moment later, share the
 next call, and a request waits at most `wait_s` beyond the calls ahead of it (on an idle server, `wait_s`).
+Slots that wait for the same group split it: 32 requests that arrive together while both cores are free are two
+calls of 16 side by side, not one of 32 on one core (100k flat, 32 clients: 1,220 -> 1,470 QPS here).
 
 `answer(key, queries)` gives each query its answer or the exception that is its answer, so one request's error
 fails only that request; an exception raised by `answer` itself is every request's answer.
@@ -51,6 +53,7 @@ class Batcher(Generic[K, Q, R]):
         self._lock = threading.Condition()  # notified as a request joins a group: a full one need not wait
         self._waiting: dict[K, list[tuple[Q, Future[R], float]]] = {}  # in order of each group's oldest request
         self._running = 0  # batches taken or queued on the pool, at most `slots`
+        self._idle = 0  # slots waiting for a group to be ready: they split it
 
     async def __call__(self, key: K, query: Q) -> R:
         answered: Future[R] = Future()
@@ -69,25 +72,30 @@ class Batcher(Generic[K, Q, R]):
         waited `wait_s`, then queue the next batch behind the other work queued on the pool meanwhile (a thumbnail,
         an upload's decode); with no request waiting, free the slot."""
         with self._lock:
-            while True:
-                if not self._waiting:
-                    self._running -= 1
-                    return
-                key, group = next(iter(self._waiting.items()))
-                wait = 0.0 if len(group) >= self.max_batch else group[0][2] + self.wait_s - time.monotonic()
-                if wait <= 0:
-                    break
-                self._lock.wait(wait)
-            batch = self._take(key)
+            self._idle += 1
+            try:
+                while True:
+                    if not self._waiting:
+                        self._running -= 1
+                        return
+                    key, group = next(iter(self._waiting.items()))
+                    wait = 0.0 if len(group) >= self.max_batch else group[0][2] + self.wait_s - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._lock.wait(wait)
+                batch = self._take(key, -(-len(group) // self._idle))  # its share: the idle slots split the group
+                self._lock.notify()  # an idle slot takes the rest now
+            finally:
+                self._idle -= 1
         try:
             self._answer(key, batch)
         finally:
             self.pool.submit(self._run_one)
 
-    def _take(self, key: K) -> list[tuple[Q, Future[R]]]:
-        """A group's first `max_batch` requests (under the lock); the rest keep their place."""
-        group = self._waiting[key]
-        batch, rest = group[: self.max_batch], group[self.max_batch :]
+    def _take(self, key: K, share: int) -> list[tuple[Q, Future[R]]]:
+        """A group's first `share` requests, `max_batch` at most (under the lock); the rest keep their place."""
+        group, n = self._waiting[key], min(share, self.max_batch)
+        batch, rest = group[:n], group[n:]
         if rest:
             self._waiting[key] = rest
         else:

@@ -9,26 +9,41 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import File, Query, UploadFile
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from retrieval.index.search import MAX_QUERY_CHARS
 
 MAX_K = 1000  # a page of results a person can look at; range queries past this want the Python API
 Target = Literal["item", "image", "text"]
-# The search parameters both search endpoints take; their ranges are check_search_args', here for the spec.
-K = Annotated[int, Query(ge=1, le=MAX_K, description="At most this many results.")]
-Theta = Annotated[
-    float | None, Query(ge=-1, le=1, description="Only results with similarity above this (none: top k).")
-]
-Weight = Annotated[float, Query(ge=0, le=1, description="w in sim = w cos(q, image) + (1-w) cos(q, caption).")]
-TargetQ = Annotated[Target, Query(description="Match whole items (fused), images only, or captions only.")]
 Fusion = Literal["mean", "weighted", "max", "min"]  # choices.FUSIONS, as a type the spec shows
-FusionQ = Annotated[
-    Fusion, Query(description="Whole items: weighted by w, mean, max (image or caption) or min (image and caption).")
-]
-TextQ = Annotated[str | None, Query(max_length=MAX_QUERY_CHARS, description="Text query.")]
-LikeQ = Annotated[str | None, Query(description="An indexed item's id: more like this.")]
 UploadQ = Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, ...).")]
+
+
+# --- search parameters, read from the query string (their ranges are check_search_args', here for the spec) ---
+class SearchOptions(BaseModel):
+    """What both search endpoints take beside the query itself."""
+
+    k: int = Field(default=10, ge=1, le=MAX_K, description="At most this many results.")
+    theta: float | None = Field(
+        default=None, ge=-1, le=1, description="Only results with similarity above this (none: top k)."
+    )
+    weight: float = Field(default=0.5, ge=0, le=1, description="w in sim = w cos(q, image) + (1-w) cos(q, caption).")
+    target: Target = Field(default="item", description="Match whole items (fused), images only, or captions only.")
+    fusion: Fusion = Field(
+        default="weighted",
+        description="Whole items: weighted by w, mean, max (image or caption) or min (image and caption).",
+    )
+
+
+class TextSearch(SearchOptions):
+    """GET /api/search: a text, or an indexed item to find more like."""
+
+    q: str | None = Field(default=None, max_length=MAX_QUERY_CHARS, description="Text query.")
+    like: str | None = Field(default=None, description="An indexed item's id: more like this.")
+
+
+SearchOptionsQ = Annotated[SearchOptions, Query()]
+TextSearchQ = Annotated[TextSearch, Query()]
 
 
 # --- response records (they also document the OpenAPI spec) ------------------------------------------

@@ -28,6 +28,7 @@ from retrieval.index.format import Item
 from retrieval.index.handle import Index
 from retrieval.index.search import Hit
 from retrieval.server.media import Settings
+from retrieval.server.schemas import SearchOptions
 
 T = TypeVar("T")
 JSON = msgspec.json.Encoder()
@@ -47,11 +48,9 @@ class SearchCall:
     fusion: str = "weighted"
 
     @classmethod
-    def of(
-        cls, index: Index, k: int, theta: float | None, weight: float, target: str, fusion: str = "weighted"
-    ) -> SearchCall:
-        theta, margin = (theta, None) if theta is not None else index.calibrated(target, weight, fusion)
-        return cls(index, k, theta, margin, weight, target, fusion)
+    def of(cls, index: Index, o: SearchOptions) -> SearchCall:
+        theta, margin = (o.theta, None) if o.theta is not None else index.calibrated(o.target, o.weight, o.fusion)
+        return cls(index, o.k, theta, margin, o.weight, o.target, o.fusion)
 
 
 @dataclass(frozen=True, eq=False)
