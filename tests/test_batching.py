@@ -126,9 +126,10 @@ def test_a_call_waits_for_company_at_most_wait_s_and_not_at_all_when_full() -> N
         assert calls == [[0, 1, 2], [3, 4, 5]] and took < 5  # full: no wait
 
 
-def test_idle_slots_split_a_group_and_answer_it_side_by_side() -> None:
-    """Both slots free when 10 requests arrive together: two calls of 5 that run at once, not one of 10 on one
-    core while the other idles."""
+@pytest.mark.parametrize("requests, max_batch, wait_s", [(10, 64, 0.2), (6, 4, 30.0)])
+def test_idle_slots_split_a_group_and_answer_it_side_by_side(requests: int, max_batch: int, wait_s: float) -> None:
+    """Both slots free when the requests arrive together: two calls of half that run at once, not one call on one
+    core while the other idles. A full group's rest is ready as the group was: its slot does not wait `wait_s`."""
     both, calls = threading.Barrier(2, timeout=10), []
 
     def answer(key: str, queries: list[int]) -> list[int]:
@@ -137,11 +138,12 @@ def test_idle_slots_split_a_group_and_answer_it_side_by_side() -> None:
         return queries
 
     async def together(batcher: Batcher) -> list[int]:
-        return await asyncio.gather(*(batcher("k", i) for i in range(10)))
+        return await asyncio.gather(*(batcher("k", i) for i in range(requests)))
 
     with ThreadPoolExecutor(2) as pool:
-        assert asyncio.run(together(Batcher(answer, pool, slots=2, wait_s=0.2))) == list(range(10))
-    assert calls == [5, 5]
+        batcher = Batcher(answer, pool, slots=2, max_batch=max_batch, wait_s=wait_s)
+        assert asyncio.run(together(batcher)) == list(range(requests))
+    assert calls == [requests // 2] * 2
 
 
 def test_requests_from_many_threads_and_loops_are_all_answered() -> None:

@@ -72,6 +72,16 @@ def test_an_endpoint_of_another_shape_is_refused() -> None:
             query_model(wrong)
 
 
+def test_a_route_with_dependencies_is_refused_not_left_unsolved() -> None:
+    from fastapi import Depends
+
+    async def check() -> None: ...
+
+    app = FastAPI(dependencies=[Depends(check)])  # e.g. an auth check every route should run
+    with pytest.raises(TypeError, match="solves no dependencies"):
+        app.router.add_api_route("/p", endpoint, route_class_override=QueryRoute)
+
+
 def test_the_servers_spec_documents_both_searches_parameters(served_index: Path, torch_single_thread) -> None:
     from retrieval.server.app import create_app
     from retrieval.server.schemas import MAX_K

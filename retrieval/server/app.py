@@ -198,7 +198,8 @@ def create_app(
 
 
 async def current_generation(request: Request) -> Generation:
-    """The generation a request answers from, taken once at its start: every route's dependency."""
+    """The generation a request answers from, taken once: every route's dependency, and called directly by
+    /api/search (its route solves no dependencies: query_route.py), so override it by replacing this function."""
     live: LiveIndex = request.app.state.live
     return live.poll()
 

@@ -24,6 +24,10 @@ class QueryRoute(APIRoute):
     returning a Response."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """The handler Starlette calls per request. Dependencies would go unsolved here, so a route or app that
+        declares any is refused when the route is made, not skipped at request time."""
+        if self.dependencies or self.dependant.dependencies:
+            raise TypeError(f"{self.path}: a QueryRoute solves no dependencies; declare none on it or on its app")
         model, endpoint = query_model(self.endpoint), self.endpoint
 
         async def handle(request: Request) -> Response:

@@ -48,9 +48,11 @@ class SearchCall:
     fusion: str = "weighted"
 
     @classmethod
-    def of(cls, index: Index, o: SearchOptions) -> SearchCall:
-        theta, margin = (o.theta, None) if o.theta is not None else index.calibrated(o.target, o.weight, o.fusion)
-        return cls(index, o.k, theta, margin, o.weight, o.target, o.fusion)
+    def of(cls, index: Index, options: SearchOptions) -> SearchCall:
+        theta, margin = options.theta, None
+        if theta is None:
+            theta, margin = index.calibrated(options.target, options.weight, options.fusion)
+        return cls(index, options.k, theta, margin, options.weight, options.target, options.fusion)
 
 
 @dataclass(frozen=True, eq=False)
