@@ -34,7 +34,8 @@ FLAT16_LISTS = 16  # flat16's codes, dealt round-robin into lists that threads s
 # whole batch: at 100k x 256 on one thread, SIMD costs 14.5 ms per query, BLAS 28 ms + 0.5 ms per query, so BLAS
 # pays from 3 queries (a server's batch, max/min's two part queries are a wash). The threshold is global:
 # use_blas_from sets it for an index's embedding dimension d, the width of its combined vectors (combined.py), so
-# its fused 2d-wide vectors pass it from 2 queries (4096 until an index is loaded: batches of 16 at 2d = 256).
+# its fused 2d-wide vectors pass it from 2 queries (4096 until a store makes its first searcher: batches of 16 at
+# 2d = 256).
 BLAS_FROM_QUERIES = 3
 faiss.cvar.distance_compute_blas_threshold = 4096
 

@@ -194,7 +194,6 @@ class IndexStore(ItemDatabase):
             if self._faiss is None:
                 from_file = self._faiss_file()
                 self._faiss = from_file if from_file is not None else self._faiss_in_memory()
-                use_blas_from(self.manifest.dim)  # the combined vectors' d: the fused index's 2d then passes it sooner
             return self._faiss
 
     def _faiss_in_memory(self) -> FaissIndex:
@@ -316,6 +315,8 @@ class IndexStore(ItemDatabase):
         return index, search_parameters(scan, selector)
 
     def _new_searcher(self, column: str | None, exact: bool, weight: float | None) -> tuple[Searchable, Any]:
+        """What `searcher` keeps for a key: the index every search with it asks, and its item filter."""
+        use_blas_from(self.manifest.dim)  # the combined vectors' d: the fused index's 2d then passes it sooner
         index: Searchable
         if weight is not None and (combined := self._combined_index(weight)) is not None:
             index = Combined(combined)
@@ -341,7 +342,6 @@ class IndexStore(ItemDatabase):
                 if self._over_budget(vectors.nbytes // 2 * (len(self._combined) + 1)):
                     return None
                 self._combined[weight] = combined_index(vectors, fids, weight)
-                use_blas_from(self.manifest.dim)
             return self._combined[weight]
 
     def _selector(self, column: str | None) -> Any:
