@@ -719,6 +719,6 @@ def test_rows_of_maps_ids_to_rows_and_a_missing_id_means_the_index_changed(tmp_p
     wanted = fids[::-1]
     assert store.rows_of(wanted).tolist() == list(range(len(fids)))[::-1]
     assert np.array_equal(store.fused_vectors(wanted)[:, 4:], vecs[wanted - 1])
-    for missing in [56, 0, n + 1, -1]:  # removed (in the table's range when there is one), never was, negative
+    for missing in [56, 0, n + 1, -1, -7, 2**63 - 1]:  # removed (in the table's range if any), never was, negative
         with pytest.raises(RetrievalError, match="changed since it was opened"):
             store.rows_of([int(fids[0]), missing])

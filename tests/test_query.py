@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from retrieval.cli.main import main
 from retrieval.errors import ImageError, RetrievalError
 from retrieval.index.build import BuildOptions, build_index
-from retrieval.index.faiss_ops import inner_products_at, stored_vectors
+from retrieval.index.faiss_ops import PartScorer, inner_products_at, stored_vectors
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
 from retrieval.index.search import MAX_QUERY_CHARS, TARGETS
@@ -206,6 +206,24 @@ def test_in_place_inner_products_refuse_rows_outside_the_matrix() -> None:
         inner_products_at(y[:1, :3], y, np.array([[0]]))
 
 
+def test_part_scorer_reads_each_rows_halves_and_refuses_what_would_read_past_the_matrix() -> None:
+    """FAISS reads the halves of the fused rows in place; the matrix is checked once, each call's rows and query
+    every time, since a row past the end or a short query would read another object's bytes."""
+    fused = np.arange(24, dtype=np.float32).reshape(3, 8)  # 3 items, d = 4: image half, then caption half
+    q = np.array([1, 0, 0, 2], dtype=np.float32)
+    scores = PartScorer(fused)(q.astype(np.float64), np.array([2, 0, 2]))  # a float64 query is converted
+    assert scores.tolist() == [[16 + 38, 0 + 6, 16 + 38], [20 + 46, 4 + 14, 20 + 46]]  # images, then captions
+    assert PartScorer(fused)(q, np.zeros(0, np.int64)).shape == (2, 0)
+    assert PartScorer(fused[:0])(q, np.zeros(0, np.int64)).shape == (2, 0)
+    with pytest.raises(IndexError):
+        PartScorer(fused)(q, np.array([0, 3]))
+    with pytest.raises(ValueError):
+        PartScorer(fused)(q[:3], np.array([0]))
+    for bad in (fused.astype(np.float64), fused[:, :7], np.asfortranarray(fused)):
+        with pytest.raises(ValueError):
+            PartScorer(bad)
+
+
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf", "flat16"])
 def test_part_scores_are_the_part_cosines_on_every_index_type(tmp_path: Path, index_type: str) -> None:
     """Flat and HNSW score results' parts from FAISS's own copy of the vectors (stored_vectors), the others from
@@ -243,9 +261,9 @@ def test_part_scores_are_the_part_cosines_on_every_index_type(tmp_path: Path, in
     fids, vectors = index.store.vectors
     stored = stored_vectors(index.store.faiss, fids)
     assert (stored is not None) == (index_type in ("flat", "hnsw"))
-    assert (index.store.scoring_vectors is vectors) == (stored is None)
+    assert (index.store.part_scorer.vectors is vectors) == (stored is None)
     if stored is not None:
-        index.store._faiss = index.store._stored = None  # the array is now the index's last holder
+        index.store._faiss = index.store._scorer = None  # the array is now the index's last holder
         gc.collect()
         assert np.array_equal(stored, vectors) and not stored.flags.writeable
 

@@ -27,7 +27,7 @@ from retrieval.index.combined import Combined
 from retrieval.index.search import Results, Searchable, ranked
 from retrieval.rules import fuse
 
-PartScores = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (ids (n,), q (d,)) -> (n, 2) exact part cosines
+PartScores = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (ids (n,), q (d,)) -> (2, n) images', captions' cosines
 FIRST_DEPTH = 64  # min's first read of each part's list, at least 4k; each further read is 4x deeper
 # parts are range-searched this far below θ, then cut at θ on their exact scores: FAISS and numpy may round a
 # score at θ differently, and the cut is numpy's, the same as for the scores the results show
@@ -75,7 +75,7 @@ def _best(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidates `ids` (ascending) with their part scores, ranked under the rule (ties: lower id first),
     those above θ, at most k."""
-    scores = fuse(parts[:, 0], parts[:, 1], fusion, 0.5).astype(np.float32)
+    scores = fuse(parts[0], parts[1], fusion, 0.5).astype(np.float32)
     order = np.argsort(-scores, kind="stable")
     if theta is not None:
         order = order[scores[order] > theta]

@@ -25,7 +25,6 @@ from retrieval.index.search import (
     Hit,
     Results,
     check_search_args,
-    part_scores,
     query_vectors,
     ranked,
     search_threads,
@@ -216,8 +215,8 @@ class Index:
         return self.hits_for(queries, results)
 
     def _part_scores(self, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """(n, 2) exact cosines of q with the items' images and captions, from the stored vectors."""
-        return part_scores(self.store.scoring_vectors, self.store.rows_of(ids), q)
+        """(2, n) exact cosines of q with the items' images, then their captions, from the stored vectors."""
+        return self.store.part_scorer(q, self.store.rows_of(ids))
 
     def hits(self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         """Result records of one query q (d,): `ids` (FAISS ids) with their fused `scores`."""
@@ -227,14 +226,16 @@ class Index:
         """Result records per query: metadata from the store and per-modality scores from the vectors, fetched
         for all queries at once (each item's row is looked up once, for its record and its vector)."""
         ids = results[0][1] if len(results) == 1 else np.concatenate([np.zeros(0, np.int64), *(i for _, i in results)])
-        rows, vectors = self.store.rows_of(ids), self.store.scoring_vectors
+        rows, part_scores = self.store.rows_of(ids), self.store.part_scorer
         out, start = [], 0
         with GcPaused():
             hits = self.store.result_records(ids, rows)
             for q, (scores, found) in zip(queries, results, strict=True):
                 end = start + len(found)
-                parts = part_scores(vectors, rows[start:end], q).tolist()  # per hit: [cos(q, x1), cos(q, x2)]
-                for hit, score, (image_score, text_score) in zip(hits[start:end], scores.tolist(), parts, strict=True):
+                images, texts = part_scores(q, rows[start:end]).tolist()  # cos(q, x1) per hit, then cos(q, x2)
+                for hit, score, image_score, text_score in zip(
+                    hits[start:end], scores.tolist(), images, texts, strict=True
+                ):
                     hit.score = score
                     hit.image_score = image_score if hit.has_image else None
                     hit.text_score = text_score if hit.has_caption else None

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any, TypeAlias
 
 import faiss
 import msgspec
 import numpy as np
-import numpy.typing as npt
 
-from retrieval.arrays import Vectors
 from retrieval.choices import FUSIONS, TARGETS
 from retrieval.errors import RetrievalError
 from retrieval.index.combined import Combined
-from retrieval.index.faiss_ops import inner_products_at
 from retrieval.index.rerank import Reranked
 
 Searchable: TypeAlias = faiss.Index | Reranked | Combined  # what IndexStore.searcher returns and `ranked` asks
@@ -34,7 +32,6 @@ FEW_QUERIES = 8  # up to this many queries in one call, FAISS runs on one thread
 # items from which one query's flat16 scan runs on every thread. Measured at 100k x 256 here, p50/p99 ms: 2.8/8.0
 # on one thread, 1.4/1.7 on two; beside a nice-0 busy loop 3.1/10.8 and 3.7/32 (at 1M: 62 and 47 ms p50)
 PARALLEL_SCAN_FROM = 200_000
-HALVES = np.array([0, 1], dtype=np.int64)  # a fused vector's image and caption halves, as (2n, d) rows
 MAX_QUERY_CHARS = 10_000  # beyond this a "query" is a document; the tokenizer would cut it anyway
 
 
@@ -157,13 +154,6 @@ class GcPaused:
             gc.enable()
 
 
-def part_scores(vectors: Vectors, rows: npt.NDArray[np.int64], q: np.ndarray) -> np.ndarray:
-    """(m, 2) cosines of q (d,) with the image and caption halves of the fused vectors (n, 2d) at `rows`: the
-    matrix read in place as (2n, d) halves, without gathering the rows (18 µs less for 115 results here)."""
-    halves = 2 * np.asarray(rows, dtype=np.int64)[:, None] + HALVES  # (m, 2): each row's image and caption half
-    return inner_products_at(q[None], vectors.reshape(2 * len(vectors), len(q)), halves.reshape(1, -1)).reshape(-1, 2)
-
-
 def ranked(index: Searchable, qv: np.ndarray, k: int | None, theta: float | None, params: Any) -> Results:
     """Per query of qv (nq, 2d): (scores, ids), best first; top-k, everything above θ, or the top k of those."""
     if theta is None or k is not None:
@@ -173,9 +163,10 @@ def ranked(index: Searchable, qv: np.ndarray, k: int | None, theta: float | None
         return [(s[m], i[m]) for s, i, m in zip(scores, ids, keep, strict=True)]
     lims, scores, ids = index.range_search(qv, theta, params=params)  # query j's results: [lims[j], lims[j + 1])
     out = []
-    for a, b in zip(lims[:-1].tolist(), lims[1:].tolist(), strict=True):
-        order = np.argsort(-scores[a:b], kind="stable")  # equal scores as the index returned them
-        out.append((scores[a:b][order], ids[a:b][order]))
+    for a, b in pairwise(lims.tolist()):
+        found, at = scores[a:b], ids[a:b]
+        order = (-found).argsort(kind="stable")  # equal scores as the index returned them
+        out.append((found[order], at[order]))
     return out
 
 

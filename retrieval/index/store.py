@@ -25,6 +25,7 @@ from retrieval.index.combined import COMBINED_WEIGHTS, Combined, combined_index
 from retrieval.index.connect import connect
 from retrieval.index.database import ItemDatabase
 from retrieval.index.faiss_ops import (
+    PartScorer,
     build_faiss,
     faiss_digest,
     holds_vectors,
@@ -76,7 +77,7 @@ class IndexStore(ItemDatabase):
         self._loading = threading.RLock()  # server threads share a store: one loads, combines or makes a searcher
         self._searchers: dict[tuple[str | None, bool, float | None], tuple[Searchable, Any]] = {}
         self._rows: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None] | None = None  # see _row_table
-        self._stored: tuple[FaissIndex, npt.NDArray[np.int64], Vectors | None] | None = None  # see scoring_vectors
+        self._scorer: tuple[FaissIndex | None, npt.NDArray[np.int64], PartScorer] | None = None  # see part_scorer
 
     @classmethod
     def open(cls, path: str | Path, max_memory: int | None = None) -> IndexStore:
@@ -93,7 +94,7 @@ class IndexStore(ItemDatabase):
         """Forget what was loaded from the derived files; FAISS's stored vectors go with the index they lie in."""
         with self._loading:
             self._faiss, self._vectors, self._records, self._exact, self._searchers = None, None, None, None, {}
-            self._stored, self._combined = None, {}
+            self._scorer, self._combined = None, {}
 
     def rebuild(self) -> None:
         """Rebuild the FAISS index from the database and write it and the manifest atomically."""
@@ -234,16 +235,15 @@ class IndexStore(ItemDatabase):
             )
 
     @property
-    def scoring_vectors(self) -> Vectors:
-        """`vectors`' matrix, to score results' parts from: FAISS's own copy where it holds the same rows (HNSW,
-        flat once loaded), since a search has just read its results there (17 µs of a 0.2 ms θ query at 100k
-        HNSW), else the memory-mapped one (flat's weighted searches read the combined vectors). Never loads FAISS."""
+    def part_scorer(self) -> PartScorer:
+        """Scores results' parts from FAISS's own copy of the vectors where it holds the same rows (HNSW, flat once
+        loaded), since a search has just read its results there (17 µs of a 0.2 ms θ query at 100k HNSW), else
+        from the memory-mapped ones (flat's weighted searches read the combined vectors). Never loads FAISS."""
         fids, vectors = self.vectors
-        if self._faiss is None:
-            return vectors
-        if self._stored is None or self._stored[0] is not self._faiss or self._stored[1] is not fids:
-            self._stored = (self._faiss, fids, stored_vectors(self._faiss, fids))
-        return vectors if self._stored[2] is None else self._stored[2]
+        if self._scorer is None or self._scorer[0] is not self._faiss or self._scorer[1] is not fids:
+            stored = None if self._faiss is None else stored_vectors(self._faiss, fids)
+            self._scorer = (self._faiss, fids, PartScorer(vectors if stored is None else stored))
+        return self._scorer[2]
 
     def fused_vectors(self, fids: Sequence[int] | npt.NDArray[np.int64]) -> Vectors:
         """(n, 2d) fused vectors of the given items, from the memory-mapped matrix."""
@@ -259,22 +259,22 @@ class IndexStore(ItemDatabase):
             if len(wanted) and (not len(all_fids) or np.any(all_fids[rows] != wanted)):
                 raise self.changed()
             return rows
-        if len(wanted) and (wanted.min() < 0 or wanted.max() >= len(table)):
-            raise self.changed()
-        rows = table[wanted]
+        rows = table.take(wanted + 1, mode="clip")  # every id outside the table reads one of its ends' -1
         if len(rows) and rows.min() < 0:
             raise self.changed()
         return rows
 
     def _row_table(self, all_fids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64] | None:
-        """fid -> row (-1: no such item) for these fids, made once per generation: one gather per search instead
-        of a binary search per result. None where removals left ids so sparse that the table would be large."""
+        """fid + 1 -> row (-1: no such item) for these fids, made once per generation: one gather per search
+        instead of a binary search per result (it costs three numpy calls: each is µs when the search has just
+        pushed numpy out of the caches). Its first and last entries are -1, so a gather clipped to it finds
+        every id outside it missing. None where removals left ids so sparse that the table would be large."""
         if self._rows is None or self._rows[0] is not all_fids:
             top = int(all_fids[-1]) + 1 if len(all_fids) else 0
             table = None
             if top <= 4 * len(all_fids) + 1024:
-                table = np.full(top, -1, dtype=np.int64)
-                table[all_fids] = np.arange(len(all_fids))
+                table = np.full(top + 2, -1, dtype=np.int64)
+                table[all_fids + 1] = np.arange(len(all_fids))
             self._rows = (all_fids, table)
         return self._rows[1]
 
