@@ -45,7 +45,7 @@ from retrieval.index.combined import Combined
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
 from retrieval.index.rerank import Reranked
-from retrieval.index.search import query_vectors, ranked, search_threads
+from retrieval.index.search import query_rows, query_vectors, ranked, search_threads
 from retrieval.index.store import IndexStore
 
 KNOBS = {"hnsw": ("ef_search", (64, 128, 256)), "ivf": ("nprobe", (16, 64, 256))}
@@ -134,7 +134,7 @@ def bench_type(
     for value in values:  # one build, a sweep of the search knob
         if knob:
             index.tune(**{knob: value})
-        raw, raw_q = raw_call(store, qv)
+        raw, raw_q = raw_call(store, queries)
         tag = f"{prefix} {index_type}" + (f" {knob}={value}" if knob else "")
         faiss.omp_set_num_threads(2)  # both cores, then as many of them as our path gives one query: raw gets the same
         faiss.omp_set_num_threads(search_threads(store.searcher(None, weight=0.5)[0], 1))
@@ -172,20 +172,19 @@ def bench_type(
         rows.append(
             row(f"{tag} batch of {reps}, top-10", raw_qps=raw_qps, ours_qps=ours_qps, overhead_ratio=raw_qps / ours_qps)
         )
-        rows.append(row(f"{tag} ours against exact", **agreement(store, qv, truth, theta, exact_sets)))
+        rows.append(row(f"{tag} ours against exact", **agreement(store, queries, truth, theta, exact_sets)))
         if fusion:
             faiss.omp_set_num_threads(1)
             rows += fusion_rows(index, tag, queries, theta)
     return rows
 
 
-def raw_call(store: IndexStore, qv: np.ndarray) -> tuple[faiss.Index, np.ndarray]:
+def raw_call(store: IndexStore, queries: np.ndarray) -> tuple[faiss.Index, np.ndarray]:
     """The FAISS index our path asks for a weighted search, and the query rows it asks with: flat16's fp16 scan
-    (without the re-rank), flat's scan of the combined vectors (the query q itself), else the index itself."""
+    (without the re-rank), flat's scan of the combined vectors (the queries themselves), else the index itself."""
     searcher = store.searcher(None, weight=0.5)[0]
-    if isinstance(searcher, Combined):
-        return searcher.index, Combined.query(qv)
-    return (searcher.index if isinstance(searcher, Reranked) else searcher), qv
+    raw = searcher.index if isinstance(searcher, (Combined, Reranked)) else searcher
+    return raw, query_rows(searcher, queries, "item", 0.5)
 
 
 def fusion_rows(index: Index, tag: str, queries: np.ndarray, theta: float) -> list[dict]:
@@ -219,10 +218,13 @@ def theta_sets(results) -> list[set[int]]:
     return [set(ids.tolist()) for _, ids in results]
 
 
-def agreement(store: IndexStore, qv: np.ndarray, truth: np.ndarray, theta: float, exact_sets: list[set[int]]) -> dict:
+def agreement(
+    store: IndexStore, queries: np.ndarray, truth: np.ndarray, theta: float, exact_sets: list[set[int]]
+) -> dict:
     """What our search path answers (the index type's searcher: flat16 re-ranks) against exact flat fp32: recall@10
     and the fraction of queries whose θ set is identical."""
     searcher, params = store.searcher(None, weight=0.5)
+    qv = query_rows(searcher, queries, "item", 0.5)
     top = [ids for _, ids in ranked(searcher, qv, 10, None, params)]
     same = [a == b for a, b in zip(theta_sets(ranked(searcher, qv, None, theta, params)), exact_sets, strict=True)]
     return {"recall_at_10": recall_at_10(top, truth), "theta_sets_identical": float(np.mean(same))}

@@ -16,7 +16,7 @@ import pytest
 from conftest import store_of
 
 from retrieval.index import combined
-from retrieval.index.combined import COMBINED_WEIGHTS, Combined, combine, combined_index
+from retrieval.index.combined import Combined, combine, combined_index
 from retrieval.index.format import Item
 from retrieval.index.handle import Index
 from retrieval.index.search import query_vectors, ranked, target_column, target_weight
@@ -62,12 +62,6 @@ def test_combine_gives_each_part_bit_for_bit_and_the_mean_across_chunks(monkeypa
     fids = np.arange(10, dtype=np.int64) * 7 + 1
     index = combined_index(vectors, fids, 0.5)  # added a chunk at a time, with each row's id
     assert np.array_equal(np.stack([index.reconstruct(int(f)) for f in fids]), combine(vectors, 0.5))
-
-
-@pytest.mark.parametrize("weight", COMBINED_WEIGHTS)
-def test_the_fused_query_gives_q_back_exactly(weight: float) -> None:
-    q = np.random.default_rng(2).standard_normal((4, D)).astype(np.float32)
-    assert np.array_equal(Combined.query(query_vectors(q, "item", weight)), q)
 
 
 @pytest.mark.parametrize(("target", "weight"), [("item", 0.5), ("image", 0.5), ("text", 0.5), ("item", 1.0)])

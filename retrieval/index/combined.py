@@ -44,24 +44,18 @@ def combined_index(vectors: Vectors, fids: npt.NDArray[np.int64], weight: float)
 
 
 class Combined:
-    """A flat scan of one weight's combined vectors, asked as `ranked` asks any index: with the fused query rows
-    [w q, (1 - w) q], whose halves add up to q exactly for every weight in COMBINED_WEIGHTS."""
+    """A flat scan of one weight's combined vectors, asked as `ranked` asks any index but with the query q itself:
+    the rows hold the weights already. A marker too: `Index.search_vectors` makes no fused query rows for it."""
 
     def __init__(self, index: faiss.Index):
-        self.index = index  # combined_index's, for a weight in COMBINED_WEIGHTS (only they give q back exactly)
+        self.index = index  # combined_index's, for a weight in COMBINED_WEIGHTS
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    @staticmethod
-    def query(qv: np.ndarray) -> np.ndarray:
-        """q from [w q, (1 - w) q]: w q + (1 - w) q, exact for w in 0, 1/2, 1 (scaling by them is exact)."""
-        d = qv.shape[1] // 2
-        return np.ascontiguousarray(qv[:, :d] + qv[:, d:], dtype=np.float32)
+    def search(self, q: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(q, k, params=params)
 
-    def search(self, qv: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(self.query(qv), k, params=params)
-
-    def range_search(self, qv: np.ndarray, theta: float, params: Any = None) -> tuple[np.ndarray, ...]:
-        return self.index.range_search(self.query(qv), theta, params=params)
+    def range_search(self, q: np.ndarray, theta: float, params: Any = None) -> tuple[np.ndarray, ...]:
+        return self.index.range_search(q, theta, params=params)

@@ -25,7 +25,7 @@ from retrieval.index.search import (
     Hit,
     Results,
     check_search_args,
-    query_vectors,
+    query_rows,
     ranked,
     search_threads,
     target_column,
@@ -203,7 +203,7 @@ class Index:
         by_rule = target == "item" and fusion in ("max", "min")
         w = target_weight(target, 0.5 if fusion == "mean" else weight)
         index, params = self.store.searcher(column, exact, None if by_rule else w)  # max, min: part queries
-        qv = query_vectors(queries, target, w)
+        qv = query_rows(index, queries, target, w)
 
         def rank(k: int | None, theta: float | None) -> Results:
             if by_rule:

@@ -3,7 +3,7 @@
 sim(q, x1, x2) = w cos(q, x1) + (1 - w) cos(q, x2), where x1 is an item's image and x2 its caption(s).
 Every item is stored as the fused vector [e(x1), e(x2)], so the query [w q, (1 - w) q] scores sim with
 one inner product: `target` picks w = 1 (images), w = 0 (captions) or the given w (whole items). An exact
-scan at w = 0, 1/2 or 1 reads combined vectors instead, with the same query (combined.py).
+scan at w = 0, 1/2 or 1 reads combined vectors instead, asked with q itself (combined.py).
 θ runs through FAISS range_search, which is strict (>) as the formula is; top-k through search; with
 both, the result is the top k of those above θ. Range results stay as FAISS's (lims, D, I) until they
 become `Hit` records. On flat indexes the answer is exact; on HNSW and IVF it is approximate (HNSW's range
@@ -109,6 +109,12 @@ def query_vectors(queries: np.ndarray, target: str, weight: float) -> np.ndarray
     return out
 
 
+def query_rows(index: Searchable, queries: np.ndarray, target: str, weight: float) -> np.ndarray:
+    """The rows `index` is asked with: the queries themselves for Combined, whose rows hold the weight already,
+    else the fused rows [w q, (1 - w) q] (query_vectors)."""
+    return queries if isinstance(index, Combined) else query_vectors(queries, target, weight)
+
+
 def search_threads(index: Searchable, nq: int) -> int:
     """FAISS threads for one call of nq queries. A few queries run on one: a second thread only waits at
     barriers, and when the other core is busy the wait is long (HNSW, one query: 16 ms on two threads, under
@@ -155,7 +161,8 @@ class GcPaused:
 
 
 def ranked(index: Searchable, qv: np.ndarray, k: int | None, theta: float | None, params: Any) -> Results:
-    """Per query of qv (nq, 2d): (scores, ids), best first; top-k, everything above θ, or the top k of those."""
+    """Per query row of qv: (scores, ids), best first; top-k, everything above θ, or the top k of those. qv holds
+    the rows the index is asked with: [w q, (1 - w) q] (nq, 2d) for the fused vectors, q (nq, d) for Combined."""
     if theta is None or k is not None:
         assert k is not None, "k, theta or both (check_search_args)"
         scores, ids = index.search(qv, min(k, max(index.ntotal, 1)), params=params)  # (nq, k) each

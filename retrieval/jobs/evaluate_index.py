@@ -127,7 +127,7 @@ def evaluate_index(
     The threshold report needs every (query, item) score: it is exact, streamed over the stored vectors too.
     """
     from retrieval.index.faiss_ops import search_knobs
-    from retrieval.index.search import query_vectors, ranked, target_column, target_weight
+    from retrieval.index.search import query_rows, query_vectors, ranked, target_column, target_weight
 
     q = labelled_queries(index_path, pairs, target, weight)
     store = q.index.store
@@ -135,7 +135,7 @@ def evaluate_index(
     k = max(depth, *ks)
     qv = query_vectors(q.query_emb, target, q.weight)  # (nq, 2d): scores the fused stored vectors as the index does
     searcher, params = store.searcher(target_column(target), weight=target_weight(target, q.weight))  # as a search
-    found_fids = _padded(ranked(searcher, qv, k, None, params), k)  # (nq, K) fids, -1 past the end
+    found_fids = _padded(ranked(searcher, query_rows(searcher, q.query_emb, target, q.weight), k, None, params), k)
     found = np.where(found_fids >= 0, np.searchsorted(q.kept_fids, found_fids), -1)  # positions among kept items
     exact_scores, exact = top_k_streamed(qv, _kept_blocks(q.vectors, q.keep), k)
     ranks, ap = list_ranks(found, q.relevance)
