@@ -4,7 +4,7 @@
         [--dim 128] [--queries 200] [--model index_data/demo/model] [--fusion] [--out bench_search.json]
 
 For each N and index type, on the same index object:
-- single query top-10, p50/p99: raw `index.search` vs `Index.search_vector` (fused query, metadata and
+- single query top-10, p50/p99: raw `index.search` vs `Index.search_vector` (query rows, metadata and
   per-modality scores), and the overhead as a ratio; with text encoding: `Index.search(text=...)`. "Raw" is the
   FAISS call our path makes: on flat, the scan of the combined vectors (index/combined.py), shown first beside
   the fused scan it replaced;
@@ -100,12 +100,14 @@ def row(name: str, ms: np.ndarray | None = None, **extra) -> dict:
 def side_by_side(name: str, raw, ours, reps: int) -> list[dict]:
     """Raw and ours take turns a block of BLOCK queries at a time, over the queries twice (the first a warm-up), so
     the machine's drift (other tenants' memory traffic moves a 100k flat scan by a millisecond here) hits both
-    alike, and each query follows another query, as a user's does."""
+    alike, and each query follows another query, as a user's does. Each side goes first in every other block, so
+    neither always finds the other's data for the same queries in cache."""
     for _ in range(2):
         raw_ms, ours_ms = [], []
-        for start in range(0, reps, BLOCK):
-            raw_ms.append(timed(raw, min(BLOCK, reps - start), start))
-            ours_ms.append(timed(ours, min(BLOCK, reps - start), start))
+        for block, start in enumerate(range(0, reps, BLOCK)):
+            n = min(BLOCK, reps - start)
+            for side in (raw, ours) if block % 2 == 0 else (ours, raw):
+                (raw_ms if side is raw else ours_ms).append(timed(side, n, start))
     raw_all, ours_all = np.concatenate(raw_ms), np.concatenate(ours_ms)
     overhead = float(np.median(ours_all) - np.median(raw_all))
     ratio = float(np.median(ours_all) / np.median(raw_all))

@@ -215,8 +215,9 @@ def test_part_scorer_reads_each_rows_halves_and_refuses_what_would_read_past_the
     assert scores.tolist() == [[16 + 38, 0 + 6, 16 + 38], [20 + 46, 4 + 14, 20 + 46]]  # images, then captions
     assert PartScorer(fused)(q, np.zeros(0, np.int64)).shape == (2, 0)
     assert PartScorer(fused[:0])(q, np.zeros(0, np.int64)).shape == (2, 0)
-    with pytest.raises(IndexError):
-        PartScorer(fused)(q, np.array([0, 3]))
+    for past in ([0, 3], [0, -1], [-(2**63)]):  # past the end, or negative (FAISS would score some other row)
+        with pytest.raises(IndexError):
+            PartScorer(fused)(q, np.array(past))
     with pytest.raises(ValueError):
         PartScorer(fused)(q[:3], np.array([0]))
     for bad in (fused.astype(np.float64), fused[:, :7], np.asfortranarray(fused)):

@@ -45,7 +45,7 @@ def combined_index(vectors: Vectors, fids: npt.NDArray[np.int64], weight: float)
 
 class Combined:
     """A flat scan of one weight's combined vectors, asked as `ranked` asks any index but with the query q itself:
-    the rows hold the weights already. A marker too: `Index.search_vectors` makes no fused query rows for it."""
+    the rows hold the weights already. A marker too: `search.query_rows` makes no fused query rows for it."""
 
     def __init__(self, index: faiss.Index):
         self.index = index  # combined_index's, for a weight in COMBINED_WEIGHTS

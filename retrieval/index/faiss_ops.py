@@ -197,11 +197,12 @@ class PartScorer:
 
     def __call__(self, q: np.ndarray, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
         """(2, m): q (d,)'s inner products with the image halves, then the caption halves, of `rows`."""
-        q, twice = np.ascontiguousarray(q, dtype=np.float32), np.multiply(rows, 2, dtype=np.int64)
-        if q.shape != (self.d,) or twice.ndim != 1:
+        q, rows = np.ascontiguousarray(q, dtype=np.float32), np.asarray(rows, dtype=np.int64)
+        if q.shape != (self.d,) or rows.ndim != 1:
             raise ValueError(f"part scores of a query {q.shape} at rows {rows.shape}: the halves are {self.d}-d")
-        if len(twice) and twice.max() >= len(self.vectors) * 2:  # FAISS would read past the matrix
-            raise IndexError(f"row {rows.max()} of a matrix of {len(self.vectors)} rows")
+        if len(rows) and rows.view(np.uint64).max() >= len(self.vectors):  # a negative row is huge unsigned
+            raise IndexError(f"rows {rows.min()} to {rows.max()} of a matrix of {len(self.vectors)} rows")
+        twice = rows * 2  # below 2n: no overflow
         out = np.empty((2, len(twice)), dtype=np.float32)
         for half, start in enumerate((self.images, self.captions)):
             faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's stubs

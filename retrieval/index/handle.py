@@ -228,7 +228,7 @@ class Index:
         ids = results[0][1] if len(results) == 1 else np.concatenate([np.zeros(0, np.int64), *(i for _, i in results)])
         rows, part_scores = self.store.rows_of(ids), self.store.part_scorer
         out, start = [], 0
-        with GcPaused():
+        with GcPaused(), FaissThreads(1):  # scoring parts: one thread, no OpenMP team for a few rows
             hits = self.store.result_records(ids, rows)
             for q, (scores, found) in zip(queries, results, strict=True):
                 end = start + len(found)

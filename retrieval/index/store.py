@@ -239,11 +239,11 @@ class IndexStore(ItemDatabase):
         """Scores results' parts from FAISS's own copy of the vectors where it holds the same rows (HNSW, flat once
         loaded), since a search has just read its results there (17 µs of a 0.2 ms θ query at 100k HNSW), else
         from the memory-mapped ones (flat's weighted searches read the combined vectors). Never loads FAISS."""
-        fids, vectors = self.vectors
-        if self._scorer is None or self._scorer[0] is not self._faiss or self._scorer[1] is not fids:
-            stored = None if self._faiss is None else stored_vectors(self._faiss, fids)
-            self._scorer = (self._faiss, fids, PartScorer(vectors if stored is None else stored))
-        return self._scorer[2]
+        (fids, vectors), index, scorer = self.vectors, self._faiss, self._scorer  # each read once: threads share it
+        if scorer is None or scorer[0] is not index or scorer[1] is not fids:
+            stored = None if index is None else stored_vectors(index, fids)
+            scorer = self._scorer = (index, fids, PartScorer(vectors if stored is None else stored))
+        return scorer[2]
 
     def fused_vectors(self, fids: Sequence[int] | npt.NDArray[np.int64]) -> Vectors:
         """(n, 2d) fused vectors of the given items, from the memory-mapped matrix."""
