@@ -104,10 +104,10 @@ def side_by_side(name: str, raw, ours, reps: int) -> list[dict]:
     neither always finds the other's data for the same queries in cache."""
     for _ in range(2):
         raw_ms, ours_ms = [], []
+        sides = [(raw, raw_ms), (ours, ours_ms)]
         for block, start in enumerate(range(0, reps, BLOCK)):
-            n = min(BLOCK, reps - start)
-            for side in (raw, ours) if block % 2 == 0 else (ours, raw):
-                (raw_ms if side is raw else ours_ms).append(timed(side, n, start))
+            for fn, out in sides if block % 2 == 0 else sides[::-1]:
+                out.append(timed(fn, min(BLOCK, reps - start), start))
     raw_all, ours_all = np.concatenate(raw_ms), np.concatenate(ours_ms)
     overhead = float(np.median(ours_all) - np.median(raw_all))
     ratio = float(np.median(ours_all) / np.median(raw_all))
