@@ -269,7 +269,7 @@ def main() -> None:
     p.add_argument("--like-every", type=int, default=10, help="every Nth request is a like= query (0: none)")
     p.add_argument("--model", default=str(ROOT / "index_data/demo/model"), help="model directory (for text queries)")
     p.add_argument("--index", help="an existing index to serve as it is (default: build one of --n items)")
-    p.add_argument("--index-type", default="flat", choices=("flat", "hnsw", "ivf"))
+    p.add_argument("--index-type", default="flat", choices=("flat", "flat16", "hnsw", "ivf"))
     p.add_argument(
         "--max-batch",
         type=int,

@@ -20,9 +20,9 @@ from conftest import store_of
 from retrieval.atomic import save_npy
 from retrieval.cli.main import main
 from retrieval.index import search
-from retrieval.index.faiss_ops import FLAT16_LISTS
+from retrieval.index.faiss_ops import FLAT16_LISTS, inner_products_at
 from retrieval.index.handle import Index
-from retrieval.index.rerank import CANDIDATES, Reranked, floor32, score_error_bound
+from retrieval.index.rerank import BATCH_FROM, CANDIDATES, Reranked, floor32, score_error_bound
 from retrieval.index.search import Hit, query_vectors, search_threads
 from retrieval.index.store import IndexStore
 
@@ -57,6 +57,19 @@ def test_the_bound_holds_and_is_nearly_reached(component: float) -> None:
     error = float(x[0] @ q[0]) - float(scan.search(q, 1)[0][0, 0])
     eps = score_error_bound(q, float(np.linalg.norm(x)))[0]
     assert 0.97 * eps <= error <= eps, (error, eps)
+
+
+def test_fp32_error_bound_on_hand_worked_numbers_and_on_blas_scores() -> None:
+    """ε32 = 2 γ N ‖q‖ · 1.01: for q = (3, 4), N = 2, D = 2, 2 · 1.1920930e-7 · 2 · 5 · 1.01 = 2.4080278e-6. Then
+    FAISS's BLAS scores of 64 queries against 3,000 vectors of 512 dimensions, against the re-rank's per-pair ones:
+    the last bits differ (so the re-rank is needed), by less than ε32."""
+    assert score_error_bound(np.array([[3.0, 4.0]], np.float32), 2.0, fp16=False) == pytest.approx([2.4080278e-6])
+    rng = np.random.default_rng(5)
+    x, q = rng.standard_normal((3000, 512)).astype(np.float32), rng.standard_normal((64, 512)).astype(np.float32)
+    scores, rows = faiss.knn(q, x, 50, metric=faiss.METRIC_INNER_PRODUCT)
+    error = np.abs(scores - inner_products_at(q, x, rows))
+    eps = score_error_bound(q, float(np.linalg.norm(x, axis=1).max()), fp16=False)
+    assert error.max() > 0 and np.all(error <= eps[:, None])
 
 
 def test_floor32_never_rounds_up() -> None:
@@ -137,6 +150,59 @@ def test_a_flat16_file_of_one_list_still_answers_as_flat(clustered, tmp_path: Pa
         assert [tied_order(g) for g in got] == [tied_order(w) for w in want]
 
 
+@pytest.mark.parametrize(
+    "k, theta, margin, fusion",
+    [(10, None, None, "weighted"), (None, 0.3, None, "weighted"), (5, 0.3, None, "max"), (None, None, 0.05, "min")],
+)
+def test_a_batch_reads_the_fp32_vectors_once_and_answers_as_one_query_at_a_time(
+    clustered, monkeypatch: pytest.MonkeyPatch, k, theta, margin, fusion
+) -> None:
+    flat, flat16 = clustered
+    reranked = flat16.store.searcher(None)[0]
+    passes = []
+    for method in ("search", "range_search"):  # count the batch's fp32 passes
+        real = getattr(reranked.batch, method)
+        monkeypatch.setattr(
+            reranked.batch, method, lambda qv, *a, real=real, **kw: passes.append(len(qv)) or real(qv, *a, **kw)
+        )
+    queries = unit(np.random.default_rng(6).standard_normal((BATCH_FROM + 4, 32)))
+    args = {"k": k, "theta": theta, "margin": margin, "fusion": fusion}
+    together = flat16.search_vectors(queries, **args)
+    assert passes and min(passes) >= BATCH_FROM  # the whole batch (or its part queries) in one pass each
+    passes.clear()
+    alone = [flat16.search_vector(q, **args) for q in queries]
+    assert not passes and together == alone and sum(map(len, alone)) >= len(queries)  # ids and scores, to the bit
+    assert [tied_order(t) for t in together] == [tied_order(w) for w in flat.search_vectors(queries, **args)]
+
+
+def test_only_unfiltered_batches_take_the_fp32_pass(clustered) -> None:
+    """A batch with an item filter (captions only, images only) scans the fp16 codes: FAISS's exhaustive functions
+    filter rows, not ids. One query, or a few, scan them too."""
+    reranked = clustered[1].store.searcher(None)[0]
+    qv = unit(np.random.default_rng(7).standard_normal((BATCH_FROM, 64)))
+    assert reranked.scan(qv, None)[0] is reranked.batch
+    assert reranked.scan(qv[: BATCH_FROM - 1], None)[0] is reranked.index
+    assert reranked.scan(qv, clustered[1].store.searcher("image_key")[1])[0] is reranked.index
+    with pytest.raises(ValueError, match="queries"):  # FAISS would read past the rows of a narrower query
+        reranked.batch.search(qv[:, :32].copy(), 3)
+
+
+def test_a_batch_over_removed_items_answers_with_their_ids(tmp_path: Path) -> None:
+    """Removing items leaves gaps in the FAISS ids: the fp32 pass finds rows, which must become the items' ids."""
+    from retrieval.index.build import remove_items
+
+    vectors = unit(np.random.default_rng(8).standard_normal((40, 8)))
+    store_of(tmp_path / "gaps", "flat16", vectors, vectors)
+    remove_items(tmp_path / "gaps", [f"item{j}" for j in range(0, 40, 3)])
+    index = Index(IndexStore.open(tmp_path / "gaps"), tmp_path)
+    queries = vectors[1:3].repeat(BATCH_FROM // 2, axis=0)  # items 1 and 2 themselves, still indexed
+    for args in ({"k": 3}, {"k": None, "theta": 0.2}):
+        together = index.search_vectors(queries, **args)
+        assert together == [index.search_vector(q, **args) for q in queries]
+        assert [hits[0].id for hits in together[:2]] == ["item1", "item1"] and together[-1][0].id == "item2"
+        assert all(int(h.id.removeprefix("item")) % 3 for hits in together for h in hits)
+
+
 def test_a_large_flat16_scan_splits_one_query_between_threads(clustered, monkeypatch: pytest.MonkeyPatch) -> None:
     flat, flat16 = clustered
     reranked, scan = flat16.store.searcher(None)[0], flat.store.searcher(None)[0]
@@ -151,8 +217,11 @@ def test_fewer_items_than_k_and_an_empty_index(tmp_path: Path) -> None:
     small = Index(store_of(tmp_path / "small", "flat16", vectors, vectors), tmp_path)
     assert [h.id for h in small.search_vector(vectors[0], k=10)] == ["item0", "item2", "item1"]
     assert len(small.search_vector(vectors[0], k=None, theta=-1.0)) == 3
+    batch = vectors[:1].repeat(BATCH_FROM, axis=0)  # the same, through the fp32 pass
+    assert [[h.id for h in hits] for hits in small.search_vectors(batch, k=10)] == [["item0", "item2", "item1"]] * 8
     empty = Index(store_of(tmp_path / "empty", "flat16", vectors[:0], vectors[:0]), tmp_path)
     assert empty.search_vector(vectors[0], k=10) == empty.search_vector(vectors[0], k=None, theta=0.0) == []
+    assert empty.search_vectors(batch, k=10) == empty.search_vectors(batch, k=None, theta=0.0) == [[]] * BATCH_FROM
 
 
 # --- the boundary: items at exactly θ, ties, and an item only the re-rank can place ------------------------
@@ -192,6 +261,8 @@ def test_theta_set_at_the_boundary_equals_flat(boundary, target: str) -> None:
     for k in (None, 3):
         want = obvious(a, k, 0.5)
         assert [h.id for h in flat16.search_vector(q, k=k, theta=0.5, target=target)] == want
+        batch = flat16.search_vectors(np.tile(q, (BATCH_FROM, 1)), k=k, theta=0.5, target=target)  # the fp32 pass
+        assert [[h.id for h in hits] for hits in batch] == [want] * BATCH_FROM
         assert by_score(flat.search_vector(q, k=k, theta=0.5, target=target)) == want  # flat orders ties as it may
     assert obvious(a, None, 0.5) == ["item0", "item1", "item2", "item105"]  # B in; A at exactly θ, C and fillers out
     scan = flat16.store.faiss  # the scan alone sees B at θ: without the re-rank B would be lost
@@ -211,6 +282,8 @@ def test_top_k_at_the_boundary_equals_flat(boundary, target: str) -> None:
     for k in (1, 2, 3, 4, 5):
         got = flat16.search_vector(q, k=k, target=target)
         assert [h.id for h in got] == obvious(a, k, None)
+        batch = flat16.search_vectors(np.tile(q, (BATCH_FROM, 1)), k=k, target=target)  # the fp32 pass
+        assert [[h.id for h in hits] for hits in batch] == [obvious(a, k, None)] * BATCH_FROM
         assert [h.score for h in got] == [h.score for h in flat.search_vector(q, k=k, target=target)]
     assert obvious(a, 5, None) == ["item0", "item1", "item2", "item105", "item3"]
 

@@ -322,7 +322,7 @@ class IndexStore(ItemDatabase):
             index = Combined(combined)
         elif is_flat16(self.faiss):
             shared = [s for s, _ in self._searchers.values() if isinstance(s, Reranked)]
-            index = shared[0] if shared else Reranked(self.faiss, self.vectors[1], self.rows_of)
+            index = shared[0] if shared else Reranked(self.faiss, *self.vectors, self.rows_of)
         elif exact and not isinstance(inner_index(self.faiss), faiss.IndexFlat):
             if self._exact is None:
                 fids, vectors = self.vectors
