@@ -19,10 +19,10 @@ from conftest import store_of
 
 from retrieval.atomic import save_npy
 from retrieval.cli.main import main
-from retrieval.index import search
+from retrieval.index import rerank, search
 from retrieval.index.faiss_ops import FLAT16_LISTS, inner_products_at
 from retrieval.index.handle import Index
-from retrieval.index.rerank import BATCH_FROM, CANDIDATES, Reranked, floor32, score_error_bound
+from retrieval.index.rerank import BATCH_FROM, CANDIDATES, Reranked, floor32, fp32_error_bound, score_error_bound
 from retrieval.index.search import Hit, query_vectors, search_threads
 from retrieval.index.store import IndexStore
 
@@ -63,12 +63,12 @@ def test_fp32_error_bound_on_hand_worked_numbers_and_on_blas_scores() -> None:
     """ε32 = 2 γ N ‖q‖ · 1.01: for q = (3, 4), N = 2, D = 2, 2 · 1.1920930e-7 · 2 · 5 · 1.01 = 2.4080278e-6. Then
     FAISS's BLAS scores of 64 queries against 3,000 vectors of 512 dimensions, against the re-rank's per-pair ones:
     the last bits differ (so the re-rank is needed), by less than ε32."""
-    assert score_error_bound(np.array([[3.0, 4.0]], np.float32), 2.0, fp16=False) == pytest.approx([2.4080278e-6])
+    assert fp32_error_bound(np.array([[3.0, 4.0]], np.float32), 2.0) == pytest.approx([2.4080278e-6])
     rng = np.random.default_rng(5)
     x, q = rng.standard_normal((3000, 512)).astype(np.float32), rng.standard_normal((64, 512)).astype(np.float32)
     scores, rows = faiss.knn(q, x, 50, metric=faiss.METRIC_INNER_PRODUCT)
     error = np.abs(scores - inner_products_at(q, x, rows))
-    eps = score_error_bound(q, float(np.linalg.norm(x, axis=1).max()), fp16=False)
+    eps = fp32_error_bound(q, float(np.linalg.norm(x, axis=1).max()))
     assert error.max() > 0 and np.all(error <= eps[:, None])
 
 
@@ -218,7 +218,8 @@ def test_fewer_items_than_k_and_an_empty_index(tmp_path: Path) -> None:
     assert [h.id for h in small.search_vector(vectors[0], k=10)] == ["item0", "item2", "item1"]
     assert len(small.search_vector(vectors[0], k=None, theta=-1.0)) == 3
     batch = vectors[:1].repeat(BATCH_FROM, axis=0)  # the same, through the fp32 pass
-    assert [[h.id for h in hits] for hits in small.search_vectors(batch, k=10)] == [["item0", "item2", "item1"]] * 8
+    want = [["item0", "item2", "item1"]] * BATCH_FROM
+    assert [[h.id for h in hits] for hits in small.search_vectors(batch, k=10)] == want
     empty = Index(store_of(tmp_path / "empty", "flat16", vectors[:0], vectors[:0]), tmp_path)
     assert empty.search_vector(vectors[0], k=10) == empty.search_vector(vectors[0], k=None, theta=0.0) == []
     assert empty.search_vectors(batch, k=10) == empty.search_vectors(batch, k=None, theta=0.0) == [[]] * BATCH_FROM
@@ -286,6 +287,19 @@ def test_top_k_at_the_boundary_equals_flat(boundary, target: str) -> None:
         assert [[h.id for h in hits] for hits in batch] == [obvious(a, k, None)] * BATCH_FROM
         assert [h.score for h in got] == [h.score for h in flat.search_vector(q, k=k, target=target)]
     assert obvious(a, 5, None) == ["item0", "item1", "item2", "item105", "item3"]
+
+
+def test_a_batch_that_needs_the_fallback_asks_the_fp16_scan_for_it(boundary, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no spare candidates (2k), the fp32 pass's 10th best, a filler at 0.5 - 5 * 2^-24, could still reach the
+    5th exact score (A = 0.5) within ε32: each query falls back to the fp16 scan's range search below it."""
+    _, flat16, a = boundary
+    monkeypatch.setattr(rerank, "CANDIDATES", 0)
+    reranked, asked = flat16.store.searcher(None)[0], []
+    real = reranked.could_reach
+    monkeypatch.setattr(reranked, "could_reach", lambda q, *args: asked.append(len(q)) or real(q, *args))
+    batch = flat16.search_vectors(np.tile(np.array([1, 0, 0, 0], np.float32), (BATCH_FROM, 1)), k=5)
+    assert asked == [1] * BATCH_FROM  # one query each
+    assert [[h.id for h in hits] for hits in batch] == [obvious(a, 5, None)] * BATCH_FROM
 
 
 # --- through the engine: index, search, info, eval, the server -------------------------------------------

@@ -53,17 +53,30 @@ BATCH_FROM = 8
 RowsOf = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.int64]]  # fids -> rows of the fp32 vectors
 
 
-def score_error_bound(qv: np.ndarray, max_norm: float, fp16: bool = True) -> npt.NDArray[np.float64]:
+def gamma(dim: int) -> float:
+    """γ_D: an fp32 sum of D products, in any order, is within γ_D Σ|q_i x_i| of the true one (Higham 3.1)."""
+    return dim * FP32_ROUNDOFF / (1 - dim * FP32_ROUNDOFF)
+
+
+def per_norm_bound(qv: np.ndarray, per_norm: float) -> npt.NDArray[np.float64]:
+    """(nq,) ‖q‖ · per_norm for each query row of qv, 1% larger (BOUND_SLACK)."""
+    return np.sqrt(np.einsum("ij,ij->i", qv, qv, dtype=np.float64)) * (per_norm * BOUND_SLACK)
+
+
+def score_error_bound(qv: np.ndarray, max_norm: float) -> npt.NDArray[np.float64]:
     """ε per query of qv (nq, D): how far the fp16 scan's score of any item of norm <= max_norm can be from its
-    fp32 score; with fp16=False, ε32, how far an fp32 BLAS score can be from it (see the module docstring)."""
+    fp32 score (see the module docstring)."""
     dim = qv.shape[1]
-    gamma = dim * FP32_ROUNDOFF / (1 - dim * FP32_ROUNDOFF)
-    if fp16:
-        per_norm = (FP16_RELATIVE + gamma * (2 + FP16_RELATIVE)) * max_norm
-        per_norm += (1 + gamma) * FP16_SUBNORMAL * np.sqrt(dim)
-    else:
-        per_norm = 2 * gamma * max_norm
-    return np.sqrt(np.einsum("ij,ij->i", qv, qv, dtype=np.float64)) * (per_norm * BOUND_SLACK)  # (nq,)
+    g = gamma(dim)
+    return per_norm_bound(
+        qv, (FP16_RELATIVE + g * (2 + FP16_RELATIVE)) * max_norm + (1 + g) * FP16_SUBNORMAL * np.sqrt(dim)
+    )
+
+
+def fp32_error_bound(qv: np.ndarray, max_norm: float) -> npt.NDArray[np.float64]:
+    """ε32 per query of qv (nq, D): how far an fp32 BLAS score of any item of norm <= max_norm can be from the
+    re-rank's fp32 score of it: 2 γ_D N ‖q‖ (see the module docstring)."""
+    return per_norm_bound(qv, 2 * gamma(qv.shape[1]) * max_norm)
 
 
 def floor32(x: float) -> float:
@@ -85,22 +98,32 @@ class Fp32Batch:
     faiss_ops.use_blas_from), asked as the fp16 scan is: FAISS's signatures, FAISS ids, no item filter."""
 
     def __init__(self, fids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32]):
-        self.fids, self.vectors = fids, vectors  # row i holds item fids[i]; C-contiguous fp32 (Reranked's)
+        if not (vectors.dtype == np.float32 and vectors.flags.c_contiguous and vectors.ndim == 2):
+            raise ValueError(
+                f"the fp32 pass reads a C-contiguous float32 (n, D) matrix, not {vectors.dtype} {vectors.shape}"
+            )
+        if len(fids) != len(vectors):
+            raise ValueError(f"{len(fids)} ids for {len(vectors)} vectors")
+        self.fids, self.vectors = fids, vectors  # row i holds item fids[i]
 
-    def check(self, qv: np.ndarray) -> None:
-        """FAISS reads raw memory: a query row must be as wide as a stored one."""
+    def check(self, qv: np.ndarray, params: Any) -> None:
+        """FAISS reads raw memory: a query row must be as wide as a stored one. An item filter cannot apply here."""
         if qv.dtype != np.float32 or not qv.flags.c_contiguous or qv.ndim != 2 or qv.shape[1] != self.vectors.shape[1]:
             raise ValueError(f"queries {qv.dtype} {qv.shape} against vectors {self.vectors.shape}")
+        if params is not None:
+            raise ValueError("the fp32 pass has no item filter: ask the fp16 scan")
 
     def search(self, qv: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        self.check(qv)
+        """(scores, ids), each (nq, k), best first, as FAISS's search gives them."""
+        self.check(qv, params)
         scores, rows = faiss.knn(qv, self.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
         ids, found = np.full_like(rows, -1), rows >= 0  # row -1: no result (fewer items than k)
         ids[found] = self.fids[rows[found]]
         return scores, ids
 
     def range_search(self, qv: np.ndarray, radius: float, params: Any = None) -> tuple[np.ndarray, ...]:
-        self.check(qv)
+        """(lims, scores, ids) of the items scoring above radius, as FAISS's range_search gives them."""
+        self.check(qv, params)
         (nq, dim), result = qv.shape, faiss.RangeSearchResult(len(qv))
         faiss.range_search_inner_product(  # type: ignore[attr-defined]  # not in faiss's stubs
             faiss.swig_ptr(qv), faiss.swig_ptr(self.vectors), dim, nq, len(self.vectors), radius, result
@@ -119,7 +142,7 @@ class Reranked:
     def __init__(self, index: faiss.Index, fids: npt.NDArray[np.int64], vectors: Vectors, rows_of: RowsOf):
         self.index = index  # the fp16 scan (faiss_ops.is_flat16): answers with fids
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (n, D) fp32, rows in fid order (no copy)
-        self.batch = Fp32Batch(fids, self.vectors)
+        self.batch = Fp32Batch(fids, self.vectors)  # maps rows to fids; rows_of, the other way (both the store's)
         self.rows_of = rows_of  # raises IndexChanged for a fid the vectors do not hold
 
     @property
@@ -151,13 +174,21 @@ class Reranked:
     def scan(self, qv: np.ndarray, params: Any) -> tuple[faiss.Index | Fp32Batch, npt.NDArray[np.float64]]:
         """What a search of qv asks first, and ε per query for its scores: one fp32 pass for a batch of
         BATCH_FROM queries or more without an item filter, else the fp16 scan."""
-        batch = len(qv) >= BATCH_FROM and params is None
-        return (self.batch if batch else self.index), score_error_bound(qv, self.max_norm, fp16=not batch)
+        if len(qv) >= BATCH_FROM and params is None and self.ntotal:
+            return self.batch, fp32_error_bound(qv, self.max_norm)
+        return self.index, score_error_bound(qv, self.max_norm)
+
+    def could_reach(self, q: np.ndarray, floor: float, params: Any) -> npt.NDArray[np.int64]:
+        """The ids of every item whose fp32 score against the one query q (1, D) could be floor or more: the fp16
+        scan's range search at floor - ε. Never the fp32 pass: for one query FAISS scans it on one thread, where
+        the fp16 scan splits its lists between threads."""
+        radius = floor32(floor - float(score_error_bound(q, self.max_norm)[0]))
+        return self.index.range_search(q, radius, params=params)[2]
 
     def search(self, qv: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (nq, k), best first: the exact top k. The scan's 2k + 32 best are re-ranked; when
-        the last of them could still beat the k-th re-ranked score (its scan score + ε >= it), every item the
-        scan puts above (k-th score - ε) is re-ranked instead, which holds each item that could score as high."""
+        the last of them could still beat the k-th re-ranked score (its scan score + ε >= it), every item that could
+        score as high is re-ranked instead (could_reach)."""
         qv = np.ascontiguousarray(qv, dtype=np.float32)
         wanted = max(1, min(self.ntotal, 2 * k + CANDIDATES))
         scan, eps = self.scan(qv, params)
@@ -169,7 +200,7 @@ class Reranked:
             best, best_ids = top_k(scores[j], ids[j], k)
             complete = ids[j, -1] < 0 or wanted == self.ntotal  # the scan returned every item it may
             if not complete and approx[j, -1] + eps[j] >= best[-1]:
-                _, _, more = scan.range_search(qv[j : j + 1], floor32(best[-1] - eps[j]), params=params)
+                more = self.could_reach(qv[j : j + 1], best[-1], params)
                 best, best_ids = top_k(self.exact_scores(qv[j : j + 1], more[None])[0], more, k)
             out_scores[j, : len(best)], out_ids[j, : len(best)] = best, best_ids
         return out_scores, out_ids
