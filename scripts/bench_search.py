@@ -1,7 +1,7 @@
 """Benchmark search at N = 10k, 100k, 1M: our query path against the raw FAISS call, side by side in one run.
 
     .venv/bin/python scripts/bench_search.py [--sizes 10000,100000,1000000] [--types flat,hnsw,ivf]
-        [--dim 128] [--queries 200] [--model index_data/demo/model] [--fusion] [--out bench_search.json]
+        [--dim 128] [--queries 200] [--model index_data/demo/model] [--fusion] [--filtered] [--out bench_search.json]
 
 For each N and index type, on the same index object:
 - single query top-10, p50/p99: raw `index.search` vs `Index.search_vector` (query rows, metadata and
@@ -20,6 +20,9 @@ For each N and index type, on the same index object:
 - 10,000 results made into records (metadata + per-modality scores);
 - with --fusion: the fusion rules max and min against weighted (top-10 and θ, p50, alternating in passes) on each
   type and knob, and what each rule answers against the exact answer under that rule (`exact=True`);
+- with --filtered: text -> image on a flat index where one item in ten has no image (bench_filtered): the FAISS
+  call with an item filter that leaves those out, against the scan of only the items with an image, and ours,
+  one query and a batch;
 - with --model: a cold `retrieval search --text` end to end (a fresh process) on a real 10k-item index.
 Vectors are unit vectors clustered on a 32-dimensional subspace of R^dim, as real embeddings are: uniform
 random vectors are a worst case for ANN recall. Single queries run on the threads our path gives them
@@ -42,7 +45,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrieval.index.combined import Combined
+from retrieval.index.combined import Combined, combined_index
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
 from retrieval.index.rerank import Reranked
@@ -70,16 +73,21 @@ def embeddings(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return part(), part()
 
 
-def make_store(path: Path, image: np.ndarray, text: np.ndarray, model: str, fingerprint: str = "bench") -> IndexStore:
-    """A flat index of n items (image + caption vectors, a path, a caption, an extra field), not yet built."""
+def make_store(
+    path: Path, image: np.ndarray, text: np.ndarray, model: str, fingerprint: str = "bench", no_image_every: int = 0
+) -> IndexStore:
+    """A flat index of n items (image + caption vectors, a path, a caption, an extra field), not yet built; with
+    no_image_every=m, every m-th item is a caption alone."""
     store = IndexStore.create(path, Manifest(model, fingerprint, image.shape[1], "flat"))
     for s in range(0, len(image), 50_000):
         rows = range(s, min(s + 50_000, len(image)))
-        vectors = {**{f"i{i}": image[i] for i in rows}, **{f"t{i}": text[i] for i in rows}}
-        store.commit(
-            [Item(0, f"item-{i}", f"/data/{i}.jpg", [f"caption {i}"], f"i{i}", f"t{i}", extra={"n": i}) for i in rows],
-            vectors,
-        )
+        images = {i: f"i{i}" for i in rows if not no_image_every or i % no_image_every}  # item -> its image's key
+        vectors = {**{key: image[i] for i, key in images.items()}, **{f"t{i}": text[i] for i in rows}}
+        files = {i: f"/data/{i}.jpg" for i in images}  # a caption alone has no file
+        items = [
+            Item(0, f"item-{i}", files.get(i), [f"caption {i}"], images.get(i), f"t{i}", extra={"n": i}) for i in rows
+        ]
+        store.commit(items, vectors)
     return store
 
 
@@ -299,6 +307,63 @@ def bench_size(n: int, args, tmp: Path) -> list[dict]:
     return rows
 
 
+def bench_filtered(n: int, args, tmp: Path) -> list[dict]:
+    """Text -> image on a flat index where one item in ten is a caption alone, so the search must leave it out.
+    "filter" is the FAISS call that did: the image vectors of every item, asked with an item filter (a hash set
+    checked per row; a batch scanned once per query). "raw" is the one our path makes now: the image vectors of
+    the items that have one, no filter. Answers are checked to be the same."""
+    image, text = embeddings(n + args.queries, args.dim, seed=n)
+    queries = text[n:]
+    store = make_store(tmp / f"filtered{n}", image[:n], text[:n], args.model or "bench", no_image_every=10)
+    store.rebuild()
+    index, tag = Index(store, Path(args.model or ".")), f"N={n:,} flat, image target, 10% no image"
+    searcher = store.searcher("image_key", weight=1.0)[0]
+    assert isinstance(searcher, Combined), "the combined vectors must fit in memory here"
+    fids, vectors = store.vectors
+    raw, every = searcher.index, combined_index(vectors, fids, 1.0)
+    having = faiss.IDSelectorBatch(store.fids_having("image_key"))
+
+    def filtered(q: np.ndarray, k: int | None, theta: float | None = None) -> tuple[np.ndarray, ...]:
+        params = faiss.SearchParameters(sel=having)  # type: ignore[call-arg]
+        return every.search(q, k, params=params) if theta is None else every.range_search(q, theta, params=params)
+
+    theta = float(np.median(filtered(queries, 100)[0][:, -1]))
+    assert np.array_equal(filtered(queries, 10)[1], raw.search(queries, 10)[1]), "the two scans must agree"
+    faiss.omp_set_num_threads(search_threads(searcher, 1))
+    rows = side_by_side(
+        f"{tag}: top-10, one query: filter vs none",
+        lambda r: filtered(queries[r : r + 1], 10),
+        lambda r: raw.search(queries[r : r + 1], 10),
+        len(queries),
+    )
+    rows += side_by_side(
+        f"{tag}: top-10",
+        lambda r: raw.search(queries[r : r + 1], 10),
+        lambda r: index.search_vector(queries[r], k=10, target="image"),
+        len(queries),
+    )
+    rows += side_by_side(
+        f"{tag}: theta, one query: filter vs none",
+        lambda r: filtered(queries[r : r + 1], None, theta),
+        lambda r: raw.range_search(queries[r : r + 1], theta),
+        len(queries),
+    )
+    rows += side_by_side(
+        f"{tag}: theta",
+        lambda r: raw.range_search(queries[r : r + 1], theta),
+        lambda r: index.search_vector(queries[r], k=None, theta=theta, target="image"),
+        len(queries),
+    )
+    faiss.omp_set_num_threads(2)
+    for name, k, th in (("top-10", 10, None), ("theta", None, theta)):
+        qps = batch_qps(
+            lambda k=k, th=th: filtered(queries, k, th),
+            lambda k=k, th=th: index.search_vectors(queries, k, th, target="image"),
+        )
+        rows.append(row(f"{tag}: batch of {len(queries)}, {name}: filter vs ours", **qps))
+    return rows
+
+
 def bench_cold(args, tmp: Path) -> list[dict]:
     """A fresh process per query, as a user at the shell waits for it, on 10k synthetic images."""
     from retrieval.data.synth import generate
@@ -326,6 +391,9 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--model", help="a model directory of dimension --dim, for the rows with text encoding")
     p.add_argument("--fusion", action="store_true", help="add the fusion rules' rows (max, min against weighted)")
+    p.add_argument(
+        "--filtered", action="store_true", help="add text -> image on a flat index with caption-only items (a filter)"
+    )
     p.add_argument("--out", default="bench_search.json")
     args = p.parse_args()
     args.types = args.types.split(",")
@@ -337,6 +405,8 @@ def main() -> None:
             rows += bench_cold(args, Path(tmp))
         for n in (int(x) for x in args.sizes.split(",") if x):
             rows += bench_size(n, args, Path(tmp))
+            if args.filtered:
+                rows += bench_filtered(n, args, Path(tmp))
             Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
             print(f"done N={n:,}", file=sys.stderr, flush=True)
     print(f"{'benchmark':<58}{'p50 ms':>9}{'p99 ms':>9}  notes")

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_server.py [--n 100000] [--clients 32] [--seconds 20] [--like-every 10]
         [--model index_data/demo/model] [--index PATH] [--index-type flat] [--max-batch 1 64] [--kill-test]
-        [--out bench_server.json]
+        [--target item] [--no-image-every 0] [--out bench_server.json]
 
 Builds an index of --n items (clustered random unit vectors of the model's dimension, so the model's
 fingerprint matches and text queries run the real text tower), or takes --index as it is. Starts the
@@ -12,7 +12,8 @@ unmeasured warm-up): text queries drawn from the synthetic captions' vocabulary,
 they share with the server. Prints a table (QPS, p50/p90/p99/max latency, errors, the mean number of
 requests a FAISS call answered) and writes JSON. It runs the load once per `serve --max-batch` given, on a
 fresh server each time and the same requests in the same order: 1 (each search its own FAISS call, as
-before issue 16) beside 64 (concurrent searches batched), side by side.
+before issue 16) beside 64 (concurrent searches batched), side by side. --target image with --no-image-every
+10 asks for images in a collection where every tenth item is a caption alone, which the search leaves out.
 
 --kill-test: record the answers to 20 fixed queries and the sha256 of the index files; run the load and
 kill -9 the server half way through; check the files are byte-identical and the index opens with the
@@ -66,10 +67,11 @@ INDEX_FILES = (
 
 
 # --- the index ------------------------------------------------------------------------------------
-def build(path: Path, model: Path, n: int, index_type: str) -> None:
-    """n items, each an image vector and a caption vector, committed in batches as indexing does."""
+def build(path: Path, model: Path, n: int, index_type: str, no_image_every: int = 0) -> None:
+    """n items, each an image vector and a caption vector (every no_image_every-th a caption alone), committed in
+    batches as indexing does."""
     image, text = embeddings(n, read_model_config(model).embed_dim, seed=0)
-    store = make_store(path, image, text, str(model.resolve()), fingerprint(model))
+    store = make_store(path, image, text, str(model.resolve()), fingerprint(model), no_image_every)
     store.manifest.index_type = index_type
     store.rebuild()
 
@@ -135,8 +137,8 @@ BATCH = re.compile(rb'"batch":(\d+)')  # the requests the FAISS call that answer
 class Load:
     """Requests in a fixed order shared by all clients; one (kind, ms, ok, batch) record per answered request."""
 
-    def __init__(self, texts: list[str], item_ids: list[str], like_every: int, seed: int):
-        self.texts, self.item_ids, self.like_every = texts, item_ids, like_every
+    def __init__(self, texts: list[str], item_ids: list[str], like_every: int, seed: int, target: str = "item"):
+        self.texts, self.item_ids, self.like_every, self.target = texts, item_ids, like_every, target
         self.rng, self.count = random.Random(seed), 0
         self.records: list[tuple[str, float, bool, int]] = []
         self.failed_connections = 0
@@ -144,9 +146,9 @@ class Load:
     def next_request(self) -> tuple[str, bytes]:
         self.count += 1
         if self.like_every and self.count % self.like_every == 0:
-            kind, params = "like", {"like": self.rng.choice(self.item_ids), "k": 10}
+            kind, params = "like", {"like": self.rng.choice(self.item_ids), "k": 10, "target": self.target}
         else:
-            kind, params = "text", {"q": self.texts[self.count % len(self.texts)], "k": 10}
+            kind, params = "text", {"q": self.texts[self.count % len(self.texts)], "k": 10, "target": self.target}
         return kind, f"GET /api/search?{urlencode(params)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
 
     async def client(self, port: int, until: float, measure_from: float) -> None:
@@ -278,6 +280,8 @@ def main() -> None:
         help="the server's --max-batch, one run each (1: each search its own FAISS call, as before batching)",
     )
     p.add_argument("--kill-test", action="store_true", help="kill -9 the server half way, check the index, restart")
+    p.add_argument("--target", default="item", choices=("item", "image", "text"), help="what every request matches")
+    p.add_argument("--no-image-every", type=int, default=0, help="in the index it builds, every Nth item has no image")
     p.add_argument("--out", default="bench_server.json")
     args = p.parse_args()
 
@@ -291,7 +295,7 @@ def main() -> None:
                 sys.exit(f"no model at {model}: run `bash scripts/demo.sh` to train one, or pass --model DIR")
             index_path = tmp / "index"
             t = time.perf_counter()
-            build(index_path, model, args.n, args.index_type)
+            build(index_path, model, args.n, args.index_type, args.no_image_every)
             print(f"built a {args.n:,}-item {args.index_type} index in {time.perf_counter() - t:.1f} s")
         store = IndexStore.open(index_path)
         item_ids = store.id_table()[1]  # "more like this" on ids the index really has
@@ -302,12 +306,12 @@ def main() -> None:
         log, started = tmp / "server.log", []
         try:
             if args.kill_test:
-                load = Load(text_queries(0), likes, args.like_every, seed=1)
+                load = Load(text_queries(0), likes, args.like_every, seed=1, target=args.target)
                 report["kill_test"] = kill_test(args, load, index_path, free_port(), log, started)
             else:
                 report["load"], report["startup_s"] = [], {}
                 for max_batch in args.max_batch:  # the same requests in the same order, on a fresh server each
-                    load = Load(text_queries(0), likes, args.like_every, seed=1)
+                    load = Load(text_queries(0), likes, args.like_every, seed=1, target=args.target)
                     port = free_port()
                     server, startup_s = start_server(index_path, port, log, started, max_batch)
                     print(f"server (--max-batch {max_batch}) up in {startup_s:.1f} s; load: {args.clients} clients")

@@ -62,6 +62,10 @@ def test_combine_gives_each_part_bit_for_bit_and_the_mean_across_chunks(monkeypa
     fids = np.arange(10, dtype=np.int64) * 7 + 1
     index = combined_index(vectors, fids, 0.5)  # added a chunk at a time, with each row's id
     assert np.array_equal(np.stack([index.reconstruct(int(f)) for f in fids]), combine(vectors, 0.5))
+    rows = np.array([0, 2, 3, 7, 9])  # some rows only: two chunks of them
+    some = combined_index(vectors, fids, 1.0, rows)
+    assert np.array_equal(faiss.vector_to_array(some.id_map), fids[rows])
+    assert np.array_equal(np.stack([some.reconstruct(int(f)) for f in fids[rows]]), vectors[rows, :D])
 
 
 @pytest.mark.parametrize(("target", "weight"), [("item", 0.5), ("image", 0.5), ("text", 0.5), ("item", 1.0)])
@@ -73,6 +77,26 @@ def test_combined_scan_answers_as_the_fused_scan_to_the_bit(dyadic, target: str,
     got = [[(h.id, h.score) for h in hits] for hits in index.search_vectors(queries, k, theta, weight, target)]
     assert got == fused_answer(index, queries, target, w, k, theta)
     assert any(got), "the cases must find something"
+
+
+@pytest.mark.parametrize("target", ["image", "text"])
+def test_a_part_target_scans_only_the_items_with_that_part_and_a_batch_answers_as_one_query(dyadic, target) -> None:
+    """Items 0-9 each miss a part. The combined scan for a part holds only the items that have it, so it asks
+    FAISS with no filter, and a batch of queries (BLAS, from 3 of them) answers as each query alone."""
+    index, queries = dyadic
+    column = target_column(target)
+    searcher, params = index.store.searcher(column, weight=target_weight(target, 0.5))
+    assert isinstance(searcher, Combined) and params is None
+    held = faiss.vector_to_array(searcher.index.id_map)
+    assert sorted(held) == sorted(index.store.fids_having(column)) and len(held) == 55
+    many = np.concatenate([queries] * 4)
+    for k, theta in [(5, None), (None, 1 / 32), (5, 0.0)]:
+        batch = index.search_vectors(many, k, theta, target=target)
+        alone = [index.search_vectors(q[None], k, theta, target=target)[0] for q in many]
+        assert [[(h.id, h.score) for h in hits] for hits in batch] == [[(h.id, h.score) for h in a] for a in alone]
+        assert [[(h.id, h.score) for h in hits] for hits in batch] == fused_answer(
+            index, many, target, target_weight(target, 0.5), k, theta
+        )
 
 
 @pytest.mark.parametrize("kwargs", [{"weight": 0.25}, {"fusion": "max"}, {"fusion": "min"}])
@@ -107,9 +131,9 @@ def test_the_combined_vectors_are_built_once_and_not_the_fused_index(dyadic) -> 
     store = IndexStore.open(index.store.path)
     Index(store, Path("no-model")).search_vectors(queries, 3)
     assert store._faiss is None, "a weighted search on a flat index reads no fused FAISS index"
-    built = store._combined[0.5]
+    built = store._combined[0.5, None]
     Index(store, Path("no-model")).search_vectors(queries, 3, target="item", fusion="mean")
-    assert store._combined[0.5] is built and set(store._combined) == {0.5}
+    assert store._combined[0.5, None] is built and set(store._combined) == {(0.5, None)}
 
 
 def test_a_new_generation_drops_the_combined_vectors(tmp_path: Path) -> None:

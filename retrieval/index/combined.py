@@ -34,12 +34,18 @@ def combine(vectors: Vectors, weight: float) -> npt.NDArray[np.float32]:
     return out
 
 
-def combined_index(vectors: Vectors, fids: npt.NDArray[np.int64], weight: float) -> faiss.Index:
-    """A flat inner-product index of the combined vectors, with the items' FAISS ids (so item filters apply)."""
+def combined_index(
+    vectors: Vectors, fids: npt.NDArray[np.int64], weight: float, rows: npt.NDArray[np.int64] | None = None
+) -> faiss.Index:
+    """A flat inner-product index of the combined vectors, with the items' FAISS ids (so item filters apply); of
+    the given rows only (ascending), or of all. Rows kept for a filter's items answer as the filter would, without
+    one: FAISS checks a filter's hash set for every row, and with a filter scans a batch once per query, not with
+    BLAS (100k x 128, 200 queries, two threads: 549 against 41 ms here)."""
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1] // 2))
-    for s in range(0, len(vectors), CHUNK_ROWS):
-        ids = np.ascontiguousarray(fids[s : s + CHUNK_ROWS], dtype=np.int64)
-        index.add_with_ids(combine(vectors[s : s + CHUNK_ROWS], weight), ids)
+    n = len(vectors) if rows is None else len(rows)
+    for s in range(0, n, CHUNK_ROWS):
+        part = slice(s, s + CHUNK_ROWS) if rows is None else rows[s : s + CHUNK_ROWS]  # a slice: no copy
+        index.add_with_ids(combine(vectors[part], weight), np.ascontiguousarray(fids[part], dtype=np.int64))
     return index
 
 

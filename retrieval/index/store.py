@@ -73,7 +73,8 @@ class IndexStore(ItemDatabase):
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
         self._records: Records | bool | None = None  # False: damaged
         self._exact: FaissIndex | None = None  # a flat copy for exact answers on an ANN index
-        self._combined: dict[float, FaissIndex] = {}  # weight -> flat index of its combined vectors (combined.py)
+        # (weight, column) -> flat index of the combined vectors (combined.py) of the items that have the column
+        self._combined: dict[tuple[float, str | None], FaissIndex] = {}  # column None: all items
         self._loading = threading.RLock()  # server threads share a store: one loads, combines or makes a searcher
         self._searchers: dict[tuple[str | None, bool, float | None], tuple[Searchable, Any]] = {}
         self._rows: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None] | None = None  # see _row_table
@@ -317,10 +318,11 @@ class IndexStore(ItemDatabase):
     def _new_searcher(self, column: str | None, exact: bool, weight: float | None) -> tuple[Searchable, Any]:
         """What `searcher` keeps for a key: the index every search with it asks, and its item filter."""
         use_blas_from(self.manifest.dim)  # the combined vectors' d: the fused index's 2d then passes it sooner
+        having = None if column is None else self.fids_having(column)  # None: every item has it
         index: Searchable
-        if weight is not None and (combined := self._combined_index(weight)) is not None:
-            index = Combined(combined)
-        elif is_flat16(self.faiss):
+        if weight is not None and (combined := self._combined_index(weight, column, having)) is not None:
+            return Combined(combined), None  # holds only the items that have the column: nothing to filter
+        if is_flat16(self.faiss):
             shared = [s for s, _ in self._searchers.values() if isinstance(s, Reranked)]
             index = shared[0] if shared else Reranked(self.faiss, *self.vectors, self.rows_of)
         elif exact and not isinstance(inner_index(self.faiss), faiss.IndexFlat):
@@ -331,22 +333,21 @@ class IndexStore(ItemDatabase):
             index = self._exact
         else:
             index = self.faiss
-        return index, self._selector(column)
+        return index, None if having is None else faiss.IDSelectorBatch(having)
 
-    def _combined_index(self, weight: float) -> FaissIndex | None:
-        """The flat index of this weight's combined vectors, built on first use; None, so the fused vectors
-        answer, where it would take the combined ones together over max_memory."""
+    def _combined_index(self, weight: float, column: str | None, having: np.ndarray | None) -> FaissIndex | None:
+        """The flat index of this weight's combined vectors of the items `having` the column (all for None), built
+        on first use; None, so the fused vectors answer, where it would take the combined ones together over
+        max_memory. Holding only the items a filter would let through, it needs no filter (combined_index)."""
+        key = (weight, None if having is None else column)
         with self._loading:
-            if weight not in self._combined:
+            if key not in self._combined:
                 fids, vectors = self.vectors
                 if self._over_budget(vectors.nbytes // 2 * (len(self._combined) + 1)):
                     return None
-                self._combined[weight] = combined_index(vectors, fids, weight)
-            return self._combined[weight]
-
-    def _selector(self, column: str | None) -> Any:
-        fids = None if column is None else self.fids_having(column)
-        return None if fids is None else faiss.IDSelectorBatch(fids)
+                rows = None if having is None else np.flatnonzero(np.isin(fids, having))
+                self._combined[key] = combined_index(vectors, fids, weight, rows)
+            return self._combined[key]
 
     def result_records(
         self, fids: Sequence[int] | npt.NDArray[np.int64], rows: npt.NDArray[np.int64] | None = None
