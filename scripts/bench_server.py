@@ -280,10 +280,17 @@ def main() -> None:
         help="the server's --max-batch, one run each (1: each search its own FAISS call, as before batching)",
     )
     p.add_argument("--kill-test", action="store_true", help="kill -9 the server half way, check the index, restart")
-    p.add_argument("--target", default="item", choices=("item", "image", "text"), help="what every request matches")
+    p.add_argument(
+        "--target",
+        default="item",
+        choices=("item", "image", "text"),
+        help="what every request matches (image: with --no-image-every, the search leaves those items out)",
+    )
     p.add_argument("--no-image-every", type=int, default=0, help="in the index it builds, every Nth item has no image")
     p.add_argument("--out", default="bench_server.json")
     args = p.parse_args()
+    if args.index and args.no_image_every:
+        p.error("--no-image-every shapes the index it builds: not with --index")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

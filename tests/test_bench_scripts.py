@@ -40,7 +40,7 @@ def test_bench_search_runs_and_writes_its_rows(tmp_path: Path) -> None:
     ours = next(r for r in rows if r["name"] == "N=3,000 flat top-10: ours")
     assert ours["recall_at_10"] == 1.0 and ours["overhead_ratio"] > 0
     filtered = next(
-        r for r in rows if r["name"] == "N=3,000 flat, image target, 10% no image: batch of 5, top-10: filter vs ours"
+        r for r in rows if r["name"] == "N=3,000 flat, image target, 10% no image: batch of 5, top-10: before vs ours"
     )
     assert filtered["raw_qps"] > 0 and filtered["ours_qps"] > 0
     assert "benchmark" in done.stdout and "p50 ms" in done.stdout

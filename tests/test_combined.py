@@ -99,6 +99,52 @@ def test_a_part_target_scans_only_the_items_with_that_part_and_a_batch_answers_a
         )
 
 
+def test_part_targets_after_removals_and_beside_whole_items_of_the_same_weight(tmp_path: Path) -> None:
+    """Removals leave gaps in the FAISS ids, so a row is not its id: the part scan must still hold the right items.
+    A whole-item search at w = 1 (caption-only items answer with their caption) and an image search (they are left
+    out) share a weight, not a scan."""
+    from retrieval.index.build import remove_items
+
+    rng = np.random.default_rng(5)
+    images, texts, queries = (rng.integers(-2, 3, size=(n, D)).astype(np.float32) / 8 for n in (40, 40, 6))
+    store_of(tmp_path / "gaps", "flat", images, texts, parts="ti" * 6)
+    remove_items(tmp_path / "gaps", [f"item{j}" for j in range(0, 40, 3)])
+    index = Index(IndexStore.open(tmp_path / "gaps"), Path("no-model"))
+    for target, k, theta, no_part in [("image", 40, None, "t"), ("text", None, -1.0, "i")]:
+        got = [[(h.id, h.score) for h in hits] for hits in index.search_vectors(queries, k, theta, target=target)]
+        assert got == fused_answer(index, queries, target, target_weight(target, 0.5), k, theta)
+        kept = [f"item{j}" for j in range(40) if j % 3 and (j >= 12 or "ti"[j % 2] != no_part)]
+        assert sorted(i for i, _ in got[0]) == sorted(kept), "every item with the part, and none other"
+    whole = index.search_vectors(queries, 40, weight=1.0)
+    assert any(h.id == "item2" and not h.has_image for h in whole[0]), (
+        "a caption alone still answers a whole-item search"
+    )
+    assert len(index.store._combined) == 3
+
+
+def test_a_part_scan_follows_the_database_when_a_new_searcher_asks(dyadic, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The items with a part are read again for every new searcher (after `tune`, say): a scan built for other
+    items is built anew, so it never answers with an item the database no longer has that part for."""
+    index, _ = dyadic
+    store = IndexStore.open(index.store.path)
+    searcher = store.searcher("image_key", weight=1.0)[0]
+    assert isinstance(searcher, Combined) and searcher.ntotal == 55
+    fewer = store.fids_having("image_key")[5:]
+    monkeypatch.setattr(store, "fids_having", lambda column: fewer)
+    assert store.searcher("image_key", weight=1.0)[0] is searcher, "kept while the searcher is"
+    store.tune({})
+    again = store.searcher("image_key", weight=1.0)[0]
+    assert isinstance(again, Combined) and sorted(faiss.vector_to_array(again.index.id_map)) == sorted(fewer)
+
+
+def test_no_item_with_the_part_answers_nothing(tmp_path: Path) -> None:
+    images = unit(np.random.default_rng(6).standard_normal((5, D)))
+    index = index_of(tmp_path / "captions", images, images, parts="ttttt")
+    assert index.search_vectors(images[:4], 3, target="image") == [[]] * 4
+    assert index.search_vectors(images[:1], None, -1.0, target="image") == [[]]
+    assert len(index.search_vectors(images[:1], 3, target="text")[0]) == 3
+
+
 @pytest.mark.parametrize("kwargs", [{"weight": 0.25}, {"fusion": "max"}, {"fusion": "min"}])
 def test_other_weights_and_fusion_rules_scan_the_fused_vectors(dyadic, kwargs: dict) -> None:
     """max and min ask with part queries [q, 0] and [0, q], which only the fused vectors answer."""
@@ -149,8 +195,9 @@ def test_a_new_generation_drops_the_combined_vectors(tmp_path: Path) -> None:
 
 
 def test_beyond_max_memory_the_fused_vectors_answer(dyadic) -> None:
-    """Each weight's combined matrix here is 60 x 8 x 4 = 1,920 B, so two fit in 5,000 B and a third does not;
-    the fused index's file (4,410 B) does."""
+    """The whole items' combined matrix here is 60 x 8 x 4 = 1,920 B and the images' 55 x 8 x 4 = 1,760 B (five
+    items have no image), so they fit in 5,000 B together, and the captions' 1,760 B more do not; the fused
+    index's file (4,410 B) does."""
     index, queries = dyadic
     store = IndexStore.open(index.store.path, max_memory=5_000)
     assert isinstance(store.searcher(None, weight=0.5)[0], Combined)

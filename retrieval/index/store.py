@@ -73,8 +73,8 @@ class IndexStore(ItemDatabase):
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
         self._records: Records | bool | None = None  # False: damaged
         self._exact: FaissIndex | None = None  # a flat copy for exact answers on an ANN index
-        # (weight, column) -> flat index of the combined vectors (combined.py) of the items that have the column
-        self._combined: dict[tuple[float, str | None], FaissIndex] = {}  # column None: all items
+        # (weight, column) -> (the items that have the column, flat index of their combined vectors: combined.py)
+        self._combined: dict[tuple[float, str | None], tuple[np.ndarray | None, FaissIndex]] = {}  # None: all items
         self._loading = threading.RLock()  # server threads share a store: one loads, combines or makes a searcher
         self._searchers: dict[tuple[str | None, bool, float | None], tuple[Searchable, Any]] = {}
         self._rows: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None] | None = None  # see _row_table
@@ -337,17 +337,21 @@ class IndexStore(ItemDatabase):
 
     def _combined_index(self, weight: float, column: str | None, having: np.ndarray | None) -> FaissIndex | None:
         """The flat index of this weight's combined vectors of the items `having` the column (all for None), built
-        on first use; None, so the fused vectors answer, where it would take the combined ones together over
-        max_memory. Holding only the items a filter would let through, it needs no filter (combined_index)."""
+        on first use and again if the database's answer changes; None, so the fused vectors answer, where it would
+        take the combined ones together over max_memory. Holding only the items a filter would let through, it
+        needs no filter (combined_index)."""
         key = (weight, None if having is None else column)
         with self._loading:
-            if key not in self._combined:
+            built = self._combined.pop(key, None)
+            if built is None or not np.array_equal(built[0], having):  # type: ignore[arg-type]  # None: all items
                 fids, vectors = self.vectors
-                if self._over_budget(vectors.nbytes // 2 * (len(self._combined) + 1)):
-                    return None
                 rows = None if having is None else np.flatnonzero(np.isin(fids, having))
-                self._combined[key] = combined_index(vectors, fids, weight, rows)
-            return self._combined[key]
+                held = sum(index.ntotal for _, index in self._combined.values())
+                if self._over_budget((held + len(fids if rows is None else rows)) * vectors.shape[1] // 2 * 4):
+                    return None
+                built = (having, combined_index(vectors, fids, weight, rows))
+            self._combined[key] = built
+            return built[1]
 
     def result_records(
         self, fids: Sequence[int] | npt.NDArray[np.int64], rows: npt.NDArray[np.int64] | None = None

@@ -60,7 +60,7 @@ def settle() -> None:
 
 def warm(index: Index) -> None:
     """Load the text tower, the image model, the FAISS index, a flat index's combined vectors for each target
-    (with the fused index, which other weights and the max/min rules scan: 2.5x the fused vectors in memory;
+    (with the fused index, which other weights and the max/min rules scan: up to 2.5x the fused vectors in memory;
     --max-memory bounds the combined ones) and the item filters now, not on a request."""
     for target in ("item", "image", "text"):
         index.search(text="warm up", k=1, target=target)
