@@ -329,12 +329,13 @@ def bench_filtered(n: int, args, tmp: Path) -> list[dict]:
         return index.hits_for(q, ranked(every, q, k, theta, params))
 
     theta = float(np.median(raw.search(queries, min(100, len(having)))[0][:, -1]))  # about 100 results a query
+    cases = (("top-10", 10, None), ("theta", None, theta))
     faiss.omp_set_num_threads(search_threads(searcher, 1))
     for r in range(min(20, len(queries))):
-        for k, th in ((10, None), (None, theta)):
+        for _, k, th in cases:
             assert before(queries[r : r + 1], k, th) == index.search_vectors(queries[r : r + 1], k, th, target="image")
     rows = []
-    for name, k, th in (("top-10", 10, None), ("theta", None, theta)):
+    for name, k, th in cases:
         rows += side_by_side(
             f"{tag}: {name}, before vs ours",
             lambda r, k=k, th=th: before(queries[r : r + 1], k, th),
@@ -351,7 +352,7 @@ def bench_filtered(n: int, args, tmp: Path) -> list[dict]:
             len(queries),
         )
     faiss.omp_set_num_threads(2)
-    for name, k, th in (("top-10", 10, None), ("theta", None, theta)):
+    for name, k, th in cases:
         qps = batch_qps(
             lambda k=k, th=th: before(queries, k, th),
             lambda k=k, th=th: index.search_vectors(queries, k, th, target="image"),

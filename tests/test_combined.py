@@ -45,12 +45,17 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
+def answers(results: list[list]) -> list[list[tuple[str, float]]]:
+    """(id, score) of each hit, per query."""
+    return [[(h.id, h.score) for h in hits] for hits in results]
+
+
 def fused_answer(index: Index, queries: np.ndarray, target: str, w: float, k, theta) -> list[list[tuple[str, float]]]:
     """The fused (n, 2d) scan's answer, through the same `ranked` and records as a search."""
     fused, params = index.store.searcher(target_column(target))  # no weight: the fused FAISS index
     assert isinstance(fused, faiss.Index)
     results = ranked(fused, query_vectors(queries, target, w), k, theta, params)
-    return [[(h.id, h.score) for h in hits] for hits in index.hits_for(queries, results)]
+    return answers(index.hits_for(queries, results))
 
 
 def test_combine_gives_each_part_bit_for_bit_and_the_mean_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,7 +79,7 @@ def test_combined_scan_answers_as_the_fused_scan_to_the_bit(dyadic, target: str,
     index, queries = dyadic
     w = target_weight(target, weight)
     assert isinstance(index.store.searcher(target_column(target), weight=w)[0], Combined)
-    got = [[(h.id, h.score) for h in hits] for hits in index.search_vectors(queries, k, theta, weight, target)]
+    got = answers(index.search_vectors(queries, k, theta, weight, target))
     assert got == fused_answer(index, queries, target, w, k, theta)
     assert any(got), "the cases must find something"
 
@@ -93,10 +98,8 @@ def test_a_part_target_scans_only_the_items_with_that_part_and_a_batch_answers_a
     for k, theta in [(5, None), (None, 1 / 32), (5, 0.0)]:
         batch = index.search_vectors(many, k, theta, target=target)
         alone = [index.search_vectors(q[None], k, theta, target=target)[0] for q in many]
-        assert [[(h.id, h.score) for h in hits] for hits in batch] == [[(h.id, h.score) for h in a] for a in alone]
-        assert [[(h.id, h.score) for h in hits] for hits in batch] == fused_answer(
-            index, many, target, target_weight(target, 0.5), k, theta
-        )
+        assert answers(batch) == answers(alone)
+        assert answers(batch) == fused_answer(index, many, target, target_weight(target, 0.5), k, theta)
 
 
 def test_part_targets_after_removals_and_beside_whole_items_of_the_same_weight(tmp_path: Path) -> None:
@@ -111,7 +114,7 @@ def test_part_targets_after_removals_and_beside_whole_items_of_the_same_weight(t
     remove_items(tmp_path / "gaps", [f"item{j}" for j in range(0, 40, 3)])
     index = Index(IndexStore.open(tmp_path / "gaps"), Path("no-model"))
     for target, k, theta, no_part in [("image", 40, None, "t"), ("text", None, -1.0, "i")]:
-        got = [[(h.id, h.score) for h in hits] for hits in index.search_vectors(queries, k, theta, target=target)]
+        got = answers(index.search_vectors(queries, k, theta, target=target))
         assert got == fused_answer(index, queries, target, target_weight(target, 0.5), k, theta)
         kept = [f"item{j}" for j in range(40) if j % 3 and (j >= 12 or "ti"[j % 2] != no_part)]
         assert sorted(i for i, _ in got[0]) == sorted(kept), "every item with the part, and none other"
@@ -167,7 +170,7 @@ def test_real_valued_vectors_agree_to_rounding_and_exact_on_hnsw_scans_combined(
     assert isinstance(hnsw.store.searcher(None, weight=0.5)[0], faiss.Index)  # HNSW answers from its graph
     want = fused_answer(flat, queries, "item", 0.5, 10, None)
     for index in (flat, hnsw):
-        got = [[(h.id, h.score) for h in hits] for hits in index.search_vectors(queries, 10, exact=index is hnsw)]
+        got = answers(index.search_vectors(queries, 10, exact=index is hnsw))
         assert [[i for i, _ in hits] for hits in got] == [[i for i, _ in hits] for hits in want]
         np.testing.assert_allclose([[s for _, s in h] for h in got], [[s for _, s in h] for h in want], atol=1e-6)
 
@@ -205,7 +208,7 @@ def test_beyond_max_memory_the_fused_vectors_answer(dyadic) -> None:
     assert isinstance(store.searcher("text_key", weight=0.0)[0], faiss.Index)
     got = Index(store, Path("no-model")).search_vectors(queries, 5, target="text")
     want = fused_answer(index, queries, "text", 0.0, 5, None)
-    assert [[(h.id, h.score) for h in hits] for hits in got] == want
+    assert answers(got) == want
 
 
 def test_threads_that_first_ask_for_a_weight_at_once_share_one_matrix(dyadic) -> None:

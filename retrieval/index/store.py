@@ -342,15 +342,16 @@ class IndexStore(ItemDatabase):
         needs no filter (combined_index)."""
         key = (weight, None if having is None else column)
         with self._loading:
-            built = self._combined.pop(key, None)
+            built = self._combined.get(key)
             if built is None or not np.array_equal(built[0], having):  # type: ignore[arg-type]  # None: all items
+                self._combined.pop(key, None)  # a scan of other items: its bytes leave the budget
                 fids, vectors = self.vectors
+                # isin, not rows_of: an id the loaded vectors lack (a database ahead of them) is left out, as a filter
                 rows = None if having is None else np.flatnonzero(np.isin(fids, having))
                 held = sum(index.ntotal for _, index in self._combined.values())
                 if self._over_budget((held + len(fids if rows is None else rows)) * vectors.shape[1] // 2 * 4):
                     return None
-                built = (having, combined_index(vectors, fids, weight, rows))
-            self._combined[key] = built
+                built = self._combined[key] = (having, combined_index(vectors, fids, weight, rows))
             return built[1]
 
     def result_records(
