@@ -6,12 +6,13 @@
 For each N and index type, on the same index object:
 - single query top-10, p50/p99: raw `index.search` vs `Index.search_vector` (query rows, metadata and
   per-modality scores), and the overhead as a ratio; with text encoding: `Index.search(text=...)`. "Raw" is the
-  FAISS call our path makes: on flat, the scan of the combined vectors (index/combined.py), shown first beside
-  the fused scan it replaced;
+  FAISS call a user would make of the vectors our path reads: on flat, a flat index of the combined vectors
+  (index/combined.py), shown first beside the fused scan it replaced, then (θ) beside ours splitting that scan
+  by rows between threads (index/scan.py) before any record is made;
 - θ (range search) at a θ that returns about 100 items: raw `range_search` vs ours, and on ANN types how
   many of the exact answers were found;
 - batched QPS (all queries in one call, 2 threads), top-10 and θ: raw vs `Index.search_vectors`. On flat16 ours
-  reads the fp32 vectors once for the batch (rerank.Fp32Batch), raw scans the fp16 codes once per query;
+  reads the fp32 vectors once for the batch (scan.FlatScan), raw scans the fp16 codes once per query;
 - recall@10 against exact, build time (the whole `rebuild`: read SQLite, build, write), index size,
   and process peak memory;
 - "ours against exact": recall@10 of what our search path answers and the fraction of queries whose θ set is
@@ -22,11 +23,12 @@ For each N and index type, on the same index object:
   type and knob, and what each rule answers against the exact answer under that rule (`exact=True`);
 - with --filtered: text -> image on a flat index where one item in ten has no image (bench_filtered): our path as
   it was (an item filter leaves those items out) against ours now (a scan of only the items with an image), one
-  query and a batch, and ours against the raw FAISS call it makes;
+  query and a batch, and ours against one FAISS call on the vectors it reads;
 - with --model: a cold `retrieval search --text` end to end (a fresh process) on a real 10k-item index.
 Vectors are unit vectors clustered on a 32-dimensional subspace of R^dim, as real embeddings are: uniform
 random vectors are a worst case for ANN recall. Single queries run on the threads our path gives them
-(search_threads: one, but a flat16 scan of 200k items or more splits between two), builds and batches on two.
+(search_threads: one, but a flat16 scan of 200k items or more splits between two, and a flat scan splits its
+rows), raw ones on one; builds and batches on two.
 Prints a table and writes JSON.
 """
 
@@ -45,10 +47,11 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrieval.index.combined import Combined, combined_index
+from retrieval.index.combined import Combined, combined_scan
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
 from retrieval.index.rerank import Reranked
+from retrieval.index.scan import FlatScan
 from retrieval.index.search import query_rows, query_vectors, ranked, search_threads
 from retrieval.index.store import IndexStore
 
@@ -161,11 +164,18 @@ def bench_type(
         tag = f"{prefix} {index_type}" + (f" {knob}={value}" if knob else "")
         faiss.omp_set_num_threads(2)  # both cores, then as many of them as our path gives one query: raw gets the same
         faiss.omp_set_num_threads(search_threads(store.searcher(None, weight=0.5)[0], 1))
-        if raw is not store.faiss:  # flat: our path scans the combined vectors; beside it, the fused scan it replaced
+        scan = store.searcher(None, weight=0.5)[0]
+        if isinstance(scan, Combined):  # flat: ours scans the combined vectors; beside it, the fused scan it replaced
             rows += side_by_side(
                 f"{tag} top-10, one query: fused (n, 2d) scan vs combined (n, d)",
                 lambda r: store.faiss.search(qv[r : r + 1], 10),
                 lambda r, raw=raw, raw_q=raw_q: raw.search(raw_q[r : r + 1], 10),
+                reps,
+            )
+            rows += side_by_side(  # the scan alone, before our path makes records of its answers
+                f"{tag} theta, one query: the combined scan on one thread vs split by rows (FlatScan)",
+                lambda r, raw=raw, raw_q=raw_q: raw.range_search(raw_q[r : r + 1], theta),
+                lambda r, scan=scan, raw_q=raw_q: scan.range_search(raw_q[r : r + 1], theta),
                 reps,
             )
         rows += side_by_side(
@@ -210,11 +220,19 @@ def bench_type(
 
 
 def raw_call(store: IndexStore, queries: np.ndarray) -> tuple[faiss.Index, np.ndarray]:
-    """The FAISS index our path asks for a weighted search, and the query rows it asks with: flat16's fp16 scan
-    (without the re-rank), flat's scan of the combined vectors (the queries themselves), else the index itself."""
+    """The FAISS index a weighted search reads, as a user of FAISS would ask it, and the query rows it is asked
+    with: flat16's fp16 scan (without the re-rank), a FAISS flat index of flat's combined vectors (the queries
+    themselves: ours splits one query's scan of them between threads), else the index itself."""
     searcher = store.searcher(None, weight=0.5)[0]
-    raw = searcher.index if isinstance(searcher, (Combined, Reranked)) else searcher
-    return raw, query_rows(searcher, queries, "item", 0.5)
+    raw = faiss_flat(searcher) if isinstance(searcher, Combined) else searcher
+    return raw.index if isinstance(raw, Reranked) else raw, query_rows(searcher, queries, "item", 0.5)
+
+
+def faiss_flat(scan: FlatScan) -> faiss.Index:
+    """A FAISS flat index of a scan's vectors, with its ids: the one call, on one thread, a user would make."""
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(scan.vectors.shape[1]))
+    index.add_with_ids(scan.vectors, scan.fids)
+    return index
 
 
 def fusion_rows(index: Index, tag: str, queries: np.ndarray, theta: float) -> list[dict]:
@@ -310,9 +328,9 @@ def bench_size(n: int, args, tmp: Path) -> list[dict]:
 def bench_filtered(n: int, args, tmp: Path) -> list[dict]:
     """Text -> image on a flat index where one item in ten is a caption alone, which the search must leave out.
     "before" is our path as it was: the image vectors of every item, asked with an item filter (a hash set checked
-    per row, and a batch scanned once per query), then the same records and scores. "raw" is the FAISS call our
-    path makes now: the image vectors of the items that have one, no filter. One query at a time, the two paths'
-    answers are checked to be the same."""
+    per row, and a batch scanned once per query), then the same records and scores. "raw" is one FAISS call on
+    what our path reads now: a flat index of the image vectors of the items that have one, no filter. One query at
+    a time, the two paths' answers are checked to be the same."""
     image, text = embeddings(n + args.queries, args.dim, seed=n)
     queries = text[n:]
     store = make_store(tmp / f"filtered{n}", image[:n], text[:n], args.model or "bench", no_image_every=10)
@@ -321,8 +339,8 @@ def bench_filtered(n: int, args, tmp: Path) -> list[dict]:
     searcher = store.searcher("image_key", weight=1.0)[0]
     assert isinstance(searcher, Combined), "the combined vectors must fit in memory here"
     fids, vectors = store.vectors
-    raw, having = searcher.index, store.fids_having("image_key")
-    every, selector = Combined(combined_index(vectors, fids, 1.0)), faiss.IDSelectorBatch(having)
+    raw, having = faiss_flat(searcher), store.fids_having("image_key")
+    every, selector = faiss_flat(combined_scan(vectors, fids, 1.0)), faiss.IDSelectorBatch(having)
 
     def before(q: np.ndarray, k: int | None, theta: float | None = None) -> list:
         params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]

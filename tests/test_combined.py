@@ -16,7 +16,7 @@ import pytest
 from conftest import store_of
 
 from retrieval.index import combined
-from retrieval.index.combined import Combined, combine, combined_index
+from retrieval.index.combined import Combined, combine, combined_scan
 from retrieval.index.format import Item
 from retrieval.index.handle import Index
 from retrieval.index.search import query_vectors, ranked, target_column, target_weight
@@ -65,12 +65,11 @@ def test_combine_gives_each_part_bit_for_bit_and_the_mean_across_chunks(monkeypa
     assert np.array_equal(combine(vectors, 0.0), vectors[:, D:])
     assert np.array_equal(combine(vectors, 0.5), np.float32(0.5) * vectors[:, :D] + np.float32(0.5) * vectors[:, D:])
     fids = np.arange(10, dtype=np.int64) * 7 + 1
-    index = combined_index(vectors, fids, 0.5)  # added a chunk at a time, with each row's id
-    assert np.array_equal(np.stack([index.reconstruct(int(f)) for f in fids]), combine(vectors, 0.5))
+    scan = combined_scan(vectors, fids, 0.5)  # combined a chunk at a time, with each row's id
+    assert np.array_equal(scan.vectors, combine(vectors, 0.5)) and np.array_equal(scan.fids, fids)
     rows = np.array([0, 2, 3, 7, 9])  # some rows only: two chunks of them
-    some = combined_index(vectors, fids, 1.0, rows)
-    assert np.array_equal(faiss.vector_to_array(some.id_map), fids[rows])
-    assert np.array_equal(np.stack([some.reconstruct(int(f)) for f in fids[rows]]), vectors[rows, :D])
+    some = combined_scan(vectors, fids, 1.0, rows)
+    assert np.array_equal(some.fids, fids[rows]) and np.array_equal(some.vectors, vectors[rows, :D])
 
 
 @pytest.mark.parametrize(("target", "weight"), [("item", 0.5), ("image", 0.5), ("text", 0.5), ("item", 1.0)])
@@ -92,7 +91,7 @@ def test_a_part_target_scans_only_the_items_with_that_part_and_a_batch_answers_a
     column = target_column(target)
     searcher, params = index.store.searcher(column, weight=target_weight(target, 0.5))
     assert isinstance(searcher, Combined) and params is None
-    held = faiss.vector_to_array(searcher.index.id_map)
+    held = searcher.fids
     assert sorted(held) == sorted(index.store.fids_having(column)) and len(held) == 55
     many = np.concatenate([queries] * 4)
     for k, theta in [(5, None), (None, 1 / 32), (5, 0.0)]:
@@ -137,7 +136,7 @@ def test_a_part_scan_follows_the_database_when_a_new_searcher_asks(dyadic, monke
     assert store.searcher("image_key", weight=1.0)[0] is searcher, "kept while the searcher is"
     store.tune({})
     again = store.searcher("image_key", weight=1.0)[0]
-    assert isinstance(again, Combined) and sorted(faiss.vector_to_array(again.index.id_map)) == sorted(fewer)
+    assert isinstance(again, Combined) and sorted(again.fids) == sorted(fewer)
 
 
 def test_no_item_with_the_part_answers_nothing(tmp_path: Path) -> None:

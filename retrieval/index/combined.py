@@ -11,16 +11,14 @@ order), so the two differ at most in the last bits; on dyadic values, exactly re
 
 from __future__ import annotations
 
-from typing import Any
-
-import faiss
 import numpy as np
 import numpy.typing as npt
 
 from retrieval.arrays import Vectors
+from retrieval.index.scan import FlatScan
 
 COMBINED_WEIGHTS = (0.0, 0.5, 1.0)  # w = 0: captions only; 1/2: the default weighted and mean fusion; 1: images only
-CHUNK_ROWS = 65_536  # rows combined and added at a time: building holds no second copy of the matrix
+CHUNK_ROWS = 65_536  # rows combined at a time: building holds no second copy of the matrix
 
 
 def combine(vectors: Vectors, weight: float) -> npt.NDArray[np.float32]:
@@ -34,34 +32,21 @@ def combine(vectors: Vectors, weight: float) -> npt.NDArray[np.float32]:
     return out
 
 
-def combined_index(
+def combined_scan(
     vectors: Vectors, fids: npt.NDArray[np.int64], weight: float, rows: npt.NDArray[np.int64] | None = None
-) -> faiss.Index:
-    """A flat inner-product index of the combined vectors of the given rows (ascending), or of all, with the items'
-    FAISS ids. Built of the rows an item filter would let through, it answers as the filter would, without one:
-    with a filter FAISS checks a hash set for every row and scans a batch once per query; without, a batch is one
-    BLAS product (100k x 128, 200 queries, two threads: 549 ms with the filter, 41 ms on its rows, here)."""
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1] // 2))
+) -> Combined:
+    """A flat scan of the combined vectors of the given rows (ascending), or of all, with the items' FAISS ids.
+    Built of the rows an item filter would let through, it answers as the filter would, without one: with a
+    filter FAISS checks a hash set for every row and scans a batch once per query; without, a batch is one BLAS
+    product (100k x 128, 200 queries, two threads: 549 ms with the filter, 41 ms on its rows, here)."""
     n = len(vectors) if rows is None else len(rows)
+    out = np.empty((n, vectors.shape[1] // 2), dtype=np.float32)
     for s in range(0, n, CHUNK_ROWS):
         part = slice(s, s + CHUNK_ROWS) if rows is None else rows[s : s + CHUNK_ROWS]  # rows copy their chunk
-        index.add_with_ids(combine(vectors[part], weight), np.ascontiguousarray(fids[part], dtype=np.int64))
-    return index
+        out[s : s + CHUNK_ROWS] = combine(vectors[part], weight)
+    return Combined(np.ascontiguousarray(fids if rows is None else fids[rows], dtype=np.int64), out)
 
 
-class Combined:
+class Combined(FlatScan):
     """A flat scan of one weight's combined vectors, asked as `ranked` asks any index but with the query q itself:
     the rows hold the weights already. A marker too: `search.query_rows` makes no fused query rows for it."""
-
-    def __init__(self, index: faiss.Index):
-        self.index = index  # combined_index's, for a weight in COMBINED_WEIGHTS
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    def search(self, q: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(q, k, params=params)
-
-    def range_search(self, q: np.ndarray, theta: float, params: Any = None) -> tuple[np.ndarray, ...]:
-        return self.index.range_search(q, theta, params=params)

@@ -17,8 +17,8 @@ score of x and its fp32 score then differ by at most (Cauchy-Schwarz for Σ|q_i 
     ε(q) = ((2^-11 + γ_D (2 + 2^-11)) N + (1 + γ_D) 2^-25 √D) ‖q‖,
 taken 1% larger for the arithmetic of the bound itself.
 
-A batch of queries reads the fp32 vectors instead, once for all of them (Fp32Batch: FAISS's exhaustive search,
-with BLAS), where the fp16 scan would read its codes once per query: a server's concurrent searches then share
+A batch of queries reads the fp32 vectors instead, once for all of them (scan.FlatScan: FAISS's exhaustive
+search, with BLAS), where the fp16 scan would read its codes once per query: a server's concurrent searches then share
 one pass, as they do on flat. Its scores and the re-rank's are two fp32 sums of the same products, each within
 γ_D Σ|q_i x_i| of the true one, so they differ by at most ε32(q) = 2 γ_D N ‖q‖ (1% larger, as above), and the
 re-rank makes the batch's answers those of its queries asked one at a time. No torch here.
@@ -37,6 +37,7 @@ import numpy.typing as npt
 
 from retrieval.arrays import Vectors
 from retrieval.index.faiss_ops import inner_products_at
+from retrieval.index.scan import FlatScan
 
 FP16_RELATIVE = 2.0**-11  # fp16 keeps 11 significant bits: rounding moves a normal value by at most this fraction
 FP16_SUBNORMAL = 2.0**-25  # half the spacing of fp16's subnormals (below 2^-14): the most one moves absolutely
@@ -45,7 +46,7 @@ BOUND_SLACK = 1.01  # the bound, rounded up for the float arithmetic that comput
 CANDIDATES = 32  # top-k asks the scan for 2k + this many: on clustered vectors at 1M the bound then holds for
 # every query measured, so the fallback (a range search below the k-th score) is rare
 NO_RESULT = -np.finfo(np.float32).max  # FAISS's score beside id -1 in an inner-product search
-# queries from which an unfiltered search reads the fp32 vectors once for all (Fp32Batch) rather than the fp16 codes
+# queries from which an unfiltered search reads the fp32 vectors once for all (FlatScan) rather than the fp16 codes
 # once each. 100k x 256 here, ms per query, fp16 scan / fp32 BLAS: one thread 7.5 / 6.5 at 4 queries, 8.6 / 4.4 at
 # 8, 6.7 / 1.5 at 64; two threads 3.5 / 3.8 at 4, 4.2 / 2.5 at 8, 3.3 / 0.52 at 64
 BATCH_FROM = 8
@@ -93,47 +94,6 @@ def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     return scores[order], ids[order]
 
 
-class Fp32Batch:
-    """The fp32 vectors read once for a batch of queries by FAISS's exhaustive search (BLAS from a few queries on,
-    faiss_ops.use_blas_from), asked as the fp16 scan is: FAISS's signatures, FAISS ids, no item filter."""
-
-    def __init__(self, fids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32]):
-        if not (vectors.dtype == np.float32 and vectors.flags.c_contiguous and vectors.ndim == 2):
-            raise ValueError(
-                f"the fp32 pass reads a C-contiguous float32 (n, D) matrix, not {vectors.dtype} {vectors.shape}"
-            )
-        if len(fids) != len(vectors):
-            raise ValueError(f"{len(fids)} ids for {len(vectors)} vectors")
-        self.fids, self.vectors = fids, vectors  # row i holds item fids[i]
-
-    def check(self, qv: np.ndarray, params: Any) -> None:
-        """FAISS reads raw memory: a query row must be as wide as a stored one. An item filter cannot apply here."""
-        if qv.dtype != np.float32 or not qv.flags.c_contiguous or qv.ndim != 2 or qv.shape[1] != self.vectors.shape[1]:
-            raise ValueError(f"queries {qv.dtype} {qv.shape} against vectors {self.vectors.shape}")
-        if params is not None:
-            raise ValueError("the fp32 pass has no item filter: ask the fp16 scan")
-
-    def search(self, qv: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (nq, k), best first, as FAISS's search gives them."""
-        self.check(qv, params)
-        scores, rows = faiss.knn(qv, self.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-        ids, found = np.full_like(rows, -1), rows >= 0  # row -1: no result (fewer items than k)
-        ids[found] = self.fids[rows[found]]
-        return scores, ids
-
-    def range_search(self, qv: np.ndarray, radius: float, params: Any = None) -> tuple[np.ndarray, ...]:
-        """(lims, scores, ids) of the items scoring above radius, as FAISS's range_search gives them."""
-        self.check(qv, params)
-        (nq, dim), result = qv.shape, faiss.RangeSearchResult(len(qv))
-        faiss.range_search_inner_product(  # type: ignore[attr-defined]  # not in faiss's stubs
-            faiss.swig_ptr(qv), faiss.swig_ptr(self.vectors), dim, nq, len(self.vectors), radius, result
-        )
-        lims = faiss.rev_swig_ptr(result.lims, nq + 1).copy()
-        found = int(lims[-1])
-        scores = faiss.rev_swig_ptr(result.distances, found).copy()
-        return lims, scores, self.fids[faiss.rev_swig_ptr(result.labels, found)]
-
-
 class Reranked:
     """A flat16 index as `ranked` asks it: `search` and `range_search` with FAISS's signatures and results,
     answered by the fp16 scan, or for a batch by one fp32 pass, and re-ranked exactly from the fp32 vectors;
@@ -142,7 +102,7 @@ class Reranked:
     def __init__(self, index: faiss.Index, fids: npt.NDArray[np.int64], vectors: Vectors, rows_of: RowsOf):
         self.index = index  # the fp16 scan (faiss_ops.is_flat16): answers with fids
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (n, D) fp32, rows in fid order (no copy)
-        self.batch = Fp32Batch(fids, self.vectors)  # maps rows to fids; rows_of, the other way (both the store's)
+        self.batch = FlatScan(fids, self.vectors)  # maps rows to fids; rows_of, the other way (both the store's)
         self.rows_of = rows_of  # raises IndexChanged for a fid the vectors do not hold
 
     @property
@@ -171,7 +131,7 @@ class Reranked:
         out[~found] = NO_RESULT
         return out
 
-    def scan(self, qv: np.ndarray, params: Any) -> tuple[faiss.Index | Fp32Batch, npt.NDArray[np.float64]]:
+    def scan(self, qv: np.ndarray, params: Any) -> tuple[faiss.Index | FlatScan, npt.NDArray[np.float64]]:
         """What a search of qv asks first, and ε per query for its scores: one fp32 pass for a batch of
         BATCH_FROM queries or more without an item filter, else the fp16 scan."""
         if len(qv) >= BATCH_FROM and params is None and self.ntotal:

@@ -21,7 +21,7 @@ from retrieval.arrays import Vectors
 from retrieval.atomic import atomic_write, save_npy
 from retrieval.choices import check_max_memory
 from retrieval.errors import IndexChanged, RetrievalError
-from retrieval.index.combined import COMBINED_WEIGHTS, Combined, combined_index
+from retrieval.index.combined import COMBINED_WEIGHTS, Combined, combined_scan
 from retrieval.index.connect import connect
 from retrieval.index.database import ItemDatabase
 from retrieval.index.faiss_ops import (
@@ -73,8 +73,8 @@ class IndexStore(ItemDatabase):
         self._vectors: tuple[npt.NDArray[np.int64], Vectors] | None = None
         self._records: Records | bool | None = None  # False: damaged
         self._exact: FaissIndex | None = None  # a flat copy for exact answers on an ANN index
-        # (weight, column) -> (the items that have the column, flat index of their combined vectors: combined.py)
-        self._combined: dict[tuple[float, str | None], tuple[np.ndarray | None, FaissIndex]] = {}  # None: all items
+        # (weight, column) -> (the items that have the column, flat scan of their combined vectors: combined.py)
+        self._combined: dict[tuple[float, str | None], tuple[np.ndarray | None, Combined]] = {}  # None: all items
         self._loading = threading.RLock()  # server threads share a store: one loads, combines or makes a searcher
         self._searchers: dict[tuple[str | None, bool, float | None], tuple[Searchable, Any]] = {}
         self._rows: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None] | None = None  # see _row_table
@@ -312,16 +312,17 @@ class IndexStore(ItemDatabase):
                 if entry is None:
                     entry = self._searchers[key] = self._new_searcher(*key)
         index, selector = entry  # kept: parameters point to the filter, not own it
-        scan = index.index if isinstance(index, (Reranked, Combined)) else index
-        return index, search_parameters(scan, selector)
+        if isinstance(index, Combined):
+            return index, None  # holds only the items that have the column: nothing to filter
+        return index, search_parameters(index.index if isinstance(index, Reranked) else index, selector)
 
     def _new_searcher(self, column: str | None, exact: bool, weight: float | None) -> tuple[Searchable, Any]:
         """What `searcher` keeps for a key: the index every search with it asks, and its item filter."""
         use_blas_from(self.manifest.dim)  # the combined vectors' d: the fused index's 2d then passes it sooner
         having = None if column is None else self.fids_having(column)  # None: every item has it
         index: Searchable
-        if weight is not None and (combined := self._combined_index(weight, column, having)) is not None:
-            return Combined(combined), None  # holds only the items that have the column: nothing to filter
+        if weight is not None and (combined := self._combined_scan(weight, column, having)) is not None:
+            return combined, None
         if is_flat16(self.faiss):
             shared = [s for s, _ in self._searchers.values() if isinstance(s, Reranked)]
             index = shared[0] if shared else Reranked(self.faiss, *self.vectors, self.rows_of)
@@ -335,11 +336,11 @@ class IndexStore(ItemDatabase):
             index = self.faiss
         return index, None if having is None else faiss.IDSelectorBatch(having)
 
-    def _combined_index(self, weight: float, column: str | None, having: np.ndarray | None) -> FaissIndex | None:
-        """The flat index of this weight's combined vectors of the items `having` the column (all for None), built
+    def _combined_scan(self, weight: float, column: str | None, having: np.ndarray | None) -> Combined | None:
+        """The flat scan of this weight's combined vectors of the items `having` the column (all for None), built
         on first use and again if the database's answer changes; None, so the fused vectors answer, where it would
         take the combined ones together over max_memory. Holding only the items a filter would let through, it
-        needs no filter (combined_index)."""
+        needs no filter (combined_scan)."""
         key = (weight, None if having is None else column)
         with self._loading:
             built = self._combined.get(key)
@@ -348,10 +349,10 @@ class IndexStore(ItemDatabase):
                 fids, vectors = self.vectors
                 # isin, not rows_of: an id the loaded vectors lack (a database ahead of them) is left out, as a filter
                 rows = None if having is None else np.flatnonzero(np.isin(fids, having))
-                held = sum(index.ntotal for _, index in self._combined.values())
+                held = sum(scan.ntotal for _, scan in self._combined.values())
                 if self._over_budget((held + len(fids if rows is None else rows)) * vectors.shape[1] // 2 * 4):
                     return None
-                built = self._combined[key] = (having, combined_index(vectors, fids, weight, rows))
+                built = self._combined[key] = (having, combined_scan(vectors, fids, weight, rows))
             return built[1]
 
     def result_records(
