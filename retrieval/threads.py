@@ -8,7 +8,8 @@ needs. Two remedies, both here (scripts/bench_shared.py measures them, idle and 
   a 30x shorter spin, so a waiting thread soon sleeps and gives its core back;
 - `ThreadFit`, during a job: every few seconds, the cores other processes used (Linux's /proc/stat less this
   process's own CPU time), and as many threads as cores they leave free (elsewhere it changes nothing).
-RETRIEVAL_THREADS=off leaves OpenMP as it is (to measure what this gains); a number fixes the thread count.
+RETRIEVAL_THREADS=off leaves OpenMP as it is (to measure what this gains), and a flat scan to FAISS's one thread
+per query (index/scan.py); a number fixes the thread count.
 No heavy imports: the CLI calls `prepare_openmp` before anything loads torch.
 """
 

@@ -1,8 +1,9 @@
-"""Benchmark training and indexing on a machine shared with another job: idle against one core busy, before and
-after the thread policy (retrieval/threads.py), side by side in one run.
+"""Benchmark training, indexing and a flat scan's single queries on a machine shared with another job: idle
+against one core busy, before and after the thread policy (retrieval/threads.py), side by side in one run.
 
-    .venv/bin/python scripts/bench_shared.py [--parts train,index] [--loads idle,nice19,nice0] [--reps 2]
-        [--preset default] [--n 600] [--epochs 3] [--index-n 600] [--work DIR] [--json bench_shared.json]
+    .venv/bin/python scripts/bench_shared.py [--parts train,index,search] [--loads idle,nice19,nice0] [--reps 2]
+        [--preset default] [--n 600] [--epochs 3] [--index-n 600] [--search-n 100000] [--work DIR]
+        [--json bench_shared.json]
 
 Each row runs in a fresh Python process, since OpenMP reads its wait policy once, as torch loads:
 - before: RETRIEVAL_THREADS=off (OpenMP as it comes: every core, waiting threads spin 300,000 rounds);
@@ -16,6 +17,9 @@ on desktop Linux, niceness ranks processes only within their session, so nice 19
 - index: `build_index` of the synthetic collection (images and captions) with the model the first training row
   wrote; items/s is (n - 1) / (seconds - start-up), the start-up (model load, fingerprint) the faster of two
   1-item builds made after a first (which pays for imports and kernels).
+- search: one top-10 query at a time against a flat scan of --search-n random 128-d unit vectors
+  (index/scan.py's FlatScan, as flat's combined vectors are scanned): before, FAISS's one thread per query;
+  after, the rows split between the cores. queries/s is 1 / the p50 (p99 in the JSON). Not in the default parts.
 The "busy/idle" column divides a row's median by the idle median of the same policy: the target is >= 0.45 with
 one of two cores taken. "elsewhere" is the CPU other processes used during the row, in cores (the busy loop
 and anything else running): a row beside other jobs is noisy, so run it on a quiet machine and read the medians.
@@ -48,6 +52,10 @@ def worker(spec: dict) -> dict:
     prepare_openmp()
     cores = our_cores()
     start = read_sample(cores)
+    if spec["part"] == "search":
+        out = search_row(spec)
+        end = read_sample(cores)
+        return out | {"elsewhere": round(others_busy(start, end), 2) if start and end else None}
     import torch
 
     from retrieval.models.encoder import use_bf16
@@ -89,6 +97,31 @@ def worker(spec: dict) -> dict:
     end = read_sample(cores)
     out["elsewhere"] = round(others_busy(start, end), 2) if start and end else None
     return out
+
+
+def search_row(spec: dict) -> dict:
+    """One query at a time, top-10, against a flat scan of n random unit vectors (index/scan.py, as flat's combined
+    vectors are scanned): queries/s as 1 / the p50, after a warm-up pass."""
+    import numpy as np
+
+    from retrieval.index.faiss_ops import FaissThreads
+    from retrieval.index.scan import FlatScan, slice_threads, split_rows
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((spec["n"], spec["dim"]), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = (vectors[rng.integers(0, spec["n"], spec["queries"])] + 0.5 / np.sqrt(spec["dim"])).astype(np.float32)
+    scan = FlatScan(np.arange(spec["n"], dtype=np.int64), vectors)
+    with FaissThreads(1):  # as our search path asks for one query (search.search_threads)
+        for _ in range(2):  # a warm-up pass, then the timed one
+            ms = []
+            for q in queries:
+                t = time.perf_counter()
+                scan.search(q[None], 10)
+                ms.append((time.perf_counter() - t) * 1000)
+    slices = len(split_rows(spec["n"], spec["dim"], slice_threads())) - 1
+    rate = 1000 / statistics.median(ms)
+    return {"rate": rate, "p99_ms": float(np.percentile(ms, 99)), "threads": slices, "precision": "fp32"}
 
 
 def run_row(spec: dict, policy: str, nice: int | None, timeout: float) -> dict:
@@ -160,13 +193,14 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="train,index", help="train, index, or both")
+    p.add_argument("--parts", default="train,index", help="comma-separated: train, index, search")
     p.add_argument("--loads", default="idle,nice19,nice0", help=f"of {', '.join(LOADS)}")
     p.add_argument("--reps", type=int, default=2, help="rows per (part, policy, load), interleaved")
     p.add_argument("--preset", default="default", help="the model preset trained (tiny, default, large, pretrained)")
     p.add_argument("--n", type=int, default=600, help="synthetic scenes to train on (80%% train, 20%% held out)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per training row (the first is not counted)")
     p.add_argument("--index-n", type=int, default=600, help="synthetic scenes per indexing row")
+    p.add_argument("--search-n", type=int, default=100_000, help="items in the flat scan a search row asks")
     p.add_argument("--timeout", type=float, default=600, help="seconds a row may take")
     p.add_argument("--work", type=Path, help="folder for data, models and indexes (default: a temporary one)")
     p.add_argument("--json", default="bench_shared.json", help="where to write the rows")
@@ -183,10 +217,10 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         from retrieval.data.synth import generate
 
-        train_data = generate(work / "synth", args.n)
-        index_data = generate(work / "synth-index", args.index_n, seed=1)
+        train_data = generate(work / "synth", args.n) if {"train", "index"} & set(parts) else None
+        index_data = generate(work / "synth-index", args.index_n, seed=1) if "index" in parts else None
         model = work / "model-setup"
-        if "train" not in parts:  # a model to index with: one short training run
+        if "index" in parts and "train" not in parts:  # a model to index with: one short training run
             setup = {"part": "train", "data": str(train_data), "out": str(model), "preset": args.preset, "epochs": 1}
             run_row(setup, "auto", None, args.timeout)
         rows: list[dict] = []
@@ -198,6 +232,8 @@ def main() -> None:
                         out.mkdir(parents=True, exist_ok=True)
                         if part == "train":
                             spec = {"data": str(train_data), "preset": args.preset, "epochs": args.epochs}
+                        elif part == "search":
+                            spec = {"n": args.search_n, "dim": 128, "queries": 300}
                         else:
                             spec = {"data": str(index_data), "model": str(model), "n": args.index_n}
                         spec |= {"part": part, "out": str(out / "model" if part == "train" else out)}
@@ -222,7 +258,7 @@ def main() -> None:
         f"{info['cpu']}, {info['cores']} cores, autogroup {'on' if info['autogroup'] else 'off'}; "
         f"precision: {', '.join(sorted({r['precision'] for r in rows}))}; {args.reps} rows each (medians)"
     )
-    unit = {"train": "pairs/s", "index": "items/s"}
+    unit = {"train": "pairs/s", "index": "items/s", "search": "queries/s, one at a time"}
     print(f"{'part':<6} | {'load':<7} | {'policy':<7} | {'median':>8} | {'best':>8} | {'busy/idle':>9} | elsewhere")
     for t in sorted(table, key=lambda t: (parts.index(t["part"]), loads.index(t["load"]), t["policy"] != "before")):
         ratio = f"{t['busy_over_idle']:>9.2f}" if t["load"] != "idle" and t["busy_over_idle"] else " " * 9

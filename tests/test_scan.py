@@ -102,6 +102,8 @@ def test_retrieval_threads_caps_the_slices(monkeypatch: pytest.MonkeyPatch) -> N
     assert scan_module.slice_threads() == 1
     monkeypatch.setenv("RETRIEVAL_THREADS", "3")
     assert scan_module.slice_threads() == 3
+    monkeypatch.setenv("RETRIEVAL_THREADS", "off")
+    assert scan_module.slice_threads() == 1
 
 
 def test_an_empty_scan_finds_nothing(split) -> None:

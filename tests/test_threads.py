@@ -177,3 +177,20 @@ def test_bench_shared_runs_and_writes_its_rows(tmp_path: Path) -> None:
     busy = [t for t in report["table"] if t["load"] == "nice0"]
     assert len(busy) == 4 and all(t["busy_over_idle"] > 0 for t in busy)
     assert report["machine"]["cpu"] and "busy/idle" in done.stdout and "precision:" in done.stdout
+
+
+@pytest.mark.slow  # two subprocesses
+def test_bench_shared_times_a_flat_scan_on_one_thread_before_and_split_after(tmp_path: Path) -> None:
+    from retrieval.index.scan import split_rows
+
+    out = tmp_path / "bench.json"
+    args = ["--parts", "search", "--loads", "idle", "--reps", "1", "--search-n", "40000", "--json", str(out)]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_shared.py"), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {r["policy"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["before"]["threads"] == 1 and rows["before"]["rate"] > 0
+    assert rows["after"]["threads"] == len(split_rows(40_000, 128, len(threads.our_cores()))) - 1
+    assert "queries/s, one at a time" in done.stdout

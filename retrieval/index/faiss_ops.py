@@ -40,6 +40,23 @@ BLAS_FROM_QUERIES = 3
 faiss.cvar.distance_compute_blas_threshold = 4096
 
 
+class FaissThreads:
+    """FAISS's OpenMP threads in this thread for a while (see search_threads). A class, not a @contextmanager
+    generator: a search pays for it on every call, and setting only what changes saves about 10 µs of 0.2 ms."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.before = n, n
+
+    def __enter__(self) -> None:
+        self.before = faiss.omp_get_max_threads()
+        if self.before != self.n:
+            faiss.omp_set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.before != self.n:
+            faiss.omp_set_num_threads(self.before)
+
+
 def use_blas_from(d: int) -> None:
     """Exhaustive searches of d-dimensional vectors use BLAS from BLAS_FROM_QUERIES queries on."""
     faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_QUERIES * d

@@ -16,11 +16,11 @@ from PIL import Image
 
 from retrieval.choices import check_params
 from retrieval.errors import RetrievalError
+from retrieval.index.faiss_ops import FaissThreads
 from retrieval.index.format import check_model
 from retrieval.index.fusion import ranked_by_rule
 from retrieval.index.search import (
     MAX_QUERY_CHARS,
-    FaissThreads,
     GcPaused,
     Hit,
     Results,

@@ -23,9 +23,10 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.index.faiss_ops import FaissThreads
 from retrieval.threads import our_cores, setting
 
-FEW_QUERIES = 8  # up to this many queries in one call, FAISS runs on one thread (search.search_threads)
+FEW_QUERIES = 8  # up to this many queries in a call: FAISS on one thread (search.search_threads), a scan split
 SLICE_FLOATS = 2**20  # the least a thread's slice of a split scan holds (4 MiB, ~0.3 ms here): a split pays from 2
 MAX_SLICES = 8  # one query reads memory; past a few cores a slice more only costs its thread's wake-up
 
@@ -75,7 +76,8 @@ class FlatScan:
             return [(0, scan(self.vectors))]
         slices = [self.vectors[a:b] for a, b in pairwise(bounds)]
         rest: list[Future] = [scan_pool().submit(scan, rows) for rows in slices[1:]]
-        found = [scan(slices[0]), *(f.result() for f in rest)]
+        with FaissThreads(1):  # as the pool's threads: FAISS opens an OpenMP team even for one query
+            found = [scan(slices[0]), *(f.result() for f in rest)]
         return list(zip(bounds[:-1], found, strict=True))
 
 
@@ -122,9 +124,10 @@ def merge_ranges(found: list[tuple[int, tuple[np.ndarray, ...]]]) -> tuple[np.nd
 
 
 def slice_threads() -> int:
-    """Threads a split scan may take: this process's cores, or RETRIEVAL_THREADS's count where it sets one."""
+    """Threads a split scan may take: this process's cores, RETRIEVAL_THREADS's count where it sets one, and one
+    for RETRIEVAL_THREADS=off (FAISS's own threads: one per query)."""
     chosen = setting()
-    return chosen if isinstance(chosen, int) else len(our_cores())
+    return chosen if isinstance(chosen, int) else 1 if chosen == "off" else len(our_cores())
 
 
 _pool: ThreadPoolExecutor | None = None

@@ -25,10 +25,10 @@ from retrieval.choices import FUSIONS, TARGETS
 from retrieval.errors import RetrievalError
 from retrieval.index.combined import Combined
 from retrieval.index.rerank import Reranked
+from retrieval.index.scan import FEW_QUERIES
 
 Searchable: TypeAlias = faiss.Index | Reranked | Combined  # what IndexStore.searcher returns and `ranked` asks
 Results = list[tuple[np.ndarray, np.ndarray]]  # per query: (scores, FAISS ids), best first
-FEW_QUERIES = 8  # up to this many queries in one call, FAISS runs on one thread (see search_threads)
 # items from which one query's flat16 scan runs on every thread. Measured at 100k x 256 here, p50/p99 ms: 2.8/8.0
 # on one thread, 1.4/1.7 on two; beside a nice-0 busy loop 3.1/10.8 and 3.7/32 (at 1M: 62 and 47 ms p50)
 PARALLEL_SCAN_FROM = 200_000
@@ -119,26 +119,10 @@ def search_threads(index: Searchable, nq: int) -> int:
     """FAISS threads for one call of nq queries. A few queries run on one: a second thread only waits at
     barriers, and when the other core is busy the wait is long (HNSW, one query: 16 ms on two threads, under
     1 ms on one, measured here beside a training job). A large flat16 scan is the exception: its lists split
-    one query between threads (faiss_ops.is_flat16), and a thread that waits on a busy core waits for one list."""
+    one query between threads (faiss_ops.is_flat16), and a thread that waits on a busy core waits for one list.
+    A large flat scan splits its rows between threads of its own, which sleep while they wait (scan.FlatScan)."""
     many = nq > FEW_QUERIES or (isinstance(index, Reranked) and index.ntotal >= PARALLEL_SCAN_FROM)
     return faiss.omp_get_max_threads() if many else 1
-
-
-class FaissThreads:
-    """FAISS's OpenMP threads in this thread for a while (see search_threads). A class, not a @contextmanager
-    generator: a search pays for it on every call, and setting only what changes saves about 10 µs of 0.2 ms."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.before = n, n
-
-    def __enter__(self) -> None:
-        self.before = faiss.omp_get_max_threads()
-        if self.before != self.n:
-            faiss.omp_set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.before != self.n:
-            faiss.omp_set_num_threads(self.before)
 
 
 class GcPaused:
