@@ -4,6 +4,7 @@ one FAISS scan of all the rows does: the same scores to the bit, the same items,
 from __future__ import annotations
 
 import multiprocessing
+import threading
 
 import faiss
 import numpy as np
@@ -91,6 +92,36 @@ def test_a_batch_and_a_small_scan_are_one_call_on_this_thread(split, monkeypatch
     scan = scan_of(250)
     assert np.array_equal(scan.search(queries, 5)[1], faiss_flat(scan).search(queries, 5)[1])
     assert len(scan_of(99).range_search(queries[:1], 0.0)[0]) == 2  # 99 rows: under two slices' worth
+
+
+def test_a_scan_beside_another_threads_search_is_one_call_on_this_thread(split, monkeypatch) -> None:
+    """Another thread in a search (a server's concurrent request) has the other cores: no split, the same answer.
+    This thread's own nested searches (a server's request, then Index.search_vectors) count once."""
+    scan, query, searches = scan_of(250), np.ones((1, D), np.float32), scan_module.SEARCHES
+    calls, pool = [], scan_module.scan_pool
+    monkeypatch.setattr(scan_module, "scan_pool", lambda: calls.append(1) or pool())
+    with searches, searches:  # this thread alone, twice in: it splits
+        want = scan.search(query, 5)
+    assert calls and searches.threads == 0
+    entered, leave = threading.Event(), threading.Event()
+
+    def other_search() -> None:
+        with searches:
+            entered.set()
+            leave.wait(10)
+
+    other = threading.Thread(target=other_search)
+    other.start()
+    try:
+        assert entered.wait(10)
+        calls.clear()
+        with searches:
+            got = scan.search(query, 5)
+        assert not calls, "no slice goes to another thread"
+    finally:
+        leave.set()
+        other.join(10)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and searches.threads == 0
 
 
 def test_the_threads_run_faiss_on_one_openmp_thread_each() -> None:

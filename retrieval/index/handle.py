@@ -19,6 +19,7 @@ from retrieval.errors import RetrievalError
 from retrieval.index.faiss_ops import FaissThreads
 from retrieval.index.format import check_model
 from retrieval.index.fusion import ranked_by_rule
+from retrieval.index.scan import SEARCHES
 from retrieval.index.search import (
     MAX_QUERY_CHARS,
     GcPaused,
@@ -210,9 +211,10 @@ class Index:
                 return ranked_by_rule(index, queries, k, theta, fusion, params, self._part_scores)
             return ranked(index, qv, k, theta, params)
 
-        with FaissThreads(search_threads(index, len(queries))):
-            results = rank(k, theta) if margin is None else with_margin(rank, k, theta, margin)
-        return self.hits_for(queries, results)
+        with SEARCHES:  # a flat scan splits between the cores only while no other search has work for them
+            with FaissThreads(search_threads(index, len(queries))):
+                results = rank(k, theta) if margin is None else with_margin(rank, k, theta, margin)
+            return self.hits_for(queries, results)
 
     def _part_scores(self, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
         """(2, n) exact cosines of q with the items' images, then their captions, from the stored vectors."""

@@ -69,9 +69,10 @@ class FlatScan:
 
     def _each_slice(self, qv: np.ndarray, scan: Any) -> list[tuple[int, tuple[np.ndarray, ...]]]:
         """(first row, scan(rows)) per slice of the rows: one slice for a batch (FAISS then splits it by query,
-        with BLAS), else as many as split_rows gives, the first scanned on this thread meanwhile."""
+        with BLAS) or beside another scan, else as many as split_rows gives, the first scanned on this thread."""
         n = len(self.vectors)
-        bounds = split_rows(n, self.vectors.shape[1], slice_threads()) if len(qv) <= FEW_QUERIES else [0, n]
+        alone = len(qv) <= FEW_QUERIES and SEARCHES.threads <= 1
+        bounds = split_rows(n, self.vectors.shape[1], slice_threads()) if alone else [0, n]
         if len(bounds) == 2:
             return [(0, scan(self.vectors))]
         slices = [self.vectors[a:b] for a, b in pairwise(bounds)]
@@ -79,6 +80,35 @@ class FlatScan:
         with FaissThreads(1):  # as the pool's threads: FAISS opens an OpenMP team even for one query
             found = [scan(slices[0]), *(f.result() for f in rest)]
         return list(zip(bounds[:-1], found, strict=True))
+
+
+class Searches:
+    """The threads of this process now in a search (Index.search_vectors) or a server's request (its embedding,
+    search and answer), each counted once however deep. A split pays while the other cores are idle; beside
+    another thread's search they are not, and the split would only add its hand-offs."""
+
+    def __init__(self) -> None:
+        self.lock, self.depth = threading.Lock(), dict[int, int]()  # thread id -> how many times it entered
+
+    @property
+    def threads(self) -> int:
+        return len(self.depth)
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        with self.lock:
+            self.depth[me] = self.depth.get(me, 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        me = threading.get_ident()
+        with self.lock:
+            if self.depth[me] == 1:
+                del self.depth[me]
+            else:
+                self.depth[me] -= 1
+
+
+SEARCHES = Searches()
 
 
 def split_rows(n: int, d: int, threads: int) -> list[int]:
@@ -145,9 +175,10 @@ def scan_pool() -> ThreadPoolExecutor:
 
 
 def _forget_pool() -> None:
-    """A forked child has none of its parent's threads: it makes its own pool."""
+    """A forked child has none of its parent's threads: it makes its own pool, and runs none of their searches."""
     global _pool, _pool_lock
     _pool, _pool_lock = None, threading.Lock()
+    SEARCHES.lock, SEARCHES.depth = threading.Lock(), {}  # in place: other modules hold it by name
 
 
 os.register_at_fork(after_in_child=_forget_pool)

@@ -26,6 +26,7 @@ from retrieval.data.images import read_image
 from retrieval.errors import RetrievalError
 from retrieval.index.format import Item
 from retrieval.index.handle import Index
+from retrieval.index.scan import SEARCHES
 from retrieval.index.search import Hit
 from retrieval.server.media import Settings
 from retrieval.server.schemas import SearchOptions
@@ -68,20 +69,22 @@ class Query:
 
 
 def run_search(call: SearchCall, queries: list[Query]) -> list[Response | Exception]:
-    """Each request's answer, or the error that is its answer, from one FAISS call and one metadata fetch."""
-    vectors = embedded(call.index, queries)
-    found = [v for v in vectors if not isinstance(v, Exception)]
-    hits = iter(
-        call.index.search_vectors(
-            np.stack(found), call.k, call.theta, call.weight, call.target, margin=call.margin, fusion=call.fusion
+    """Each request's answer, or the error that is its answer, from one FAISS call and one metadata fetch.
+    Counted as one search throughout (scan.SEARCHES): a flat scan beside it keeps to its own core."""
+    with SEARCHES:
+        vectors = embedded(call.index, queries)
+        found = [v for v in vectors if not isinstance(v, Exception)]
+        hits = iter(
+            call.index.search_vectors(
+                np.stack(found), call.k, call.theta, call.weight, call.target, margin=call.margin, fusion=call.fusion
+            )
+            if found
+            else []
         )
-        if found
-        else []
-    )
-    return [
-        v if isinstance(v, Exception) else answer(q, next(hits), len(found))
-        for q, v in zip(queries, vectors, strict=True)
-    ]
+        return [
+            v if isinstance(v, Exception) else answer(q, next(hits), len(found))
+            for q, v in zip(queries, vectors, strict=True)
+        ]
 
 
 def embedded(index: Index, queries: list[Query]) -> list[np.ndarray | Exception]:
@@ -147,6 +150,8 @@ def item_or_404(index: Index, item_id: str) -> Item:
 
 def embed_upload(index: Index, file: UploadFile, settings: Settings) -> np.ndarray:
     """Decode an upload as an indexed file is decoded (one path: `read_image`, straight from the upload's bytes,
-    the pixel bound read from the header) and embed it; the image is dropped as soon as it is embedded."""
-    image = read_image(file.file, "the uploaded image", index.model().transform.size_hint, settings.max_upload_pixels)
-    return index.embed_image(image)
+    the pixel bound read from the header) and embed it; the image is dropped as soon as it is embedded. A search's
+    work for the cores, as run_search's is."""
+    with SEARCHES:
+        size = index.model().transform.size_hint
+        return index.embed_image(read_image(file.file, "the uploaded image", size, settings.max_upload_pixels))
