@@ -19,6 +19,7 @@ from retrieval.index import combined
 from retrieval.index.combined import Combined, combine, combined_scan
 from retrieval.index.format import Item
 from retrieval.index.handle import Index
+from retrieval.index.scan import FlatScan
 from retrieval.index.search import query_vectors, ranked, target_column, target_weight
 from retrieval.index.store import IndexStore
 
@@ -51,9 +52,14 @@ def answers(results: list[list]) -> list[list[tuple[str, float]]]:
 
 
 def fused_answer(index: Index, queries: np.ndarray, target: str, w: float, k, theta) -> list[list[tuple[str, float]]]:
-    """The fused (n, 2d) scan's answer, through the same `ranked` and records as a search."""
-    fused, params = index.store.searcher(target_column(target))  # no weight: the fused FAISS index
-    assert isinstance(fused, faiss.Index)
+    """The answer of FAISS's own flat index of the fused (n, 2d) vectors (with an item filter where some items lack
+    the target's part), through the same `ranked` and records as a search."""
+    fids, vectors = index.store.vectors
+    fused = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    fused.add_with_ids(np.ascontiguousarray(vectors), fids)
+    column = target_column(target)
+    having = None if column is None else index.store.fids_having(column)
+    params = None if having is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(having))  # type: ignore[call-arg]
     results = ranked(fused, query_vectors(queries, target, w), k, theta, params)
     return answers(index.hits_for(queries, results))
 
@@ -149,11 +155,14 @@ def test_no_item_with_the_part_answers_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kwargs", [{"weight": 0.25}, {"fusion": "max"}, {"fusion": "min"}])
 def test_other_weights_and_fusion_rules_scan_the_fused_vectors(dyadic, kwargs: dict) -> None:
-    """max and min ask with part queries [q, 0] and [0, q], which only the fused vectors answer."""
+    """max and min ask with part queries [q, 0] and [0, q], which only the fused vectors answer: a scan of the
+    memory-mapped ones, without loading FAISS's flat copy of them."""
     index, queries = dyadic
     store = IndexStore.open(index.store.path)
     got = Index(store, Path("no-model")).search_vectors(queries, 5, **kwargs)
-    assert store._combined == {} and store._faiss is not None
+    assert store._combined == {} and store._faiss is None
+    fused = store.searcher(None)[0]
+    assert type(fused) is FlatScan and np.shares_memory(fused.vectors, store.vectors[1])
     if "weight" in kwargs:
         assert [[h.id for h in hits] for hits in got] == [
             [i for i, _ in hits] for hits in fused_answer(index, queries, "item", 0.25, 5, None)
@@ -172,6 +181,17 @@ def test_real_valued_vectors_agree_to_rounding_and_exact_on_hnsw_scans_combined(
         got = answers(index.search_vectors(queries, 10, exact=index is hnsw))
         assert [[i for i, _ in hits] for hits in got] == [[i for i, _ in hits] for hits in want]
         np.testing.assert_allclose([[s for _, s in h] for h in got], [[s for _, s in h] for h in want], atol=1e-6)
+
+
+def test_exact_on_hnsw_at_another_weight_scans_the_mapped_vectors_without_a_copy(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    images, texts, queries = (unit(rng.standard_normal((n, D))) for n in (300, 300, 6))
+    hnsw = index_of(tmp_path / "hnsw", images, texts, "hnsw")
+    got = answers(hnsw.search_vectors(queries, 10, weight=0.25, exact=True))
+    assert got == fused_answer(hnsw, queries, "item", 0.25, 10, None)  # FAISS's own flat scan, to the bit
+    scan = hnsw.store.searcher(None, exact=True)[0]
+    assert type(scan) is FlatScan and np.shares_memory(scan.vectors, hnsw.store.vectors[1])
+    assert hnsw.store._exact is None, "no flat copy of the vectors in memory"
 
 
 def test_the_combined_vectors_are_built_once_and_not_the_fused_index(dyadic) -> None:

@@ -25,9 +25,9 @@ from retrieval.choices import FUSIONS, TARGETS
 from retrieval.errors import RetrievalError
 from retrieval.index.combined import Combined
 from retrieval.index.rerank import Reranked
-from retrieval.index.scan import FEW_QUERIES
+from retrieval.index.scan import FEW_QUERIES, FlatScan
 
-Searchable: TypeAlias = faiss.Index | Reranked | Combined  # what IndexStore.searcher returns and `ranked` asks
+Searchable: TypeAlias = faiss.Index | Reranked | FlatScan  # what IndexStore.searcher returns and `ranked` asks
 Results = list[tuple[np.ndarray, np.ndarray]]  # per query: (scores, FAISS ids), best first
 # items from which one query's flat16 scan runs on every thread. Measured at 100k x 256 here, p50/p99 ms: 2.8/8.0
 # on one thread, 1.4/1.7 on two; beside a nice-0 busy loop 3.1/10.8 and 3.7/32 (at 1M: 62 and 47 ms p50)

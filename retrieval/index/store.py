@@ -54,6 +54,7 @@ from retrieval.index.format import (
 )
 from retrieval.index.records import RESULT_COLUMNS, Records, decode_records, open_records, write_records
 from retrieval.index.rerank import Reranked
+from retrieval.index.scan import FlatScan
 from retrieval.index.search import Hit, Searchable
 
 # IndexStore's `faiss` property shadows the module inside the class body, so its annotations use these names
@@ -296,8 +297,9 @@ class IndexStore(ItemDatabase):
         """The index to ask and its per-call FAISS parameters, restricted to the items that have `column`
         (image_key or text_key), or to all items for None.
 
-        exact=True asks a flat copy of the vectors, built in memory on first use: HNSW and IVF answer top-k and
-        θ approximately (HNSW's range search sees only its efSearch candidates). A flat16 index is exact already:
+        exact=True scans the vectors, as flat always does: the memory-mapped ones (scan.FlatScan), or with an item
+        filter a flat FAISS copy built in memory on first use. HNSW and IVF answer top-k and θ approximately
+        (HNSW's range search sees only its efSearch candidates). A flat16 index is exact already:
         its searcher is the fp16 scan re-ranked from the fp32 vectors (rerank.Reranked), one for every column, so
         the largest vector norm its error bound needs is found once. `weight`, a weighted search's w: for w in
         COMBINED_WEIGHTS an exact scan reads the combined vectors (combined.py). The item filter is built once
@@ -312,8 +314,8 @@ class IndexStore(ItemDatabase):
                 if entry is None:
                     entry = self._searchers[key] = self._new_searcher(*key)
         index, selector = entry  # kept: parameters point to the filter, not own it
-        if isinstance(index, Combined):
-            return index, None  # holds only the items that have the column: nothing to filter
+        if isinstance(index, FlatScan):
+            return index, None  # of the items that have the column (Combined), or of all: nothing to filter
         return index, search_parameters(index.index if isinstance(index, Reranked) else index, selector)
 
     def _new_searcher(self, column: str | None, exact: bool, weight: float | None) -> tuple[Searchable, Any]:
@@ -323,12 +325,16 @@ class IndexStore(ItemDatabase):
         index: Searchable
         if weight is not None and (combined := self._combined_scan(weight, column, having)) is not None:
             return combined, None
+        kind, (fids, vectors) = self.manifest.index_type, self.vectors
+        if having is None and (kind == "flat" or (exact and kind != "flat16")):  # FAISS's flat copy is not loaded
+            scanned = "the flat index (only ivf and ivfpq search from disk)" if kind == "flat" else "an exact answer"
+            self._check_budget(vectors.nbytes, f"{scanned} (a scan of every vector, each query)")
+            return FlatScan(fids, np.ascontiguousarray(vectors, dtype=np.float32)), None  # the map is C-contiguous
         if is_flat16(self.faiss):
             shared = [s for s, _ in self._searchers.values() if isinstance(s, Reranked)]
-            index = shared[0] if shared else Reranked(self.faiss, *self.vectors, self.rows_of)
+            index = shared[0] if shared else Reranked(self.faiss, fids, vectors, self.rows_of)
         elif exact and not isinstance(inner_index(self.faiss), faiss.IndexFlat):
             if self._exact is None:
-                fids, vectors = self.vectors
                 self._check_budget(vectors.nbytes, "an exact answer (a flat copy of the vectors in memory)")
                 self._exact = build_faiss(np.ascontiguousarray(vectors), fids, "flat", {})
             index = self._exact

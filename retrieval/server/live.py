@@ -59,12 +59,11 @@ def settle() -> None:
 
 
 def warm(index: Index) -> None:
-    """Load the text tower, the image model, the FAISS index, a flat index's combined vectors for each target
-    (with the fused index, which other weights and the max/min rules scan: up to 2.5x the fused vectors in memory;
-    --max-memory bounds the combined ones) and the item filters now, not on a request."""
+    """Load the text tower, the image model, the FAISS index (a flat index's searches read no FAISS index: its
+    combined vectors for each target, 1.5x the fused vectors in memory within --max-memory, and for other weights
+    and the max/min rules the memory-mapped fused vectors) and the item filters now, not on a request."""
     for target in ("item", "image", "text"):
         index.search(text="warm up", k=1, target=target)
-    index.store.faiss  # noqa: B018  # loads it
     index.search(image=Image.new("RGB", (64, 64)), k=1)
 
 
