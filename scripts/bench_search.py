@@ -162,9 +162,9 @@ def bench_type(
             index.tune(**{knob: value})
         raw, raw_q = raw_call(store, queries)
         tag = f"{prefix} {index_type}" + (f" {knob}={value}" if knob else "")
-        faiss.omp_set_num_threads(2)  # both cores, then as many of them as our path gives one query: raw gets the same
-        faiss.omp_set_num_threads(search_threads(store.searcher(None, weight=0.5)[0], 1))
         scan = store.searcher(None, weight=0.5)[0]
+        faiss.omp_set_num_threads(2)  # both cores, then as many of them as our path gives one query: raw gets the same
+        faiss.omp_set_num_threads(search_threads(scan, 1))
         if isinstance(scan, Combined):  # flat: ours scans the combined vectors; beside it, the fused scan it replaced
             rows += side_by_side(
                 f"{tag} top-10, one query: fused (n, 2d) scan vs combined (n, d)",

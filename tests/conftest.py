@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -61,6 +62,13 @@ def slowed(fn: Callable[..., Any], seconds: float) -> Callable[..., Any]:
         return fn(*args, **kwargs)
 
     return slow
+
+
+def faiss_flat(fids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
+    """FAISS's own flat inner-product index of these vectors with these ids: the reference a scan is checked against."""
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(fids, dtype=np.int64))
+    return index
 
 
 def same_ranking(got: list[tuple[str, float]], want: list[tuple[str, float]], tol: float = 1e-5) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from conftest import store_of
+from conftest import faiss_flat, store_of
 
 from retrieval.index import combined
 from retrieval.index.combined import Combined, combine, combined_scan
@@ -54,9 +54,7 @@ def answers(results: list[list]) -> list[list[tuple[str, float]]]:
 def fused_answer(index: Index, queries: np.ndarray, target: str, w: float, k, theta) -> list[list[tuple[str, float]]]:
     """The answer of FAISS's own flat index of the fused (n, 2d) vectors (with an item filter where some items lack
     the target's part), through the same `ranked` and records as a search."""
-    fids, vectors = index.store.vectors
-    fused = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-    fused.add_with_ids(np.ascontiguousarray(vectors), fids)
+    fused = faiss_flat(*index.store.vectors)
     column = target_column(target)
     having = None if column is None else index.store.fids_having(column)
     params = None if having is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(having))  # type: ignore[call-arg]
@@ -181,6 +179,15 @@ def test_real_valued_vectors_agree_to_rounding_and_exact_on_hnsw_scans_combined(
         got = answers(index.search_vectors(queries, 10, exact=index is hnsw))
         assert [[i for i, _ in hits] for hits in got] == [[i for i, _ in hits] for hits in want]
         np.testing.assert_allclose([[s for _, s in h] for h in got], [[s for _, s in h] for h in want], atol=1e-6)
+
+
+def test_queries_in_float64_or_fortran_order_answer_as_float32_rows(dyadic) -> None:
+    """The scans read C-contiguous float32, as FAISS's own wrappers convert any float array to (dyadic: exact)."""
+    index, queries = dyadic
+    for k, theta in [(5, None), (None, 1 / 32)]:
+        want = answers(index.search_vectors(queries, k, theta))
+        assert answers(index.search_vectors(queries.astype(np.float64), k, theta)) == want
+        assert answers(index.search_vectors(np.asfortranarray(queries), k, theta)) == want
 
 
 def test_exact_on_hnsw_at_another_weight_scans_the_mapped_vectors_without_a_copy(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """FlatScan (retrieval/index/scan.py): a call of a few queries splits its rows between threads, and answers as
-one FAISS scan of all the rows does: the same scores to the bit, the same items, equal scores in row order."""
+one FAISS scan of all the rows does: the same scores to the bit, the same items but for which of several tied at
+the k-th score."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 import faiss
 import numpy as np
 import pytest
+from conftest import faiss_flat
 
 from retrieval.index import scan as scan_module
 from retrieval.index.scan import FEW_QUERIES, MAX_SLICES, SLICE_FLOATS, FlatScan, split_rows
@@ -17,25 +19,29 @@ D = 16
 
 
 @pytest.fixture
-def split(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Slices of 50 rows of D floats on up to 4 threads, so a small scan splits as a large one does."""
+def split(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Slices of 50 rows of D floats on up to 4 threads, so a small scan splits as a large one does. The list it
+    gives grows each time a split hands a slice to the pool."""
     monkeypatch.setattr(scan_module, "SLICE_FLOATS", 50 * D)
     monkeypatch.setattr(scan_module, "slice_threads", lambda: 4)
+    handed, pool = [], scan_module.scan_pool
+    monkeypatch.setattr(scan_module, "scan_pool", lambda: handed.append(1) or pool())
+    return handed
 
 
-def scan_of(n: int, seed: int = 0, duplicates: bool = False) -> FlatScan:
-    """n random rows (with duplicates: the first 40 rows again at the end, so equal scores straddle slices), with
-    ids that are not rows."""
+@pytest.fixture(params=["simd", "blas"])
+def kernel(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """FAISS's two exhaustive scans: SIMD row by row below its BLAS threshold (a few queries), BLAS blocks of 1024
+    rows above it (a batch). Each slice must answer as one scan with either."""
+    if request.param == "blas":
+        monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 1)
+    return request.param
+
+
+def scan_of(n: int, seed: int = 0) -> FlatScan:
+    """n random rows, with ids that are not rows."""
     vectors = np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
-    if duplicates:
-        vectors = np.concatenate([vectors, vectors[:40]])
-    return FlatScan(np.arange(len(vectors), dtype=np.int64) * 3 + 5, vectors)
-
-
-def faiss_flat(scan: FlatScan) -> faiss.Index:
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(D))
-    index.add_with_ids(scan.vectors, scan.fids)
-    return index
+    return FlatScan(np.arange(n, dtype=np.int64) * 3 + 5, vectors)
 
 
 def test_split_rows_gives_slices_of_at_least_slice_floats_on_at_most_the_threads_and_max_slices() -> None:
@@ -50,59 +56,86 @@ def test_split_rows_gives_slices_of_at_least_slice_floats_on_at_most_the_threads
 
 
 @pytest.mark.parametrize("nq", [1, 3, FEW_QUERIES])
-@pytest.mark.parametrize("k", [1, 10, 60, 260])  # 60 and 260: more than a slice holds, more than the scan holds
-def test_a_split_top_k_is_one_faiss_scan_to_the_bit(split, nq: int, k: int) -> None:
-    scan = scan_of(250, seed=nq)
+@pytest.mark.parametrize("k", [1, 10, 700, 2600])  # 700 and 2600: more than a slice holds, more than the scan holds
+def test_a_split_top_k_is_one_faiss_scan_to_the_bit(split, kernel, nq: int, k: int) -> None:
+    scan = scan_of(2500, seed=nq)  # slices of 625 rows: not FAISS's BLAS blocks of 1024
     queries = np.random.default_rng(9).standard_normal((nq, D)).astype(np.float32)
-    assert len(split_rows(250, D, 4)) == 5, "four slices"
-    got, want = scan.search(queries, k), faiss_flat(scan).search(queries, k)
+    got, want = scan.search(queries, k), faiss_flat(scan.fids, scan.vectors).search(queries, k)
+    assert split, "the rows were split"
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and np.array_equal(g, w)
 
 
 @pytest.mark.parametrize("nq", [1, 3, FEW_QUERIES])
-@pytest.mark.parametrize("radius", [-10.0, 0.0, 2.5, 100.0])
-def test_a_split_range_search_is_one_faiss_scan_to_the_bit(split, nq: int, radius: float) -> None:
-    scan = scan_of(250, seed=nq)
+@pytest.mark.parametrize("radius", [-100.0, 0.0, 5.0, 100.0])
+def test_a_split_range_search_is_one_faiss_scan_to_the_bit(split, kernel, nq: int, radius: float) -> None:
+    scan = scan_of(2500, seed=nq)
     queries = np.random.default_rng(9).standard_normal((nq, D)).astype(np.float32)
     lims, scores, ids = scan.range_search(queries, radius)
-    want_lims, want_scores, want_ids = faiss_flat(scan).range_search(queries, radius)
-    assert np.array_equal(lims, want_lims)
+    want_lims, want_scores, want_ids = faiss_flat(scan.fids, scan.vectors).range_search(queries, radius)
+    assert split and np.array_equal(lims, want_lims)
     for j in range(nq):  # a query's results in row order, as the one scan gives them
         a, b = lims[j], lims[j + 1]
         assert np.array_equal(ids[a:b], want_ids[a:b]) and np.array_equal(scores[a:b], want_scores[a:b])
 
 
-def test_equal_scores_across_slices_answer_as_one_scan(split) -> None:
-    """Equal scores everywhere: one scan keeps the earliest rows, and so does the split, in row order (FAISS's own
-    order of them is not). Rows 250-289 repeat rows 0-39, in another slice: the earlier of a pair comes first."""
-    same = FlatScan(np.arange(250, dtype=np.int64) + 7, np.ones((250, D), np.float32))
-    query = np.ones((1, D), np.float32)
-    for k in (5, 20, 100, 240):
-        (scores, ids), want = same.search(query, k), faiss_flat(same).search(query, k)
-        assert np.array_equal(scores, want[0]) and list(ids[0]) == sorted(want[1][0]) == list(range(7, 7 + k))
-    pairs = scan_of(250, duplicates=True)
-    scores, ids = pairs.search(pairs.vectors[:1] * 2, 2)
-    assert scores[0, 0] == scores[0, 1] and list(ids[0]) == [pairs.fids[0], pairs.fids[250]]
+def test_tied_scores_come_back_each_with_its_own_score_however_the_rows_split(split) -> None:
+    """Small-integer vectors tie often, and score exactly. Which of the items tied at the k-th score come back is
+    not specified (FAISS's heap picks among them, and each slice's heap sees other rows than one scan's), so: the
+    same scores as one scan, distinct items, each scoring what it is listed with, and above the k-th score the
+    same items."""
+    rng = np.random.default_rng(7)
+    vectors = rng.integers(-1, 2, size=(1000, D)).astype(np.float32)
+    scan, queries = FlatScan(np.arange(1000, dtype=np.int64) * 3 + 5, vectors), vectors[:3] + 0
+    exact = vectors @ queries.T
+    for k in (10, 150):
+        (scores, ids), (want_scores, want_ids) = (
+            scan.search(queries, k),
+            faiss_flat(scan.fids, vectors).search(queries, k),
+        )
+        assert np.array_equal(scores, want_scores)
+        for j in range(len(queries)):
+            rows, above = (ids[j] - 5) // 3, scores[j] > scores[j, -1]
+            assert len(set(rows)) == k and np.array_equal(exact[rows, j], scores[j])
+            assert set(ids[j][above]) == set(want_ids[j][above])
+    assert split
 
 
-def test_a_batch_and_a_small_scan_are_one_call_on_this_thread(split, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scan_module, "scan_pool", lambda: pytest.fail("no slice goes to another thread"))
+def test_a_slice_that_fails_fails_the_search(split) -> None:
+    scan, query = scan_of(250), np.ones((1, D), np.float32)
+
+    def fails_on_a_pool_thread(rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("a slice failed")
+        return faiss.knn(query, rows, 1, metric=faiss.METRIC_INNER_PRODUCT)
+
+    with pytest.raises(RuntimeError, match="a slice failed"):
+        scan._each_slice(query, fails_on_a_pool_thread)
+
+
+def test_queries_of_any_float_layout_are_read_as_float32_rows(split) -> None:
+    scan = scan_of(250)
+    queries = np.random.default_rng(3).standard_normal((2, D))  # float64
+    want = scan.search(queries.astype(np.float32), 5)
+    for q in (queries, np.asfortranarray(queries)):
+        assert all(np.array_equal(g, w) for g, w in zip(scan.search(q, 5), want, strict=True))
+
+
+def test_a_batch_and_a_small_scan_are_one_call_on_this_thread(split) -> None:
     queries = np.random.default_rng(2).standard_normal((FEW_QUERIES + 1, D)).astype(np.float32)
     scan = scan_of(250)
-    assert np.array_equal(scan.search(queries, 5)[1], faiss_flat(scan).search(queries, 5)[1])
+    assert np.array_equal(scan.search(queries, 5)[1], faiss_flat(scan.fids, scan.vectors).search(queries, 5)[1])
     assert len(scan_of(99).range_search(queries[:1], 0.0)[0]) == 2  # 99 rows: under two slices' worth
+    assert not split, "no slice went to another thread"
 
 
-def test_a_scan_beside_another_threads_search_is_one_call_on_this_thread(split, monkeypatch) -> None:
+def test_a_scan_beside_another_threads_search_is_one_call_on_this_thread(split) -> None:
     """Another thread in a search (a server's concurrent request) has the other cores: no split, the same answer.
     This thread's own nested searches (a server's request, then Index.search_vectors) count once."""
     scan, query, searches = scan_of(250), np.ones((1, D), np.float32), scan_module.SEARCHES
-    calls, pool = [], scan_module.scan_pool
-    monkeypatch.setattr(scan_module, "scan_pool", lambda: calls.append(1) or pool())
     with searches, searches:  # this thread alone, twice in: it splits
         want = scan.search(query, 5)
-    assert calls and searches.threads == 0
+    assert split and searches.threads == 0
     entered, leave = threading.Event(), threading.Event()
 
     def other_search() -> None:
@@ -114,14 +147,20 @@ def test_a_scan_beside_another_threads_search_is_one_call_on_this_thread(split, 
     other.start()
     try:
         assert entered.wait(10)
-        calls.clear()
+        split.clear()
         with searches:
             got = scan.search(query, 5)
-        assert not calls, "no slice goes to another thread"
+        assert not split, "no slice went to another thread"
     finally:
         leave.set()
         other.join(10)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and searches.threads == 0
+
+
+def test_a_search_that_fails_is_counted_out() -> None:
+    with pytest.raises(ValueError, match="queries"), scan_module.SEARCHES:
+        scan_of(10).search(np.ones((1, D + 1), np.float32), 1)
+    assert scan_module.SEARCHES.threads == 0
 
 
 def test_the_threads_run_faiss_on_one_openmp_thread_each() -> None:

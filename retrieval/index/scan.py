@@ -6,8 +6,9 @@ waits long: search.search_threads). A scan of many rows is bound by memory and a
 count, so FlatScan splits a call of a few queries by rows instead: each free core scans a contiguous slice with
 the same FAISS function, on Python threads that sleep while they wait rather than spin, and the slices' answers
 merge. Every score is the one FAISS gives the row in a scan of all of them (each row's product is summed on its
-own), so only the order of equal scores can differ. One query at 100k x 128, two cores here: 6.0 ms one
-thread, 3.2 split (3.5 with the machine idle between queries, when waking the second thread costs ~0.25 ms).
+own), so only equal scores can differ: their order, and which of several tied at the k-th score come back. One
+query at 100k x 128, two cores here: 6.0 ms on one thread, 3.2 split (3.5 with the machine idle between
+queries, when waking the second thread costs ~0.25 ms).
 No torch here.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import pairwise
 from typing import Any
@@ -29,6 +31,7 @@ from retrieval.threads import our_cores, setting
 FEW_QUERIES = 8  # up to this many queries in a call: FAISS on one thread (search.search_threads), a scan split
 SLICE_FLOATS = 2**20  # the least a thread's slice of a split scan holds (4 MiB, ~0.3 ms here): a split pays from 2
 MAX_SLICES = 8  # one query reads memory; past a few cores a slice more only costs its thread's wake-up
+Found = tuple[np.ndarray, ...]  # one slice's answer: FAISS's (scores, rows), or (lims, scores, rows)
 
 
 class FlatScan:
@@ -45,16 +48,19 @@ class FlatScan:
     def ntotal(self) -> int:
         return len(self.fids)
 
-    def check(self, qv: np.ndarray, params: Any) -> None:
-        """FAISS reads raw memory: a query row must be as wide as a stored one. An item filter cannot apply here."""
-        if qv.dtype != np.float32 or not qv.flags.c_contiguous or qv.ndim != 2 or qv.shape[1] != self.vectors.shape[1]:
-            raise ValueError(f"queries {qv.dtype} {qv.shape} against vectors {self.vectors.shape}")
+    def queries(self, qv: np.ndarray, params: Any) -> npt.NDArray[np.float32]:
+        """qv as FAISS reads it (C-contiguous float32, as FAISS's own wrappers convert it), each row as wide as a
+        stored one, since FAISS reads raw memory. An item filter cannot apply here."""
+        qv = np.ascontiguousarray(qv, dtype=np.float32)
+        if qv.ndim != 2 or qv.shape[1] != self.vectors.shape[1]:
+            raise ValueError(f"queries {qv.shape} against vectors {self.vectors.shape}")
         if params is not None:
             raise ValueError("a flat scan has no item filter")
+        return qv
 
     def search(self, qv: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (nq, k), best first, as FAISS's search gives them (-1: fewer items than k)."""
-        self.check(qv, params)
+        qv = self.queries(qv, params)
         found = self._each_slice(qv, lambda rows: faiss.knn(qv, rows, k, metric=faiss.METRIC_INNER_PRODUCT))
         scores, rows = merge_top_k(found, k)
         ids, hit = np.full_like(rows, -1), rows >= 0
@@ -63,11 +69,11 @@ class FlatScan:
 
     def range_search(self, qv: np.ndarray, radius: float, params: Any = None) -> tuple[np.ndarray, ...]:
         """(lims, scores, ids) of the items scoring above radius, as FAISS's range_search gives them."""
-        self.check(qv, params)
+        qv = self.queries(qv, params)
         lims, scores, rows = merge_ranges(self._each_slice(qv, lambda rows: range_inner_product(qv, rows, radius)))
         return lims, scores, self.fids[rows]
 
-    def _each_slice(self, qv: np.ndarray, scan: Any) -> list[tuple[int, tuple[np.ndarray, ...]]]:
+    def _each_slice(self, qv: np.ndarray, scan: Callable[[np.ndarray], Found]) -> list[tuple[int, Found]]:
         """(first row, scan(rows)) per slice of the rows: one slice for a batch (FAISS then splits it by query,
         with BLAS) or beside another scan, else as many as split_rows gives, the first scanned on this thread."""
         n = len(self.vectors)
@@ -102,10 +108,9 @@ class Searches:
     def __exit__(self, *exc: object) -> None:
         me = threading.get_ident()
         with self.lock:
-            if self.depth[me] == 1:
-                del self.depth[me]
-            else:
-                self.depth[me] -= 1
+            left = self.depth.pop(me, 1) - 1  # absent: a fork reset the table inside this search
+            if left:
+                self.depth[me] = left
 
 
 SEARCHES = Searches()
@@ -118,7 +123,7 @@ def split_rows(n: int, d: int, threads: int) -> list[int]:
     return [n * i // slices for i in range(slices + 1)]
 
 
-def range_inner_product(qv: np.ndarray, rows: np.ndarray, radius: float) -> tuple[np.ndarray, ...]:
+def range_inner_product(qv: np.ndarray, rows: np.ndarray, radius: float) -> Found:
     """(lims, scores, rows) of the rows whose inner product with each query is above radius: a flat index's
     range search of these rows (faiss's Python API has no wrapper of it for plain arrays)."""
     (nq, dim), result = qv.shape, faiss.RangeSearchResult(len(qv))
@@ -130,9 +135,10 @@ def range_inner_product(qv: np.ndarray, rows: np.ndarray, radius: float) -> tupl
     return lims, faiss.rev_swig_ptr(result.distances, found).copy(), faiss.rev_swig_ptr(result.labels, found).copy()
 
 
-def merge_top_k(found: list[tuple[int, tuple[np.ndarray, ...]]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best (scores, rows) per query of the slices' top k, each slice's rows offset by its first row. Of
-    equal scores the earliest rows, as one scan keeps them (in row order: FAISS's own order of them is not)."""
+def merge_top_k(found: list[tuple[int, Found]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (scores, rows) per query of the slices' top k, each slice's rows offset by its first row; equal
+    scores in row order. Which of several items tied at the k-th score come back is not specified: FAISS's heap
+    picks among them by its own rule, and each slice's heap sees other rows than one scan's."""
     if len(found) == 1:
         return found[0][1]  # type: ignore[return-value]
     scores = np.concatenate([s for _, (s, _) in found], axis=1)
@@ -141,7 +147,7 @@ def merge_top_k(found: list[tuple[int, tuple[np.ndarray, ...]]], k: int) -> tupl
     return np.take_along_axis(scores, best, axis=1), np.take_along_axis(rows, best, axis=1)
 
 
-def merge_ranges(found: list[tuple[int, tuple[np.ndarray, ...]]]) -> tuple[np.ndarray, ...]:
+def merge_ranges(found: list[tuple[int, Found]]) -> Found:
     """One (lims, scores, rows) of the slices' range results: each query's results from every slice in turn."""
     if len(found) == 1:
         return found[0][1]

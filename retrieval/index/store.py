@@ -239,8 +239,9 @@ class IndexStore(ItemDatabase):
     @property
     def part_scorer(self) -> PartScorer:
         """Scores results' parts from FAISS's own copy of the vectors where it holds the same rows (HNSW, flat once
-        loaded), since a search has just read its results there (17 µs of a 0.2 ms θ query at 100k HNSW), else
-        from the memory-mapped ones (flat's weighted searches read the combined vectors). Never loads FAISS."""
+        loaded for a filter), since a search has just read its results there (17 µs of a 0.2 ms θ query at 100k
+        HNSW), else from the memory-mapped ones (flat's searches read those or the combined vectors). Never loads
+        FAISS."""
         (fids, vectors), index, scorer = self.vectors, self._faiss, self._scorer  # each read once: threads share it
         if scorer is None or scorer[0] is not index or scorer[1] is not fids:
             stored = None if index is None else stored_vectors(index, fids)
@@ -320,7 +321,7 @@ class IndexStore(ItemDatabase):
 
     def _new_searcher(self, column: str | None, exact: bool, weight: float | None) -> tuple[Searchable, Any]:
         """What `searcher` keeps for a key: the index every search with it asks, and its item filter."""
-        use_blas_from(self.manifest.dim)  # the combined vectors' d: the fused index's 2d then passes it sooner
+        use_blas_from(self.manifest.dim)  # the combined vectors' d: a scan of the fused 2d ones passes it sooner
         having = None if column is None else self.fids_having(column)  # None: every item has it
         index: Searchable
         if weight is not None and (combined := self._combined_scan(weight, column, having)) is not None:

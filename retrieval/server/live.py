@@ -71,8 +71,8 @@ def loaded_counts(index: Index) -> dict[str, int]:
     """The counts of the generation loaded: its manifest's, written with the files loaded, and not the database's
     now, which a writer changes batch by batch until it publishes (hours on a big run). A store that rebuilt its
     FAISS index from a database ahead of the manifest (a writer was part way through as it opened) counts that
-    database, here, once. Counted from the vectors, not the FAISS index: a flat index's weighted searches never
-    load its fused FAISS index (index/combined.py)."""
+    database, here, once. Counted from the vectors, not the FAISS index: a flat index's searches load no FAISS
+    index unless an item filter needs one (IndexStore._new_searcher)."""
     counts = index.store.manifest.counts
     return dict(counts) if counts.get("items") == len(index.store.vectors[0]) else index.store.counts()
 
