@@ -18,10 +18,10 @@ score of x and its fp32 score then differ by at most (Cauchy-Schwarz for Σ|q_i 
 taken 1% larger for the arithmetic of the bound itself.
 
 A batch of queries reads the fp32 vectors instead, once for all of them (scan.FlatScan: FAISS's exhaustive
-search, with BLAS), where the fp16 scan would read its codes once per query: a server's concurrent searches then share
-one pass, as they do on flat. Its scores and the re-rank's are two fp32 sums of the same products, each within
-γ_D Σ|q_i x_i| of the true one, so they differ by at most ε32(q) = 2 γ_D N ‖q‖ (1% larger, as above), and the
-re-rank makes the batch's answers those of its queries asked one at a time. No torch here.
+search, with BLAS), where the fp16 scan would read its codes once per query: a server's concurrent searches
+then share one pass, as they do on flat. Its scores and the re-rank's are two fp32 sums of the same products,
+each within γ_D Σ|q_i x_i| of the true one, so they differ by at most ε32(q) = 2 γ_D N ‖q‖ (1% larger, as
+above), and the re-rank makes the batch's answers those of its queries asked one at a time. No torch here.
 """
 
 from __future__ import annotations

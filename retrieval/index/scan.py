@@ -75,7 +75,8 @@ class FlatScan:
 
     def _each_slice(self, qv: np.ndarray, scan: Callable[[np.ndarray], Found]) -> list[tuple[int, Found]]:
         """(first row, scan(rows)) per slice of the rows: one slice for a batch (FAISS then splits it by query,
-        with BLAS) or beside another scan, else as many as split_rows gives, the first scanned on this thread."""
+        with BLAS) or beside another thread's search, else as many as split_rows gives, the first scanned on this
+        thread."""
         n = len(self.vectors)
         alone = len(qv) <= FEW_QUERIES and SEARCHES.threads <= 1
         bounds = split_rows(n, self.vectors.shape[1], slice_threads()) if alone else [0, n]
