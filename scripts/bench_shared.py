@@ -48,14 +48,19 @@ BUSY_LOOP = "import os, time\nos.nice({nice})\nend = time.monotonic() + {seconds
 
 
 def worker(spec: dict) -> dict:
-    """One row in this process: what the CLI does first (`prepare_openmp`), then the job."""
+    """One row in this process: what the CLI does first (`prepare_openmp`), then the job, with the cores other
+    processes used meanwhile."""
     prepare_openmp()
     cores = our_cores()
     start = read_sample(cores)
-    if spec["part"] == "search":
-        out = search_row(spec)
-        end = read_sample(cores)
-        return out | {"elsewhere": round(others_busy(start, end), 2) if start and end else None}
+    out = search_row(spec) if spec["part"] == "search" else model_row(spec)
+    end = read_sample(cores)
+    out["elsewhere"] = round(others_busy(start, end), 2) if start and end else None
+    return out
+
+
+def model_row(spec: dict) -> dict:
+    """A training or indexing row (torch loads here, after `prepare_openmp`)."""
     import torch
 
     from retrieval.models.encoder import use_bf16
@@ -94,8 +99,6 @@ def worker(spec: dict) -> dict:
             raise SystemExit(f"{spec['n']} items took no longer than 1 ({startup:.2f} s): use a larger --index-n")
         out |= {"rate": (spec["n"] - 1) / (report.seconds - startup), "seconds": report.seconds}
         out |= {"startup_s": startup, "precision": report.precision}
-    end = read_sample(cores)
-    out["elsewhere"] = round(others_busy(start, end), 2) if start and end else None
     return out
 
 

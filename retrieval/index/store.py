@@ -306,8 +306,7 @@ class IndexStore(ItemDatabase):
         COMBINED_WEIGHTS an exact scan reads the combined vectors (combined.py). The item filter is built once
         per generation (selectors over many ids are slow to make); the parameters are new on every call, since
         FAISS's IDMap swaps the filter inside them during a search, so threads must not share them."""
-        scans = self.manifest.index_type == "flat" or (exact and self.manifest.index_type != "flat16")
-        key = (column, exact, weight if scans and weight in COMBINED_WEIGHTS else None)
+        key = (column, exact, weight if self._scans(exact) and weight in COMBINED_WEIGHTS else None)
         entry = self._searchers.get(key)
         if entry is None:
             with self._loading:  # re-entrant: loading FAISS and combining take it too
@@ -319,6 +318,10 @@ class IndexStore(ItemDatabase):
             return index, None  # of the items that have the column (Combined), or of all: nothing to filter
         return index, search_parameters(index.index if isinstance(index, Reranked) else index, selector)
 
+    def _scans(self, exact: bool) -> bool:
+        """Whether a search reads every vector: always on flat, with exact=True on HNSW and IVF (flat16 re-ranks)."""
+        return self.manifest.index_type == "flat" or (exact and self.manifest.index_type != "flat16")
+
     def _new_searcher(self, column: str | None, exact: bool, weight: float | None) -> tuple[Searchable, Any]:
         """What `searcher` keeps for a key: the index every search with it asks, and its item filter."""
         use_blas_from(self.manifest.dim)  # the combined vectors' d: a scan of the fused 2d ones passes it sooner
@@ -326,9 +329,10 @@ class IndexStore(ItemDatabase):
         index: Searchable
         if weight is not None and (combined := self._combined_scan(weight, column, having)) is not None:
             return combined, None
-        kind, (fids, vectors) = self.manifest.index_type, self.vectors
-        if having is None and (kind == "flat" or (exact and kind != "flat16")):  # FAISS's flat copy is not loaded
-            scanned = "the flat index (only ivf and ivfpq search from disk)" if kind == "flat" else "an exact answer"
+        fids, vectors = self.vectors
+        if having is None and self._scans(exact):  # FAISS's flat copy is not loaded
+            flat = self.manifest.index_type == "flat"
+            scanned = "the flat index (only ivf and ivfpq search from disk)" if flat else "an exact answer"
             self._check_budget(vectors.nbytes, f"{scanned} (a scan of every vector, each query)")
             return FlatScan(fids, np.ascontiguousarray(vectors, dtype=np.float32)), None  # the map is C-contiguous
         if is_flat16(self.faiss):
