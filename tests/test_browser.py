@@ -122,6 +122,15 @@ def scores(page) -> list[float]:
     return [float(t) for t in texts]
 
 
+def answered(page, param: str) -> None:
+    """Wait until the search a control change sent (debounced) is answered and shown: the page puts `param`
+    in its URL as it sends the request, with aria-busy on the results, and takes aria-busy off once shown."""
+    from playwright.sync_api import expect
+
+    expect(page).to_have_url(re.compile(re.escape(param)))
+    expect(page.locator("#results")).not_to_have_attribute("aria-busy", "true")
+
+
 def test_search_in_the_browser(server: str, browser, tmp_path: Path, synth_data: Path) -> None:
     from playwright.sync_api import expect
 
@@ -176,8 +185,7 @@ def test_search_in_the_browser(server: str, browser, tmp_path: Path, synth_data:
     page.select_option("#fusion", "max")
     expect(page.locator("#weight")).to_be_disabled()  # only the weighted rule takes w
     expect(page.locator("#weight-help")).to_contain_text("better of image and caption")
-    expect(page).to_have_url(re.compile(r"fusion=max"))  # set as the request is sent, with aria-busy
-    expect(page.locator("#results")).not_to_have_attribute("aria-busy", "true")  # answered and shown
+    answered(page, "fusion=max")
     text = urllib.parse.quote("a small red circle left of a large blue square")
     answer = json.loads(get(f"{server}/api/search?q={text}&k=10&fusion=max")[1])["results"]
     expect(results.first).to_contain_text(answer[0]["caption"])  # the page waited for the max answer
@@ -201,6 +209,7 @@ def test_search_in_the_browser(server: str, browser, tmp_path: Path, synth_data:
     # more like this, by images only: the item comes back first, as the most similar to itself
     page.select_option("#target", "image")
     expect(page.locator("#weight")).to_be_disabled()  # w only weighs the parts of whole items
+    answered(page, "target=image")  # else the caption below is read from the old list and the click lands on the new
     source = results.filter(has=page.locator("img")).first  # a text-only item has no image to match
     first_caption = source.locator(".caption").inner_text()
     source.locator(".like").click()
@@ -216,3 +225,37 @@ def test_search_in_the_browser(server: str, browser, tmp_path: Path, synth_data:
     expect(results).to_have_count(10)
     expect(page.locator("#status")).to_contain_text("10 results")
     assert not errors, errors
+
+
+# Every search request from here on waits until it is aborted: a search the test can hold in flight.
+HOLD_SEARCHES = """() => {
+  const real = window.fetch;
+  window.fetch = (url, options) => String(url).startsWith("/api/search")
+    ? new Promise((_, reject) => options.signal.addEventListener(
+        "abort", () => reject(new DOMException("aborted", "AbortError"))))
+    : real(url, options);
+}"""
+
+
+def test_an_aborted_search_leaves_the_newer_one_busy(server: str, browser) -> None:
+    """A control change aborts the search in flight. The aborted one must not mark the page answered (no
+    aria-busy) while the newer one is still running: a reader, or a test, would take the old list for the new."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)
+    page = browser.new_page()
+    page.goto(server)
+    page.fill("#q", "a small red circle")
+    page.press("#q", "Enter")
+    expect(page.locator(".result")).to_have_count(10)
+    page.evaluate(HOLD_SEARCHES)
+    busy = page.locator("#results")
+    page.select_option("#target", "image")
+    expect(page).to_have_url(re.compile(r"target=image"))
+    expect(busy).to_have_attribute("aria-busy", "true")
+    page.select_option("#target", "text")  # aborts the image search, and is held in turn
+    expect(page).to_have_url(re.compile(r"target=text"))
+    page.wait_for_timeout(300)  # the aborted fetch settles within a task or two
+    expect(busy).to_have_attribute("aria-busy", "true")
+    expect(page.locator(".result")).to_have_count(10)  # the old list stays until an answer replaces it
+    page.close()

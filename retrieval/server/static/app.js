@@ -61,23 +61,25 @@ function searchParams() {
 async function runSearch() {
   if (!query) return;
   inFlight?.abort();
-  inFlight = new AbortController();
+  const mine = new AbortController(); // a newer search aborts this one, and this one then changes nothing
+  inFlight = mine;
   const p = searchParams();
   let request;
   if (query.kind === "image") {
     const body = new FormData();
     body.append("file", query.file);
-    request = fetch(`/api/search/image?${p}`, { method: "POST", body, signal: inFlight.signal });
+    request = fetch(`/api/search/image?${p}`, { method: "POST", body, signal: mine.signal });
   } else {
     p.set(query.kind === "text" ? "q" : "like", query.kind === "text" ? query.q : query.id);
     history.replaceState(null, "", `?${p}`);
-    request = fetch(`/api/search?${p}`, { signal: inFlight.signal });
+    request = fetch(`/api/search?${p}`, { signal: mine.signal });
   }
   setStatus("Searching…");
   els.results.setAttribute("aria-busy", "true");
   try {
     const resp = await request;
     const body = await resp.json().catch(() => ({ error: `the server answered ${resp.status} ${resp.statusText}` }));
+    if (mine.signal.aborted) return;
     if (!resp.ok) {
       showError(body.error || `the server answered ${resp.status}`);
       setStatus("");
@@ -91,7 +93,7 @@ async function runSearch() {
     showError(`Cannot reach the search server (${e.message}). Is it still running?`);
     setStatus("");
   } finally {
-    els.results.removeAttribute("aria-busy");
+    if (inFlight === mine) els.results.removeAttribute("aria-busy");
   }
 }
 
