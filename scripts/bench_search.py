@@ -26,9 +26,9 @@ For each N and index type, on the same index object:
   query and a batch, and ours against one FAISS call on the vectors it reads;
 - with --model: a cold `retrieval search --text` end to end (a fresh process) on a real 10k-item index.
 Vectors are unit vectors clustered on a 32-dimensional subspace of R^dim, as real embeddings are: uniform
-random vectors are a worst case for ANN recall. Single queries run on the threads our path gives them
-(search_threads: one, but a flat16 scan of 200k items or more splits between two, and a flat scan splits its
-rows), raw ones on one; builds and batches on two.
+random vectors are a worst case for ANN recall. Single queries run FAISS on one thread (search_threads), raw
+and ours, but ours splits a large flat scan's rows, or flat16's lists, between threads of its own (index/scan.py);
+builds and batches run on two.
 Prints a table and writes JSON.
 """
 
@@ -163,8 +163,7 @@ def bench_type(
         raw, raw_q = raw_call(store, queries)
         tag = f"{prefix} {index_type}" + (f" {knob}={value}" if knob else "")
         scan = store.searcher(None, weight=0.5)[0]
-        faiss.omp_set_num_threads(2)  # both cores, then as many of them as our path gives one query: raw gets the same
-        faiss.omp_set_num_threads(search_threads(scan, 1))
+        faiss.omp_set_num_threads(search_threads(1))  # one query: FAISS on one thread, raw and ours alike
         if isinstance(scan, Combined):  # flat: ours scans the combined vectors; beside it, the fused scan it replaced
             rows += side_by_side(
                 f"{tag} top-10, one query: fused (n, 2d) scan vs combined (n, d)",
@@ -348,7 +347,7 @@ def bench_filtered(n: int, args, tmp: Path) -> list[dict]:
 
     theta = float(np.median(raw.search(queries, min(100, len(having)))[0][:, -1]))  # about 100 results a query
     cases = (("top-10", 10, None), ("theta", None, theta))
-    faiss.omp_set_num_threads(search_threads(searcher, 1))
+    faiss.omp_set_num_threads(search_threads(1))
     for r in range(min(20, len(queries))):
         for _, k, th in cases:
             assert before(queries[r : r + 1], k, th) == index.search_vectors(queries[r : r + 1], k, th, target="image")

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from retrieval.cli.main import main
 from retrieval.data.synth import generate
+from retrieval.index import scan
 from retrieval.index.format import Item, Manifest
 from retrieval.index.store import IndexStore
 
@@ -62,6 +63,20 @@ def slowed(fn: Callable[..., Any], seconds: float) -> Callable[..., Any]:
         return fn(*args, **kwargs)
 
     return slow
+
+
+SPLIT_FLOATS = 800  # the least a slice of a split scan holds under the `split` fixture
+
+
+@pytest.fixture
+def split(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Slices of SPLIT_FLOATS floats on up to 4 threads, so a small scan splits as a large one does. The list it
+    gives grows each time a split hands a slice to the pool."""
+    monkeypatch.setattr(scan, "SLICE_FLOATS", SPLIT_FLOATS)
+    monkeypatch.setattr(scan, "slice_threads", lambda: 4)
+    handed, pool = [], scan.scan_pool
+    monkeypatch.setattr(scan, "scan_pool", lambda: handed.append(1) or pool())
+    return handed
 
 
 def faiss_flat(fids: np.ndarray, vectors: np.ndarray) -> faiss.Index:

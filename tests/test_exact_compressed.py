@@ -118,7 +118,7 @@ def test_flat16_stores_half_and_searches_through_the_reranker(clustered) -> None
     store = flat16.store
     scan = store.faiss
     assert isinstance(scan, faiss.IndexIVFScalarQuantizer) and scan.nlist == FLAT16_LISTS
-    assert scan.nprobe == FLAT16_LISTS and scan.parallel_mode == 1  # every list, split between threads
+    assert scan.nprobe == FLAT16_LISTS and scan.parallel_mode == 0  # every list; a batch's threads take queries
     sizes = [scan.invlists.list_size(j) for j in range(scan.nlist)]
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 1500  # dealt round-robin: even work per thread
     assert store.manifest.faiss_bytes < 0.6 * flat.store.manifest.faiss_bytes
@@ -181,8 +181,8 @@ def test_only_unfiltered_batches_take_the_fp32_pass(clustered) -> None:
     reranked = clustered[1].store.searcher(None)[0]
     qv = unit(np.random.default_rng(7).standard_normal((BATCH_FROM, 64)))
     assert reranked.scan(qv, None)[0] is reranked.batch
-    assert reranked.scan(qv[: BATCH_FROM - 1], None)[0] is reranked.index
-    assert reranked.scan(qv, clustered[1].store.searcher("image_key")[1])[0] is reranked.index
+    assert reranked.scan(qv[: BATCH_FROM - 1], None)[0] is reranked.fp16
+    assert reranked.scan(qv, clustered[1].store.searcher("image_key")[1])[0] is reranked.fp16
     with pytest.raises(ValueError, match="queries"):  # FAISS would read past the rows of a narrower query
         reranked.batch.search(qv[:, :32].copy(), 3)
 
@@ -203,13 +203,17 @@ def test_a_batch_over_removed_items_answers_with_their_ids(tmp_path: Path) -> No
         assert all(int(h.id.removeprefix("item")) % 3 for hits in together for h in hits)
 
 
-def test_a_large_flat16_scan_splits_one_query_between_threads(clustered, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("target", ["item", "image"])  # image: an item filter, which each thread's lists keep
+@pytest.mark.parametrize("k, theta", [(10, None), (None, 0.3), (5, 0.3)])
+def test_one_query_split_between_threads_by_lists_answers_as_flat(clustered, split, target: str, k, theta) -> None:
     flat, flat16 = clustered
-    reranked, scan = flat16.store.searcher(None)[0], flat.store.searcher(None)[0]
-    assert search_threads(reranked, 1) == search_threads(scan, 1) == 1  # 1,500 items: one thread is enough
-    monkeypatch.setattr(search, "PARALLEL_SCAN_FROM", 1000)
-    assert search_threads(reranked, 1) == faiss.omp_get_max_threads() and search_threads(scan, 1) == 1
-    assert search_threads(scan, search.FEW_QUERIES + 1) == faiss.omp_get_max_threads()  # a batch: every thread
+    for q in unit(np.random.default_rng(6).standard_normal((4, 32))):
+        want = flat.search_vector(q, k=k, theta=theta, target=target)
+        got = flat16.search_vector(q, k=k, theta=theta, target=target)
+        assert want and tied_order(got) == tied_order(want)
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-6)
+    assert split, "the fp16 scan's lists were split"
+    assert search_threads(1) == 1 and search_threads(search.FEW_QUERIES + 1) == faiss.omp_get_max_threads()
 
 
 def test_fewer_items_than_k_and_an_empty_index(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""FlatScan (retrieval/index/scan.py): a call of a few queries splits its rows between threads, and answers as
-one FAISS scan of all the rows does: the same scores to the bit, the same items but for which of several tied at
-the k-th score."""
+"""FlatScan and ListScan (retrieval/index/scan.py): a call of a few queries splits its rows (or flat16's lists)
+between threads, and answers as one FAISS scan of all of them does: the same scores to the bit, the same items but
+for which of several tied at the k-th score."""
 
 from __future__ import annotations
 
@@ -10,23 +10,13 @@ import threading
 import faiss
 import numpy as np
 import pytest
-from conftest import faiss_flat
+from conftest import SPLIT_FLOATS, faiss_flat
 
 from retrieval.index import scan as scan_module
-from retrieval.index.scan import FEW_QUERIES, MAX_SLICES, SLICE_FLOATS, FlatScan, split_rows
+from retrieval.index.faiss_ops import FLAT16_LISTS, build_faiss, search_parameters
+from retrieval.index.scan import FEW_QUERIES, MAX_SLICES, SLICE_FLOATS, FlatScan, ListScan, split_rows
 
-D = 16
-
-
-@pytest.fixture
-def split(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Slices of 50 rows of D floats on up to 4 threads, so a small scan splits as a large one does. The list it
-    gives grows each time a split hands a slice to the pool."""
-    monkeypatch.setattr(scan_module, "SLICE_FLOATS", 50 * D)
-    monkeypatch.setattr(scan_module, "slice_threads", lambda: 4)
-    handed, pool = [], scan_module.scan_pool
-    monkeypatch.setattr(scan_module, "scan_pool", lambda: handed.append(1) or pool())
-    return handed
+D = 16  # SPLIT_FLOATS (conftest's split) holds 50 rows of D floats
 
 
 @pytest.fixture(params=["simd", "blas"])
@@ -196,7 +186,7 @@ def test_a_scan_refuses_other_widths_filters_and_matrices() -> None:
 
 
 def split_search_in_child(queue: multiprocessing.Queue) -> None:
-    scan_module.SLICE_FLOATS, scan_module.slice_threads = 50 * D, lambda: 4
+    scan_module.SLICE_FLOATS, scan_module.slice_threads = SPLIT_FLOATS, lambda: 4
     scan = scan_of(250)
     queue.put(scan.search(np.ones((1, D), np.float32), 3)[1].tolist())
 
@@ -213,3 +203,69 @@ def test_a_forked_child_splits_with_threads_of_its_own(split) -> None:
     child.join(30)
     assert child.exitcode == 0, "the child's split search finished"
     assert queue.get(timeout=5) == want
+
+
+# --- ListScan: flat16's fp16 scan, split by lists --------------------------------------------------------------
+def fp16_scan(n: int, seed: int = 0) -> ListScan:
+    """n random rows as flat16 stores them (FLAT16_LISTS lists of fp16 codes), with ids that are not rows."""
+    vectors = np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
+    return ListScan(build_faiss(vectors, np.arange(n, dtype=np.int64) * 3 + 5, "flat16", {}))
+
+
+@pytest.mark.parametrize("nq", [1, 3, FEW_QUERIES])
+@pytest.mark.parametrize("k", [1, 10, 700, 2600])  # 700 and 2600: more than a group of lists holds, than all do
+def test_a_split_fp16_top_k_is_one_faiss_call_to_the_bit(split, nq: int, k: int) -> None:
+    scan = fp16_scan(2500, seed=nq)  # 4 groups of 4 lists
+    queries = np.random.default_rng(9).standard_normal((nq, D)).astype(np.float32)
+    (scores, ids), (want_scores, want_ids) = scan.search(queries, k), scan.index.search(queries, k)
+    assert len(split) == 3, "three groups of lists went to the pool"
+    assert scores.dtype == want_scores.dtype and np.array_equal(scores, want_scores)
+    for j in range(nq):  # equal scores may come in another order (FAISS's heap's against ascending ids)
+        above = scores[j] > scores[j, -1]
+        got_pairs = sorted(zip(scores[j][above], ids[j][above], strict=True))
+        assert got_pairs == sorted(zip(want_scores[j][above], want_ids[j][above], strict=True))
+        assert len(set(ids[j][ids[j] >= 0])) == np.sum(want_ids[j] >= 0)
+
+
+@pytest.mark.parametrize("nq", [1, 3, FEW_QUERIES])
+@pytest.mark.parametrize("radius", [-100.0, 0.0, 5.0, 100.0])
+def test_a_split_fp16_range_search_is_one_faiss_call_to_the_bit(split, nq: int, radius: float) -> None:
+    scan = fp16_scan(2500, seed=nq)
+    queries = np.random.default_rng(9).standard_normal((nq, D)).astype(np.float32)
+    (lims, scores, ids), (want_lims, want_scores, want_ids) = (
+        scan.range_search(queries, radius),
+        scan.index.range_search(queries, radius),
+    )
+    assert split and np.array_equal(lims, want_lims)
+    for j in range(nq):  # each query's results in an order of FAISS's own (flat16's re-rank sorts them)
+        got, want = slice(lims[j], lims[j + 1]), slice(want_lims[j], want_lims[j + 1])
+        by_id, want_by_id = np.argsort(ids[got]), np.argsort(want_ids[want])
+        assert np.array_equal(ids[got][by_id], want_ids[want][want_by_id])
+        assert np.array_equal(scores[got][by_id], want_scores[want][want_by_id])
+
+
+def test_a_split_fp16_scan_keeps_the_item_filter(split) -> None:
+    scan = fp16_scan(2500)
+    queries = np.random.default_rng(9).standard_normal((2, D)).astype(np.float32)
+    having = np.arange(2500, dtype=np.int64)[::3] * 3 + 5  # every third item
+    params = search_parameters(scan.index, faiss.IDSelectorBatch(having))
+    scores, ids = scan.search(queries, 50, params)
+    want_scores, want_ids = scan.index.search(queries, 50, params=params)
+    assert np.array_equal(scores, want_scores) and np.array_equal(np.sort(ids), np.sort(want_ids))
+    lims, scores, ids = scan.range_search(queries, 1.0, params)
+    want_lims, want_scores, want_ids = scan.index.range_search(queries, 1.0, params=params)
+    assert np.array_equal(lims, want_lims) and lims[-1] > 100
+    assert sorted(zip(ids, scores, strict=True)) == sorted(zip(want_ids, want_scores, strict=True))
+    assert np.isin(ids, having).all() and split
+
+
+def test_a_batch_a_small_scan_and_one_list_are_one_fp16_call(split) -> None:
+    queries = np.random.default_rng(2).standard_normal((FEW_QUERIES + 1, D)).astype(np.float32)
+    scan = fp16_scan(2500)
+    assert np.array_equal(scan.search(queries, 5)[1], scan.index.search(queries, 5)[1])
+    assert len(fp16_scan(99).range_search(queries[:1], 0.0)[0]) == 2  # 99 rows: under two groups' worth
+    one_list = faiss.index_factory(D, "IVF1,SQfp16", faiss.METRIC_INNER_PRODUCT)
+    one_list.train(scan.index.reconstruct_n(0, 1))
+    assert one_list.nlist == 1 and ListScan(one_list).search(queries[:1], 3)[1].shape == (1, 3)
+    assert not split, "no group of lists went to another thread"
+    assert scan.index.nlist == FLAT16_LISTS

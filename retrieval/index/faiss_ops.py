@@ -132,7 +132,7 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
     scan = flat16_scan(index)
     if scan is not None:
         scan.nprobe = scan.nlist  # a scan: every list
-        scan.parallel_mode = 1  # threads share one query's lists (0 would give each thread whole queries)
+        scan.parallel_mode = 0  # a batch's threads take whole queries; one query's lists split in scan.ListScan
     elif isinstance(inner, faiss.IndexIVF):
         inner.nprobe = search_knob(params, "nprobe", 16)
 
@@ -265,7 +265,7 @@ def is_flat16(index: faiss.Index) -> bool:
     """flat16's FAISS index (see index/rerank.py): an IVF whose lists hold fp16 codes of the vectors themselves,
     not residuals, and are all probed, so a search is a flat scan of half the bytes of fp32. An IVF rather than
     FAISS's IndexScalarQuantizer: the same scan for top-k, but IVF's range search runs the SIMD scanner (15x
-    faster at 100k), and its lists split one query's scan between threads (parallel_mode 1: 1M x 256 in 35 ms
+    faster at 100k), and its lists split one query's scan between threads (scan.ListScan: 1M x 256 in 35 ms
     on two threads, 75 on one). Indexes built before that hold one list (IDMap2,IVF1,SQfp16) and scan on one
     thread. fp16 rather than SQ8: 42 vs 54 ms at 1M x 256 here (SQ8's decode costs more than its bytes save)."""
     return flat16_scan(index) is not None

@@ -212,7 +212,7 @@ class Index:
             return ranked(index, qv, k, theta, params)
 
         with SEARCHES:  # a flat scan splits between the cores only while no other search has work for them
-            with FaissThreads(search_threads(index, len(queries))):
+            with FaissThreads(search_threads(len(queries))):
                 results = rank(k, theta) if margin is None else with_margin(rank, k, theta, margin)
             return self.hits_for(queries, results)
 

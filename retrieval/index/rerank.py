@@ -37,7 +37,7 @@ import numpy.typing as npt
 
 from retrieval.arrays import Vectors
 from retrieval.index.faiss_ops import inner_products_at
-from retrieval.index.scan import FlatScan
+from retrieval.index.scan import FlatScan, ListScan
 
 FP16_RELATIVE = 2.0**-11  # fp16 keeps 11 significant bits: rounding moves a normal value by at most this fraction
 FP16_SUBNORMAL = 2.0**-25  # half the spacing of fp16's subnormals (below 2^-14): the most one moves absolutely
@@ -101,6 +101,7 @@ class Reranked:
 
     def __init__(self, index: faiss.Index, fids: npt.NDArray[np.int64], vectors: Vectors, rows_of: RowsOf):
         self.index = index  # the fp16 scan (faiss_ops.is_flat16): answers with fids
+        self.fp16 = ListScan(index)  # the same, a few queries split between threads by lists
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (n, D) fp32, rows in fid order (no copy)
         self.batch = FlatScan(fids, self.vectors)  # maps rows to fids; rows_of, the other way (both the store's)
         self.rows_of = rows_of  # raises IndexChanged for a fid the vectors do not hold
@@ -131,19 +132,18 @@ class Reranked:
         out[~found] = NO_RESULT
         return out
 
-    def scan(self, qv: np.ndarray, params: Any) -> tuple[faiss.Index | FlatScan, npt.NDArray[np.float64]]:
+    def scan(self, qv: np.ndarray, params: Any) -> tuple[ListScan | FlatScan, npt.NDArray[np.float64]]:
         """What a search of qv asks first, and ε per query for its scores: one fp32 pass for a batch of
         BATCH_FROM queries or more without an item filter, else the fp16 scan."""
         if len(qv) >= BATCH_FROM and params is None and self.ntotal:
             return self.batch, fp32_error_bound(qv, self.max_norm)
-        return self.index, score_error_bound(qv, self.max_norm)
+        return self.fp16, score_error_bound(qv, self.max_norm)
 
     def could_reach(self, q: np.ndarray, floor: float, params: Any) -> npt.NDArray[np.int64]:
         """The ids of every item whose fp32 score against the one query q (1, D) could be floor or more: the fp16
-        scan's range search at floor - ε. Never the fp32 pass: for one query FAISS scans it on one thread, where
-        the fp16 scan splits its lists between threads."""
+        scan's range search at floor - ε. Never the fp32 pass: for one query it reads twice the bytes."""
         radius = floor32(floor - float(score_error_bound(q, self.max_norm)[0]))
-        return self.index.range_search(q, radius, params=params)[2]
+        return self.fp16.range_search(q, radius, params=params)[2]
 
     def search(self, qv: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (nq, k), best first: the exact top k. The scan's 2k + 32 best are re-ranked; when

@@ -75,18 +75,83 @@ class FlatScan:
 
     def _each_slice(self, qv: np.ndarray, scan: Callable[[np.ndarray], Found]) -> list[tuple[int, Found]]:
         """(first row, scan(rows)) per slice of the rows: one slice for a batch (FAISS then splits it by query,
-        with BLAS) or beside another thread's search, else as many as split_rows gives, the first scanned on this
-        thread."""
+        with BLAS) or beside another thread's search, else as many as split_rows gives."""
         n = len(self.vectors)
-        alone = len(qv) <= FEW_QUERIES and SEARCHES.threads <= 1
-        bounds = split_rows(n, self.vectors.shape[1], slice_threads()) if alone else [0, n]
-        if len(bounds) == 2:
-            return [(0, scan(self.vectors))]
-        slices = [self.vectors[a:b] for a, b in pairwise(bounds)]
-        rest: list[Future] = [scan_pool().submit(scan, rows) for rows in slices[1:]]
-        with FaissThreads(1):  # as the pool's threads: FAISS opens an OpenMP team even for one query
-            found = [scan(slices[0]), *(f.result() for f in rest)]
+        bounds = split_rows(n, self.vectors.shape[1], slice_threads()) if may_split(len(qv)) else [0, n]
+        found = on_threads([self.vectors[a:b] for a, b in pairwise(bounds)], scan)
         return list(zip(bounds[:-1], found, strict=True))
+
+
+class ListScan:
+    """flat16's fp16 scan (faiss_ops.is_flat16: an IVF holding the items' ids, every list probed) as `ranked` asks
+    it, with FAISS's signatures and results. A call of a few queries splits the lists between threads as FlatScan
+    splits rows, each thread asking FAISS for its lists alone (search_preassigned); the lists hold equal shares of
+    the items. A file of one list (from before flat16 had 16) answers in one call."""
+
+    def __init__(self, index: faiss.Index):
+        self.index = index
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, qv: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (nq, k), best first, as the IVF's own search gives them."""
+        groups = self._groups(len(qv), params)
+        if not groups:
+            return self.index.search(qv, k, params=params)
+        qv = np.ascontiguousarray(qv, dtype=np.float32)
+        return merge_top_k(
+            [(0, found) for found in on_threads(groups, lambda lists: self._knn(qv, k, lists, params))], k
+        )
+
+    def range_search(self, qv: np.ndarray, radius: float, params: Any = None) -> tuple[np.ndarray, ...]:
+        """(lims, scores, ids) of the items scoring above radius, as the IVF's own range_search gives them."""
+        groups = self._groups(len(qv), params)
+        if not groups:
+            return self.index.range_search(qv, radius, params=params)
+        qv = np.ascontiguousarray(qv, dtype=np.float32)
+        return merge_ranges(
+            [(0, found) for found in on_threads(groups, lambda lists: self._range(qv, radius, lists, params))]
+        )
+
+    def _groups(self, nq: int, params: Any) -> list[npt.NDArray[np.int64]]:
+        """The lists each thread scans, as the (nq, nprobe) list numbers FAISS reads (-1: none); none (one call)
+        for a batch, beside another search, for too few items to split, or unless the index is one IVF that
+        probes each of several lists."""
+        index = self.index
+        if not (isinstance(index, faiss.IndexIVF) and may_split(nq)):
+            return []
+        probes = index.nprobe if params is None else params.nprobe  # a filter's parameters carry their own
+        per_list = -(-self.ntotal * index.d // index.nlist)  # the codes' components in each list, rounded up
+        bounds = split_rows(index.nlist, per_list, slice_threads()) if probes == index.nlist else [0]
+        groups = []
+        for a, b in pairwise(bounds):
+            lists = np.full((nq, probes), -1, dtype=np.int64)  # FAISS skips a list number below 0
+            lists[:, : b - a] = np.arange(a, b)
+            groups.append(lists)
+        return groups if len(groups) > 1 else []
+
+    def _knn(self, qv: np.ndarray, k: int, lists: np.ndarray, params: Any) -> Found:
+        """FAISS's top k of qv among the items of `lists`: search_preassigned, whose wrapper takes no filter."""
+        nq = len(qv)
+        scores, ids = np.empty((nq, k), dtype=np.float32), np.empty((nq, k), dtype=np.int64)
+        coarse = np.zeros(lists.shape, dtype=np.float32)
+        ptr = faiss.swig_ptr
+        self.index.search_preassigned_c(  # type: ignore[attr-defined]  # the C++ call under FAISS's wrapper
+            nq, ptr(qv), k, ptr(lists), ptr(coarse), ptr(scores), ptr(ids), False, params
+        )
+        return scores, ids
+
+    def _range(self, qv: np.ndarray, radius: float, lists: np.ndarray, params: Any) -> Found:
+        """FAISS's range search of qv among the items of `lists`: range_search_preassigned, as _knn."""
+        nq, result = len(qv), faiss.RangeSearchResult(len(qv))
+        coarse = np.zeros(lists.shape, dtype=np.float32)
+        ptr = faiss.swig_ptr
+        self.index.range_search_preassigned_c(  # type: ignore[attr-defined]  # the C++ call under FAISS's wrapper
+            nq, ptr(qv), radius, ptr(lists), ptr(coarse), result, False, params
+        )
+        return range_result(result, nq)
 
 
 class Searches:
@@ -117,6 +182,22 @@ class Searches:
 SEARCHES = Searches()
 
 
+def may_split(nq: int) -> bool:
+    """Whether a call of nq queries splits its scan: a few queries (a batch FAISS splits by query itself), and no
+    other thread of this process in a search."""
+    return nq <= FEW_QUERIES and SEARCHES.threads <= 1
+
+
+def on_threads(parts: list[Any], scan: Callable[[Any], Found]) -> list[Found]:
+    """scan(part) for each part: one part on this thread as it is, else the first here and the rest on the pool's
+    threads, each with FAISS on one OpenMP thread (FAISS opens a team even for one query)."""
+    if len(parts) == 1:
+        return [scan(parts[0])]
+    rest: list[Future] = [scan_pool().submit(scan, part) for part in parts[1:]]
+    with FaissThreads(1):
+        return [scan(parts[0]), *(f.result() for f in rest)]
+
+
 def split_rows(n: int, d: int, threads: int) -> list[int]:
     """Slice bounds [0, ..., n] for a scan of n rows of d floats on up to `threads` threads: slices of at least
     SLICE_FLOATS each, at most MAX_SLICES."""
@@ -131,6 +212,11 @@ def range_inner_product(qv: np.ndarray, rows: np.ndarray, radius: float) -> Foun
     faiss.range_search_inner_product(  # type: ignore[attr-defined]  # not in faiss's stubs
         faiss.swig_ptr(qv), faiss.swig_ptr(rows), dim, nq, len(rows), radius, result
     )
+    return range_result(result, nq)
+
+
+def range_result(result: faiss.RangeSearchResult, nq: int) -> Found:
+    """(lims, scores, labels) copied out of FAISS's result of nq queries, as FAISS's wrappers copy them."""
     lims = faiss.rev_swig_ptr(result.lims, nq + 1).copy()
     found = int(lims[-1])
     return lims, faiss.rev_swig_ptr(result.distances, found).copy(), faiss.rev_swig_ptr(result.labels, found).copy()

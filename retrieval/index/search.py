@@ -29,9 +29,6 @@ from retrieval.index.scan import FEW_QUERIES, FlatScan
 
 Searchable: TypeAlias = faiss.Index | Reranked | FlatScan  # what IndexStore.searcher returns and `ranked` asks
 Results = list[tuple[np.ndarray, np.ndarray]]  # per query: (scores, FAISS ids), best first
-# items from which one query's flat16 scan runs on every thread. Measured at 100k x 256 here, p50/p99 ms: 2.8/8.0
-# on one thread, 1.4/1.7 on two; beside a nice-0 busy loop 3.1/10.8 and 3.7/32 (at 1M: 62 and 47 ms p50)
-PARALLEL_SCAN_FROM = 200_000
 MAX_QUERY_CHARS = 10_000  # beyond this a "query" is a document; the tokenizer would cut it anyway
 
 
@@ -115,14 +112,12 @@ def query_rows(index: Searchable, queries: np.ndarray, target: str, weight: floa
     return queries if isinstance(index, Combined) else query_vectors(queries, target, weight)
 
 
-def search_threads(index: Searchable, nq: int) -> int:
-    """FAISS threads for one call of nq queries. A few queries run on one: a second thread only waits at
+def search_threads(nq: int) -> int:
+    """FAISS's OpenMP threads for one call of nq queries. A few queries run on one: a second thread only waits at
     barriers, and when the other core is busy the wait is long (HNSW, one query: 16 ms on two threads, under
-    1 ms on one, measured here beside a training job). A large flat16 scan is the exception: its lists split
-    one query between threads (faiss_ops.is_flat16), and a thread that waits on a busy core waits for one list.
-    A large flat scan splits its rows between threads of its own, which sleep while they wait (scan.FlatScan)."""
-    many = nq > FEW_QUERIES or (isinstance(index, Reranked) and index.ntotal >= PARALLEL_SCAN_FROM)
-    return faiss.omp_get_max_threads() if many else 1
+    1 ms on one, measured here beside a training job). A large flat or flat16 scan splits its rows or lists
+    between threads of its own instead, which sleep while they wait (scan.FlatScan, scan.ListScan)."""
+    return faiss.omp_get_max_threads() if nq > FEW_QUERIES else 1
 
 
 class GcPaused:
