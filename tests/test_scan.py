@@ -264,8 +264,19 @@ def test_a_batch_a_small_scan_and_one_list_are_one_fp16_call(split) -> None:
     scan = fp16_scan(2500)
     assert np.array_equal(scan.search(queries, 5)[1], scan.index.search(queries, 5)[1])
     assert len(fp16_scan(99).range_search(queries[:1], 0.0)[0]) == 2  # 99 rows: under two groups' worth
-    one_list = faiss.index_factory(D, "IVF1,SQfp16", faiss.METRIC_INNER_PRODUCT)
-    one_list.train(scan.index.reconstruct_n(0, 1))
-    assert one_list.nlist == 1 and ListScan(one_list).search(queries[:1], 3)[1].shape == (1, 3)
+    vectors = np.random.default_rng(0).standard_normal((2500, D)).astype(np.float32)
+    for factory in ("IVF1,SQfp16", "IDMap2,IVF1,SQfp16"):  # one list; and flat16's files before it had 16
+        one_list = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
+        one_list.train(vectors)
+        one_list.add(vectors) if factory.startswith("IVF") else one_list.add_with_ids(vectors, np.arange(2500) + 5)
+        want = one_list.search(queries[:1], 3)
+        assert all(np.array_equal(g, w) for g, w in zip(ListScan(one_list).search(queries[:1], 3), want, strict=True))
     assert not split, "no group of lists went to another thread"
     assert scan.index.nlist == FLAT16_LISTS
+
+
+def test_a_split_fp16_scan_refuses_queries_of_another_width(split) -> None:
+    scan = fp16_scan(2500)
+    for call in (lambda q: scan.search(q, 3), lambda q: scan.range_search(q, 0.0)):
+        with pytest.raises(ValueError, match="queries"):  # FAISS would read past the rows of a narrower query
+            call(np.ones((1, D - 2), np.float32))

@@ -265,9 +265,10 @@ def is_flat16(index: faiss.Index) -> bool:
     """flat16's FAISS index (see index/rerank.py): an IVF whose lists hold fp16 codes of the vectors themselves,
     not residuals, and are all probed, so a search is a flat scan of half the bytes of fp32. An IVF rather than
     FAISS's IndexScalarQuantizer: the same scan for top-k, but IVF's range search runs the SIMD scanner (15x
-    faster at 100k), and its lists split one query's scan between threads (scan.ListScan: 1M x 256 in 35 ms
-    on two threads, 75 on one). Indexes built before that hold one list (IDMap2,IVF1,SQfp16) and scan on one
-    thread. fp16 rather than SQ8: 42 vs 54 ms at 1M x 256 here (SQ8's decode costs more than its bytes save)."""
+    faster at 100k), and its lists split one query's scan between threads (scan.ListScan: 1M x 256 in 44 ms
+    on two threads, 80 on one, on 2026-12-03). Indexes built before that hold one list (IDMap2,IVF1,SQfp16)
+    and scan on one thread. fp16 rather than SQ8: 42 vs 54 ms at 1M x 256 here (SQ8's decode costs more than its
+    bytes save)."""
     return flat16_scan(index) is not None
 
 

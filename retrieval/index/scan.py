@@ -49,14 +49,10 @@ class FlatScan:
         return len(self.fids)
 
     def queries(self, qv: np.ndarray, params: Any) -> npt.NDArray[np.float32]:
-        """qv as FAISS reads it (C-contiguous float32, as FAISS's own wrappers convert it), each row as wide as a
-        stored one, since FAISS reads raw memory. An item filter cannot apply here."""
-        qv = np.ascontiguousarray(qv, dtype=np.float32)
-        if qv.ndim != 2 or qv.shape[1] != self.vectors.shape[1]:
-            raise ValueError(f"queries {qv.shape} against vectors {self.vectors.shape}")
+        """qv as FAISS reads it (faiss_rows). An item filter cannot apply here."""
         if params is not None:
             raise ValueError("a flat scan has no item filter")
-        return qv
+        return faiss_rows(qv, self.vectors.shape[1])
 
     def search(self, qv: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (nq, k), best first, as FAISS's search gives them (-1: fewer items than k)."""
@@ -100,37 +96,42 @@ class ListScan:
         groups = self._groups(len(qv), params)
         if not groups:
             return self.index.search(qv, k, params=params)
-        qv = np.ascontiguousarray(qv, dtype=np.float32)
-        return merge_top_k(
-            [(0, found) for found in on_threads(groups, lambda lists: self._knn(qv, k, lists, params))], k
-        )
+        qv = faiss_rows(qv, self.index.d)
+        return merge_top_k(self._each_group(groups, lambda lists: self._knn(qv, k, lists, params)), k)
 
     def range_search(self, qv: np.ndarray, radius: float, params: Any = None) -> tuple[np.ndarray, ...]:
         """(lims, scores, ids) of the items scoring above radius, as the IVF's own range_search gives them."""
         groups = self._groups(len(qv), params)
         if not groups:
             return self.index.range_search(qv, radius, params=params)
-        qv = np.ascontiguousarray(qv, dtype=np.float32)
-        return merge_ranges(
-            [(0, found) for found in on_threads(groups, lambda lists: self._range(qv, radius, lists, params))]
-        )
+        qv = faiss_rows(qv, self.index.d)
+        return merge_ranges(self._each_group(groups, lambda lists: self._range(qv, radius, lists, params)))
 
     def _groups(self, nq: int, params: Any) -> list[npt.NDArray[np.int64]]:
         """The lists each thread scans, as the (nq, nprobe) list numbers FAISS reads (-1: none); none (one call)
         for a batch, beside another search, for too few items to split, or unless the index is one IVF that
         probes each of several lists."""
         index = self.index
-        if not (isinstance(index, faiss.IndexIVF) and may_split(nq)):
+        if not (isinstance(index, faiss.IndexIVF) and index.nlist > 1 and may_split(nq)):
             return []
         probes = index.nprobe if params is None else params.nprobe  # a filter's parameters carry their own
         per_list = -(-self.ntotal * index.d // index.nlist)  # the codes' components in each list, rounded up
-        bounds = split_rows(index.nlist, per_list, slice_threads()) if probes == index.nlist else [0]
+        threads = min(slice_threads(), index.nlist)  # a group holds one list at least
+        bounds = split_rows(index.nlist, per_list, threads) if probes == index.nlist else [0]
         groups = []
         for a, b in pairwise(bounds):
             lists = np.full((nq, probes), -1, dtype=np.int64)  # FAISS skips a list number below 0
             lists[:, : b - a] = np.arange(a, b)
             groups.append(lists)
         return groups if len(groups) > 1 else []
+
+    @staticmethod
+    def _each_group(
+        groups: list[npt.NDArray[np.int64]], scan: Callable[[np.ndarray], Found]
+    ) -> list[tuple[int, Found]]:
+        """scan(lists) of each group on threads (on_threads), as the merges take them: the IVF answers with ids,
+        so no group's results are offset."""
+        return [(0, found) for found in on_threads(groups, scan)]
 
     def _knn(self, qv: np.ndarray, k: int, lists: np.ndarray, params: Any) -> Found:
         """FAISS's top k of qv among the items of `lists`: search_preassigned, whose wrapper takes no filter."""
@@ -180,6 +181,15 @@ class Searches:
 
 
 SEARCHES = Searches()
+
+
+def faiss_rows(qv: np.ndarray, d: int) -> npt.NDArray[np.float32]:
+    """qv as FAISS reads it (C-contiguous float32, as FAISS's own wrappers convert it), refused unless its rows are
+    d wide: FAISS reads raw memory, and would read past narrower rows."""
+    qv = np.ascontiguousarray(qv, dtype=np.float32)
+    if qv.ndim != 2 or qv.shape[1] != d:
+        raise ValueError(f"queries {qv.shape} against vectors of {d} dimensions")
+    return qv
 
 
 def may_split(nq: int) -> bool:

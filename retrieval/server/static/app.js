@@ -89,7 +89,7 @@ async function runSearch() {
     showError("");
     render(body);
   } catch (e) {
-    if (e.name === "AbortError") return;
+    if (e.name === "AbortError" || mine.signal.aborted) return; // a newer search has the page
     showError(`Cannot reach the search server (${e.message}). Is it still running?`);
     setStatus("");
   } finally {
