@@ -100,15 +100,19 @@ class Reranked:
     `index` is the fp16 scan alone."""
 
     def __init__(self, index: faiss.Index, fids: npt.NDArray[np.int64], vectors: Vectors, rows_of: RowsOf):
-        self.index = index  # the fp16 scan (faiss_ops.is_flat16): answers with fids
-        self.fp16 = ListScan(index)  # the same, a few queries split between threads by lists
+        self.fp16 = ListScan(index)  # the fp16 scan (faiss_ops.is_flat16), a few queries split between threads
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (n, D) fp32, rows in fid order (no copy)
         self.batch = FlatScan(fids, self.vectors)  # maps rows to fids; rows_of, the other way (both the store's)
         self.rows_of = rows_of  # raises IndexChanged for a fid the vectors do not hold
 
     @property
+    def index(self) -> faiss.Index:
+        """The fp16 scan's FAISS index itself, on one call a query: answers with fids."""
+        return self.fp16.index
+
+    @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return self.fp16.ntotal
 
     @cached_property
     def max_norm(self) -> float:
