@@ -7,7 +7,8 @@ needs. Two remedies, both here (scripts/bench_shared.py measures them, idle and 
 - `prepare_openmp`, before torch or FAISS loads its OpenMP runtime (it reads the environment once, as it loads):
   a 30x shorter spin, so a waiting thread soon sleeps and gives its core back;
 - `ThreadFit`, during a job: every few seconds, the cores other processes used (Linux's /proc/stat less this
-  process's own CPU time), and as many threads as cores they leave free (elsewhere it changes nothing).
+  process's own CPU time), and as many threads as cores they leave free (elsewhere it changes nothing);
+  `FreeCores`, the same count for a search that splits one query's scan (index/scan.py), renewed as it asks.
 RETRIEVAL_THREADS=off leaves OpenMP as it is (to measure what this gains), and a flat scan to FAISS's one thread
 per query (index/scan.py); a number fixes the thread count.
 No heavy imports: the CLI calls `prepare_openmp` before anything loads torch.
@@ -30,6 +31,7 @@ SETTING = "RETRIEVAL_THREADS"  # "auto" (the default), "off", or a fixed thread 
 SPIN_COUNT = "10000"  # GNU OpenMP's spin rounds before a waiting thread sleeps (default 300,000; 0 cost idle speed)
 OPENMP_RUNTIMES = ("torch", "faiss")  # modules that load an OpenMP runtime, which reads the environment once
 CHECK_EVERY_S = 3.0  # how often a job re-counts the free cores: other jobs come and go
+SCAN_CHECK_EVERY_S = 1.0  # how often a split scan's count is renewed: a read of /proc/stat a second at most
 FIRST_WINDOW_S = 0.25  # the shortest window the first count is made over
 BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # /proc/stat: user, nice, system, irq, softirq, steal (time the host took)
 
@@ -176,3 +178,27 @@ class ThreadFit:
 
         self._limits.append(threadpool_limits(n))
         self.threads = n
+
+
+class FreeCores:
+    """The cores other processes leave free, for work that asks on every call and cannot wait for a window of its
+    own (a split scan: a query takes milliseconds). A call re-counts over the time since the last count once
+    `every_s` has passed, else answers the last count; until there are two samples, every core."""
+
+    def __init__(self, every_s: float = SCAN_CHECK_EVERY_S) -> None:
+        self.cores, self.every_s = our_cores(), every_s
+        self.free, self.readable = len(self.cores), True
+        self._last: CpuSample | None = None
+
+    def count(self) -> int:
+        last = self._last  # read once: threads may count at once, and the last to store its sample wins
+        if not self.readable or (last is not None and time.monotonic() - last.at_s < self.every_s):
+            return self.free
+        now = read_sample(self.cores)
+        if now is None:  # no /proc/stat (macOS, Windows): every core, and no more reads
+            self.readable = False
+            return self.free
+        if last is not None:
+            self.free = choose_threads(len(self.cores), others_busy(last, now))
+        self._last = now
+        return self.free

@@ -20,6 +20,10 @@ on desktop Linux, niceness ranks processes only within their session, so nice 19
 - search: one top-10 query at a time against a flat scan of --search-n random 128-d unit vectors
   (index/scan.py's FlatScan, as flat's combined vectors are scanned): before, FAISS's one thread per query;
   after, the rows split between the cores. queries/s is 1 / the p50 (p99 in the JSON). Not in the default parts.
+- search16: the same against flat16's fp16 scan of those vectors (ListScan): before, one FAISS call on one
+  thread; after, the lists split between the cores. Not in the default parts.
+  After, a split takes the cores other processes leave free (threads.FreeCores, renewed once a second): the
+  warm-up pass lets it count them.
 The "busy/idle" column divides a row's median by the idle median of the same policy: the target is >= 0.45 with
 one of two cores taken. "elsewhere" is the CPU other processes used during the row, in cores (the busy loop
 and anything else running): a row beside other jobs is noisy, so run it on a quiet machine and read the medians.
@@ -53,7 +57,7 @@ def worker(spec: dict) -> dict:
     prepare_openmp()
     cores = our_cores()
     start = read_sample(cores)
-    out = search_row(spec) if spec["part"] == "search" else model_row(spec)
+    out = search_row(spec) if spec["part"] in ("search", "search16") else model_row(spec)
     end = read_sample(cores)
     out["elsewhere"] = round(others_busy(start, end), 2) if start and end else None
     return out
@@ -103,18 +107,21 @@ def model_row(spec: dict) -> dict:
 
 
 def search_row(spec: dict) -> dict:
-    """One query at a time, top-10, against a flat scan of n random unit vectors (index/scan.py, as flat's combined
-    vectors are scanned): queries/s as 1 / the p50, after a warm-up pass."""
+    """One query at a time, top-10, against n random unit vectors: flat's scan of them (index/scan.py's FlatScan,
+    as flat's combined vectors are scanned) or, for search16, flat16's fp16 scan (ListScan): queries/s as 1 / the
+    p50, after a warm-up pass."""
     import numpy as np
 
-    from retrieval.index.faiss_ops import FaissThreads
-    from retrieval.index.scan import FlatScan, slice_threads, split_rows
+    from retrieval.index.faiss_ops import FaissThreads, build_faiss
+    from retrieval.index.scan import FlatScan, ListScan, slice_threads, split_rows
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((spec["n"], spec["dim"]), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = (vectors[rng.integers(0, spec["n"], spec["queries"])] + 0.5 / np.sqrt(spec["dim"])).astype(np.float32)
-    scan = FlatScan(np.arange(spec["n"], dtype=np.int64), vectors)
+    ids = np.arange(spec["n"], dtype=np.int64)
+    fp16 = spec["part"] == "search16"
+    scan = ListScan(build_faiss(vectors, ids, "flat16", {})) if fp16 else FlatScan(ids, vectors)
     with FaissThreads(1):  # as our search path asks for one query (search.search_threads)
         for _ in range(2):  # a warm-up pass, then the timed one
             ms = []
@@ -122,9 +129,18 @@ def search_row(spec: dict) -> dict:
                 t = time.perf_counter()
                 scan.search(q[None], 10)
                 ms.append((time.perf_counter() - t) * 1000)
-    slices = len(split_rows(spec["n"], spec["dim"], slice_threads())) - 1
-    rate = 1000 / statistics.median(ms)
-    return {"rate": rate, "p99_ms": float(np.percentile(ms, 99)), "threads": slices, "precision": "fp32"}
+    cores = slice_threads()  # the cores a split may take at the end: all, less those other processes took
+    if fp16:  # the groups one query's lists split into (none: one call)
+        threads = len(scan._groups(1, None)) or 1
+    else:
+        threads = len(split_rows(spec["n"], spec["dim"], cores)) - 1
+    return {
+        "rate": 1000 / statistics.median(ms),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "threads": threads,
+        "cores": cores,
+        "precision": "fp16" if fp16 else "fp32",
+    }
 
 
 def run_row(spec: dict, policy: str, nice: int | None, timeout: float) -> dict:
@@ -196,7 +212,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="train,index", help="comma-separated: train, index, search")
+    p.add_argument("--parts", default="train,index", help="comma-separated: train, index, search, search16")
     p.add_argument("--loads", default="idle,nice19,nice0", help=f"of {', '.join(LOADS)}")
     p.add_argument("--reps", type=int, default=2, help="rows per (part, policy, load), interleaved")
     p.add_argument("--preset", default="default", help="the model preset trained (tiny, default, large, pretrained)")
@@ -235,7 +251,7 @@ def main() -> None:
                         out.mkdir(parents=True, exist_ok=True)
                         if part == "train":
                             spec = {"data": str(train_data), "preset": args.preset, "epochs": args.epochs}
-                        elif part == "search":
+                        elif part in ("search", "search16"):
                             spec = {"n": args.search_n, "dim": 128, "queries": 300}
                         else:
                             spec = {"data": str(index_data), "model": str(model), "n": args.index_n}
@@ -262,6 +278,7 @@ def main() -> None:
         f"precision: {', '.join(sorted({r['precision'] for r in rows}))}; {args.reps} rows each (medians)"
     )
     unit = {"train": "pairs/s", "index": "items/s", "search": "queries/s, one at a time"}
+    unit["search16"] = unit["search"]
     print(f"{'part':<6} | {'load':<7} | {'policy':<7} | {'median':>8} | {'best':>8} | {'busy/idle':>9} | elsewhere")
     for t in sorted(table, key=lambda t: (parts.index(t["part"]), loads.index(t["load"]), t["policy"] != "before")):
         ratio = f"{t['busy_over_idle']:>9.2f}" if t["load"] != "idle" and t["busy_over_idle"] else " " * 9

@@ -157,7 +157,14 @@ def test_the_threads_run_faiss_on_one_openmp_thread_each() -> None:
     assert scan_module.scan_pool().submit(faiss.omp_get_max_threads).result(timeout=10) == 1
 
 
-def test_retrieval_threads_caps_the_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slices_take_the_free_cores_or_retrieval_threads_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    class OneFree:  # another process has taken every core but one
+        def count(self) -> int:
+            return 1
+
+    monkeypatch.setattr(scan_module, "FREE_CORES", OneFree())
+    monkeypatch.setenv("RETRIEVAL_THREADS", "auto")
+    assert scan_module.slice_threads() == 1
     monkeypatch.setenv("RETRIEVAL_THREADS", "1")
     assert scan_module.slice_threads() == 1
     monkeypatch.setenv("RETRIEVAL_THREADS", "3")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,15 @@ from threadpoolctl import threadpool_limits
 
 from retrieval import threads
 from retrieval.errors import RetrievalError
-from retrieval.threads import CpuSample, ThreadFit, choose_threads, others_busy, parse_proc_stat, prepare_openmp
+from retrieval.threads import (
+    CpuSample,
+    FreeCores,
+    ThreadFit,
+    choose_threads,
+    others_busy,
+    parse_proc_stat,
+    prepare_openmp,
+)
 
 PROC_STAT = """cpu  900 90 300 5000 50 10 20 30 0 0
 cpu0 100 10 40 2000 20 5 5 10 0 0
@@ -124,6 +133,51 @@ def test_thread_fit_off_leaves_the_runtimes_alone(fake_machine: FakeCounters, mo
         assert fit.update() is None and torch.get_num_threads() == threads_before
 
 
+def test_free_cores_counts_what_other_processes_leave_over_the_last_window(fake_machine: FakeCounters) -> None:
+    free = FreeCores(every_s=5.0)  # the fake clock reads 5 s on from the last sample: every call re-counts
+    fake_machine.others = 1.0
+    assert free.count() == 2  # one sample, no window yet: every core
+    assert free.count() == 1  # another program took a core over the last 5 s
+    fake_machine.others = 0.2
+    assert free.count() == 2
+
+
+def test_free_cores_reads_proc_stat_at_most_once_in_every_s(
+    fake_machine: FakeCounters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = []
+    monkeypatch.setattr(threads, "read_sample", lambda cores: reads.append(1) or fake_machine.read(cores))
+    free = FreeCores(every_s=10.0)  # the fake clock never gets 10 s past the last sample
+    fake_machine.others = 2.0
+    assert [free.count() for _ in range(5)] == [2] * 5 and len(reads) == 1
+
+
+def test_free_cores_without_proc_stat_is_every_core_and_stops_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = []
+    monkeypatch.setattr(threads, "read_sample", lambda cores: reads.append(1))
+    monkeypatch.setattr(threads, "our_cores", lambda: [0, 1, 2])
+    free = FreeCores(every_s=0.0)
+    assert [free.count() for _ in range(3)] == [3] * 3 and len(reads) == 1
+
+
+def test_free_cores_leaves_out_a_core_a_busy_loop_takes() -> None:
+    """On this machine's real /proc/stat: a busy loop in another process for the whole window."""
+    free = FreeCores(every_s=0.0)
+    cores = len(free.cores)
+    if cores < 2:
+        pytest.skip("one core: nothing to leave out")
+    spin = "import time\nend = time.monotonic() + 5\nwhile time.monotonic() < end: pass"
+    loop = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.3)  # the loop runs
+        assert free.count() == cores  # the first sample
+        time.sleep(0.6)
+        assert free.count() <= cores - 1
+    finally:
+        loop.kill()
+        loop.wait()
+
+
 @pytest.mark.slow  # a subprocess that imports torch
 @pytest.mark.parametrize("setting", ["auto", "off"])
 def test_the_cli_sets_openmp_wait_before_torch_loads(setting: str) -> None:
@@ -180,17 +234,21 @@ def test_bench_shared_runs_and_writes_its_rows(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # two subprocesses
-def test_bench_shared_times_a_flat_scan_on_one_thread_before_and_split_after(tmp_path: Path) -> None:
+def test_bench_shared_times_flat_and_flat16_scans_on_one_thread_before_and_split_after(tmp_path: Path) -> None:
     from retrieval.index.scan import split_rows
 
     out = tmp_path / "bench.json"
-    args = ["--parts", "search", "--loads", "idle", "--reps", "1", "--search-n", "40000", "--json", str(out)]
+    args = ["--parts", "search,search16", "--loads", "idle", "--reps", "1", "--search-n", "40000", "--json", str(out)]
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, str(root / "scripts" / "bench_shared.py"), *args], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    rows = {r["policy"]: r for r in json.loads(out.read_text())["rows"]}
-    assert rows["before"]["threads"] == 1 and rows["before"]["rate"] > 0
-    assert rows["after"]["threads"] == len(split_rows(40_000, 128, len(threads.our_cores()))) - 1
+    rows = {(r["part"], r["policy"]): r for r in json.loads(out.read_text())["rows"]}
+    for part, width, precision in (("search", 40_000 * 128, "fp32"), ("search16", 40_000 * 128 // 16, "fp16")):
+        before, after = rows[part, "before"], rows[part, "after"]
+        assert before["threads"] == 1 and before["rate"] > 0 and after["precision"] == precision
+        assert 1 <= after["cores"] <= len(threads.our_cores())  # less what other processes took
+        rows_or_lists = (40_000, 128) if part == "search" else (16, width)  # flat16: 16 lists of that many floats
+        assert after["threads"] == max(1, len(split_rows(*rows_or_lists, after["cores"])) - 1)
     assert "queries/s, one at a time" in done.stdout
