@@ -10,7 +10,8 @@ For each N and index type, on the same index object:
   (index/combined.py), shown first beside the fused scan it replaced, then (θ) beside ours splitting that scan
   by rows between threads (index/scan.py) before any record is made;
 - θ (range search) at a θ that returns about 100 items: raw `range_search` vs ours, and on ANN types how
-  many of the exact answers were found;
+  many of the exact answers were found; beside them, raw plus the least any path answering with records adds
+  (records_floor: the sort, msgspec's decode of records made ready beforehand, the parts' scores);
 - batched QPS (all queries in one call, 2 threads), top-10 and θ: raw vs `Index.search_vectors`. On flat16 ours
   reads the fp32 vectors once for the batch (scan.FlatScan), raw scans the fp16 codes once per query;
 - recall@10 against exact, build time (the whole `rebuild`: read SQLite, build, write), index size,
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retrieval.index.combined import Combined, combined_scan
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
+from retrieval.index.records import RECORDS, joined_lines
 from retrieval.index.rerank import Reranked
 from retrieval.index.scan import FlatScan
 from retrieval.index.search import query_rows, query_vectors, ranked, search_threads
@@ -109,22 +111,51 @@ def row(name: str, ms: np.ndarray | None = None, **extra) -> dict:
     return {"name": name, **times, **extra}
 
 
-def side_by_side(name: str, raw, ours, reps: int, first: str = "raw faiss") -> list[dict]:
+def side_by_side(name: str, raw, ours, reps: int, first: str = "raw faiss", floor=None) -> list[dict]:
     """Raw and ours take turns a block of BLOCK queries at a time, over the queries twice (the first a warm-up), so
     the machine's drift (other tenants' memory traffic moves a 100k flat scan by a millisecond here) hits both
     alike, and each query follows another query, as a user's does. Each side goes first in every other block, so
-    neither always finds the other's data for the same queries in cache."""
+    neither always finds the other's data for the same queries in cache. `floor`, if given, takes its turn too:
+    raw plus the least any records path must do (records_floor)."""
+    fns = [raw, ours] if floor is None else [raw, ours, floor]
     for _ in range(2):
-        raw_ms, ours_ms = [], []
-        sides = [(raw, raw_ms), (ours, ours_ms)]
+        ms: list[list[np.ndarray]] = [[] for _ in fns]
         for block, start in enumerate(range(0, reps, BLOCK)):
-            for fn, out in sides if block % 2 == 0 else sides[::-1]:
-                out.append(timed(fn, min(BLOCK, reps - start), start))
-    raw_all, ours_all = np.concatenate(raw_ms), np.concatenate(ours_ms)
-    overhead = float(np.median(ours_all) - np.median(raw_all))
-    ratio = float(np.median(ours_all) / np.median(raw_all))
-    ours_row = row(f"{name}: ours", ours_all, overhead_ms=overhead, overhead_ratio=ratio)
-    return [row(f"{name}: {first}", raw_all), ours_row]
+            for side in range(len(fns)) if block % 2 == 0 else reversed(range(len(fns))):
+                ms[side].append(timed(fns[side], min(BLOCK, reps - start), start))
+    raw_all, *others = (np.concatenate(m) for m in ms)
+    labels = ["ours", "raw + records' floor"][: len(others)]
+    return [row(f"{name}: {first}", raw_all)] + [
+        row(
+            f"{name}: {label}",
+            times,
+            overhead_ms=float(np.median(times) - np.median(raw_all)),
+            overhead_ratio=float(np.median(times) / np.median(raw_all)),
+        )
+        for label, times in zip(labels, others, strict=True)
+    ]
+
+
+def records_floor(index: Index, raw: faiss.Index, raw_q: np.ndarray, queries: np.ndarray, theta: float):
+    """raw's θ call plus the least that answering with Hit records adds, however the rest were written: the
+    results sorted, their records decoded by msgspec (in C) from a buffer made ready beforehand, and their parts'
+    scores. A lower bound on ours' overhead: it leaves out finding the records' lines, setting the scores, and
+    every check and call around them."""
+    store = index.store
+    searcher, params = store.searcher(None, weight=0.5)
+    answers = ranked(searcher, query_rows(searcher, queries, "item", 0.5), None, theta, params)
+    found = [store.rows_of(ids) for _, ids in answers]  # the rows of ours' answers, in its order
+    assert store.records is not None, "the bench's stores write their records file"
+    ready = [joined_lines(store.records, rows) for rows in found]
+    scorer = store.part_scorer
+
+    def floor(r: int) -> None:
+        _, scores, _ = raw.range_search(raw_q[r : r + 1], theta)
+        (-scores).argsort(kind="stable")
+        RECORDS.decode(ready[r])
+        scorer(queries[r], found[r])
+
+    return floor
 
 
 def batch_qps(raw, ours) -> dict:
@@ -189,6 +220,7 @@ def bench_type(
             lambda r, raw=raw, raw_q=raw_q: raw.range_search(raw_q[r : r + 1], theta),
             lambda r: index.search_vector(queries[r], k=None, theta=theta),
             reps,
+            floor=records_floor(index, raw, raw_q, queries, theta),
         )
         lims = raw.range_search(raw_q, theta)[0]
         rows[-1]["mean_results"] = float(np.mean(np.diff(lims)))

@@ -48,12 +48,17 @@ def open_records(records: Path, offsets: Path, n_items: int) -> Records | None:
     return (ends, data) if len(ends) == n_items + 1 and len(data) == ends[-1] else None
 
 
-def decode_records(records: Records, rows: npt.NDArray[np.int64]) -> list[Hit] | None:
-    """New Hits, without scores, of the lines at `rows`; None when the file turns out damaged."""
+def joined_lines(records: Records, rows: npt.NDArray[np.int64]) -> bytes:
+    """The lines at `rows` as one JSON array, which RECORDS decodes in one call."""
     ends, data = records
     lines = map(data.__getitem__, map(slice, ends[rows].tolist(), ends[rows + 1].tolist()))
+    return b"[" + b",".join(lines) + b"]"
+
+
+def decode_records(records: Records, rows: npt.NDArray[np.int64]) -> list[Hit] | None:
+    """New Hits, without scores, of the lines at `rows`; None when the file turns out damaged."""
     try:
-        hits = RECORDS.decode(b"[" + b",".join(lines) + b"]")
+        hits = RECORDS.decode(joined_lines(records, rows))
     except msgspec.DecodeError:
         return None
     return hits if len(hits) == len(rows) else None  # a damaged line may still parse, as none or as two
