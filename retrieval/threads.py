@@ -183,7 +183,9 @@ class ThreadFit:
 class FreeCores:
     """The cores other processes leave free, for work that asks on every call and cannot wait for a window of its
     own (a split scan: a query takes milliseconds). A call re-counts over the time since the last count once
-    `every_s` has passed, else answers the last count; until there are two samples, every core."""
+    `every_s` has passed, else answers the last count; until there are two samples, every core. Queries minutes
+    apart count over those minutes: a long job beside them is counted, one that just started or ended is seen a
+    query late."""
 
     def __init__(self, every_s: float = SCAN_CHECK_EVERY_S) -> None:
         self.cores, self.every_s = our_cores(), every_s
@@ -194,11 +196,14 @@ class FreeCores:
         last = self._last  # read once: threads may count at once, and the last to store its sample wins
         if not self.readable or (last is not None and time.monotonic() - last.at_s < self.every_s):
             return self.free
-        now = read_sample(self.cores)
+        cores = our_cores()  # the process may have been moved to other cores since
+        now = read_sample(cores)
         if now is None:  # no /proc/stat (macOS, Windows): every core, and no more reads
             self.readable = False
             return self.free
+        if cores != self.cores:  # a window over other cores counts nothing: start anew
+            self.cores, self.free, last = cores, len(cores), None
         if last is not None:
-            self.free = choose_threads(len(self.cores), others_busy(last, now))
+            self.free = choose_threads(len(cores), others_busy(last, now))
         self._last = now
         return self.free

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -49,12 +50,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retrieval.index.combined import Combined, combined_scan
+from retrieval.index.faiss_ops import FaissThreads
 from retrieval.index.format import Item, Manifest
 from retrieval.index.handle import Index
 from retrieval.index.records import RECORDS, joined_lines
 from retrieval.index.rerank import Reranked
 from retrieval.index.scan import FlatScan
-from retrieval.index.search import query_rows, query_vectors, ranked, search_threads
+from retrieval.index.search import GcPaused, query_rows, query_vectors, ranked, search_threads
 from retrieval.index.store import IndexStore
 
 KNOBS = {"hnsw": ("ef_search", (64, 128, 256)), "ivf": ("nprobe", (16, 64, 256))}
@@ -114,14 +116,14 @@ def row(name: str, ms: np.ndarray | None = None, **extra) -> dict:
 def side_by_side(name: str, raw, ours, reps: int, first: str = "raw faiss", floor=None) -> list[dict]:
     """Raw and ours take turns a block of BLOCK queries at a time, over the queries twice (the first a warm-up), so
     the machine's drift (other tenants' memory traffic moves a 100k flat scan by a millisecond here) hits both
-    alike, and each query follows another query, as a user's does. Each side goes first in every other block, so
-    neither always finds the other's data for the same queries in cache. `floor`, if given, takes its turn too:
-    raw plus the least any records path must do (records_floor)."""
+    alike, and each query follows another query, as a user's does. The sides take turns going first, so none
+    always finds another's data for the same queries in cache. `floor`, if given, takes its turns too: raw plus
+    the least our records add (records_floor)."""
     fns = [raw, ours] if floor is None else [raw, ours, floor]
     for _ in range(2):
         ms: list[list[np.ndarray]] = [[] for _ in fns]
         for block, start in enumerate(range(0, reps, BLOCK)):
-            for side in range(len(fns)) if block % 2 == 0 else reversed(range(len(fns))):
+            for side in ((block + i) % len(fns) for i in range(len(fns))):  # each side first in turn
                 ms[side].append(timed(fns[side], min(BLOCK, reps - start), start))
     raw_all, *others = (np.concatenate(m) for m in ms)
     labels = ["ours", "raw + records' floor"][: len(others)]
@@ -136,24 +138,32 @@ def side_by_side(name: str, raw, ours, reps: int, first: str = "raw faiss", floo
     ]
 
 
-def records_floor(index: Index, raw: faiss.Index, raw_q: np.ndarray, queries: np.ndarray, theta: float):
-    """raw's θ call plus the least that answering with Hit records adds, however the rest were written: the
-    results sorted, their records decoded by msgspec (in C) from a buffer made ready beforehand, and their parts'
-    scores. A lower bound on ours' overhead: it leaves out finding the records' lines, setting the scores, and
-    every check and call around them."""
+def records_floor(
+    index: Index, raw: Callable[[int], tuple], queries: np.ndarray, k: int | None, theta: float | None
+) -> Callable[[int], None]:
+    """raw(r) plus the least that answering with our Hit records adds: θ's results sorted (FAISS's range search
+    leaves them unsorted), their records decoded by msgspec (in C) from a buffer made ready beforehand, and their
+    parts' scores, with the GC paused and FAISS on one thread as `hits_for` runs them. It leaves out finding the
+    records' lines, setting the scores, and every check and call around them: where ours makes raw's FAISS call
+    (HNSW, IVF), a lower bound on ours' overhead. The ready buffers were made long before, so their bytes come
+    from memory as the lines ours joins do."""
     store = index.store
     searcher, params = store.searcher(None, weight=0.5)
-    answers = ranked(searcher, query_rows(searcher, queries, "item", 0.5), None, theta, params)
+    answers = ranked(searcher, query_rows(searcher, queries, "item", 0.5), k, theta, params)
     found = [store.rows_of(ids) for _, ids in answers]  # the rows of ours' answers, in its order
     assert store.records is not None, "the bench's stores write their records file"
     ready = [joined_lines(store.records, rows) for rows in found]
+    first = [hit.id for hit in index.search_vector(queries[0], k=k, theta=theta)]
+    assert [hit.id for hit in RECORDS.decode(ready[0])] == first, "the floor decodes ours' records"
     scorer = store.part_scorer
 
     def floor(r: int) -> None:
-        _, scores, _ = raw.range_search(raw_q[r : r + 1], theta)
-        (-scores).argsort(kind="stable")
-        RECORDS.decode(ready[r])
-        scorer(queries[r], found[r])
+        answer = raw(r)
+        with GcPaused(), FaissThreads(1):
+            if k is None:
+                (-answer[1]).argsort(kind="stable")  # (lims, scores, ids)
+            RECORDS.decode(ready[r])
+            scorer(queries[r], found[r])
 
     return floor
 
@@ -194,37 +204,47 @@ def bench_type(
         raw, raw_q = raw_call(store, queries)
         tag = f"{prefix} {index_type}" + (f" {knob}={value}" if knob else "")
         scan = store.searcher(None, weight=0.5)[0]
+        ann = isinstance(scan, faiss.Index)  # ours asks raw's FAISS index itself (HNSW, IVF): the floor applies
+
+        def raw_top10(r: int, raw=raw, raw_q=raw_q) -> tuple:  # this knob value's searcher, bound now
+            return raw.search(raw_q[r : r + 1], 10)
+
+        def raw_theta(r: int, raw=raw, raw_q=raw_q) -> tuple:
+            return raw.range_search(raw_q[r : r + 1], theta)
+
         faiss.omp_set_num_threads(search_threads(1))  # one query: FAISS on one thread, raw and ours alike
         if isinstance(scan, Combined):  # flat: ours scans the combined vectors; beside it, the fused scan it replaced
             rows += side_by_side(
                 f"{tag} top-10, one query: fused (n, 2d) scan vs combined (n, d)",
                 lambda r: store.faiss.search(qv[r : r + 1], 10),
-                lambda r, raw=raw, raw_q=raw_q: raw.search(raw_q[r : r + 1], 10),
+                raw_top10,
                 reps,
             )
             rows += side_by_side(  # the scan alone, before our path makes records of its answers
                 f"{tag} theta, one query: the combined scan on one thread vs split by rows (FlatScan)",
-                lambda r, raw=raw, raw_q=raw_q: raw.range_search(raw_q[r : r + 1], theta),
+                raw_theta,
                 lambda r, scan=scan, raw_q=raw_q: scan.range_search(raw_q[r : r + 1], theta),
                 reps,
             )
-        rows += side_by_side(
+        top10 = side_by_side(
             f"{tag} top-10",
-            lambda r, raw=raw, raw_q=raw_q: raw.search(raw_q[r : r + 1], 10),  # this knob value's searcher, bound now
+            raw_top10,
             lambda r: index.search_vector(queries[r], k=10),
             reps,
+            floor=records_floor(index, raw_top10, queries, 10, None) if ann else None,
         )
-        rows[-1]["recall_at_10"] = recall_at_10(raw.search(raw_q, 10)[1], truth)
-        rows += side_by_side(
+        top10[1]["recall_at_10"] = recall_at_10(raw.search(raw_q, 10)[1], truth)  # [raw, ours, floor]
+        theta_rows = side_by_side(
             f"{tag} theta (~100 results)",
-            lambda r, raw=raw, raw_q=raw_q: raw.range_search(raw_q[r : r + 1], theta),
+            raw_theta,
             lambda r: index.search_vector(queries[r], k=None, theta=theta),
             reps,
-            floor=records_floor(index, raw, raw_q, queries, theta),
+            floor=records_floor(index, raw_theta, queries, None, theta) if ann else None,
         )
         lims = raw.range_search(raw_q, theta)[0]
-        rows[-1]["mean_results"] = float(np.mean(np.diff(lims)))
-        rows[-1]["theta_completeness"] = float(np.sum(np.diff(lims)) / max(1, sum(map(len, exact_sets))))
+        theta_rows[1]["mean_results"] = float(np.mean(np.diff(lims)))
+        theta_rows[1]["theta_completeness"] = float(np.sum(np.diff(lims)) / max(1, sum(map(len, exact_sets))))
+        rows += top10 + theta_rows
         faiss.omp_set_num_threads(2)
         rows.append(
             row(

@@ -1,7 +1,8 @@
-"""Benchmark training, indexing and a flat scan's single queries on a machine shared with another job: idle
-against one core busy, before and after the thread policy (retrieval/threads.py), side by side in one run.
+"""Benchmark training, indexing and flat and flat16 scans' single queries on a machine shared with another job:
+idle against one core busy, before and after the thread policy (retrieval/threads.py), side by side in one run.
 
-    .venv/bin/python scripts/bench_shared.py [--parts train,index,search] [--loads idle,nice19,nice0] [--reps 2]
+    .venv/bin/python scripts/bench_shared.py [--parts train,index,search,search16] [--loads idle,nice19,nice0]
+        [--reps 2]
         [--preset default] [--n 600] [--epochs 3] [--index-n 600] [--search-n 100000] [--work DIR]
         [--json bench_shared.json]
 
@@ -19,11 +20,10 @@ on desktop Linux, niceness ranks processes only within their session, so nice 19
   1-item builds made after a first (which pays for imports and kernels).
 - search: one top-10 query at a time against a flat scan of --search-n random 128-d unit vectors
   (index/scan.py's FlatScan, as flat's combined vectors are scanned): before, FAISS's one thread per query;
-  after, the rows split between the cores. queries/s is 1 / the p50 (p99 in the JSON). Not in the default parts.
+  after, the rows split between the cores other processes leave free (threads.FreeCores, renewed once a
+  second). queries/s is 1 / the p50 (p99 in the JSON). Not in the default parts.
 - search16: the same against flat16's fp16 scan of those vectors (ListScan): before, one FAISS call on one
-  thread; after, the lists split between the cores. Not in the default parts.
-  After, a split takes the cores other processes leave free (threads.FreeCores, renewed once a second): the
-  warm-up pass lets it count them.
+  thread; after, the lists split between the free cores. Not in the default parts.
 The "busy/idle" column divides a row's median by the idle median of the same policy: the target is >= 0.45 with
 one of two cores taken. "elsewhere" is the CPU other processes used during the row, in cores (the busy loop
 and anything else running): a row beside other jobs is noisy, so run it on a quiet machine and read the medians.
@@ -109,11 +109,14 @@ def model_row(spec: dict) -> dict:
 def search_row(spec: dict) -> dict:
     """One query at a time, top-10, against n random unit vectors: flat's scan of them (index/scan.py's FlatScan,
     as flat's combined vectors are scanned) or, for search16, flat16's fp16 scan (ListScan): queries/s as 1 / the
-    p50, after a warm-up pass."""
+    p50, after a warm-up pass and a second's pause (the split's count of free cores is renewed once a second:
+    the timed pass runs on a count made beside the load). `threads`: the slices a timed query ran on, on average
+    (each one past the first is handed to the scan's pool)."""
     import numpy as np
 
+    from retrieval.index import scan as scan_module
     from retrieval.index.faiss_ops import FaissThreads, build_faiss
-    from retrieval.index.scan import FlatScan, ListScan, slice_threads, split_rows
+    from retrieval.threads import SCAN_CHECK_EVERY_S
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((spec["n"], spec["dim"]), dtype=np.float32)
@@ -121,24 +124,23 @@ def search_row(spec: dict) -> dict:
     queries = (vectors[rng.integers(0, spec["n"], spec["queries"])] + 0.5 / np.sqrt(spec["dim"])).astype(np.float32)
     ids = np.arange(spec["n"], dtype=np.int64)
     fp16 = spec["part"] == "search16"
-    scan = ListScan(build_faiss(vectors, ids, "flat16", {})) if fp16 else FlatScan(ids, vectors)
+    scan = scan_module.ListScan(build_faiss(vectors, ids, "flat16", {})) if fp16 else scan_module.FlatScan(ids, vectors)
+    handed, pool = [], scan_module.scan_pool
+    scan_module.scan_pool = lambda: handed.append(1) or pool()  # counts the hand-offs
     with FaissThreads(1):  # as our search path asks for one query (search.search_threads)
-        for _ in range(2):  # a warm-up pass, then the timed one
+        for warm_up in (True, False):
             ms = []
             for q in queries:
                 t = time.perf_counter()
                 scan.search(q[None], 10)
                 ms.append((time.perf_counter() - t) * 1000)
-    cores = slice_threads()  # the cores a split may take at the end: all, less those other processes took
-    if fp16:  # the groups one query's lists split into (none: one call)
-        threads = len(scan._groups(1, None)) or 1
-    else:
-        threads = len(split_rows(spec["n"], spec["dim"], cores)) - 1
+            if warm_up:
+                time.sleep(SCAN_CHECK_EVERY_S)
+                handed.clear()
     return {
         "rate": 1000 / statistics.median(ms),
         "p99_ms": float(np.percentile(ms, 99)),
-        "threads": threads,
-        "cores": cores,
+        "threads": 1 + len(handed) / len(queries),
         "precision": "fp16" if fp16 else "fp32",
     }
 
@@ -279,11 +281,11 @@ def main() -> None:
     )
     unit = {"train": "pairs/s", "index": "items/s", "search": "queries/s, one at a time"}
     unit["search16"] = unit["search"]
-    print(f"{'part':<6} | {'load':<7} | {'policy':<7} | {'median':>8} | {'best':>8} | {'busy/idle':>9} | elsewhere")
+    print(f"{'part':<8} | {'load':<7} | {'policy':<7} | {'median':>8} | {'best':>8} | {'busy/idle':>9} | elsewhere")
     for t in sorted(table, key=lambda t: (parts.index(t["part"]), loads.index(t["load"]), t["policy"] != "before")):
         ratio = f"{t['busy_over_idle']:>9.2f}" if t["load"] != "idle" and t["busy_over_idle"] else " " * 9
         print(
-            f"{t['part']:<6} | {t['load']:<7} | {t['policy']:<7} | {t['median']:>8.1f} | {t['best']:>8.1f} | "
+            f"{t['part']:<8} | {t['load']:<7} | {t['policy']:<7} | {t['median']:>8.1f} | {t['best']:>8.1f} | "
             f"{ratio} | {t['elsewhere']:.2f} cores  ({unit[t['part']]})"
         )
 

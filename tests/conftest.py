@@ -73,7 +73,7 @@ def split(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Slices of SPLIT_FLOATS floats on up to 4 threads, so a small scan splits as a large one does. The list it
     gives grows each time a split hands a slice to the pool."""
     monkeypatch.setattr(scan, "SLICE_FLOATS", SPLIT_FLOATS)
-    monkeypatch.setattr(scan, "slice_threads", lambda: 4)
+    monkeypatch.setattr(scan, "slice_threads", lambda floats: 4)
     handed, pool = [], scan.scan_pool
     monkeypatch.setattr(scan, "scan_pool", lambda: handed.append(1) or pool())
     return handed

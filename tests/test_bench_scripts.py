@@ -39,9 +39,9 @@ def test_bench_search_runs_and_writes_its_rows(tmp_path: Path) -> None:
     assert "N=3,000 flat top-10: ours" in names and any(n.startswith("N=3,000 ivf nprobe=16") for n in names)
     ours = next(r for r in rows if r["name"] == "N=3,000 flat top-10: ours")
     assert ours["recall_at_10"] == 1.0 and ours["overhead_ratio"] > 0
-    theta = {r["name"].rsplit(": ", 1)[1]: r for r in rows if r["name"].startswith("N=3,000 ivf nprobe=16 theta")}
-    floor = theta["raw + records' floor"]  # measured beside raw and ours, against raw
-    assert floor["overhead_ms"] == pytest.approx(floor["p50_ms"] - theta["raw faiss"]["p50_ms"])
+    floors = [n for n in names if n.endswith("raw + records' floor")]  # where ours makes raw's FAISS call
+    assert floors and all(n.startswith("N=3,000 ivf") for n in floors)
+    assert "N=3,000 ivf nprobe=16 theta (~100 results): raw + records' floor" in floors
     filtered = next(
         r for r in rows if r["name"] == "N=3,000 flat, image target, 10% no image: batch of 5, top-10: before vs ours"
     )

@@ -158,19 +158,38 @@ def test_the_threads_run_faiss_on_one_openmp_thread_each() -> None:
 
 
 def test_slices_take_the_free_cores_or_retrieval_threads_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    class OneFree:  # another process has taken every core but one
-        def count(self) -> int:
-            return 1
+    asked = []
 
-    monkeypatch.setattr(scan_module, "FREE_CORES", OneFree())
+    class TwoFree:  # other processes leave two cores
+        def count(self) -> int:
+            asked.append(1)
+            return 2
+
+    monkeypatch.setattr(scan_module, "_free_cores", TwoFree())
+    big, small = 2 * scan_module.SLICE_FLOATS, 2 * scan_module.SLICE_FLOATS - 1
     monkeypatch.setenv("RETRIEVAL_THREADS", "auto")
-    assert scan_module.slice_threads() == 1
-    monkeypatch.setenv("RETRIEVAL_THREADS", "1")
-    assert scan_module.slice_threads() == 1
+    assert scan_module.slice_threads(big) == 2 and len(asked) == 1
+    assert scan_module.slice_threads(small) == 1 and len(asked) == 1  # one slice's worth: not asked
     monkeypatch.setenv("RETRIEVAL_THREADS", "3")
-    assert scan_module.slice_threads() == 3
+    assert scan_module.slice_threads(big) == 3 and scan_module.slice_threads(small) == 1
     monkeypatch.setenv("RETRIEVAL_THREADS", "off")
-    assert scan_module.slice_threads() == 1
+    assert scan_module.slice_threads(big) == 1 and len(asked) == 1
+
+
+def test_a_forked_child_counts_free_cores_anew() -> None:
+    """Its CPU time starts at 0: a window begun in the parent would count the parent's time as another process's."""
+    scan_module._free_cores.count()  # the parent has a sample
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=report_free_cores, args=(queue,))
+    child.start()
+    fresh = queue.get(timeout=30)
+    child.join(timeout=30)
+    assert fresh and scan_module._free_cores._last is not None
+
+
+def report_free_cores(queue: multiprocessing.Queue) -> None:
+    queue.put(scan_module._free_cores._last is None)
 
 
 def test_an_empty_scan_finds_nothing(split) -> None:
@@ -193,7 +212,7 @@ def test_a_scan_refuses_other_widths_filters_and_matrices() -> None:
 
 
 def split_search_in_child(queue: multiprocessing.Queue) -> None:
-    scan_module.SLICE_FLOATS, scan_module.slice_threads = SPLIT_FLOATS, lambda: 4
+    scan_module.SLICE_FLOATS, scan_module.slice_threads = SPLIT_FLOATS, lambda floats: 4
     scan = scan_of(250)
     queue.put(scan.search(np.ones((1, D), np.float32), 3)[1].tolist())
 

@@ -163,16 +163,15 @@ def test_free_cores_without_proc_stat_is_every_core_and_stops_reading(monkeypatc
 def test_free_cores_leaves_out_a_core_a_busy_loop_takes() -> None:
     """On this machine's real /proc/stat: a busy loop in another process for the whole window."""
     free = FreeCores(every_s=0.0)
-    cores = len(free.cores)
-    if cores < 2:
-        pytest.skip("one core: nothing to leave out")
-    spin = "import time\nend = time.monotonic() + 5\nwhile time.monotonic() < end: pass"
-    loop = subprocess.Popen([sys.executable, "-c", spin])
+    if len(free.cores) < 2 or threads.read_sample(free.cores) is None:
+        pytest.skip("one core, or no /proc/stat: nothing to count")
+    spin = "import time\nprint('spinning', flush=True)\nend = time.monotonic() + 10\nwhile time.monotonic() < end: pass"
+    loop = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.3)  # the loop runs
-        assert free.count() == cores  # the first sample
-        time.sleep(0.6)
-        assert free.count() <= cores - 1
+        assert loop.stdout is not None and loop.stdout.readline().strip() == "spinning"
+        assert free.count() == len(free.cores)  # the first sample
+        time.sleep(1.0)
+        assert free.count() <= len(free.cores) - 1
     finally:
         loop.kill()
         loop.wait()
@@ -235,8 +234,6 @@ def test_bench_shared_runs_and_writes_its_rows(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # two subprocesses
 def test_bench_shared_times_flat_and_flat16_scans_on_one_thread_before_and_split_after(tmp_path: Path) -> None:
-    from retrieval.index.scan import split_rows
-
     out = tmp_path / "bench.json"
     args = ["--parts", "search,search16", "--loads", "idle", "--reps", "1", "--search-n", "40000", "--json", str(out)]
     root = Path(__file__).resolve().parents[1]
@@ -245,10 +242,10 @@ def test_bench_shared_times_flat_and_flat16_scans_on_one_thread_before_and_split
     )
     assert done.returncode == 0, done.stderr
     rows = {(r["part"], r["policy"]): r for r in json.loads(out.read_text())["rows"]}
-    for part, width, precision in (("search", 40_000 * 128, "fp32"), ("search16", 40_000 * 128 // 16, "fp16")):
+    for part, precision in (("search", "fp32"), ("search16", "fp16")):
         before, after = rows[part, "before"], rows[part, "after"]
         assert before["threads"] == 1 and before["rate"] > 0 and after["precision"] == precision
-        assert 1 <= after["cores"] <= len(threads.our_cores())  # less what other processes took
-        rows_or_lists = (40_000, 128) if part == "search" else (16, width)  # flat16: 16 lists of that many floats
-        assert after["threads"] == max(1, len(split_rows(*rows_or_lists, after["cores"])) - 1)
+        assert 1 <= after["threads"] <= len(threads.our_cores())  # the threads a timed query used, on average
+        if len(threads.our_cores()) >= 2 and after["elsewhere"] < 0.3:  # the cores were free: the scan split
+            assert after["threads"] >= 2
     assert "queries/s, one at a time" in done.stdout

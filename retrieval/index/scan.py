@@ -32,7 +32,6 @@ FEW_QUERIES = 8  # up to this many queries in a call: FAISS on one thread (searc
 SLICE_FLOATS = 2**20  # the least a thread's slice of a split scan holds (4 MiB, ~0.3 ms here): a split pays from 2
 MAX_SLICES = 8  # one query reads memory; past a few cores a slice more only costs its thread's wake-up
 Found = tuple[np.ndarray, ...]  # one slice's answer: FAISS's (scores, rows), or (lims, scores, rows)
-FREE_CORES = FreeCores()  # what other processes leave us, for slice_threads
 
 
 class FlatScan:
@@ -74,7 +73,8 @@ class FlatScan:
         """(first row, scan(rows)) per slice of the rows: one slice for a batch (FAISS then splits it by query,
         with BLAS) or beside another thread's search, else as many as split_rows gives."""
         n = len(self.vectors)
-        bounds = split_rows(n, self.vectors.shape[1], slice_threads()) if may_split(len(qv)) else [0, n]
+        d = self.vectors.shape[1]
+        bounds = split_rows(n, d, slice_threads(n * d)) if may_split(len(qv)) else [0, n]
         found = on_threads([self.vectors[a:b] for a, b in pairwise(bounds)], scan)
         return list(zip(bounds[:-1], found, strict=True))
 
@@ -117,7 +117,7 @@ class ListScan:
             return []
         probes = index.nprobe if params is None else params.nprobe  # a filter's parameters carry their own
         per_list = -(-self.ntotal * index.d // index.nlist)  # the codes' components in each list, rounded up
-        threads = min(slice_threads(), index.nlist)  # a group holds one list at least
+        threads = min(slice_threads(self.ntotal * index.d), index.nlist)  # a group holds one list at least
         bounds = split_rows(index.nlist, per_list, threads) if probes == index.nlist else [0]
         groups = []
         for a, b in pairwise(bounds):
@@ -257,16 +257,20 @@ def merge_ranges(found: list[tuple[int, Found]]) -> Found:
     return np.sum([lims for _, (lims, _, _) in found], axis=0), np.concatenate(scores), np.concatenate(rows)
 
 
-def slice_threads() -> int:
-    """Threads a split scan may take: the cores other processes leave free (a split beside a busy core only adds
-    its hand-offs: 0.85x of one thread's queries/s at 100k here), RETRIEVAL_THREADS's count where it sets one,
-    and one for RETRIEVAL_THREADS=off (FAISS's own threads: one per query)."""
+def slice_threads(floats: int) -> int:
+    """Threads a split scan of `floats` floats may take: one below two slices' worth (SLICE_FLOATS), else the
+    cores other processes leave free (a split beside a busy core only adds its hand-offs: 0.85x of one thread's
+    queries/s at 100k here), RETRIEVAL_THREADS's count where it sets one, and one for RETRIEVAL_THREADS=off
+    (FAISS's own threads: one per query)."""
     chosen = setting()
-    return chosen if isinstance(chosen, int) else 1 if chosen == "off" else FREE_CORES.count()
+    if floats < 2 * SLICE_FLOATS or chosen == "off":
+        return 1
+    return chosen if isinstance(chosen, int) else _free_cores.count()
 
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_free_cores = FreeCores()  # what other processes leave this one, for slice_threads
 
 
 def scan_pool() -> ThreadPoolExecutor:
@@ -279,13 +283,13 @@ def scan_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _forget_pool() -> None:
+def _after_fork() -> None:
     """A forked child has none of its parent's threads: it makes its own pool, and runs none of their searches.
     Its CPU time starts at 0, so its count of free cores starts anew."""
-    global _pool, _pool_lock, FREE_CORES
+    global _pool, _pool_lock, _free_cores
     _pool, _pool_lock = None, threading.Lock()
     SEARCHES.lock, SEARCHES.depth = threading.Lock(), {}  # in place: other modules hold it by name
-    FREE_CORES = FreeCores()
+    _free_cores = FreeCores()
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+os.register_at_fork(after_in_child=_after_fork)
