@@ -10,8 +10,9 @@ For each N and index type, on the same index object:
   (index/combined.py), shown first beside the fused scan it replaced, then (θ) beside ours splitting that scan
   by rows between threads (index/scan.py) before any record is made;
 - θ (range search) at a θ that returns about 100 items: raw `range_search` vs ours, and on ANN types how
-  many of the exact answers were found; beside them, raw plus the least any path answering with records adds
-  (records_floor: the sort, msgspec's decode of records made ready beforehand, the parts' scores);
+  many of the exact answers were found. On HNSW and IVF, whose FAISS call ours makes as raw does, the top-10
+  and θ rows also time raw plus the least our records add (records_floor: θ's sort, msgspec's decode of the
+  records made ready beforehand, the parts' scores);
 - batched QPS (all queries in one call, 2 threads), top-10 and θ: raw vs `Index.search_vectors`. On flat16 ours
   reads the fp32 vectors once for the batch (scan.FlatScan), raw scans the fp16 codes once per query;
 - recall@10 against exact, build time (the whole `rebuild`: read SQLite, build, write), index size,
