@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import faiss
 import numpy as np
@@ -176,15 +178,21 @@ def test_slices_take_the_free_cores_or_retrieval_threads_count(monkeypatch: pyte
     assert scan_module.slice_threads(big) == 1 and len(asked) == 1
 
 
+def in_forked_child(target: Callable[[multiprocessing.Queue], None]) -> Any:
+    """What target(queue) puts on the queue, run in a forked child that must finish within 30 s."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=target, args=(queue,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0, "the child finished"
+    return queue.get(timeout=5)
+
+
 def test_a_forked_child_counts_free_cores_anew() -> None:
     """Its CPU time starts at 0: a window begun in the parent would count the parent's time as another process's."""
     scan_module._free_cores.count()  # the parent has a sample
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=report_free_cores, args=(queue,))
-    child.start()
-    fresh = queue.get(timeout=30)
-    child.join(timeout=30)
+    fresh = in_forked_child(report_free_cores)
     assert fresh and scan_module._free_cores._last is not None
 
 
@@ -222,13 +230,7 @@ def test_a_forked_child_splits_with_threads_of_its_own(split) -> None:
     parent's pool object it would wait forever for a thread that is not there)."""
     scan = scan_of(250)
     want = scan.search(np.ones((1, D), np.float32), 3)[1].tolist()  # the parent's pool now has threads
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=split_search_in_child, args=(queue,))
-    child.start()
-    child.join(30)
-    assert child.exitcode == 0, "the child's split search finished"
-    assert queue.get(timeout=5) == want
+    assert in_forked_child(split_search_in_child) == want
 
 
 # --- ListScan: flat16's fp16 scan, split by lists --------------------------------------------------------------
