@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import store_of
+from conftest import same_ranking, store_of
 
 from retrieval.atomic import save_npy
 from retrieval.cli.main import main
@@ -335,8 +335,9 @@ def test_flat16_through_the_cli_eval_and_server(synth_data: Path, tiny_model: Pa
         for kind in ("flat", "flat16"):
             code, out = run("search", "--index", tmp_path / kind, *query, "--json")
             assert code == 0, out
-            answers.append([(r["id"], round(r["score"], 5)) for r in map(json.loads, out.splitlines())])
-        assert answers[0] == answers[1] and answers[0], query
+            answers.append([(r["id"], r["score"]) for r in map(json.loads, out.splitlines())])
+        assert answers[0], query  # flat scans the combined vectors, flat16 re-ranks the fused: float rounding apart
+        same_ranking(answers[1], answers[0])
 
     code, out = run(
         "eval", "--index", tmp_path / "flat16", "--data", synth_data, "--target", "image", "--no-thresholds", "--json"
